@@ -16,7 +16,7 @@ _BATCH = 64  # entries per pipelined XADD round trip
 
 
 class SampleRecorder:
-    """Buffers samples in memory and XADDs them from a background thread; never blocks or raises to the caller.
+    """Buffers samples in memory and XADDs them from a background thread; never blocks or raises.
 
     When the buffer is full, or Redis stays unreachable past `max_retries` attempts for a batch, samples are
     dropped and counted (`dropped`). `recorded` counts samples that reached the stream.
