@@ -1,0 +1,413 @@
+"""Durable adapter registry in Redis hashes: versions, aliases, traffic splits, sampling policy, events."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from kiln_common.adapter_store import AdapterStore, InvalidAdapterError, VersionMeta, validate_name
+from kiln_common.samples import EVENTS_STREAM
+
+log = logging.getLogger(__name__)
+
+_SPEC = re.compile(r"^(?P<name>[^@]+)(?:@v(?P<version>\d+))?$")
+
+# Flip an alias atomically: remember what it served (for Rollback), set the new target, and notify.
+# KEYS: adapter hash, events stream.
+# ARGV: current, split json, event type, tenant, name, time, detail, maxlen.
+_FLIP = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('KILN_NOT_FOUND') end
+local cur = redis.call('HGET', KEYS[1], 'current')
+local split = redis.call('HGET', KEYS[1], 'split') or ''
+redis.call('HSET', KEYS[1], 'previous', cur, 'previous_split', split, 'current', ARGV[1], 'split', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'type', ARGV[3], 'tenant', ARGV[4],
+  'adapter', ARGV[5], 'version', ARGV[1], 'time', ARGV[6], 'detail', ARGV[7])
+return cur
+"""
+
+# Swap current and previous (alias and split) atomically. KEYS/ARGV as _FLIP minus current/split/type.
+_ROLLBACK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('KILN_NOT_FOUND') end
+local prev = redis.call('HGET', KEYS[1], 'previous')
+if not prev or prev == '' then return redis.error_reply('KILN_NO_PREVIOUS') end
+local cur = redis.call('HGET', KEYS[1], 'current')
+local split = redis.call('HGET', KEYS[1], 'split') or ''
+local psplit = redis.call('HGET', KEYS[1], 'previous_split') or ''
+redis.call('HSET', KEYS[1], 'previous', cur, 'previous_split', split, 'current', prev, 'split', psplit)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', 'rolled_back', 'tenant', ARGV[1],
+  'adapter', ARGV[2], 'version', prev, 'time', ARGV[3], 'detail', ARGV[4])
+return {cur, prev}
+"""
+
+# Record a written version and raise `latest`. KEYS: adapter hash, versions hash, events. ARGV: version, meta,
+# tenant, name, time, maxlen.
+_REGISTER = """
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local latest = tonumber(redis.call('HGET', KEYS[1], 'latest') or '0')
+if tonumber(ARGV[1]) > latest then redis.call('HSET', KEYS[1], 'latest', ARGV[1]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'type', 'published', 'tenant', ARGV[3],
+  'adapter', ARGV[4], 'version', ARGV[1], 'time', ARGV[5], 'detail', '')
+return 1
+"""
+
+
+class AdapterNotFoundError(LookupError):
+    """No such adapter or version for this tenant (identical for missing and another tenant's)."""
+
+    def __init__(self, spec: str) -> None:
+        super().__init__(f"adapter {spec!r} not found")
+
+
+class NoPreviousVersionError(RuntimeError):
+    """Rollback with nothing to roll back to (maps to FAILED_PRECONDITION)."""
+
+
+class EventType(str, Enum):
+    """Kinds of `kiln:events` entries."""
+
+    PUBLISHED = "published"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+    SPLIT = "split"
+    LOADED = "loaded"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class AdapterEvent:
+    """One registry notification."""
+
+    id: str
+    type: EventType
+    tenant: str
+    adapter: str
+    version: int
+    time: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class AdapterState:
+    """An adapter's alias: one version, or a weighted split, plus its sampling policy."""
+
+    tenant: str
+    name: str
+    current: int
+    latest: int
+    previous: int | None
+    split: tuple[tuple[int, float], ...]  # (version, normalised weight); empty = `current` alone
+    sample_rate: float  # fraction of generations recorded; 0 = off
+
+    def pick_version(self, rng: random.Random) -> int:
+        """The version a new request gets (weighted random over the split)."""
+        if not self.split:
+            return self.current
+        x = rng.random()
+        for version, weight in self.split:
+            x -= weight
+            if x < 0:
+                return version
+        return self.split[-1][0]
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """A concrete version a request is pinned to; `path` is None for version 0 (the base model)."""
+
+    tenant: str
+    name: str
+    version: int
+    path: Path | None
+
+    @property
+    def label(self) -> str:
+        """What responses report: "name@vN"."""
+        return f"{self.name}@v{self.version}"
+
+    @property
+    def key(self) -> str:
+        """Unique engine key: "tenant/name@vN"."""
+        return f"{self.tenant}/{self.label}"
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """ "name" → (name, None); "name@vN" → (name, N). Raises InvalidAdapterError."""
+    m = _SPEC.match(spec)
+    if not m:
+        raise InvalidAdapterError(f"adapter {spec!r} must be 'name' or 'name@vN'")
+    version = m.group("version")
+    return validate_name(m.group("name")), (int(version) if version is not None else None)
+
+
+def _state_from_hash(tenant: str, name: str, h: Mapping[str, str]) -> AdapterState:
+    split = tuple((int(v), float(w)) for v, w in json.loads(h["split"])) if h.get("split") else ()
+    prev = h.get("previous", "")
+    return AdapterState(
+        tenant=tenant,
+        name=name,
+        current=int(h.get("current", 0)),
+        latest=int(h.get("latest", 0)),
+        previous=int(prev) if prev else None,
+        split=split,
+        sample_rate=float(h.get("sample_rate", 1.0)),
+    )
+
+
+def normalise_split(shares: Sequence[tuple[int, float]]) -> tuple[tuple[int, float], ...]:
+    """Validate and normalise weights to sum to 1; versions must be distinct."""
+    if not shares:
+        raise InvalidAdapterError("shares must not be empty")
+    versions = [v for v, _ in shares]
+    if len(set(versions)) != len(versions):
+        raise InvalidAdapterError("shares must name each version once")
+    for v, w in shares:
+        if v < 0 or not w > 0:
+            raise InvalidAdapterError(
+                f"shares: version {v} weight {w}: versions must be >= 0 and weights > 0"
+            )
+    total = sum(w for _, w in shares)
+    return tuple((v, w / total) for v, w in shares)
+
+
+class Registry:
+    """Adapters, versions and aliases of every tenant; all changes are atomic and announced on kiln:events."""
+
+    def __init__(self, client: redis.Redis, store: AdapterStore, events_maxlen: int = 10_000) -> None:
+        self.redis = client  # decode_responses=True
+        self.store = store
+        self.events_maxlen = events_maxlen
+        self._flip = client.register_script(_FLIP)
+        self._rollback = client.register_script(_ROLLBACK)
+        self._register = client.register_script(_REGISTER)
+
+    @staticmethod
+    def _key(tenant: str, name: str) -> str:
+        return f"kiln:reg:{tenant}:{name}"
+
+    def create(self, tenant: str, name: str, sample_rate: float = 1.0) -> bool:
+        """Create an adapter whose version 0 is the base model; False when it already existed."""
+        validate_name(tenant, "tenant")
+        validate_name(name)
+        key = self._key(tenant, name)
+        created = self.redis.hsetnx(key, "current", 0)
+        if created:
+            self.redis.hset(
+                key, mapping={"latest": 0, "alloc": 0, "sample_rate": sample_rate, "created": time.time()}
+            )
+            self.redis.sadd(f"kiln:reg:{tenant}", name)
+            self.emit(EventType.PUBLISHED, tenant, name, 0, "created; version 0 is the base model")
+            log.info("created adapter %s/%s (v0 = base model)", tenant, name)
+        return bool(created)
+
+    def get(self, tenant: str, name: str) -> AdapterState:
+        """The adapter's alias state; AdapterNotFoundError when missing."""
+        h = self.redis.hgetall(self._key(tenant, name))
+        if not h:
+            raise AdapterNotFoundError(name)
+        return _state_from_hash(tenant, name, h)
+
+    def list(self, tenant: str) -> list[AdapterState]:
+        """The tenant's adapters sorted by name."""
+        out = []
+        for name in sorted(self.redis.smembers(f"kiln:reg:{tenant}")):
+            h = self.redis.hgetall(self._key(tenant, name))
+            if h:
+                out.append(_state_from_hash(tenant, name, h))
+        return out
+
+    def tenants(self) -> list[str]:
+        """Every tenant with at least one adapter."""
+        return sorted({k.split(":")[2] for k in self.redis.scan_iter("kiln:reg:*") if k.count(":") == 2})
+
+    def versions(self, tenant: str, name: str) -> list[VersionMeta]:
+        """Registered versions (without sample ids), oldest first."""
+        self.get(tenant, name)
+        raw = self.redis.hgetall(self._key(tenant, name) + ":versions")
+        return sorted((VersionMeta.from_json(v) for v in raw.values()), key=lambda m: m.version)
+
+    def has_version(self, tenant: str, name: str, version: int) -> bool:
+        """True for 0 (the base model) or a registered version."""
+        return version == 0 or bool(self.redis.hexists(self._key(tenant, name) + ":versions", str(version)))
+
+    def publish(
+        self,
+        tenant: str,
+        name: str,
+        src: Path,
+        *,
+        origin: str = "published",
+        parent: int | None = None,
+        sample_ids: Sequence[str] = (),
+        num_samples: int = 0,
+        hyperparameters: Mapping[str, object] | None = None,
+        eval_scores: Mapping[str, float] | None = None,
+        promote: bool = False,
+    ) -> VersionMeta:
+        """Copy a PEFT directory in as the next version (creating the adapter if new); optionally promote."""
+        self.create(tenant, name)
+        state = self.get(tenant, name)
+        version = int(self.redis.hincrby(self._key(tenant, name), "alloc", 1))
+        meta = self.store.write_version(
+            tenant,
+            name,
+            version,
+            src,
+            parent=state.current if parent is None else parent,
+            origin=origin,
+            num_samples=num_samples,
+            sample_ids=tuple(sample_ids),
+            hyperparameters=hyperparameters,
+            eval_scores=eval_scores,
+        )
+        self._register(
+            keys=[self._key(tenant, name), self._key(tenant, name) + ":versions", EVENTS_STREAM],
+            args=[version, meta.to_json(with_samples=False), tenant, name, time.time(), self.events_maxlen],
+        )
+        log.info("published %s/%s@v%d (%s, rank %d)", tenant, name, version, origin, meta.rank)
+        if promote:
+            self.promote(tenant, name, version)
+        return meta
+
+    def _run(self, script: Any, tenant: str, name: str, keys: list[str], args: list[object]) -> Any:
+        try:
+            return script(keys=keys, args=args)
+        except redis.ResponseError as exc:
+            if "KILN_NOT_FOUND" in str(exc):
+                raise AdapterNotFoundError(name) from None
+            if "KILN_NO_PREVIOUS" in str(exc):
+                raise NoPreviousVersionError(
+                    f"adapter {name!r} has no previous version to roll back to"
+                ) from None
+            raise
+
+    def promote(self, tenant: str, name: str, version: int) -> tuple[int, int]:
+        """Point the alias at one version (100%); returns (previous, current)."""
+        if not self.has_version(tenant, name, version):
+            raise AdapterNotFoundError(f"{name}@v{version}")
+        prev = self._run(
+            self._flip,
+            tenant,
+            name,
+            [self._key(tenant, name), EVENTS_STREAM],
+            [version, "", EventType.PROMOTED.value, tenant, name, time.time(), "", self.events_maxlen],
+        )
+        return int(prev), version
+
+    def rollback(self, tenant: str, name: str) -> tuple[int, int]:
+        """Swap the alias back to what it served before the last change; returns (previous, current)."""
+        cur, prev = self._run(
+            self._rollback,
+            tenant,
+            name,
+            [self._key(tenant, name), EVENTS_STREAM],
+            [tenant, name, time.time(), "", self.events_maxlen],
+        )
+        return int(cur), int(prev)
+
+    def set_split(
+        self, tenant: str, name: str, shares: Sequence[tuple[int, float]]
+    ) -> tuple[tuple[int, float], ...]:
+        """Split traffic between versions by weight (one share = promote); returns the normalised split."""
+        split = normalise_split(shares)
+        for version, _ in split:
+            if not self.has_version(tenant, name, version):
+                raise AdapterNotFoundError(f"{name}@v{version}")
+        if len(split) == 1:
+            self.promote(tenant, name, split[0][0])
+            return ((split[0][0], 1.0),)
+        main = max(split, key=lambda s: s[1])[0]
+        detail = ", ".join(f"v{v}: {w:.3f}" for v, w in split)
+        self._run(
+            self._flip,
+            tenant,
+            name,
+            [self._key(tenant, name), EVENTS_STREAM],
+            [
+                main,
+                json.dumps([list(s) for s in split]),
+                EventType.SPLIT.value,
+                tenant,
+                name,
+                time.time(),
+                detail,
+                self.events_maxlen,
+            ],
+        )
+        return split
+
+    def set_sample_rate(self, tenant: str, name: str, rate: float) -> None:
+        """Set the fraction of generations recorded as samples (0 = off)."""
+        if not 0.0 <= rate <= 1.0:
+            raise InvalidAdapterError(f"sample_rate must be in [0, 1], got {rate}")
+        self.get(tenant, name)
+        self.redis.hset(self._key(tenant, name), "sample_rate", rate)
+
+    def resolve(self, tenant: str, spec: str, rng: random.Random) -> ResolvedAdapter | None:
+        """ "" → None (base); "name" → alias/split; "name@vN" → pinned. AdapterNotFoundError otherwise."""
+        if not spec:
+            return None
+        name, version = parse_spec(spec)
+        try:
+            state = self.get(tenant, name)
+        except AdapterNotFoundError:
+            raise AdapterNotFoundError(spec) from None
+        return self.pin(state, version, rng)
+
+    def pin(self, state: AdapterState, version: int | None, rng: random.Random) -> ResolvedAdapter:
+        """Turn a state (and an optional pinned version) into a concrete version with its files."""
+        if version is None:
+            version = state.pick_version(rng)
+        elif not self.has_version(state.tenant, state.name, version):
+            raise AdapterNotFoundError(f"{state.name}@v{version}")
+        path = self.store.version_dir(state.tenant, state.name, version) if version > 0 else None
+        return ResolvedAdapter(tenant=state.tenant, name=state.name, version=version, path=path)
+
+    def emit(self, type_: EventType, tenant: str, name: str, version: int, detail: str = "") -> str:
+        """Append a notification to kiln:events."""
+        fields = {
+            "type": type_.value,
+            "tenant": tenant,
+            "adapter": name,
+            "version": version,
+            "time": time.time(),
+            "detail": detail,
+        }
+        return str(self.redis.xadd(EVENTS_STREAM, fields, maxlen=self.events_maxlen, approximate=True))
+
+    def read_events(self, last_id: str, block_ms: int, count: int = 100) -> tuple[list[AdapterEvent], str]:
+        """Events after `last_id` and the id to continue from, waiting up to block_ms for the first."""
+        reply = self.redis.xread({EVENTS_STREAM: last_id}, count=count, block=block_ms)
+        out = []
+        for _stream, entries in reply or []:
+            for entry_id, f in entries:
+                last_id = entry_id
+                try:
+                    out.append(
+                        AdapterEvent(
+                            id=entry_id,
+                            type=EventType(f["type"]),
+                            tenant=f["tenant"],
+                            adapter=f["adapter"],
+                            version=int(f["version"]),
+                            time=float(f["time"]),
+                            detail=f.get("detail", ""),
+                        )
+                    )
+                except (KeyError, ValueError):
+                    log.warning("skipping malformed event %s: %s", entry_id, f)
+        return out, last_id
+
+    def last_event_id(self) -> str:
+        """Id of the newest event ("0-0" when there is none)."""
+        info = self.redis.xrevrange(EVENTS_STREAM, count=1)
+        return str(info[0][0]) if info else "0-0"

@@ -1,0 +1,94 @@
+"""Shared fixtures: a real embedded Redis, the real SmolLM2 (converted once), PEFT-made adapters."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from kiln_common.config import RedisConfig
+from kiln_common.model_loader import ModelSource, resolve_model
+from kiln_common.redis_server import RedisServer, connect
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def model_cache_home() -> Path:
+    """Where the converted SmolLM2 lives across runs (the checkout's KILN_HOME, as `make` exports it)."""
+    home = Path(os.environ.get("KILN_HOME") or REPO / ".kiln")
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_cache_home: Path) -> ModelSource:
+    """The embedded SmolLM2-135M-Instruct, converted to safetensors once."""
+    return resolve_model("smollm2", model_cache_home)
+
+
+@pytest.fixture(scope="session")
+def kiln_home(tmp_path_factory: pytest.TempPathFactory, model_cache_home: Path) -> Path:
+    """A fresh KILN_HOME for the session whose models/ points at the shared conversion cache."""
+    home = tmp_path_factory.mktemp("kiln-home")
+    (model_cache_home / "models").mkdir(exist_ok=True)
+    (home / "models").symlink_to(model_cache_home / "models", target_is_directory=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def redis_url(kiln_home: Path) -> Iterator[str]:
+    """A real embedded valkey-server for the whole session."""
+    server = RedisServer(RedisConfig(home=kiln_home))
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A decoded client on the session server."""
+    client = connect(redis_url)
+    yield client
+    client.close()
+
+
+def make_peft_adapter(
+    source: ModelSource,
+    out: Path,
+    rank: int = 8,
+    seed: int = 0,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj"),
+) -> Path:
+    """Save a PEFT LoRA with random (non-zero) A and B for `source` into `out`, by PEFT itself."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from kiln_common.model_loader import load_hf_model
+
+    torch.manual_seed(seed)
+    model = load_hf_model(source)
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(targets),
+        init_lora_weights=False,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.05)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(smollm2: ModelSource, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A rank-8 PEFT LoRA for SmolLM2 with random weights (strong enough to change greedy output)."""
+    return make_peft_adapter(smollm2, tmp_path_factory.mktemp("peft") / "adapter")
