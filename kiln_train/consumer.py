@@ -1,0 +1,223 @@
+"""At-least-once consumer of `kiln:samples`: buffer durably, then ack — in one Redis transaction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+
+from kiln_common.samples import DEAD_LETTER_STREAM, SAMPLES_STREAM, Sample, SampleKind
+from kiln_train.buffer import STATS_KEY, TrainingBuffer
+from kiln_train.pipeline import Example, Pipeline, fingerprint
+from kiln_train.settings import TrainSettings
+
+log = logging.getLogger(__name__)
+
+_NEAR_DUP_WINDOW = 500  # newest buffered examples compared for near-duplicates
+Entry = tuple[str, dict[str, str]]
+
+
+class SampleConsumer:
+    """Consumer-group reader: own-pending recovery, XAUTOCLAIM of dead consumers, dead letters, idempotency."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        buffer: TrainingBuffer,
+        pipeline: Pipeline,
+        settings: TrainSettings,
+        stream: str = SAMPLES_STREAM,
+        dead_stream: str = DEAD_LETTER_STREAM,
+    ) -> None:
+        self.redis = client  # decode_responses=True
+        self.buffer = buffer
+        self.pipeline = pipeline
+        self.settings = settings
+        self.stream = stream
+        self.dead_stream = dead_stream
+        self.group = settings.group
+        self.name = settings.consumer
+        self._claim_cursor = "0-0"
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (from the start of the stream) unless it exists."""
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def recover(self) -> int:
+        """Re-process entries this consumer read but never acked (a crash); returns how many."""
+        done = 0
+        while True:
+            reply = self.redis.xreadgroup(
+                self.group, self.name, {self.stream: "0"}, count=self.settings.batch
+            )
+            entries = [e for _, es in reply or [] for e in es if e[1]]  # entries trimmed away have no fields
+            if not entries:
+                self._ack_vanished(reply)
+                return done
+            done += self._process_batch(entries, redelivered=True)
+            if done and done % 10_000 == 0:
+                log.info("recovered %d pending samples so far", done)
+
+    def claim(self) -> int:
+        """XAUTOCLAIM entries idle past claim_idle_ms (a dead consumer's, or our own failed ones)."""
+        reply = self.redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.name,
+            self.settings.claim_idle_ms,
+            self._claim_cursor,
+            count=self.settings.batch,
+        )
+        self._claim_cursor = str(reply[0])
+        entries = [e for e in reply[1] if e[1]]
+        if not entries:
+            return 0
+        log.info("claimed %d idle pending sample(s)", len(entries))
+        return self._process_batch(entries, redelivered=True)
+
+    def poll(self, block_ms: int | None = None) -> int:
+        """Read new entries (blocking up to block_ms) and process them; returns how many."""
+        reply = self.redis.xreadgroup(
+            self.group,
+            self.name,
+            {self.stream: ">"},
+            count=self.settings.batch,
+            block=self.settings.block_ms if block_ms is None else block_ms,
+        )
+        entries = [e for _, es in reply or [] for e in es]
+        return self._process_batch(entries, redelivered=False) if entries else 0
+
+    def run(self, stop: threading.Event, claim_every_s: float = 5.0) -> None:
+        """Recover, then poll until stopped; claims idle entries periodically. Errors are logged and retried."""
+        self.ensure_group()
+        self.recover()
+        next_claim = 0.0
+        while not stop.is_set():
+            try:
+                if time.monotonic() >= next_claim:
+                    self.claim()
+                    next_claim = time.monotonic() + claim_every_s
+                self.poll()
+            except redis.ConnectionError as exc:
+                log.warning("Redis unavailable (%s); retrying", exc)
+                stop.wait(1.0)
+            except Exception:  # noqa: BLE001 - keep consuming; the failing entry stays pending
+                log.exception("consumer loop error")
+                stop.wait(0.5)
+
+    # --- internals ---
+    def _ack_vanished(self, reply: Any) -> None:
+        """Ack pending ids whose entries were trimmed from the stream (nothing left to process)."""
+        gone = [eid for _, es in reply or [] for eid, fields in es if not fields]
+        if gone:
+            self.redis.xack(self.stream, self.group, *gone)
+
+    def _deliveries(self, entries: list[Entry]) -> dict[str, int]:
+        ids = [e[0] for e in entries]
+        pending = self.redis.xpending_range(
+            self.stream, self.group, min=ids[0], max=ids[-1], count=len(ids) * 2 + 10, consumername=self.name
+        )
+        return {str(p["message_id"]): int(p["times_delivered"]) for p in pending}
+
+    def _process_batch(self, entries: list[Entry], redelivered: bool) -> int:
+        counts = self._deliveries(entries) if redelivered else {}
+        done = 0
+        for entry_id, fields in entries:
+            deliveries = counts.get(entry_id, 1)
+            try:
+                self.process(entry_id, fields, deliveries)
+                done += 1
+            except redis.ConnectionError:
+                raise
+            except Exception:  # noqa: BLE001 - left pending; redelivered later, dead-lettered after N
+                log.exception("sample %s failed (delivery %d); it stays pending", entry_id, deliveries)
+        return done
+
+    def process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+        """Handle one entry: dead-letter it, skip a duplicate id, or buffer/drop it — and ack, atomically."""
+        if deliveries > self.settings.max_deliveries:
+            self._dead_letter(entry_id, fields, f"failed {deliveries - 1} deliveries", deliveries)
+            return
+        try:
+            sample = Sample.from_fields(fields)
+        except ValueError as exc:
+            self._dead_letter(entry_id, fields, str(exc), deliveries)
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        if self.buffer.seen(sample.sample_id):
+            self.buffer.count_drop(pipe, "duplicate_id")
+        else:
+            self._apply(sample, pipe)
+            self.buffer.mark_consumed(pipe, sample.sample_id)
+        pipe.xack(self.stream, self.group, entry_id)
+        pipe.execute()
+
+    def _dead_letter(self, entry_id: str, fields: dict[str, str], reason: str, deliveries: int) -> None:
+        log.warning("dead-lettering %s: %s", entry_id, reason)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(
+            self.dead_stream,
+            {**fields, "dead_reason": reason, "dead_entry_id": entry_id, "deliveries": str(deliveries)},
+        )
+        pipe.hincrby(STATS_KEY, "dead_lettered", 1)
+        pipe.xack(self.stream, self.group, entry_id)
+        pipe.execute()
+
+    def _apply(self, sample: Sample, pipe: Any) -> None:
+        """Queue the buffer changes one sample causes (or the drop it counts) on `pipe`."""
+        if sample.kind is SampleKind.GENERATION:
+            if sample.request_id:
+                self.buffer.index_request(pipe, sample)
+            if not self.settings.train_unrated_generations:
+                pipe.hincrby(STATS_KEY, "indexed", 1)
+                return
+            self._admit(self.pipeline.example_from(sample), pipe)
+            return
+        if sample.kind is SampleKind.EXAMPLE:
+            self._admit(self.pipeline.example_from(sample), pipe)
+            return
+        joined = self.buffer.lookup_request(sample.request_id)
+        adapter = sample.adapter or (joined.adapter if joined else "")
+        prior = self.buffer.example_for_request(sample.tenant, adapter, sample.request_id)
+        drop = self.pipeline.rating_drop(sample)
+        if drop is not None:
+            self.buffer.count_drop(pipe, drop)
+            if prior:  # a bad rating withdraws the served completion it rates
+                self.buffer.remove(pipe, sample.tenant, adapter, [prior], "superseded")
+            return
+        if joined is None and not (sample.prompt or sample.messages):
+            self.buffer.count_drop(pipe, "unjoined_feedback")
+            return
+        if prior and not sample.correction:
+            self.buffer.count_drop(pipe, "duplicate")  # a good rating of something already buffered
+            return
+        example = self.pipeline.example_from(sample, joined)
+        if prior:  # the correction supersedes the completion it corrects
+            self.buffer.forget_fingerprints(pipe, sample.tenant, adapter, [prior])
+            self.buffer.remove(pipe, sample.tenant, adapter, [prior], "superseded")
+        self._admit(example, pipe, exclude=prior)
+
+    def _admit(self, example: Example, pipe: Any, exclude: str | None = None) -> None:
+        reason = self.pipeline.screen(example)
+        fp = fingerprint(example)
+        if reason is None and self.buffer.has_fingerprint(example.tenant, example.adapter, fp):
+            reason = "duplicate"
+        if reason is None:
+            recent = [
+                e
+                for e in self.buffer.load(example.tenant, example.adapter, limit=_NEAR_DUP_WINDOW)
+                if e.sample_id != exclude
+            ]
+            if self.pipeline.near_duplicate_of(example, recent) is not None:
+                reason = "near_duplicate"
+        if reason is not None:
+            self.buffer.count_drop(pipe, reason)
+            return
+        self.buffer.add(pipe, example, fp)

@@ -1,0 +1,103 @@
+"""Training knobs of kiln-train (frozen, validated, parsed once from KILN_TRAIN_* variables)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Consumer, pipeline, trigger, trainer and gate settings; each is KILN_TRAIN_<NAME upper-cased>."""
+
+    # consumer
+    group: str = "kiln-train"
+    consumer: str = "kiln-train-1"  # stable across restarts, so a restart recovers its own pending entries
+    max_deliveries: int = (
+        3  # a sample delivered this many times without being buffered goes to the dead letters
+    )
+    claim_idle_ms: int = 30_000  # entries another consumer left pending this long are claimed
+    block_ms: int = 500
+    batch: int = 64
+    request_index_ttl_s: int = 7 * 24 * 3600  # how long feedback can still join its generation
+    # pipeline
+    min_rating: float = 0.5  # ratings are in [-1, 1]; a rating below this drops the sample
+    train_unrated_generations: bool = False  # unrated served completions wait for feedback instead
+    max_completion_tokens: int = 512
+    max_prompt_tokens: int = 1536
+    near_duplicate_jaccard: float = (
+        0.9  # word 3-shingle Jaccard at or above which a sample is a near-duplicate
+    )
+    # triggers
+    trigger_samples: int = 6  # new buffered samples that start a round
+    trigger_interval_s: float = 600.0  # a non-empty buffer older than this starts a round
+    # trainer
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 1e-3
+    max_steps: int = 16
+    batch_size: int = 4  # half new samples, half replay
+    replay_fraction: float = 0.5
+    eval_every: int = 4
+    patience: int = 2
+    heldout_fraction: float = 0.2
+    replay_max_tokens: int = 48
+    seed: int = 0
+    # gate
+    min_heldout_improvement: float = 0.0  # held-out loss must drop by more than this (absolute)
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_deliveries",
+            "batch",
+            "max_completion_tokens",
+            "max_prompt_tokens",
+            "trigger_samples",
+            "rank",
+            "alpha",
+            "max_steps",
+            "batch_size",
+            "eval_every",
+            "patience",
+            "replay_max_tokens",
+            "request_index_ttl_s",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"KILN_TRAIN_{name.upper()} must be > 0, got {getattr(self, name)}")
+        if not -1.0 <= self.min_rating <= 1.0:
+            raise ValueError(f"KILN_TRAIN_MIN_RATING must be in [-1, 1], got {self.min_rating}")
+        for name in ("replay_fraction", "heldout_fraction", "near_duplicate_jaccard"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"KILN_TRAIN_{name.upper()} must be in [0, 1], got {getattr(self, name)}")
+        if self.lr <= 0 or self.trigger_interval_s <= 0:
+            raise ValueError("KILN_TRAIN_LR and KILN_TRAIN_TRIGGER_INTERVAL_S must be > 0")
+        if not self.consumer or not self.group:
+            raise ValueError("KILN_TRAIN_CONSUMER and KILN_TRAIN_GROUP must not be empty")
+
+    @classmethod
+    def from_environ(cls, extra: Mapping[str, str]) -> TrainSettings:
+        """Parse KILN_TRAIN_* variables (unknown ones are logged, so a typo is visible)."""
+        known = {f"KILN_TRAIN_{f.name.upper()}": f for f in fields(cls)}
+        values: dict[str, object] = {}
+        for var, raw in extra.items():
+            if var not in known:
+                log.warning("ignoring unknown setting %s; known: %s", var, ", ".join(sorted(known)))
+                continue
+            f = known[var]
+            default = f.default
+            try:
+                if isinstance(default, bool):
+                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                elif isinstance(default, float):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ValueError(f"{var}={raw!r}: {exc}") from exc
+        return cls(**values)  # type: ignore[arg-type]
