@@ -50,8 +50,9 @@ class Authenticator:
     def __init__(self, keys: Mapping[str, str] | None) -> None:
         self._keys = dict(keys) if keys is not None else None
         if self._keys is None:
-            log.warning("no API key file configured: every caller is tenant %r (set KILN_API_KEYS)",
-                        DEFAULT_TENANT)
+            log.warning(
+                "no API key file configured: every caller is tenant %r (set KILN_API_KEYS)", DEFAULT_TENANT
+            )
 
     @classmethod
     def from_file(cls, path: Path | None) -> Authenticator:

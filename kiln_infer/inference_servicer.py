@@ -1,0 +1,317 @@
+"""InferenceService: streaming generation, feedback and curated examples."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import grpc
+from transformers import PreTrainedTokenizerBase
+
+from kiln.v1 import inference_pb2, inference_pb2_grpc
+from kiln_common.adapter_store import validate_name
+from kiln_common.auth import Authenticator
+from kiln_common.registry import Registry
+from kiln_common.sample_recorder import SampleRecorder
+from kiln_common.samples import SAMPLES_STREAM, Sample, SampleKind
+from kiln_infer import convert
+from kiln_infer.engine.types import Engine, EngineRequest, FinishReason
+from kiln_infer.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    stream_errors,
+    unary_errors,
+)
+from kiln_infer.request_log import RequestLog, ServedRequest
+from kiln_infer.swapper import AdapterView, engine_ref
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What GetModelInfo reports."""
+
+    model: str
+    architecture: str
+    max_context_tokens: int
+    vocab_size: int
+    dtype: str
+    device: str
+    max_lora_rank: int
+    max_lora_slots: int
+    version: str
+
+
+class PromptRenderer:
+    """Turns a prompt or chat messages into token ids with the model's own tokenizer and chat template."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()  # fast tokenizers are not safe to share between threads
+
+    def token_ids(self, prompt: str, messages: tuple[tuple[str, str], ...]) -> list[int]:
+        """Token ids of a raw prompt, or of messages rendered with the assistant turn opened."""
+        with self._lock:
+            if messages:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": r, "content": c} for r, c in messages],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+                return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(self.tokenizer(prompt)["input_ids"])
+
+    def decode_one(self, token_id: int) -> str:
+        """Text of a single token (for log-probabilities)."""
+        with self._lock:
+            return str(self.tokenizer.decode([token_id]))
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Generate / SubmitFeedback / SubmitExamples / GetModelInfo over the engine."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        renderer: PromptRenderer,
+        info: ModelInfo,
+        limits: convert.Limits,
+        auth: Authenticator,
+        view: AdapterView,
+        registry: Registry,
+        recorder: SampleRecorder,
+        requests: RequestLog,
+        samples_maxlen: int,
+    ) -> None:
+        self.engine = engine
+        self.renderer = renderer
+        self.info = info
+        self.limits = limits
+        self.auth = auth
+        self.view = view
+        self.registry = registry
+        self.recorder = recorder
+        self.requests = requests
+        self.samples_maxlen = samples_maxlen
+        self._rng = random.Random()
+
+    def _tenant(self, context: grpc.ServicerContext) -> str:
+        return self.auth.tenant(context.invocation_metadata())
+
+    def _max_tokens(self, inp: convert.GenerateInput, prompt_len: int) -> int:
+        room = self.info.max_context_tokens - prompt_len
+        field = "messages" if inp.messages else "prompt"
+        if room <= 0:
+            raise InvalidArgumentError(
+                field, f"{prompt_len} tokens fill the {self.info.max_context_tokens}-token context window"
+            )
+        if inp.max_tokens is None:
+            return min(convert.DEFAULT_MAX_TOKENS, room)
+        if inp.max_tokens > room:
+            raise InvalidArgumentError(
+                "sampling.max_tokens",
+                f"{inp.max_tokens} new tokens after a {prompt_len}-"
+                f"token prompt exceed the {self.info.max_context_tokens}-token context",
+            )
+        return inp.max_tokens
+
+    @stream_errors
+    def Generate(
+        self,
+        request: inference_pb2.GenerateRequest,  # noqa: N802 - gRPC method name
+        context: grpc.ServicerContext,
+    ) -> Iterator[inference_pb2.GenerateResponse]:
+        """Stream a completion as the engine produces it, pinned to one adapter version."""
+        tenant = self._tenant(context)
+        inp = convert.generate_from_pb(request, self.limits)
+        prompt_ids = self.renderer.token_ids(inp.prompt, inp.messages)
+        sampling = replace(inp.sampling, max_tokens=self._max_tokens(inp, len(prompt_ids)))
+        resolved, state = self.view.resolve(tenant, inp.adapter)
+        label = resolved.label if resolved else ""
+        remaining = context.time_remaining()
+        engine_id = uuid.uuid4().hex
+        stream = self.engine.submit(
+            EngineRequest(
+                request_id=engine_id,
+                prompt_token_ids=prompt_ids,
+                sampling=sampling,
+                adapter=engine_ref(resolved),
+                deadline=time.monotonic() + remaining if remaining is not None else None,
+            )
+        )
+        context.add_callback(lambda: self._abort(engine_id))  # cancellation, deadline, or normal end
+        completion: list[str] = []
+        for out in stream:
+            completion.append(out.text)
+            if out.finished and out.finish_reason != FinishReason.ABORTED:
+                self._remember(
+                    tenant,
+                    inp,
+                    resolved.name if resolved else "",
+                    resolved.version if resolved else 0,
+                    "".join(completion),
+                    state.sample_rate if state else 0.0,
+                )
+            if out.token_ids or out.text or out.finished:
+                yield convert.generate_to_pb(out, inp.request_id, label, self.renderer.decode_one)
+
+    def _abort(self, engine_id: str) -> None:
+        try:
+            self.engine.abort(engine_id)
+        except Exception as exc:  # noqa: BLE001 - an abort after the end is harmless
+            log.debug("abort of %s: %s", engine_id, exc)
+
+    def _remember(
+        self,
+        tenant: str,
+        inp: convert.GenerateInput,
+        adapter: str,
+        version: int,
+        completion: str,
+        sample_rate: float,
+    ) -> None:
+        """Log the request for feedback and record it as a sample by the adapter's policy (never raises)."""
+        self.requests.put(
+            ServedRequest(
+                tenant=tenant,
+                request_id=inp.request_id,
+                adapter=adapter,
+                version=version,
+                prompt=inp.prompt,
+                messages=inp.messages,
+                completion=completion,
+            )
+        )
+        if adapter and sample_rate > 0 and self._rng.random() < sample_rate:
+            self.recorder.record(
+                Sample(
+                    kind=SampleKind.GENERATION,
+                    tenant=tenant,
+                    adapter=adapter,
+                    prompt=inp.prompt,
+                    messages=inp.messages,
+                    completion=completion,
+                    adapter_version=version,
+                    request_id=inp.request_id,
+                )
+            )
+
+    def _append(self, sample: Sample) -> str:
+        """Durably append an explicit sample (feedback, example) to the stream; Redis errors propagate."""
+        self.registry.redis.xadd(
+            SAMPLES_STREAM, sample.to_fields(), maxlen=self.samples_maxlen, approximate=True
+        )
+        return sample.sample_id
+
+    def _check_size(self, request: object) -> None:
+        size = request.ByteSize()  # type: ignore[attr-defined]
+        if size > self.limits.max_request_bytes:
+            raise InvalidArgumentError(
+                "request", f"{size} bytes exceeds the limit of {self.limits.max_request_bytes}"
+            )
+
+    @unary_errors
+    def SubmitFeedback(
+        self,
+        request: inference_pb2.SubmitFeedbackRequest,  # noqa: N802
+        context: grpc.ServicerContext,
+    ) -> inference_pb2.SubmitFeedbackResponse:
+        """Record a rating and/or correction joined to an earlier request."""
+        tenant = self._tenant(context)
+        self._check_size(request)
+        if not request.request_id:
+            raise InvalidArgumentError("request_id", "must name the generation being rated")
+        has_rating = request.HasField("rating")
+        if has_rating and not -1.0 <= request.rating <= 1.0:
+            raise InvalidArgumentError("rating", f"must be in [-1, 1], got {request.rating}")
+        if not has_rating and not request.correction.strip():
+            raise InvalidArgumentError("rating", "set a rating and/or a correction")
+        served = self.requests.get(tenant, request.request_id)
+        if served is None:
+            raise NotFoundError(f"request {request.request_id!r} not found (unknown or expired)")
+        adapter, version = served.adapter, served.version
+        if not adapter:
+            if not request.adapter:
+                raise FailedPreconditionError(
+                    "the request was served by the base model; set `adapter` to teach one"
+                )
+            adapter, version = validate_name(request.adapter), 0
+            self.registry.create(tenant, adapter)
+        sample = Sample(
+            kind=SampleKind.FEEDBACK,
+            tenant=tenant,
+            adapter=adapter,
+            prompt=served.prompt,
+            messages=served.messages,
+            completion=served.completion,
+            adapter_version=version,
+            request_id=served.request_id,
+            rating=request.rating if has_rating else None,
+            correction=request.correction,
+        )
+        return inference_pb2.SubmitFeedbackResponse(sample_id=self._append(sample))
+
+    @unary_errors
+    def SubmitExamples(
+        self,
+        request: inference_pb2.SubmitExamplesRequest,  # noqa: N802
+        context: grpc.ServicerContext,
+    ) -> inference_pb2.SubmitExamplesResponse:
+        """Record curated demonstrations, creating the adapter (v0 = base model) if it is new."""
+        tenant = self._tenant(context)
+        self._check_size(request)
+        if not request.adapter:
+            raise InvalidArgumentError("adapter", "name the adapter to teach")
+        name = validate_name(request.adapter)
+        if not request.examples:
+            raise InvalidArgumentError("examples", "at least one example is required")
+        samples = []
+        for i, ex in enumerate(request.examples):
+            prompt, messages = convert.prompt_or_messages(
+                ex.prompt, ex.messages, f"examples[{i}].", self.limits
+            )
+            if not ex.completion.strip():
+                raise InvalidArgumentError(f"examples[{i}].completion", "must not be empty")
+            samples.append(
+                Sample(
+                    kind=SampleKind.EXAMPLE,
+                    tenant=tenant,
+                    adapter=name,
+                    prompt=prompt,
+                    messages=messages,
+                    completion=ex.completion,
+                )
+            )
+        self.registry.create(tenant, name)
+        state = self.view.state(tenant, name)
+        ids = [self._append(replace(s, adapter_version=state.current)) for s in samples]
+        return inference_pb2.SubmitExamplesResponse(accepted=len(ids), sample_ids=ids)
+
+    @unary_errors
+    def GetModelInfo(
+        self,
+        request: inference_pb2.GetModelInfoRequest,  # noqa: N802
+        context: grpc.ServicerContext,
+    ) -> inference_pb2.GetModelInfoResponse:
+        """Describe the base model and the server's limits."""
+        self._tenant(context)
+        i = self.info
+        return inference_pb2.GetModelInfoResponse(
+            model=i.model,
+            architecture=i.architecture,
+            max_context_tokens=i.max_context_tokens,
+            vocab_size=i.vocab_size,
+            dtype=i.dtype,
+            device=i.device,
+            max_lora_rank=i.max_lora_rank,
+            max_lora_slots=i.max_lora_slots,
+            version=i.version,
+        )
