@@ -1,0 +1,195 @@
+"""Our Llama-family forward (Llama, Qwen2/3, Mistral, SmolLM) over the paged KV cache, on shared weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+
+from kiln_infer.engine.attention import AttentionMetadata, paged_attention, write_kv
+from kiln_infer.engine.rope import apply_rope, rope_tables
+from kiln_infer.lora.layers import LoraSlots, lora_delta
+
+log = logging.getLogger(__name__)
+
+
+def fuse_if_adjacent(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """A view concatenating `parts` on dim 0 when they already lie back to back in memory, else None."""
+    first = parts[0]
+    if not all(p.is_contiguous() and p.dtype == first.dtype and p.dim() == 2 for p in parts):
+        return None
+    if any(p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for p in parts):
+        return None
+    ptr = first.data_ptr()
+    for p in parts:
+        if p.data_ptr() != ptr or p.shape[1] != first.shape[1]:
+            return None
+        ptr += p.numel() * p.element_size()
+    rows = sum(p.shape[0] for p in parts)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's tensors, exactly the ones given (views at most, never copies)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    qkv: torch.Tensor | None = None  # fused view when q, k, v are adjacent
+    gate_up: torch.Tensor | None = None  # fused view when gate, up are adjacent
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # Qwen3 per-head RMSNorm
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class LoraBatch:
+    """Per-step LoRA inputs: slot tensors and the [T, S*R] token mask (None = no adapter tokens)."""
+
+    slots: LoraSlots
+    mask: torch.Tensor
+
+
+class LlamaModel:
+    """Decoder-only forward; weights are borrowed from an HF-named state dict."""
+
+    def __init__(self, config: PretrainedConfig, state: dict[str, torch.Tensor], max_positions: int) -> None:
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        self.embed = state["model.embed_tokens.weight"]
+        self.norm = state["model.norm.weight"]
+        self.lm_head = state.get("lm_head.weight", self.embed)
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.layers: list[LayerWeights] = []
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            w = LayerWeights(
+                input_norm=state[p + "input_layernorm.weight"],
+                post_norm=state[p + "post_attention_layernorm.weight"],
+                q=state[p + "self_attn.q_proj.weight"],
+                k=state[p + "self_attn.k_proj.weight"],
+                v=state[p + "self_attn.v_proj.weight"],
+                o=state[p + "self_attn.o_proj.weight"],
+                gate=state[p + "mlp.gate_proj.weight"],
+                up=state[p + "mlp.up_proj.weight"],
+                down=state[p + "mlp.down_proj.weight"],
+                q_bias=state.get(p + "self_attn.q_proj.bias"),
+                k_bias=state.get(p + "self_attn.k_proj.bias"),
+                v_bias=state.get(p + "self_attn.v_proj.bias"),
+                q_norm=state.get(p + "self_attn.q_norm.weight"),
+                k_norm=state.get(p + "self_attn.k_norm.weight"),
+            )
+            w.qkv = fuse_if_adjacent([w.q, w.k, w.v]) if w.q_bias is None else None
+            w.gate_up = fuse_if_adjacent([w.gate, w.up])
+            self.layers.append(w)
+        for name, t in state.items():
+            if t.dtype != self.dtype or t.device != self.device:
+                raise ValueError(
+                    f"weight {name} is {t.dtype} on {t.device}; expected {self.dtype} on {self.device}"
+                )
+        self.cos, self.sin = rope_tables(config, self.head_dim, max_positions, self.dtype, self.device)
+        fused = sum(w.qkv is not None for w in self.layers)
+        log.info("model: %d layers, %d with fused qkv views", len(self.layers), fused)
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each LoRA target module."""
+        w = self.layers[0]
+        mats = {
+            "q_proj": w.q,
+            "k_proj": w.k,
+            "v_proj": w.v,
+            "o_proj": w.o,
+            "gate_proj": w.gate,
+            "up_proj": w.up,
+            "down_proj": w.down,
+        }
+        return {m: (t.shape[1], t.shape[0]) for m, t in mats.items()}
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    @staticmethod
+    def _proj(
+        x: torch.Tensor,
+        w: torch.Tensor,
+        layer: int,
+        module: str,
+        lora: LoraBatch | None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        y = F.linear(x, w, bias)
+        if lora is not None:
+            y = y + lora_delta(x, lora.slots.a[layer][module], lora.slots.b[layer][module], lora.mask)
+        return y
+
+    def _attention(
+        self,
+        i: int,
+        w: LayerWeights,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        lora: LoraBatch | None,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        if w.qkv is not None and lora is None:
+            q, k, v = F.linear(x, w.qkv).split([w.q.shape[0], w.k.shape[0], w.v.shape[0]], dim=-1)
+        else:
+            q = self._proj(x, w.q, i, "q_proj", lora, w.q_bias)
+            k = self._proj(x, w.k, i, "k_proj", lora, w.k_bias)
+            v = self._proj(x, w.v, i, "v_proj", lora, w.v_bias)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if w.q_norm is not None and w.k_norm is not None:
+            q, k = self._rms(q, w.q_norm), self._rms(k, w.k_norm)
+        cos, sin = self.cos[positions], self.sin[positions]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        out = paged_attention(q, kv[0], kv[1], meta, self.scale)
+        return self._proj(out, w.o, i, "o_proj", lora)
+
+    def _mlp(self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        if w.gate_up is not None and lora is None:
+            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self._proj(x, w.gate, i, "gate_proj", lora), self._proj(x, w.up, i, "up_proj", lora)
+        return self._proj(F.silu(gate) * up, w.down, i, "down_proj", lora)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        lora: LoraBatch | None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [T, hidden] for flat tokens `input_ids` [T] at `positions` [T]."""
+        x = F.embedding(input_ids, self.embed)
+        for i, w in enumerate(self.layers):
+            x = x + self._attention(i, w, self._rms(x, w.input_norm), positions, kv_caches[i], meta, lora)
+            x = x + self._mlp(i, w, self._rms(x, w.post_norm), lora)
+        return self._rms(x, self.norm)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [N, vocab] for the given hidden rows."""
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,112 @@
+"""Read a PEFT LoRA directory (safetensors only) into host tensors keyed by (layer, module)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kiln_infer.engine.types import AdapterLoadError
+
+# Target module name -> parent in the HF Llama layer.
+TARGET_MODULES: dict[str, str] = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+@dataclass
+class LoraWeights:
+    """One adapter on the host: per (layer, module) the A [r, in] and scaled B [out, r] matrices."""
+
+    key: str
+    rank: int  # largest rank over modules
+    a: dict[tuple[int, str], torch.Tensor]
+    b: dict[tuple[int, str], torch.Tensor]  # already multiplied by the module's scaling
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held by the adapter."""
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+
+
+def _pattern_value(pattern: dict[str, float], layer: int, module: str, default: float) -> float:
+    """PEFT rank_pattern / alpha_pattern lookup: a key matches the module path by suffix or regex."""
+    path = f"model.layers.{layer}.{TARGET_MODULES[module]}.{module}"
+    for key, value in pattern.items():
+        if path.endswith(key) or re.fullmatch(f".*{key}", path):
+            return float(value)
+    return default
+
+
+def load_peft_adapter(key: str, path: Path, max_rank: int) -> LoraWeights:
+    """Load and validate a PEFT LoRA directory; raises AdapterLoadError naming what is wrong."""
+    path = Path(path)
+    cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.is_file():
+        raise AdapterLoadError(f"adapter {key!r}: {cfg_file} is missing (not a PEFT adapter directory)")
+    if not weights_file.is_file():
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickled)}; pickle weights are never loaded)" if pickled else ""
+        raise AdapterLoadError(f"adapter {key!r}: {weights_file.name} is missing{hint}")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterLoadError(f"adapter {key!r}: unreadable adapter_config.json: {exc}") from exc
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterLoadError(f"adapter {key!r}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    if cfg.get("use_dora"):
+        raise AdapterLoadError(f"adapter {key!r}: DoRA adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterLoadError(f"adapter {key!r}: LoRA bias={cfg.get('bias')!r} is not supported")
+    if cfg.get("modules_to_save"):
+        raise AdapterLoadError(f"adapter {key!r}: modules_to_save={cfg['modules_to_save']} is not supported")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [m for m in TARGET_MODULES if re.fullmatch(targets, m) or re.search(targets, m)]
+    bad = sorted(set(targets) - set(TARGET_MODULES))
+    if bad:
+        raise AdapterLoadError(
+            f"adapter {key!r}: unsupported target modules {bad}; supported: {sorted(TARGET_MODULES)}"
+        )
+    r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora", False))
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(weights_file), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad adapter file
+        raise AdapterLoadError(f"adapter {key!r}: cannot read {weights_file.name}: {exc}") from exc
+    a: dict[tuple[int, str], torch.Tensor] = {}
+    b: dict[tuple[int, str], torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        m = _KEY.match(name)
+        if m is None or m.group(3) not in TARGET_MODULES:
+            raise AdapterLoadError(f"adapter {key!r}: unsupported weight {name!r}")
+        layer, module = int(m.group(1)), m.group(3)
+        (a if m.group(4) == "A" else b)[(layer, module)] = tensor.float()
+    if not a or set(a) != set(b):
+        raise AdapterLoadError(f"adapter {key!r}: lora_A and lora_B weights do not pair up")
+    rank = 0
+    for lm, a_t in a.items():
+        r = a_t.shape[0]
+        if b[lm].shape[1] != r:
+            raise AdapterLoadError(f"adapter {key!r}: lora_A/lora_B rank mismatch at {lm}")
+        if r > max_rank:
+            raise AdapterLoadError(f"adapter {key!r}: rank {r} exceeds the server's max_lora_rank {max_rank}")
+        rank = max(rank, r)
+        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, *lm, r_default)
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, *lm, alpha_default)
+        scaling = alpha / math.sqrt(r_cfg) if rslora else alpha / r_cfg
+        b[lm] = b[lm] * scaling
+    return LoraWeights(key=key, rank=rank, a=a, b=b)
