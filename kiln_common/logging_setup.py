@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Timestamped, process-tagged log lines on stderr; quiet noisy libraries."""
+def setup_logging(level: str = "INFO", process: str = "kiln") -> None:
+    """Timestamped log lines tagged with the process name on stderr; quiet noisy libraries."""
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        format=f"%(asctime)s {process} %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     for noisy in ("urllib3", "filelock", "httpx"):

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     add_infer_flags(parser)
     parser.add_argument("--log-level", default="INFO", help="logging level [INFO]")
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, "kiln-infer")
     try:
         config = infer_config_from(args, environ_snapshot())
     except ValueError as exc:

@@ -99,6 +99,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         name = self._name(request.adapter)
         if request.version < 0:
             raise InvalidArgumentError("version", f"must be >= 0, got {request.version}")
+        self.registry.require_version(tenant, name, request.version)
         self.swapper.preload(tenant, name, request.version)
         previous, current = self.registry.promote(tenant, name, request.version)
         self.swapper.flip(tenant, name)
@@ -130,7 +131,8 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         tenant = self._tenant(context)
         name = self._name(request.adapter)
         shares = convert.shares_from_pb(request.shares)
-        self.registry.get(tenant, name)
+        for version, _ in shares:
+            self.registry.require_version(tenant, name, version)
         for version, _ in shares:
             self.swapper.preload(tenant, name, version)
         split = self.registry.set_split(tenant, name, shares)

@@ -1,0 +1,212 @@
+"""`kiln` command line: generate, adapters, up, bench, demo (terminal output uses print)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from kiln_common.config import DEFAULT_INFER_PORT
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    return grpc.insecure_channel(args.address)
+
+
+def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream one generation to the terminal."""
+    from kiln.v1 import inference_pb2, inference_pb2_grpc
+
+    sampling = inference_pb2.SamplingParams(top_k=args.top_k, stop=args.stop or [])
+    if args.max_tokens is not None:
+        sampling.max_tokens = args.max_tokens
+    for name in ("temperature", "top_p", "seed", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            setattr(sampling, name, getattr(args, name))
+    request = inference_pb2.GenerateRequest(adapter=args.adapter, sampling=sampling)
+    if args.chat:
+        if args.system:
+            request.messages.add(role="system", content=args.system)
+        request.messages.add(role="user", content=args.prompt)
+    else:
+        request.prompt = args.prompt
+    stub = inference_pb2_grpc.InferenceServiceStub(_channel(args))
+    last = None
+    for response in stub.Generate(request, metadata=_metadata(args), timeout=args.timeout):
+        print(response.text, end="", flush=True)
+        last = response
+    print()
+    if last is not None and args.verbose:
+        reason = inference_pb2.FinishReason.Name(last.finish_reason)
+        print(
+            f"[{last.request_id} · {last.adapter_version or 'base'} · {reason} · "
+            f"{last.usage.prompt_tokens}+{last.usage.completion_tokens} tokens]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    """Adapter administration over AdapterService."""
+    from kiln.v1 import adapter_pb2, adapter_pb2_grpc
+
+    stub = adapter_pb2_grpc.AdapterServiceStub(_channel(args))
+    md = _metadata(args)
+    action = args.action
+    if action == "list":
+        for a in stub.ListAdapters(adapter_pb2.ListAdaptersRequest(), metadata=md).adapters:
+            split = " ".join(f"v{s.version}:{s.weight:.2f}" for s in a.split)
+            print(
+                f"{a.name:24} current v{a.current_version:<4} latest v{a.latest_version:<4} "
+                f"sample_rate {a.sample_rate:.2f} {('split ' + split) if split else ''}"
+            )
+    elif action == "versions":
+        for v in stub.ListVersions(adapter_pb2.ListVersionsRequest(adapter=args.name), metadata=md).versions:
+            evals = " ".join(f"{k}={x:.3g}" for k, x in sorted(v.eval.items()))
+            print(
+                f"v{v.version:<4} parent v{v.parent:<4} {v.origin:9} rank {v.rank:<3} "
+                f"samples {v.num_samples:<5} {v.sha256[:12]} {evals}"
+            )
+    elif action == "publish":
+        path = os.path.abspath(args.path)
+        r = stub.PublishVersion(
+            adapter_pb2.PublishVersionRequest(adapter=args.name, path=path, promote=args.promote), metadata=md
+        )
+        print(f"published {r.adapter}@v{r.version}" + (" (promoted)" if args.promote else ""))
+    elif action == "promote":
+        p = stub.Promote(adapter_pb2.PromoteRequest(adapter=args.name, version=args.version), metadata=md)
+        print(f"{args.name}: v{p.previous_version} -> v{p.current_version}")
+    elif action == "rollback":
+        rb = stub.Rollback(adapter_pb2.RollbackRequest(adapter=args.name), metadata=md)
+        print(f"{args.name}: v{rb.previous_version} -> v{rb.current_version}")
+    elif action == "split":
+        shares = [
+            adapter_pb2.TrafficShare(version=int(v.lstrip("v")), weight=float(w))
+            for v, w in (s.split("=", 1) for s in args.shares)
+        ]
+        sp = stub.SetTrafficSplit(
+            adapter_pb2.SetTrafficSplitRequest(adapter=args.name, shares=shares), metadata=md
+        )
+        print(f"{args.name}: " + ", ".join(f"v{s.version} {s.weight:.0%}" for s in sp.shares))
+    elif action == "sampling":
+        sr = stub.SetSamplingPolicy(
+            adapter_pb2.SetSamplingPolicyRequest(adapter=args.name, sample_rate=args.rate), metadata=md
+        )
+        print(f"{args.name}: sample_rate {sr.sample_rate:.2f}")
+    elif action == "watch":
+        for e in stub.WatchEvents(adapter_pb2.WatchEventsRequest(adapter=args.name or ""), metadata=md):
+            kind = adapter_pb2.AdapterEventType.Name(e.type).removeprefix("ADAPTER_EVENT_TYPE_").lower()
+            print(f"{kind:12} {e.adapter}@v{e.version} {e.detail}", flush=True)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Run the whole stack in the foreground until Ctrl-C."""
+    from kiln_infer.stack import run_stack
+
+    return run_stack(args, dict(os.environ))
+
+
+def cmd_module_main(module: str, missing: str) -> Command:
+    """A subcommand that hands its remaining arguments to `module.main(argv)`."""
+
+    def run(args: argparse.Namespace) -> int:
+        if (
+            importlib.util.find_spec(module.rsplit(".", 1)[0]) is None
+            or importlib.util.find_spec(module) is None
+        ):
+            print(missing, file=sys.stderr)
+            return 2
+        return int(importlib.import_module(module).main(args.rest) or 0)
+
+    return run
+
+
+def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
+    """The `kiln` argument parser."""
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: train-while-you-serve LLM server")
+    parser.add_argument(
+        "--address",
+        default=environ.get("KILN_ADDRESS", f"127.0.0.1:{DEFAULT_INFER_PORT}"),
+        help="kiln-infer host:port [KILN_ADDRESS]",
+    )
+    parser.add_argument("--api-key", default=environ.get("KILN_API_KEY", ""), help="API key [KILN_API_KEY]")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a generation to the terminal")
+    g.add_argument("prompt")
+    g.add_argument("--adapter", default="", help="'name' or 'name@vN'; empty = base model")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    g.add_argument("--system", default="", help="system message (with --chat)")
+    g.add_argument("--max-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("-v", "--verbose", action="store_true", help="print request id, version and usage")
+    g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("adapters", help="list, publish, promote, roll back, split adapters")
+    asub = a.add_subparsers(dest="action", required=True)
+    asub.add_parser("list")
+    asub.add_parser("versions").add_argument("name")
+    p = asub.add_parser("publish")
+    p.add_argument("name")
+    p.add_argument("path", help="PEFT directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--promote", action="store_true")
+    pr = asub.add_parser("promote")
+    pr.add_argument("name")
+    pr.add_argument("version", type=lambda s: int(s.lstrip("v")))
+    asub.add_parser("rollback").add_argument("name")
+    s = asub.add_parser("split")
+    s.add_argument("name")
+    s.add_argument("shares", nargs="+", help="vN=weight ...")
+    sm = asub.add_parser("sampling")
+    sm.add_argument("name")
+    sm.add_argument("rate", type=float, help="fraction of generations recorded, 0 = off")
+    asub.add_parser("watch").add_argument("name", nargs="?")
+    a.set_defaults(func=cmd_adapters)
+
+    u = sub.add_parser("up", help="run Redis, kiln-infer and kiln-train until Ctrl-C")
+    u.add_argument("--no-train", action="store_true", help="do not start kiln-train")
+    u.add_argument("--model", help="model spec for both services [KILN_MODEL]")
+    u.add_argument("--port", type=int, default=None, help=f"kiln-infer port [{DEFAULT_INFER_PORT}]")
+    u.set_defaults(func=cmd_up)
+
+    b = sub.add_parser("bench", help="run the benchmark (kiln_infer.bench)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_module_main("kiln_infer.bench", "kiln bench needs kiln_infer/bench.py"))
+    d = sub.add_parser("demo", help="ask, teach, watch a new version train, ask again")
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    d.set_defaults(func=cmd_module_main("kiln_train.demo", "kiln demo needs kiln_train/demo.py"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kiln` console script."""
+    args = build_parser(dict(os.environ)).parse_args(argv)
+    try:
+        return int(args.func(args))
+    except grpc.RpcError as exc:
+        print(f"kiln: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
