@@ -23,7 +23,11 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 class InvalidAdapterError(ValueError):
-    """An adapter name, tenant or PEFT directory is malformed (maps to INVALID_ARGUMENT)."""
+    """An adapter name, tenant or PEFT directory is malformed (maps to INVALID_ARGUMENT on `field`)."""
+
+    def __init__(self, message: str, field: str = "path") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class VersionExistsError(RuntimeError):
@@ -33,7 +37,7 @@ class VersionExistsError(RuntimeError):
 def validate_name(name: str, what: str = "adapter") -> str:
     """Return `name` if it is 1-64 of [A-Za-z0-9_.-] and not '.'/'..'; else raise InvalidAdapterError."""
     if not _NAME.match(name) or name in (".", ".."):
-        raise InvalidAdapterError(f"{what} name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        raise InvalidAdapterError(f"{what} name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ . -", what)
     return name
 
 

@@ -144,7 +144,7 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     """ "name" → (name, None); "name@vN" → (name, N). Raises InvalidAdapterError."""
     m = _SPEC.match(spec)
     if not m:
-        raise InvalidAdapterError(f"adapter {spec!r} must be 'name' or 'name@vN'")
+        raise InvalidAdapterError(f"adapter {spec!r} must be 'name' or 'name@vN'", "adapter")
     version = m.group("version")
     return validate_name(m.group("name")), (int(version) if version is not None else None)
 
@@ -166,10 +166,10 @@ def _state_from_hash(tenant: str, name: str, h: Mapping[str, str]) -> AdapterSta
 def normalise_split(shares: Sequence[tuple[int, float]]) -> tuple[tuple[int, float], ...]:
     """Validate and normalise weights to sum to 1; versions must be distinct."""
     if not shares:
-        raise InvalidAdapterError("shares must not be empty")
+        raise InvalidAdapterError("shares must not be empty", "shares")
     versions = [v for v, _ in shares]
     if len(set(versions)) != len(versions):
-        raise InvalidAdapterError("shares must name each version once")
+        raise InvalidAdapterError("shares must name each version once", "shares")
     for v, w in shares:
         if v < 0 or not w > 0:
             raise InvalidAdapterError(
@@ -348,7 +348,7 @@ class Registry:
     def set_sample_rate(self, tenant: str, name: str, rate: float) -> None:
         """Set the fraction of generations recorded as samples (0 = off)."""
         if not 0.0 <= rate <= 1.0:
-            raise InvalidAdapterError(f"sample_rate must be in [0, 1], got {rate}")
+            raise InvalidAdapterError(f"must be in [0, 1], got {rate}", "sample_rate")
         self.get(tenant, name)
         self.redis.hset(self._key(tenant, name), "sample_rate", rate)
 

@@ -37,14 +37,26 @@ class FailedPreconditionError(RuntimeError):
     """The request is valid but the system is not in a state to run it."""
 
 
+class DeadlineExceededError(TimeoutError):
+    """The request's deadline passed before it finished."""
+
+
+class EngineAbortedError(RuntimeError):
+    """The engine ended a request the client had not cancelled (see the server log)."""
+
+
 class UnavailableError(RuntimeError):
     """The server is shutting down or a dependency is down; retry later."""
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for an exception raised inside an RPC."""
-    if isinstance(exc, (InvalidArgumentError, InvalidAdapterError)):
+    if isinstance(exc, InvalidArgumentError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, InvalidAdapterError):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc}"
+    if isinstance(exc, DeadlineExceededError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, (NotFoundError, AdapterNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, exc.args[0] if exc.args else "not found"
     if isinstance(exc, AuthError):
@@ -55,7 +67,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         exc, (NoPreviousVersionError, FailedPreconditionError, AdapterLoadError, VersionExistsError)
     ):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, (UnavailableError, redis.ConnectionError, redis.TimeoutError)):
+    if isinstance(exc, (UnavailableError, EngineAbortedError, redis.ConnectionError, redis.TimeoutError)):
         return grpc.StatusCode.UNAVAILABLE, f"temporarily unavailable: {exc}"
     incident = uuid.uuid4().hex[:12]
     log.error("internal error %s: %r", incident, exc, exc_info=exc)

@@ -22,6 +22,8 @@ from kiln_common.samples import SAMPLES_STREAM, Sample, SampleKind
 from kiln_infer import convert
 from kiln_infer.engine.types import Engine, EngineRequest, FinishReason
 from kiln_infer.errors import (
+    DeadlineExceededError,
+    EngineAbortedError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -150,6 +152,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         context.add_callback(lambda: self._abort(engine_id))  # cancellation, deadline, or normal end
         completion: list[str] = []
         for out in stream:
+            if out.finish_reason == FinishReason.ABORTED:
+                self._raise_aborted(context, engine_id)
             completion.append(out.text)
             if out.finished and out.finish_reason != FinishReason.ABORTED:
                 self._remember(
@@ -162,6 +166,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 )
             if out.token_ids or out.text or out.finished:
                 yield convert.generate_to_pb(out, inp.request_id, label, self.renderer.decode_one)
+
+    @staticmethod
+    def _raise_aborted(context: grpc.ServicerContext, engine_id: str) -> None:
+        """An abort the client did not ask for is an error, never a silently short answer."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0.05:
+            raise DeadlineExceededError("deadline exceeded")
+        if context.is_active():
+            raise EngineAbortedError(f"the engine aborted request {engine_id} (server draining or failing)")
 
     def _abort(self, engine_id: str) -> None:
         try:

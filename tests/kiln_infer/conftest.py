@@ -1,0 +1,69 @@
+"""One real kiln-infer (real engine, real SmolLM2, real valkey-server, gRPC over a socket) for the session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kiln.v1 import adapter_pb2_grpc, inference_pb2_grpc
+from kiln_common.config import InferConfig, RedisConfig
+from kiln_common.model_loader import ModelSource
+from kiln_infer.server import InferServer
+
+ALICE_KEY = "alice-key-0123456789"
+BOB_KEY = "bob-key-9876543210"
+
+
+@dataclass
+class Client:
+    """Stubs for one tenant on the session server."""
+
+    inference: inference_pb2_grpc.InferenceServiceStub
+    adapters: adapter_pb2_grpc.AdapterServiceStub
+    metadata: list[tuple[str, str]]
+
+
+@pytest.fixture(scope="session")
+def infer_server(kiln_home: Path, redis_url: str, smollm2: ModelSource) -> Iterator[InferServer]:
+    """kiln-infer on an ephemeral port with two tenants (alice, bob), serving once warm."""
+    keys = kiln_home / "api_keys.txt"
+    keys.write_text(f"# test tenants\n{ALICE_KEY} alice\n{BOB_KEY} bob\n")
+    config = InferConfig(
+        home=kiln_home, redis=RedisConfig(home=kiln_home), port=0, api_keys_file=keys, drain_timeout_s=5.0
+    )
+    server = InferServer(config)
+    server.start()
+    assert server.serving.wait(120), "kiln-infer did not warm up"
+    yield server
+    server.drain()
+
+
+@pytest.fixture(scope="session")
+def channel(infer_server: InferServer) -> Iterator[grpc.Channel]:
+    """A channel to the session server."""
+    with grpc.insecure_channel(f"127.0.0.1:{infer_server.port}") as ch:
+        yield ch
+
+
+def _client(channel: grpc.Channel, key: str) -> Client:
+    return Client(
+        inference_pb2_grpc.InferenceServiceStub(channel),
+        adapter_pb2_grpc.AdapterServiceStub(channel),
+        [("authorization", f"Bearer {key}")],
+    )
+
+
+@pytest.fixture(scope="session")
+def alice(channel: grpc.Channel) -> Client:
+    """Tenant alice."""
+    return _client(channel, ALICE_KEY)
+
+
+@pytest.fixture(scope="session")
+def bob(channel: grpc.Channel) -> Client:
+    """Tenant bob."""
+    return _client(channel, BOB_KEY)
