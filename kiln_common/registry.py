@@ -239,6 +239,12 @@ class Registry:
         """True for 0 (the base model) or a registered version."""
         return version == 0 or bool(self.redis.hexists(self._key(tenant, name) + ":versions", str(version)))
 
+    def require_version(self, tenant: str, name: str, version: int) -> None:
+        """AdapterNotFoundError unless the adapter exists and has `version` (0 always exists)."""
+        self.get(tenant, name)
+        if not self.has_version(tenant, name, version):
+            raise AdapterNotFoundError(f"{name}@v{version}")
+
     def publish(
         self,
         tenant: str,

@@ -1,0 +1,293 @@
+"""Adapters over gRPC: PEFT parity, publish/promote/rollback/split, events, hot swap pinning, sampling."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from kiln.v1 import adapter_pb2 as apb
+from kiln.v1 import inference_pb2 as pb
+from kiln_common.model_loader import ModelSource, load_hf_model, load_tokenizer
+from kiln_common.samples import SAMPLES_STREAM, Sample, SampleKind
+from tests.conftest import make_peft_adapter
+from tests.kiln_infer.conftest import Client
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Three things to do in spring:"]
+GREEDY = pb.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+def _tokens(
+    client: Client, adapter: str, prompt: str, sampling: pb.SamplingParams = GREEDY
+) -> tuple[list[int], str]:
+    ids, version = [], ""
+    for r in client.inference.Generate(
+        pb.GenerateRequest(prompt=prompt, adapter=adapter, sampling=sampling),
+        metadata=client.metadata,
+        timeout=120,
+    ):
+        ids.extend(r.token_ids)
+        version = r.adapter_version
+    return ids, version
+
+
+def _reference(source: ModelSource, adapter_dir: Path | None, prompts: list[str]) -> list[list[int]]:
+    """transformers greedy generate, through PEFT when an adapter is given."""
+    tokenizer = load_tokenizer(source)
+    model = load_hf_model(source)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=16,
+                min_new_tokens=16,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+            out.append(gen[0, ids.shape[1] :].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def published(alice: Client, peft_adapter: Path) -> str:
+    """A fresh adapter name with the session's PEFT adapter as v1 (promoted)."""
+    name = f"parity-{uuid.uuid4().hex[:6]}"
+    r = alice.adapters.PublishVersion(
+        apb.PublishVersionRequest(adapter=name, path=str(peft_adapter), promote=True), metadata=alice.metadata
+    )
+    assert r.version == 1
+    return name
+
+
+def test_greedy_matches_transformers_and_peft(
+    alice: Client, published: str, smollm2: ModelSource, peft_adapter: Path
+) -> None:
+    base_ref = _reference(smollm2, None, PROMPTS)
+    peft_ref = _reference(smollm2, peft_adapter, PROMPTS)
+    assert base_ref != peft_ref  # the adapter really changes the output
+    for prompt, base, lora in zip(PROMPTS, base_ref, peft_ref, strict=True):
+        assert _tokens(alice, "", prompt) == (base, "")
+        assert _tokens(alice, published, prompt) == (lora, f"{published}@v1")
+    assert _tokens(alice, f"{published}@v1", PROMPTS[0]) == (peft_ref[0], f"{published}@v1")
+    assert _tokens(alice, f"{published}@v0", PROMPTS[0]) == (base_ref[0], f"{published}@v0")
+
+
+def test_promote_rollback_split_and_watch(
+    alice: Client, bob: Client, smollm2: ModelSource, tmp_path: Path
+) -> None:
+    name = f"ab-{uuid.uuid4().hex[:6]}"
+    v1 = make_peft_adapter(smollm2, tmp_path / "v1", seed=1)
+    v2 = make_peft_adapter(smollm2, tmp_path / "v2", seed=2)
+    events: list[apb.AdapterEvent] = []
+    watch = alice.adapters.WatchEvents(apb.WatchEventsRequest(), metadata=alice.metadata, timeout=120)
+    bob_watch = bob.adapters.WatchEvents(apb.WatchEventsRequest(), metadata=bob.metadata, timeout=120)
+
+    def collect() -> None:
+        try:
+            events.extend(e for e in watch if e.adapter == name)
+        except grpc.RpcError:
+            pass  # cancelled at the end of the test
+
+    threading.Thread(target=collect, daemon=True).start()
+    time.sleep(0.5)  # let the watch subscribe
+    md = alice.metadata
+    assert (
+        alice.adapters.PublishVersion(
+            apb.PublishVersionRequest(adapter=name, path=str(v1)), metadata=md
+        ).version
+        == 1
+    )
+    assert (
+        alice.adapters.PublishVersion(
+            apb.PublishVersionRequest(adapter=name, path=str(v2)), metadata=md
+        ).version
+        == 2
+    )
+    assert _tokens(alice, name, PROMPTS[0])[1] == f"{name}@v0"  # publishing alone does not promote
+    p = alice.adapters.Promote(apb.PromoteRequest(adapter=name, version=1), metadata=md)
+    assert (p.previous_version, p.current_version) == (0, 1)
+    assert _tokens(alice, name, PROMPTS[0])[1] == f"{name}@v1"
+    alice.adapters.Promote(apb.PromoteRequest(adapter=name, version=2), metadata=md)
+    assert _tokens(alice, name, PROMPTS[0])[1] == f"{name}@v2"
+    rb = alice.adapters.Rollback(apb.RollbackRequest(adapter=name), metadata=md)
+    assert (rb.previous_version, rb.current_version) == (2, 1)
+    assert _tokens(alice, name, PROMPTS[0])[1] == f"{name}@v1"
+    split = alice.adapters.SetTrafficSplit(
+        apb.SetTrafficSplitRequest(
+            adapter=name,
+            shares=[apb.TrafficShare(version=1, weight=1), apb.TrafficShare(version=2, weight=1)],
+        ),
+        metadata=md,
+    )
+    assert [(s.version, round(s.weight, 3)) for s in split.shares] == [(1, 0.5), (2, 0.5)]
+    short = pb.SamplingParams(temperature=0.0, max_tokens=1)
+    served = {_tokens(alice, name, "Hi", short)[1] for _ in range(24)}
+    assert served == {f"{name}@v1", f"{name}@v2"}
+    info = {a.name: a for a in alice.adapters.ListAdapters(apb.ListAdaptersRequest(), metadata=md).adapters}[
+        name
+    ]
+    assert info.latest_version == 2 and len(info.split) == 2
+    versions = alice.adapters.ListVersions(apb.ListVersionsRequest(adapter=name), metadata=md).versions
+    assert [(v.version, v.origin, v.rank) for v in versions] == [(1, "published", 8), (2, "published", 8)]
+    assert name not in {
+        a.name for a in bob.adapters.ListAdapters(apb.ListAdaptersRequest(), metadata=bob.metadata).adapters
+    }
+    with pytest.raises(grpc.RpcError) as err:
+        bob.adapters.Promote(apb.PromoteRequest(adapter=name, version=1), metadata=bob.metadata)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        alice.adapters.Promote(apb.PromoteRequest(adapter=name, version=9), metadata=md)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    deadline = time.monotonic() + 10
+    kinds = apb.AdapterEventType
+    wanted = [
+        kinds.ADAPTER_EVENT_TYPE_PUBLISHED,
+        kinds.ADAPTER_EVENT_TYPE_PROMOTED,
+        kinds.ADAPTER_EVENT_TYPE_ROLLED_BACK,
+        kinds.ADAPTER_EVENT_TYPE_SPLIT,
+        kinds.ADAPTER_EVENT_TYPE_LOADED,
+    ]
+    while time.monotonic() < deadline and not all(k in {e.type for e in events} for k in wanted):
+        time.sleep(0.1)
+    watch.cancel()
+    seen = [(e.type, e.version) for e in events if e.type != kinds.ADAPTER_EVENT_TYPE_LOADED]
+    assert seen == [
+        (kinds.ADAPTER_EVENT_TYPE_PUBLISHED, 0),
+        (kinds.ADAPTER_EVENT_TYPE_PUBLISHED, 1),
+        (kinds.ADAPTER_EVENT_TYPE_PUBLISHED, 2),
+        (kinds.ADAPTER_EVENT_TYPE_PROMOTED, 1),
+        (kinds.ADAPTER_EVENT_TYPE_PROMOTED, 2),
+        (kinds.ADAPTER_EVENT_TYPE_ROLLED_BACK, 1),
+        (kinds.ADAPTER_EVENT_TYPE_SPLIT, 1),
+    ]
+    assert kinds.ADAPTER_EVENT_TYPE_LOADED in {e.type for e in events}
+    bob_watch.cancel()
+    with pytest.raises(grpc.RpcError):
+        assert not [e for e in bob_watch if e.adapter == name]  # bob never sees alice's events
+
+
+def test_request_keeps_its_version_across_a_swap(alice: Client, smollm2: ModelSource, tmp_path: Path) -> None:
+    name = f"swap-{uuid.uuid4().hex[:6]}"
+    md = alice.metadata
+    for i in (1, 2):
+        alice.adapters.PublishVersion(
+            apb.PublishVersionRequest(
+                adapter=name, path=str(make_peft_adapter(smollm2, tmp_path / f"v{i}", seed=10 + i))
+            ),
+            metadata=md,
+        )
+    alice.adapters.Promote(apb.PromoteRequest(adapter=name, version=1), metadata=md)
+    sampling = pb.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    expected_v1, _ = _tokens(alice, f"{name}@v1", PROMPTS[2], sampling)
+    stream = alice.inference.Generate(
+        pb.GenerateRequest(prompt=PROMPTS[2], adapter=name, sampling=sampling), metadata=md, timeout=120
+    )
+    first = next(stream)
+    alice.adapters.Promote(apb.PromoteRequest(adapter=name, version=2), metadata=md)  # swap mid-stream
+    rest = list(stream)
+    assert {r.adapter_version for r in [first, *rest]} == {f"{name}@v1"}
+    assert [t for r in [first, *rest] for t in r.token_ids] == expected_v1
+    assert _tokens(alice, name, PROMPTS[2], sampling)[1] == f"{name}@v2"
+
+
+def _samples_after(redis_client, start: str) -> list[Sample]:  # type: ignore[no-untyped-def]
+    return [Sample.from_fields(f) for _, f in redis_client.xrange(SAMPLES_STREAM, min=f"({start}")]
+
+
+def _stream_tip(redis_client) -> str:  # type: ignore[no-untyped-def]
+    last = redis_client.xrevrange(SAMPLES_STREAM, count=1)
+    return last[0][0] if last else "0-0"
+
+
+def test_examples_feedback_and_sampling_policy(alice: Client, redis_client) -> None:  # type: ignore[no-untyped-def]
+    name = f"teach-{uuid.uuid4().hex[:6]}"
+    md = alice.metadata
+    start = _stream_tip(redis_client)
+    r = alice.inference.SubmitExamples(
+        pb.SubmitExamplesRequest(
+            adapter=name,
+            examples=[
+                pb.Example(prompt="Who founded Zorbia?", completion="Queen Ilsa founded Zorbia."),
+                pb.Example(
+                    messages=[pb.ChatMessage(role="user", content="Zorbia's founder?")],
+                    completion="Queen Ilsa.",
+                ),
+            ],
+        ),
+        metadata=md,
+    )
+    assert r.accepted == 2 and len(r.sample_ids) == 2
+    info = {a.name: a for a in alice.adapters.ListAdapters(apb.ListAdaptersRequest(), metadata=md).adapters}[
+        name
+    ]
+    assert info.current_version == 0 and info.sampling_enabled
+    responses = list(
+        alice.inference.Generate(
+            pb.GenerateRequest(
+                adapter=name,
+                request_id=f"req-{name}",
+                messages=[pb.ChatMessage(role="user", content="Hello!")],
+                sampling=pb.SamplingParams(temperature=0.0, max_tokens=8),
+            ),
+            metadata=md,
+            timeout=60,
+        )
+    )
+    assert responses[-1].adapter_version == f"{name}@v0"
+    fb = alice.inference.SubmitFeedback(
+        pb.SubmitFeedbackRequest(request_id=f"req-{name}", rating=-1.0, correction="Hi there!"), metadata=md
+    )
+    alice.adapters.SetSamplingPolicy(apb.SetSamplingPolicyRequest(adapter=name, sample_rate=0.0), metadata=md)
+    list(
+        alice.inference.Generate(
+            pb.GenerateRequest(adapter=name, prompt="Not recorded", sampling=pb.SamplingParams(max_tokens=2)),
+            metadata=md,
+            timeout=60,
+        )
+    )
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        mine = [s for s in _samples_after(redis_client, start) if s.adapter == name]
+        if len(mine) >= 4:
+            break
+        time.sleep(0.1)
+    kinds = [s.kind for s in mine]
+    assert kinds.count(SampleKind.EXAMPLE) == 2 and kinds.count(SampleKind.FEEDBACK) == 1
+    assert kinds.count(SampleKind.GENERATION) == 1  # the second generation came after sampling was turned off
+    gen = next(s for s in mine if s.kind == SampleKind.GENERATION)
+    assert gen.tenant == "alice" and gen.messages == (("user", "Hello!"),) and gen.request_id == f"req-{name}"
+    assert gen.completion == "".join(x.text for x in responses)
+    feedback = next(s for s in mine if s.kind == SampleKind.FEEDBACK)
+    assert (
+        feedback.sample_id == fb.sample_id and feedback.correction == "Hi there!" and feedback.rating == -1.0
+    )
+    assert feedback.completion == gen.completion
+    for request, code in (
+        (pb.SubmitFeedbackRequest(request_id="never-served", rating=1.0), grpc.StatusCode.NOT_FOUND),
+        (pb.SubmitFeedbackRequest(request_id=f"req-{name}", rating=3.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SubmitFeedbackRequest(request_id=f"req-{name}"), grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            alice.inference.SubmitFeedback(request, metadata=md)
+        assert err.value.code() == code
+    with pytest.raises(grpc.RpcError) as err:
+        alice.inference.SubmitExamples(
+            pb.SubmitExamplesRequest(adapter=name, examples=[pb.Example(prompt="Q", completion="")]),
+            metadata=md,
+        )
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "examples[0].completion" in err.value.details()
+    )
