@@ -94,8 +94,8 @@ class AsyncEngine:
         eos: set[int],
     ) -> None:
         self.config = config
-        self.core = EngineCore(model_config, state, tokenizer, config, eos)
         self._lock = threading.Lock()
+        self.core = EngineCore(model_config, state, tokenizer, config, eos, on_finished=self._on_finished)
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
@@ -167,9 +167,12 @@ class AsyncEngine:
             self.core.abort(request_id)
         return not stopped
 
+    def _on_finished(self) -> None:
+        with self._lock:
+            self._unfinished -= 1
+
     def _loop(self) -> None:
         while True:
-            before = self.core.num_finished
             running = self._drain_inbox()
             if not running:
                 self.core.fail_all()
@@ -179,9 +182,5 @@ class AsyncEngine:
                 except Exception:  # noqa: BLE001 - a failed step must not leave clients hanging
                     log.exception("engine step failed; aborting all requests")
                     self.core.fail_all()
-            finished = self.core.num_finished - before
-            if finished:
-                with self._lock:
-                    self._unfinished -= finished
             if not running:
                 return

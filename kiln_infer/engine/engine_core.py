@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -34,6 +35,7 @@ class EngineCore:
         tokenizer: PreTrainedTokenizerBase,
         config: EngineConfig,
         eos_token_ids: set[int],
+        on_finished: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self.eos_token_ids = eos_token_ids
@@ -54,6 +56,7 @@ class EngineCore:
         self.live: dict[str, Sequence] = {}  # request id -> unfinished sequence
         self.num_steps = 0
         self.num_finished = 0
+        self.on_finished = on_finished  # called once per finished request, before its stream ends
 
     def add(self, seq: Sequence) -> None:
         """Admit a sequence to the waiting queue."""
@@ -123,6 +126,7 @@ class EngineCore:
         seq.finish_reason = reason
         self.live.pop(seq.request_id, None)
         self.num_finished += 1
+        self.on_finished()
 
     def _emit(self, seq: Sequence) -> None:
         """Push the sequence's new tokens and text to its stream (the final output carries the reason)."""

@@ -9,6 +9,7 @@ import torch
 from kiln_infer.engine.types import SamplingParams, TokenLogprob
 
 _MASK32 = 0xFFFFFFFF
+_NUCLEUS_HEAD = 1024  # candidates tried before a full-vocabulary sort for top-p
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -20,14 +21,13 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniform noise [B, vocab] in (0, 1) that depends only on (seed, step, token id), never on the batch.
+def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform noise [B, N] in (0, 1) for candidates `token_ids` [B, N]: a function of (seed, step, id) only.
 
-    semantics: u[b, v] = (hash(hash(hash(seed_b) ^ step_b) ^ v) + 0.5) / 2**32, strictly inside (0, 1).
+    semantics: u[b, n] = (hash(hash(hash(seed_b) ^ step_b) ^ token_ids[b, n]) + 0.5) / 2**32
     """
     base = _hash32(_hash32(seeds & _MASK32) ^ (steps & _MASK32))  # [B]
-    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    bits = _hash32(base[:, None] ^ ids[None, :])
+    bits = _hash32(base[:, None] ^ token_ids)
     return (bits.double() + 0.5).div_(2.0**32).float()
 
 
@@ -59,18 +59,49 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], pen
         logits[row, idx] = torch.where(seen > 0, seen / p, seen * p)
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) tokens outside each row's top-k and nucleus top-p; k = 0 and p = 1 disable them."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
+def _candidates(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidate logits and token ids [B, N], best first, outside top-k / top-p set to -inf."""
+    batch, vocab = logits.shape
+    if bool((top_k == 0).all()) and bool((top_p >= 1.0).all()):
+        return logits, torch.arange(vocab, device=logits.device).expand(batch, vocab)
+    if bool((top_k > 0).all()):
+        values, ids = logits.topk(int(top_k.max().clamp(max=vocab)), dim=-1)  # sorted, best first
+    else:
+        # The nucleus nearly always lies in a short head: if the head holds >= top_p of the mass in every row,
+        # everything after it would be dropped anyway, so the exact result needs no full sort.
+        values, ids = logits.topk(min(_NUCLEUS_HEAD, vocab), dim=-1)
+        head_mass = (values.logsumexp(-1) - logits.logsumexp(-1)).exp()
+        if not bool((head_mass >= top_p).all()):
+            values, ids = logits.sort(dim=-1, descending=True)
+    n = values.shape[-1]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=n)
+    ranks = torch.arange(n, device=logits.device)[None, :]
     drop = ranks >= k[:, None]
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-    drop |= (before > top_p[:, None]) & (ranks > 0)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    in_top_k = values.masked_fill(drop, float("-inf"))
+    # top-p acts on the top-k distribution (HF warper order); without top-k, on the full vocabulary
+    norm = torch.where(top_k > 0, in_top_k.logsumexp(-1), logits.logsumexp(-1))
+    probs = (in_top_k - norm[:, None]).exp()
+    above = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+    drop |= (above > top_p[:, None]) & (ranks > 0)
+    return values.masked_fill(drop, float("-inf")), ids
+
+
+def _sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]
+) -> torch.Tensor:
+    """Sampled token per row of temperature > 0 rows."""
+    device = logits.device
+    sub = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+    top_k = torch.tensor([p.top_k for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
+    values, ids = _candidates(sub, top_k, top_p)
+    probs = values.softmax(dim=-1)
+    seeds_t = torch.tensor(seeds, device=device, dtype=torch.int64)
+    steps_t = torch.tensor(steps, device=device, dtype=torch.int64)
+    noise = -seeded_uniform(seeds_t, steps_t, ids).log()  # Exp(1) per token: argmax p/E ~ Categorical(p)
+    return ids.gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
@@ -79,20 +110,19 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     apply_repetition_penalty(logits, batch.history, [p.repetition_penalty for p in params])
     device = logits.device
     chosen = logits.argmax(dim=-1)
-    sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
-    if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=device)
-        sub = (
-            logits[rows] / torch.tensor([params[i].temperature for i in sampled_rows], device=device)[:, None]
-        )
-        top_k = torch.tensor([params[i].top_k for i in sampled_rows], device=device)
-        top_p = torch.tensor([params[i].top_p for i in sampled_rows], device=device, dtype=torch.float32)
-        sub = _filter_top_k_top_p(sub, top_k, top_p)
-        probs = sub.softmax(dim=-1)
-        seeds = torch.tensor([batch.seeds[i] for i in sampled_rows], device=device, dtype=torch.int64)
-        steps = torch.tensor([batch.steps[i] for i in sampled_rows], device=device, dtype=torch.int64)
-        noise = -seeded_uniform(seeds, steps, logits.shape[-1]).log()  # Exp(1): argmax p/E ~ Categorical(p)
-        chosen[rows] = (probs / noise).argmax(dim=-1)
+    # Filtered and unfiltered rows go separately so one top-p row never forces a full sort on the others.
+    for filtered in (False, True):
+        group = [
+            i for i, p in enumerate(params) if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) == filtered
+        ]
+        if group:
+            rows = torch.tensor(group, device=device)
+            chosen[rows] = _sample_rows(
+                logits[rows],
+                [params[i] for i in group],
+                [batch.seeds[i] for i in group],
+                [batch.steps[i] for i in group],
+            )
     token_ids = chosen.tolist()
     out_logprobs: list[tuple[TokenLogprob, list[TokenLogprob]] | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs > 0]

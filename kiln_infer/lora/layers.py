@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln_infer.lora.peft_loader import TARGET_MODULES, LoraWeights
+from kiln_infer.lora.peft_loader import LoraWeights
 
 
 class LoraSlots:
@@ -37,7 +37,7 @@ class LoraSlots:
         """Copy one adapter into a slot, zero-padding ranks up to max_rank and untargeted modules to zero."""
         lo, hi = slot * self.max_rank, (slot + 1) * self.max_rank
         for layer, (a_mods, b_mods) in enumerate(zip(self.a, self.b, strict=True)):
-            for module in TARGET_MODULES:
+            for module in a_mods:
                 a_dst, b_dst = a_mods[module][lo:hi], b_mods[module][:, lo:hi]
                 a_dst.zero_()
                 b_dst.zero_()
