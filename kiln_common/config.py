@@ -97,6 +97,7 @@ class InferConfig:
     max_lora_slots: int = 8
     max_waiting: int = 256
     drain_timeout_s: float = 60.0
+    drain_notice_s: float = 1.0  # health says NOT_SERVING this long before the port closes
     sample_queue_size: int = 10_000
     samples_maxlen: int = 1_000_000
     events_maxlen: int = 10_000
@@ -126,8 +127,10 @@ class InferConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.drain_timeout_s < 0:
-            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.drain_timeout_s < 0 or self.drain_notice_s < 0:
+            raise ValueError(
+                f"drain times must be >= 0, got {self.drain_timeout_s} and {self.drain_notice_s}"
+            )
 
     @property
     def address(self) -> str:

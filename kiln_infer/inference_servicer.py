@@ -27,6 +27,7 @@ from kiln_infer.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
     stream_errors,
     unary_errors,
 )
@@ -92,6 +93,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         recorder: SampleRecorder,
         requests: RequestLog,
         samples_maxlen: int,
+        stopping: threading.Event,
     ) -> None:
         self.engine = engine
         self.renderer = renderer
@@ -103,6 +105,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.recorder = recorder
         self.requests = requests
         self.samples_maxlen = samples_maxlen
+        self.stopping = stopping
         self._rng = random.Random()
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
@@ -133,6 +136,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> Iterator[inference_pb2.GenerateResponse]:
         """Stream a completion as the engine produces it, pinned to one adapter version."""
         tenant = self._tenant(context)
+        if self.stopping.is_set():
+            raise UnavailableError("the server is draining; retry on another replica")
         inp = convert.generate_from_pb(request, self.limits)
         prompt_ids = self.renderer.token_ids(inp.prompt, inp.messages)
         sampling = replace(inp.sampling, max_tokens=self._max_tokens(inp, len(prompt_ids)))

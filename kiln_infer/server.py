@@ -172,6 +172,7 @@ class InferServer:
                 recorder=recorder,
                 requests=RequestLog(client, cfg.request_record_ttl_s),
                 samples_maxlen=cfg.samples_maxlen,
+                stopping=self.stopping,
             ),
             server,
         )
@@ -232,6 +233,8 @@ class InferServer:
         parts = self._parts
         self.stopping.set()
         parts.health.enter_graceful_shutdown()
+        # Keep answering health (NOT_SERVING) a moment so load balancers see it before the port closes.
+        time.sleep(self.config.drain_notice_s)
         in_flight = parts.engine.num_unfinished()
         log.info("draining: %d requests in flight (grace %.0fs)", in_flight, self.config.drain_timeout_s)
         parts.grpc_server.stop(grace=self.config.drain_timeout_s).wait()

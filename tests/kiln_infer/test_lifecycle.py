@@ -1,0 +1,90 @@
+"""kiln-infer as a real process: health goes SERVING only after warm-up; SIGTERM drains in-flight streams."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kiln.v1 import inference_pb2 as pb
+from kiln.v1 import inference_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_health_after_warmup_and_sigterm_drain(
+    tmp_path: Path, model_cache_home: Path, smollm2: object
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(model_cache_home / "models", target_is_directory=True)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "KILN_HOME": str(home),
+        "KILN_PORT": str(port),
+        "KILN_REDIS_URL": "",
+        "KILN_DRAIN_TIMEOUT": "60",
+    }
+    log = (tmp_path / "kiln-infer.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiln_infer"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        address = f"127.0.0.1:{port}"
+        seen: list[int] = []
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                except grpc.RpcError:
+                    time.sleep(0.02)
+                    continue
+                seen.append(status)
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.01)
+            assert seen and seen[-1] == health_pb2.HealthCheckResponse.SERVING, (proc.poll(), seen)
+            assert seen[0] == health_pb2.HealthCheckResponse.NOT_SERVING  # answered before warm-up finished
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            stream = stub.Generate(
+                pb.GenerateRequest(
+                    prompt="Once upon a time",
+                    sampling=pb.SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True),
+                ),
+                timeout=120,
+            )
+            first = next(stream)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            rest = list(stream)
+        responses = [first, *rest]
+        assert sum(len(r.token_ids) for r in responses) == 64
+        assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = (tmp_path / "kiln-infer.log").read_text()
+    assert "draining" in text and "Traceback" not in text
