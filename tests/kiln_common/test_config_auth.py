@@ -1,0 +1,72 @@
+"""Config built from flags and environment; API key files and tenants."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from kiln_common.auth import DEFAULT_TENANT, Authenticator, AuthError, parse_key_file
+from kiln_common.config import InferConfig, RedisConfig, add_infer_flags, default_home, infer_config_from
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_infer_flags(parser)
+    return parser.parse_args(argv)
+
+
+def test_flags_override_environment_which_overrides_defaults(tmp_path: Path) -> None:
+    env = {"KILN_HOME": str(tmp_path), "KILN_PORT": "6000", "KILN_MODEL": "dummy:tiny"}
+    cfg = infer_config_from(_parse([]), env)
+    assert (cfg.home, cfg.port, cfg.model, cfg.redis.url) == (tmp_path.resolve(), 6000, "dummy:tiny", "")
+    assert cfg.redis.effective_url == f"unix://{tmp_path.resolve() / 'redis.sock'}"
+    cfg = infer_config_from(_parse(["--port", "7000", "--redis-url", "redis://h:1/0"]), env)
+    assert cfg.port == 7000 and cfg.redis.url == "redis://h:1/0" and not cfg.redis.embedded
+    assert infer_config_from(_parse([]), {"KILN_HOME": str(tmp_path)}).port == 50051
+
+
+def test_invalid_config_is_a_clear_value_error(tmp_path: Path) -> None:
+    redis = RedisConfig(home=tmp_path)
+    with pytest.raises(ValueError, match="port"):
+        InferConfig(home=tmp_path, redis=redis, port=70000)
+    with pytest.raises(ValueError, match="dtype"):
+        InferConfig(home=tmp_path, redis=redis, dtype="int3")
+    with pytest.raises(ValueError, match="KILN_API_KEYS"):
+        InferConfig(home=tmp_path, redis=redis, api_keys_file=tmp_path / "missing")
+    with pytest.raises(ValueError, match="KILN_REDIS_URL"):
+        RedisConfig(home=tmp_path, url="http://nope")
+
+
+def test_default_home_and_long_socket_paths(tmp_path: Path) -> None:
+    assert default_home({}, cwd=tmp_path) == (Path.home() / ".kiln").resolve()
+    (tmp_path / ".kiln").mkdir()
+    assert default_home({}, cwd=tmp_path) == (tmp_path / ".kiln").resolve()
+    deep = tmp_path / ("d" * 120)
+    assert len(str(RedisConfig(home=deep).socket_path)) < 108
+
+
+def test_key_files_map_keys_to_tenants(tmp_path: Path) -> None:
+    assert parse_key_file('{"k-0123456789": "alice"}') == {"k-0123456789": "alice"}
+    assert parse_key_file("# c\nk-0123456789 alice\n\nk-9876543210 bob  # x\n") == {
+        "k-0123456789": "alice",
+        "k-9876543210": "bob",
+    }
+    with pytest.raises(ValueError, match="shorter"):
+        parse_key_file("short alice")
+    with pytest.raises(ValueError):
+        parse_key_file("k-0123456789 bad/tenant")
+    path = tmp_path / "keys"
+    path.write_text("k-0123456789 alice\n")
+    auth = Authenticator.from_file(path)
+    assert auth.tenant([("authorization", "Bearer k-0123456789")]) == "alice"
+    for metadata in ([], [("authorization", "Bearer wrong-key-00")], [("authorization", "k-0123456789")]):
+        with pytest.raises(AuthError):
+            auth.tenant(metadata)
+
+
+def test_no_key_file_means_default_tenant_and_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    auth = Authenticator.from_file(None)
+    assert auth.tenant([]) == DEFAULT_TENANT and not auth.enabled
+    assert "no API key file" in caplog.text
