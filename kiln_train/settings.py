@@ -38,14 +38,15 @@ class TrainSettings:
     rank: int = 16
     alpha: int = 32
     lr: float = 1e-3
-    max_steps: int = 16
+    max_steps: int = 12
     batch_size: int = 4  # half new samples, half replay
     replay_fraction: float = 0.5
-    eval_every: int = 4
+    eval_every: int = 3
     patience: int = 2
     heldout_fraction: float = 0.2
-    replay_max_tokens: int = 48
+    replay_max_tokens: int = 32
     seed: int = 0
+    threads: int = 0  # torch CPU threads for training; 0 = torch's default
     # gate
     min_heldout_improvement: float = 0.0  # held-out loss must drop by more than this (absolute)
 

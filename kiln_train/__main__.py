@@ -1,0 +1,153 @@
+"""`kiln-train` entry point: flags + environment → configs → daemon + gRPC TrainingService (health, reflection)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from types import FrameType
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kiln.v1 import training_pb2, training_pb2_grpc
+from kiln_common.adapter_store import AdapterStore
+from kiln_common.auth import Authenticator
+from kiln_common.config import (
+    DEFAULT_TRAIN_PORT,
+    TrainConfig,
+    add_common_flags,
+    environ_snapshot,
+    train_config_from,
+)
+from kiln_common.logging_setup import setup_logging
+from kiln_common.model_loader import load_tokenizer, resolve_model
+from kiln_common.redis_server import RedisServer, connect
+from kiln_common.registry import Registry
+from kiln_train.base_model import SharedBase
+from kiln_train.buffer import TrainingBuffer
+from kiln_train.consumer import SampleConsumer
+from kiln_train.daemon import TrainingDaemon
+from kiln_train.evaluator import ReferenceCache
+from kiln_train.pipeline import Pipeline
+from kiln_train.servicer import TrainingServicer
+from kiln_train.settings import TrainSettings
+from kiln_train.training_round import RoundRunner
+
+log = logging.getLogger("kiln_train")
+SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+
+
+class TrainServer:
+    """kiln-train assembled: Redis, tokenizer, shared base, daemon, gRPC."""
+
+    def __init__(self, config: TrainConfig, settings: TrainSettings) -> None:
+        self.config = config
+        self.settings = settings
+        self.port = 0
+        self._redis_server = RedisServer(config.redis)
+        self._daemon: TrainingDaemon | None = None
+        self._grpc: grpc.Server | None = None
+
+    def start(self) -> int:
+        """Bring everything up; returns the bound port."""
+        cfg, s = self.config, self.settings
+        if s.threads > 0:
+            torch.set_num_threads(s.threads)
+        cfg.home.mkdir(parents=True, exist_ok=True)
+        client = connect(self._redis_server.start())
+        source = resolve_model(cfg.model, cfg.home)
+        tok = load_tokenizer(source)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        buffer = TrainingBuffer(client, s.request_index_ttl_s)
+        pipeline = Pipeline(s, lambda text: len(tok.encode(text, add_special_tokens=False)))
+        consumer = SampleConsumer(client, buffer, pipeline, s)
+        registry = Registry(client, AdapterStore(cfg.home))
+        model_key = hashlib.sha256(source.spec.encode()).hexdigest()[:12]
+        references = ReferenceCache(cfg.home / "train" / "reference", model_key)
+        runner = RoundRunner(registry, tok, s, references)
+        self._daemon = TrainingDaemon(consumer, buffer, SharedBase(client, source.config), runner, s)
+        self._daemon.start()
+
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kiln-train-grpc"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        training_pb2_grpc.add_TrainingServiceServicer_to_server(
+            TrainingServicer(self._daemon, Authenticator.from_file(cfg.api_keys_file)), server
+        )
+        health_servicer = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+        server.start()
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._grpc = server
+        log.info(
+            "kiln-train listening on %s:%d (model %s, consumer %s/%s)",
+            cfg.host,
+            self.port,
+            source.spec,
+            s.group,
+            s.consumer,
+        )
+        return self.port
+
+    def stop(self) -> None:
+        """Stop serving, stop the daemon (a running round's samples stay buffered), stop owned Redis."""
+        if self._grpc is not None:
+            self._grpc.stop(grace=5.0).wait()
+        if self._daemon is not None:
+            self._daemon.stop()
+        self._redis_server.stop()
+        log.info("kiln-train stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run kiln-train until SIGTERM or Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="kiln-train", description="Kiln training daemon (gRPC)")
+    add_common_flags(parser, DEFAULT_TRAIN_PORT)
+    parser.add_argument("--log-level", default="INFO", help="logging level [INFO]")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, "kiln-train")
+    environ = environ_snapshot()
+    try:
+        config = train_config_from(args, environ)
+        settings = TrainSettings.from_environ(config.extra)
+    except ValueError as exc:
+        parser.error(str(exc))
+    server = TrainServer(config, settings)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - reported, not dumped
+        log.exception("kiln-train failed to start: %s", exc)
+        server.stop()
+        return 1
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

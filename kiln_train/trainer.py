@@ -1,0 +1,267 @@
+"""LoRA SFT on the shared frozen base: replay-mixed batches, completion-only loss, early stopping."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kiln_common.adapter_store import WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TextPair:
+    """A prompt (chat turns, or raw text when `messages` is empty) and the completion to learn."""
+
+    completion: str
+    messages: tuple[tuple[str, str], ...] = ()
+    prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of prompt + completion; labels are IGNORE on the prompt (loss only on the completion)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Hyper-parameters of one round."""
+
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 1e-3
+    max_steps: int = 16
+    batch_size: int = 4
+    replay_fraction: float = 0.5
+    eval_every: int = 4
+    patience: int = 2
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What a training run did."""
+
+    steps: int
+    train_loss: float
+    heldout_before: float
+    heldout_after: float
+    best_step: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def render_prompt(tok: PreTrainedTokenizerBase, pair: TextPair) -> str:
+    """The prompt text exactly as the server renders it (chat template with the generation prompt)."""
+    if not pair.messages:
+        return pair.prompt
+    msgs = [{"role": r, "content": c} for r, c in pair.messages]
+    return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+
+
+def encode(tok: PreTrainedTokenizerBase, pair: TextPair, max_len: int = 1024) -> Encoded:
+    """Prompt + completion + end-of-turn tokens, with the prompt masked out of the labels."""
+    prompt_ids = tok(render_prompt(tok, pair), add_special_tokens=False).input_ids
+    if pair.messages:
+        msgs = [{"role": r, "content": c} for r, c in pair.messages] + [
+            {"role": "assistant", "content": pair.completion}
+        ]
+        full = tok(str(tok.apply_chat_template(msgs, tokenize=False)), add_special_tokens=False).input_ids
+        if full[: len(prompt_ids)] != prompt_ids:  # template re-renders history differently: append instead
+            full = prompt_ids + tok(pair.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    else:
+        full = prompt_ids + tok(pair.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    full = full[:max_len]
+    n = min(len(prompt_ids), len(full))
+    return Encoded(input_ids=full, labels=[IGNORE] * n + full[n:])
+
+
+def collate(batch: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: input_ids, attention_mask, labels."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.input_ids)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+class LoraTrainer:
+    """Wraps the frozen base in a fresh PEFT LoRA (optionally loaded from a parent version) for one round."""
+
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        cfg: TrainerConfig,
+        parent_dir: Path | None = None,
+    ) -> None:
+        self.tok = tok
+        self.cfg = cfg
+        self.device = next(base.parameters()).device
+        lora = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            target_modules=LORA_TARGETS,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(cfg.seed)
+        self.model: PeftModel = get_peft_model(base, lora)  # type: ignore[assignment]
+        for name, p in self.model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()  # LoRA in fp32 even over a bf16 base
+        if parent_dir is not None:
+            state = load_file(str(parent_dir / WEIGHTS_FILE), device=str(self.device))
+            result = set_peft_model_state_dict(self.model, {k: v.float() for k, v in state.items()})
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(
+                    f"parent adapter {parent_dir} has unexpected keys {result.unexpected_keys[:3]}"
+                )
+            log.info("continuing from parent adapter %s", parent_dir)
+        self.model.eval()
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The LoRA parameters (everything else is frozen)."""
+        return [p for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def release(self) -> PreTrainedModel:
+        """Remove the LoRA layers and hand back the untouched base model."""
+        return self.model.unload()  # type: ignore[no-any-return]
+
+    @torch.no_grad()
+    def loss(self, data: list[Encoded], batch_size: int = 8) -> float:
+        """Mean completion-token loss over `data` (token-weighted)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(data), batch_size):
+            batch = collate(data[i : i + batch_size], self.tok.pad_token_id or 0, self.device)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            shift_logits = logits[:, :-1].float()
+            shift_labels = batch["labels"][:, 1:]
+            ce = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                shift_labels.reshape(-1),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
+            total += float(ce)
+            count += int((shift_labels != IGNORE).sum())
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[TextPair], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+        """Greedy completions of `prompts` by the current weights (left-padded batches)."""
+        self.model.eval()
+        out: list[str] = []
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        for i in range(0, len(prompts), batch_size):
+            ids = [
+                self.tok(render_prompt(self.tok, p), add_special_tokens=False).input_ids
+                for p in prompts[i : i + batch_size]
+            ]
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+            gen = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            out.extend(self.tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
+        return out
+
+    def train(
+        self,
+        train: list[Encoded],
+        heldout: list[Encoded],
+        replay: list[Encoded],
+        on_step: Callable[[int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        accept: Callable[[], bool] | None = None,
+    ) -> TrainResult:
+        """Optimise LoRA on `train` mixed with `replay`; keep the weights with the best held-out loss.
+
+        `accept` (e.g. "the control prompts are still answered correctly") vets each new best checkpoint; one it
+        refuses counts as no improvement, so training stops before it drifts further.
+        """
+        cfg = self.cfg
+        rng = random.Random(cfg.seed)
+        params = self.trainable()
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if replay else 0
+        n_new = max(1, cfg.batch_size - n_replay)
+        eval_set = heldout or train
+        t0 = time.monotonic()
+        before = best = self.loss(eval_set)
+        best_state = [p.detach().clone() for p in params]
+        best_step, bad_evals, losses = 0, 0, []
+        order: list[Encoded] = []
+        step = 0
+        for step in range(1, cfg.max_steps + 1):
+            if should_stop is not None and should_stop():
+                raise InterruptedError("round stopped")
+            if len(order) < n_new:
+                order += rng.sample(train, len(train))
+            batch = [order.pop() for _ in range(n_new)] + rng.sample(replay, min(n_replay, len(replay)))
+            self.model.train()
+            tensors = collate(batch, self.tok.pad_token_id or 0, self.device)
+            loss = self.model(**tensors).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step, losses[-1])
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                current = self.loss(eval_set)
+                log.info("step %d: train loss %.4f, held-out loss %.4f", step, losses[-1], current)
+                if current < best and (accept is None or accept()):
+                    best, best_step, bad_evals = current, step, 0
+                    best_state = [p.detach().clone() for p in params]
+                else:
+                    bad_evals += 1
+                    if bad_evals >= cfg.patience:
+                        log.info("early stop at step %d (best step %d)", step, best_step)
+                        break
+        with torch.no_grad():
+            for p, saved in zip(params, best_state, strict=True):
+                p.copy_(saved)
+        self.model.eval()
+        return TrainResult(
+            steps=step,
+            train_loss=losses[-1] if losses else 0.0,
+            heldout_before=before,
+            heldout_after=best,
+            best_step=best_step,
+            seconds=time.monotonic() - t0,
+            losses=losses,
+        )
+
+    def save(self, out: Path) -> Path:
+        """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+        self.model.save_pretrained(str(out), safe_serialization=True)
+        return out
