@@ -27,8 +27,10 @@ proto:
 up: setup
 	$(BIN)/kiln up
 
+# PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS="-k adapters".
+PYTEST_ARGS ?=
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check kiln_common kiln_infer kiln_train tests

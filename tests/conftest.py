@@ -16,6 +16,12 @@ from kiln_common.redis_server import RedisServer, connect
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Never exit 5: a run that collected no tests is a failure CI must see as one, not a special case."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def model_cache_home() -> Path:
     """Where the converted SmolLM2 lives across runs (the checkout's KILN_HOME, as `make` exports it)."""
