@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         server.start()
+        server.start_warm_up()
     except Exception as exc:  # noqa: BLE001 - a start-up failure is reported, not dumped
         log.exception("kiln-infer failed to start: %s", exc)
         server.drain()

@@ -118,7 +118,7 @@ class InferServer:
         return engine, beacon
 
     def start(self) -> int:
-        """Bring everything up and start serving (health NOT_SERVING until warm); returns the bound port."""
+        """Bring everything up and listen (NOT_SERVING until start_warm_up is done); returns the port."""
         cfg = self.config
         cfg.home.mkdir(parents=True, exist_ok=True)
         redis_server = RedisServer(cfg.redis)
@@ -200,8 +200,11 @@ class InferServer:
             dtype_name,
             url,
         )
-        threading.Thread(target=self._warm_up, name="kiln-warmup", daemon=True).start()
         return self.port
+
+    def start_warm_up(self) -> None:
+        """Warm up in the background; health turns SERVING when done (see `serving`)."""
+        threading.Thread(target=self._warm_up, name="kiln-warmup", daemon=True).start()
 
     def _warm_up(self) -> None:
         """Run one real generation, then report SERVING."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.v1 import adapter_pb2_grpc, inference_pb2_grpc
 from kiln_common.config import InferConfig, RedisConfig
@@ -37,9 +38,17 @@ def infer_server(kiln_home: Path, redis_url: str, smollm2: ModelSource) -> Itera
     )
     server = InferServer(config)
     server.start()
+    server.health_before_warm_up = _health(server.port)  # type: ignore[attr-defined]
+    server.start_warm_up()
     assert server.serving.wait(120), "kiln-infer did not warm up"
     yield server
     server.drain()
+
+
+def _health(port: int) -> int:
+    """grpc.health.v1 status of the whole server."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return int(health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status)
 
 
 @pytest.fixture(scope="session")

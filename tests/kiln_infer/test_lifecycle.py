@@ -1,4 +1,4 @@
-"""kiln-infer as a real process: health goes SERVING only after warm-up; SIGTERM drains in-flight streams."""
+"""Lifecycle: SERVING only after warm-up; SIGTERM on a real kiln-infer process drains its streams."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.v1 import inference_pb2 as pb
 from kiln.v1 import inference_pb2_grpc
+from kiln_infer.server import InferServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_health_after_warmup_and_sigterm_drain(
+def test_health_is_serving_only_after_warm_up(infer_server: InferServer) -> None:
+    assert infer_server.health_before_warm_up == health_pb2.HealthCheckResponse.NOT_SERVING  # type: ignore[attr-defined]
+    with grpc.insecure_channel(f"127.0.0.1:{infer_server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "kiln.v1.InferenceService", "kiln.v1.AdapterService"):
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_0(
     tmp_path: Path, model_cache_home: Path, smollm2: object
 ) -> None:
     home = tmp_path / "home"
@@ -60,7 +70,6 @@ def test_health_after_warmup_and_sigterm_drain(
                     break
                 time.sleep(0.01)
             assert seen and seen[-1] == health_pb2.HealthCheckResponse.SERVING, (proc.poll(), seen)
-            assert seen[0] == health_pb2.HealthCheckResponse.NOT_SERVING  # answered before warm-up finished
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             stream = stub.Generate(
                 pb.GenerateRequest(
