@@ -183,7 +183,7 @@ class Registry:
     """Adapters, versions and aliases of every tenant; all changes are atomic and announced on kiln:events."""
 
     def __init__(self, client: redis.Redis, store: AdapterStore, events_maxlen: int = 10_000) -> None:
-        self.redis = client  # decode_responses=True
+        self.redis: Any = client  # decode_responses=True
         self.store = store
         self.events_maxlen = events_maxlen
         self._flip = client.register_script(_FLIP)
@@ -216,7 +216,7 @@ class Registry:
             raise AdapterNotFoundError(name)
         return _state_from_hash(tenant, name, h)
 
-    def list(self, tenant: str) -> list[AdapterState]:
+    def list_adapters(self, tenant: str) -> list[AdapterState]:
         """The tenant's adapters sorted by name."""
         out = []
         for name in sorted(self.redis.smembers(f"kiln:reg:{tenant}")):

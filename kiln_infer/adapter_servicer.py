@@ -56,7 +56,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         """The tenant's adapters by name."""
         tenant = self._tenant(context)
         return adapter_pb2.ListAdaptersResponse(
-            adapters=[convert.adapter_info_to_pb(s) for s in self.registry.list(tenant)]
+            adapters=[convert.adapter_info_to_pb(s) for s in self.registry.list_adapters(tenant)]
         )
 
     @unary_errors

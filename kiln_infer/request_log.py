@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -28,7 +29,7 @@ class RequestLog:
     """Served requests by (tenant, request_id), expiring after `ttl_s`."""
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
-        self._redis = client
+        self._redis: Any = client  # decode_responses=True
         self._ttl_s = ttl_s
 
     @staticmethod

@@ -16,6 +16,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from transformers import PreTrainedTokenizerBase
 
 from kiln.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 from kiln_common.adapter_store import AdapterStore
@@ -87,7 +88,12 @@ class InferServer:
         self._parts: _Parts | None = None
 
     def _engine(
-        self, source: ModelSource, tokenizer: object, client: object, device: str, dtype: torch.dtype
+        self,
+        source: ModelSource,
+        tokenizer: PreTrainedTokenizerBase,
+        client: object,
+        device: str,
+        dtype: torch.dtype,
     ) -> tuple[AsyncEngine, BaseBeacon | None]:
         """Load the base weights once, share them with kiln-train, and build the engine over them."""
         max_len = min(MAX_CONTEXT, int(getattr(source.config, "max_position_embeddings", MAX_CONTEXT)))

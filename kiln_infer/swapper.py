@@ -43,7 +43,9 @@ class AdapterView:
 
     def rebuild(self) -> int:
         """Reload every tenant's adapters from the registry (the durable state); returns how many."""
-        states = {(s.tenant, s.name): s for t in self.registry.tenants() for s in self.registry.list(t)}
+        states = {
+            (s.tenant, s.name): s for t in self.registry.tenants() for s in self.registry.list_adapters(t)
+        }
         with self._lock:
             self._states = states
         return len(states)
