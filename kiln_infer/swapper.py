@@ -157,8 +157,9 @@ class HotSwapper:
         """Apply a batch of events to the view."""
         for event in events:
             if event.type == EventType.PUBLISHED:
+                # Warm the new version now; the alias may already point at it (publish with promote).
                 self.preload(event.tenant, event.adapter, event.version)
-                self.view.refresh(event.tenant, event.adapter)
+                self.flip(event.tenant, event.adapter)
             elif event.type in _ALIAS_CHANGES:
                 state = self.flip(event.tenant, event.adapter)
                 if state is not None:
