@@ -291,3 +291,49 @@ def test_examples_feedback_and_sampling_policy(alice: Client, redis_client) -> N
         err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         and "examples[0].completion" in err.value.details()
     )
+
+
+def test_version_published_by_another_process_is_hot_swapped(
+    alice: Client,
+    redis_client,
+    kiln_home: Path,  # type: ignore[no-untyped-def]
+    smollm2: ModelSource,
+    tmp_path: Path,
+) -> None:
+    from kiln_common.adapter_store import AdapterStore
+    from kiln_common.registry import EventType, Registry
+
+    name = f"trained-{uuid.uuid4().hex[:6]}"
+    alice.inference.SubmitExamples(
+        pb.SubmitExamplesRequest(adapter=name, examples=[pb.Example(prompt="Q", completion="A")]),
+        metadata=alice.metadata,
+    )
+    one = pb.SamplingParams(temperature=0.0, max_tokens=1)
+    assert _tokens(alice, name, "Hi", one)[1] == f"{name}@v0"  # now cached in the server's view
+    trainer = Registry(redis_client, AdapterStore(kiln_home))  # what kiln-train does, from its own process
+    start = trainer.last_event_id()
+    trainer.publish(
+        "alice",
+        name,
+        make_peft_adapter(smollm2, tmp_path / "t", seed=5),
+        origin="trained",
+        sample_ids=["s1", "s2"],
+        eval_scores={"heldout_loss": 1.5},
+        promote=True,
+    )
+    deadline = time.monotonic() + 15
+    served = ""
+    while time.monotonic() < deadline and served != f"{name}@v1":
+        served = _tokens(alice, name, "Hi", one)[1]
+    assert served == f"{name}@v1"
+    events, _ = trainer.read_events(start, block_ms=0, count=1000)
+    assert (EventType.LOADED, 1) in [(e.type, e.version) for e in events if e.adapter == name]
+    versions = alice.adapters.ListVersions(apb.ListVersionsRequest(adapter=name), metadata=alice.metadata)
+    v = versions.versions[0]
+    assert (v.version, v.origin, v.num_samples, v.parent, dict(v.eval)) == (
+        1,
+        "trained",
+        2,
+        0,
+        {"heldout_loss": 1.5},
+    )
