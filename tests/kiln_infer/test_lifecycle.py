@@ -97,3 +97,56 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(
         log.close()
     text = (tmp_path / "kiln-infer.log").read_text()
     assert "draining" in text and "Traceback" not in text
+
+
+def test_kiln_up_serves_and_stops_everything(tmp_path: Path, model_cache_home: Path, smollm2: object) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(model_cache_home / "models", target_is_directory=True)
+    port = _free_port()
+    env = {**os.environ, "KILN_HOME": str(home), "KILN_REDIS_URL": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiln_infer.cli", "up", "--no-train", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready"):
+                break
+        assert any(f"kiln-infer  127.0.0.1:{port}" in line for line in lines), lines
+        assert any(line.startswith("redis") and "redis.sock" in line for line in lines), lines
+        answer = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kiln_infer.cli",
+                "--address",
+                f"127.0.0.1:{port}",
+                "generate",
+                "--chat",
+                "What is the capital of France?",
+                "--temperature",
+                "0",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "Paris" in answer.stdout, answer.stderr
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=90) == 0
+        assert "kiln-infer stopped (exit 0)" in rest
+        assert not (home / "redis.sock").exists()  # the embedded Redis went down with the stack
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
