@@ -5,22 +5,40 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from kiln_common.adapter_alias import (
+    AdapterEvent,
+    AdapterNotFoundError,
+    AdapterState,
+    EventType,
+    NoPreviousVersionError,
+    ResolvedAdapter,
+    normalise_split,
+    parse_spec,
+    state_from_hash,
+)
 from kiln_common.adapter_store import AdapterStore, InvalidAdapterError, VersionMeta, validate_name
 from kiln_common.samples import EVENTS_STREAM
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "AdapterEvent",
+    "AdapterNotFoundError",
+    "AdapterState",
+    "EventType",
+    "NoPreviousVersionError",
+    "Registry",
+    "ResolvedAdapter",
+    "normalise_split",
+    "parse_spec",
+]
 
-_SPEC = re.compile(r"^(?P<name>[^@]+)(?:@v(?P<version>\d+))?$")
+log = logging.getLogger(__name__)
 
 # Flip an alias atomically: remember what it served (for Rollback), set the new target, and notify.
 # KEYS: adapter hash, events stream.
@@ -61,124 +79,6 @@ return 1
 """
 
 
-class AdapterNotFoundError(LookupError):
-    """No such adapter or version for this tenant (identical for missing and another tenant's)."""
-
-    def __init__(self, spec: str) -> None:
-        super().__init__(f"adapter {spec!r} not found")
-
-
-class NoPreviousVersionError(RuntimeError):
-    """Rollback with nothing to roll back to (maps to FAILED_PRECONDITION)."""
-
-
-class EventType(str, Enum):
-    """Kinds of `kiln:events` entries."""
-
-    PUBLISHED = "published"
-    PROMOTED = "promoted"
-    ROLLED_BACK = "rolled_back"
-    SPLIT = "split"
-    LOADED = "loaded"
-    REJECTED = "rejected"
-
-
-@dataclass(frozen=True)
-class AdapterEvent:
-    """One registry notification."""
-
-    id: str
-    type: EventType
-    tenant: str
-    adapter: str
-    version: int
-    time: float
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class AdapterState:
-    """An adapter's alias: one version, or a weighted split, plus its sampling policy."""
-
-    tenant: str
-    name: str
-    current: int
-    latest: int
-    previous: int | None
-    split: tuple[tuple[int, float], ...]  # (version, normalised weight); empty = `current` alone
-    sample_rate: float  # fraction of generations recorded; 0 = off
-
-    def pick_version(self, rng: random.Random) -> int:
-        """The version a new request gets (weighted random over the split)."""
-        if not self.split:
-            return self.current
-        x = rng.random()
-        for version, weight in self.split:
-            x -= weight
-            if x < 0:
-                return version
-        return self.split[-1][0]
-
-
-@dataclass(frozen=True)
-class ResolvedAdapter:
-    """A concrete version a request is pinned to; `path` is None for version 0 (the base model)."""
-
-    tenant: str
-    name: str
-    version: int
-    path: Path | None
-
-    @property
-    def label(self) -> str:
-        """What responses report: "name@vN"."""
-        return f"{self.name}@v{self.version}"
-
-    @property
-    def key(self) -> str:
-        """Unique engine key: "tenant/name@vN"."""
-        return f"{self.tenant}/{self.label}"
-
-
-def parse_spec(spec: str) -> tuple[str, int | None]:
-    """ "name" → (name, None); "name@vN" → (name, N). Raises InvalidAdapterError."""
-    m = _SPEC.match(spec)
-    if not m:
-        raise InvalidAdapterError(f"adapter {spec!r} must be 'name' or 'name@vN'", "adapter")
-    version = m.group("version")
-    return validate_name(m.group("name")), (int(version) if version is not None else None)
-
-
-def _state_from_hash(tenant: str, name: str, h: Mapping[str, str]) -> AdapterState:
-    split = tuple((int(v), float(w)) for v, w in json.loads(h["split"])) if h.get("split") else ()
-    prev = h.get("previous", "")
-    return AdapterState(
-        tenant=tenant,
-        name=name,
-        current=int(h.get("current", 0)),
-        latest=int(h.get("latest", 0)),
-        previous=int(prev) if prev else None,
-        split=split,
-        sample_rate=float(h.get("sample_rate", 1.0)),
-    )
-
-
-def normalise_split(shares: Sequence[tuple[int, float]]) -> tuple[tuple[int, float], ...]:
-    """Validate and normalise weights to sum to 1; versions must be distinct."""
-    if not shares:
-        raise InvalidAdapterError("shares must not be empty", "shares")
-    versions = [v for v, _ in shares]
-    if len(set(versions)) != len(versions):
-        raise InvalidAdapterError("shares must name each version once", "shares")
-    for v, w in shares:
-        if v < 0 or not w > 0:
-            raise InvalidAdapterError(
-                f"shares: version {v} weight {w}: versions must be >= 0 and weights > 0"
-            )
-    total = sum(w for _, w in shares)
-    return tuple((v, w / total) for v, w in shares)
-
-
 class Registry:
     """Adapters, versions and aliases of every tenant; all changes are atomic and announced on kiln:events."""
 
@@ -214,7 +114,7 @@ class Registry:
         h = self.redis.hgetall(self._key(tenant, name))
         if not h:
             raise AdapterNotFoundError(name)
-        return _state_from_hash(tenant, name, h)
+        return state_from_hash(tenant, name, h)
 
     def list_adapters(self, tenant: str) -> list[AdapterState]:
         """The tenant's adapters sorted by name."""
@@ -222,7 +122,7 @@ class Registry:
         for name in sorted(self.redis.smembers(f"kiln:reg:{tenant}")):
             h = self.redis.hgetall(self._key(tenant, name))
             if h:
-                out.append(_state_from_hash(tenant, name, h))
+                out.append(state_from_hash(tenant, name, h))
         return out
 
     def tenants(self) -> list[str]:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import grpc
-from transformers import PreTrainedTokenizerBase
 
 from kiln.v1 import inference_pb2, inference_pb2_grpc
 from kiln_common.adapter_store import validate_name
@@ -31,6 +30,7 @@ from kiln_infer.errors import (
     stream_errors,
     unary_errors,
 )
+from kiln_infer.prompt_renderer import PromptRenderer
 from kiln_infer.request_log import RequestLog, ServedRequest
 from kiln_infer.swapper import AdapterView, engine_ref
 
@@ -50,31 +50,6 @@ class ModelInfo:
     max_lora_rank: int
     max_lora_slots: int
     version: str
-
-
-class PromptRenderer:
-    """Turns a prompt or chat messages into token ids with the model's own tokenizer and chat template."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.tokenizer = tokenizer
-        self._lock = threading.Lock()  # fast tokenizers are not safe to share between threads
-
-    def token_ids(self, prompt: str, messages: tuple[tuple[str, str], ...]) -> list[int]:
-        """Token ids of a raw prompt, or of messages rendered with the assistant turn opened."""
-        with self._lock:
-            if messages:
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": r, "content": c} for r, c in messages],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
-                return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            return list(self.tokenizer(prompt)["input_ids"])
-
-    def decode_one(self, token_id: int) -> str:
-        """Text of a single token (for log-probabilities)."""
-        with self._lock:
-            return str(self.tokenizer.decode([token_id]))
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):

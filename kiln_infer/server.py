@@ -33,7 +33,8 @@ from kiln_infer.convert import Limits
 from kiln_infer.engine.async_engine import AsyncEngine
 from kiln_infer.engine.config import EngineConfig
 from kiln_infer.engine.types import EngineRequest, SamplingParams
-from kiln_infer.inference_servicer import InferenceServicer, ModelInfo, PromptRenderer
+from kiln_infer.inference_servicer import InferenceServicer, ModelInfo
+from kiln_infer.prompt_renderer import PromptRenderer
 from kiln_infer.request_log import RequestLog
 from kiln_infer.swapper import AdapterView, HotSwapper
 
