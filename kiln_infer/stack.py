@@ -86,7 +86,8 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             print(f"kiln-train  127.0.0.1:{train_port}  (gRPC: TrainingService)")
         print(f"home        {home}")
         if _wait_serving(infer_addr, children["kiln-infer"], stop):
-            print('ready: try  kiln generate --chat "What is the capital of France?"   (Ctrl-C stops)')
+            flag = "" if infer_port == DEFAULT_INFER_PORT else f"--address {infer_addr} "
+            print(f'ready: try  kiln {flag}generate --chat "What is the capital of France?"   (Ctrl-C stops)')
         while not stop.is_set():
             for name, proc in list(children.items()):
                 if proc.poll() is not None:
