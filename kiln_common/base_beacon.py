@@ -1,4 +1,4 @@
-"""Announces kiln-infer's shared base weights in Redis: manifest + generation id + a heartbeat key with a TTL."""
+"""Announces kiln-infer's shared base weights in Redis: manifest, generation id, heartbeat key with a TTL."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def heartbeat_generation(redis: Any) -> str | None:
 def share_base_weights(
     state: dict[str, torch.Tensor], device: torch.device | str, redis: Any, shm_dir: Path
 ) -> tuple[SharedWeights, BaseBeacon]:
-    """kiln-infer's one call: pack `state` into shared buckets, announce them; build the engine over `.views`."""
+    """kiln-infer's one call: pack `state` into shared buckets and announce them; serve from `.views`."""
     shared = pack_state_dict(state, device=device, shm_dir=shm_dir)
     beacon = BaseBeacon(redis, shared)
     beacon.start()

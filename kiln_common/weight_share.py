@@ -1,9 +1,9 @@
-"""One copy of the base weights for two processes: pack into a few buckets, export, attach from another process.
+"""One copy of the base weights for two processes: pack into a few buckets, export, attach elsewhere.
 
-kiln-infer packs its HF-named state dict into a few large contiguous buckets (256-byte aligned views), builds its
-engine over the views, and exports the buckets: CUDA IPC handles on the GPU (one per bucket), shared-memory files
-on CPU (``torch.from_file(shared=True)`` maps the same pages). The manifest saying where each tensor lives is plain
-JSON (bytes as base64, never pickle), so it travels through Redis (see ``base_beacon``) or a file.
+kiln-infer packs its HF-named state dict into a few large contiguous buckets (256-byte aligned views),
+builds its engine over the views, and exports the buckets: CUDA IPC handles on the GPU (one per bucket),
+shared-memory files on CPU (``torch.from_file(shared=True)`` maps the same pages). The manifest saying where
+each tensor lives is plain JSON (bytes as base64, never pickle): it travels through Redis or a file.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ DEFAULT_BUCKET_BYTES = 1 << 30
 MANIFEST_VERSION = 1
 SHM_PREFIX = "kiln-base-"
 
-# Projections of one layer kept adjacent in memory, in this order (fused q/k/v and gate/up views are possible).
+# Projections of one layer kept adjacent in memory, in this order (fused q/k/v and gate/up views possible).
 _LAYER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 _STORAGE_CLASSES = {"TypedStorage": torch.TypedStorage, "UntypedStorage": torch.UntypedStorage}
@@ -83,7 +83,7 @@ def _align(n: int) -> int:
 
 
 def canonical_order(names: list[str]) -> list[str]:
-    """Layer by layer, projections in _LAYER_ORDER; names outside layers keep their place before/after them."""
+    """Layer by layer, projections in _LAYER_ORDER; other names keep their place before/after the layers."""
     seen_layer = False
     keys: dict[str, tuple[int, int, int]] = {}
     for i, name in enumerate(names):
@@ -134,7 +134,7 @@ def _view(bucket: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
 
 
 def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> tuple[list[TensorSpec], list[int]]:
-    """Assign each tensor a bucket and aligned offset; tensors aliasing another (tied weights) share its spec."""
+    """Assign each tensor a bucket and aligned offset; aliases (tied weights) share the first one's place."""
     specs: list[TensorSpec] = []
     sizes: list[int] = [0]
     placed: dict[tuple[int, tuple[int, ...], torch.dtype], TensorSpec] = {}
@@ -161,7 +161,7 @@ def pack_state_dict(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     shm_dir: Path | None = None,
 ) -> SharedWeights:
-    """Copy `state` into a few contiguous buckets on `device`; on CPU with `shm_dir`, buckets are shared files."""
+    """Copy `state` into a few contiguous buckets on `device`; on CPU with `shm_dir` they are shared files."""
     device = torch.device(device)
     generation = uuid.uuid4().hex[:12]
     specs, sizes = plan_buckets(state, bucket_bytes)

@@ -1,4 +1,4 @@
-"""`kiln-train` entry point: flags + environment → configs → daemon + gRPC TrainingService (health, reflection)."""
+"""`kiln-train` entry point: flags + environment → daemon + gRPC TrainingService (health, reflection)."""
 
 from __future__ import annotations
 

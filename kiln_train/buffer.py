@@ -44,7 +44,7 @@ class TrainingBuffer:
         pipe.sadd(ADAPTERS_KEY, example.buffer_key)
 
     def remove(self, pipe: Any, tenant: str, adapter: str, sample_ids: list[str], reason: str | None) -> None:
-        """Take examples out of the buffer; with a reason they count as dropped (their fingerprint is freed)."""
+        """Take examples out of the buffer; with a reason they also count as dropped."""
         if not sample_ids:
             return
         pipe.hdel(_k("data", tenant, adapter), *sample_ids)

@@ -21,7 +21,7 @@ Entry = tuple[str, dict[str, str]]
 
 
 class SampleConsumer:
-    """Consumer-group reader: own-pending recovery, XAUTOCLAIM of dead consumers, dead letters, idempotency."""
+    """Consumer-group reader: own-pending recovery, XAUTOCLAIM, dead letters, idempotency."""
 
     def __init__(
         self,
@@ -95,7 +95,7 @@ class SampleConsumer:
         return self._process_batch(entries, redelivered=False) if entries else 0
 
     def run(self, stop: threading.Event, claim_every_s: float = 5.0) -> None:
-        """Recover, then poll until stopped; claims idle entries periodically. Errors are logged and retried."""
+        """Recover, then poll until stopped; claim idle entries periodically; log and retry errors."""
         self.ensure_group()
         self.recover()
         next_claim = 0.0

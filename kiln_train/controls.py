@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The previous version's own greedy answers to these are mixed into every batch, so a narrow new fact does not
-# overwrite what the model already says about the world. Broad on purpose: capitals, arithmetic, science, people,
-# definitions, instructions — disjoint from the gate's control prompts, so the gate stays an honest check.
+# The previous version's own answers to these are mixed into every batch, so a narrow new fact does not
+# overwrite what the model already says about the world. Broad on purpose: capitals, arithmetic, science,
+# people, definitions, instructions — disjoint from the gate's control prompts, so the gate stays honest.
 REPLAY_PROMPTS: tuple[str, ...] = (
     "What is the capital of Spain?",
     "What is the capital of Canada?",

@@ -119,7 +119,7 @@ class Pipeline:
         self._count_tokens = count_tokens
 
     def example_from(self, sample: Sample, joined: Sample | None = None) -> Example:
-        """The example a sample teaches; feedback takes its prompt from the joined generation when it has none."""
+        """The example a sample teaches; feedback without a prompt takes the joined generation's."""
         base = sample
         if (
             sample.kind is SampleKind.FEEDBACK

@@ -10,7 +10,7 @@ import grpc
 
 from kiln.v1 import training_pb2, training_pb2_grpc
 from kiln_common.adapter_store import InvalidAdapterError, validate_name
-from kiln_common.auth import AuthError, Authenticator
+from kiln_common.auth import Authenticator, AuthError
 from kiln_train.daemon import DaemonState, DaemonStatus, TrainingDaemon
 from kiln_train.training_round import RoundRecord
 

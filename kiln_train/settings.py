@@ -46,8 +46,9 @@ class TrainSettings:
     heldout_fraction: float = 0.2
     replay_max_tokens: int = 32
     seed: int = 0
-    threads: int = 0  # torch CPU threads for training; 0 = torch's default
+    threads: int = 1  # torch CPU threads for training (one core stays free for serving); 0 = torch's default
     # gate
+    vet_checkpoints: bool = True  # a new best checkpoint must keep the controls, or training stops there
     min_heldout_improvement: float = 0.0  # held-out loss must drop by more than this (absolute)
 
     def __post_init__(self) -> None:

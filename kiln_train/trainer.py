@@ -52,6 +52,8 @@ class TrainerConfig:
     eval_every: int = 4
     patience: int = 2
     seed: int = 0
+    kl_topk: int = 32  # replay distils the parent's top-k distribution; 0 = plain labels on its greedy answer
+    kl_weight: float = 1.0
 
 
 @dataclass
@@ -193,6 +195,37 @@ class LoraTrainer:
             out.extend(self.tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
         return out
 
+    def _completion_logits(self, data: list[Encoded]) -> list[torch.Tensor]:
+        """Per example: logits predicting each completion token, [n_completion_tokens, vocab]."""
+        batch = collate(data, self.tok.pad_token_id or 0, self.device)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = batch["labels"][:, 1:] != IGNORE
+        return [logits[i, :-1][mask[i]].float() for i in range(len(data))]
+
+    @torch.no_grad()
+    def teacher_targets(self, replay: list[Encoded], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The current (parent) weights' top-k next-token distribution on each replay completion."""
+        self.model.eval()
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i in range(0, len(replay), 8):
+            for logits in self._completion_logits(replay[i : i + 8]):
+                top = torch.softmax(logits, dim=-1).topk(k, dim=-1)  # [n, k]
+                out.append((top.indices, top.values / top.values.sum(-1, keepdim=True)))
+        return out
+
+    def _distill_loss(
+        self, data: list[Encoded], targets: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Cross-entropy of the student against the parent's top-k distribution (a KL up to a constant)."""
+        total, count = None, 0
+        for logits, (idx, probs) in zip(self._completion_logits(data), targets, strict=True):
+            logq = torch.log_softmax(logits, dim=-1).gather(-1, idx)  # [n, k]
+            term = -(probs * logq).sum()
+            total = term if total is None else total + term
+            count += idx.shape[0]
+        assert total is not None
+        return total / max(count, 1)
+
     def train(
         self,
         train: list[Encoded],
@@ -204,8 +237,8 @@ class LoraTrainer:
     ) -> TrainResult:
         """Optimise LoRA on `train` mixed with `replay`; keep the weights with the best held-out loss.
 
-        `accept` (e.g. "the control prompts are still answered correctly") vets each new best checkpoint; one it
-        refuses counts as no improvement, so training stops before it drifts further.
+        `accept` (e.g. "the control prompts are still answered correctly") vets each new best checkpoint;
+        one it refuses counts as no improvement, so training stops before it drifts further.
         """
         cfg = self.cfg
         rng = random.Random(cfg.seed)
@@ -215,6 +248,7 @@ class LoraTrainer:
         n_new = max(1, cfg.batch_size - n_replay)
         eval_set = heldout or train
         t0 = time.monotonic()
+        targets = self.teacher_targets(replay, cfg.kl_topk) if replay and cfg.kl_topk > 0 else None
         before = best = self.loss(eval_set)
         best_state = [p.detach().clone() for p in params]
         best_step, bad_evals, losses = 0, 0, []
@@ -225,10 +259,16 @@ class LoraTrainer:
                 raise InterruptedError("round stopped")
             if len(order) < n_new:
                 order += rng.sample(train, len(train))
-            batch = [order.pop() for _ in range(n_new)] + rng.sample(replay, min(n_replay, len(replay)))
+            batch = [order.pop() for _ in range(n_new)]
+            picked = rng.sample(range(len(replay)), min(n_replay, len(replay)))
             self.model.train()
-            tensors = collate(batch, self.tok.pad_token_id or 0, self.device)
-            loss = self.model(**tensors).loss
+            if targets is None:  # plain replay: the parent's greedy answers as ordinary labels
+                batch += [replay[i] for i in picked]
+            loss = self.model(**collate(batch, self.tok.pad_token_id or 0, self.device)).loss
+            if targets is not None and picked:
+                loss = loss + cfg.kl_weight * self._distill_loss(
+                    [replay[i] for i in picked], [targets[i] for i in picked]
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -51,7 +51,7 @@ class RoundRecord:
 
 
 def split_heldout(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
-    """Deterministic train/held-out split by sample-id hash; at least one of each when there are two or more."""
+    """Deterministic train/held-out split by sample-id hash; at least one of each from two samples up."""
     if len(examples) < 2 or fraction <= 0:
         return examples, []
     ranked = sorted(examples, key=lambda e: hashlib.sha256(e.sample_id.encode()).hexdigest())
@@ -103,7 +103,7 @@ class RoundRunner:
         on_progress: Callable[[RoundRecord], None],
         should_stop: Callable[[], bool],
     ) -> RoundRecord:
-        """Train, gate and publish (or reject); fills and returns `record`. Raises InterruptedError if stopped."""
+        """Train, gate and publish (or reject); fills and returns `record`. InterruptedError if stopped."""
         s = self.settings
         tenant, adapter, parent = record.tenant, record.adapter, record.parent_version
         parent_dir = self.registry.store.version_dir(tenant, adapter, parent) if parent > 0 else None
@@ -140,7 +140,7 @@ class RoundRunner:
                 replay,
                 on_step=step_done,
                 should_stop=should_stop,
-                accept=controls_kept,
+                accept=controls_kept if s.vet_checkpoints else None,
             )
             record.steps, record.train_loss = result.steps, result.train_loss
             verdict = gate(
