@@ -337,3 +337,35 @@ def test_version_published_by_another_process_is_hot_swapped(
         0,
         {"heldout_loss": 1.5},
     )
+
+
+def test_feedback_on_a_base_model_answer_teaches_the_named_adapter(alice: Client, redis_client) -> None:  # type: ignore[no-untyped-def]
+    md = alice.metadata
+    rid = f"base-{uuid.uuid4().hex[:6]}"
+    list(
+        alice.inference.Generate(
+            pb.GenerateRequest(
+                prompt="2 + 2 =", request_id=rid, sampling=pb.SamplingParams(temperature=0.0, max_tokens=3)
+            ),
+            metadata=md,
+            timeout=60,
+        )
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        alice.inference.SubmitFeedback(pb.SubmitFeedbackRequest(request_id=rid, rating=1.0), metadata=md)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    name = f"fb-{uuid.uuid4().hex[:6]}"
+    start = _stream_tip(redis_client)
+    r = alice.inference.SubmitFeedback(
+        pb.SubmitFeedbackRequest(request_id=rid, correction=" 4", adapter=name), metadata=md
+    )
+    sample = next(s for s in _samples_after(redis_client, start) if s.sample_id == r.sample_id)
+    assert (sample.adapter, sample.adapter_version, sample.prompt, sample.correction) == (
+        name,
+        0,
+        "2 + 2 =",
+        " 4",
+    )
+    assert name in {
+        a.name for a in alice.adapters.ListAdapters(apb.ListAdaptersRequest(), metadata=md).adapters
+    }
