@@ -215,6 +215,7 @@ class AdapterStore:
             for f in tmp.iterdir():
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
+                os.chmod(f, 0o444)  # immutable versions: read-only files
             os.chmod(tmp, 0o755)
             os.rename(tmp, final)  # fails if `final` appeared meanwhile: never overwrite a version
         except OSError as exc:
