@@ -118,8 +118,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_stack(args, dict(os.environ))
 
 
-def cmd_module_main(module: str, missing: str) -> Command:
-    """A subcommand that hands its remaining arguments to `module.main(argv)`."""
+def cmd_module_main(module: str, missing: str, forward_client_flags: bool = False) -> Command:
+    """A subcommand handing its remaining arguments to `module.main(argv)`, optionally with --address."""
 
     def run(args: argparse.Namespace) -> int:
         if (
@@ -128,7 +128,13 @@ def cmd_module_main(module: str, missing: str) -> Command:
         ):
             print(missing, file=sys.stderr)
             return 2
-        return int(importlib.import_module(module).main(args.rest) or 0)
+        argv = list(args.rest)
+        if forward_client_flags:
+            if "--address" not in argv:
+                argv = ["--address", args.address, *argv]
+            if args.api_key and "--api-key" not in argv:
+                argv = ["--api-key", args.api_key, *argv]
+        return int(importlib.import_module(module).main(argv) or 0)
 
     return run
 
@@ -192,7 +198,7 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_module_main("kiln_infer.bench", "kiln bench needs kiln_infer/bench.py"))
     d = sub.add_parser("demo", help="ask, teach, watch a new version train, ask again")
     d.add_argument("rest", nargs=argparse.REMAINDER)
-    d.set_defaults(func=cmd_module_main("kiln_train.demo", "kiln demo needs kiln_train/demo.py"))
+    d.set_defaults(func=cmd_module_main("kiln_train.demo", "kiln demo needs kiln_train/demo.py", True))
     return parser
 
 
