@@ -193,10 +193,10 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=None, help=f"kiln-infer port [{DEFAULT_INFER_PORT}]")
     u.set_defaults(func=cmd_up)
 
-    b = sub.add_parser("bench", help="run the benchmark (kiln_infer.bench)")
+    b = sub.add_parser("bench", help="run the benchmark (kiln_infer.bench)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_module_main("kiln_infer.bench", "kiln bench needs kiln_infer/bench.py"))
-    d = sub.add_parser("demo", help="ask, teach, watch a new version train, ask again")
+    d = sub.add_parser("demo", help="ask, teach, watch a new version train, ask again", add_help=False)
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(func=cmd_module_main("kiln_train.demo", "kiln demo needs kiln_train/demo.py", True))
     return parser
