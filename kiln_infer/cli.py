@@ -204,7 +204,12 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script."""
-    args = build_parser(dict(os.environ)).parse_args(argv)
+    parser = build_parser(dict(os.environ))
+    args, unknown = parser.parse_known_args(argv)
+    if args.command in ("bench", "demo"):
+        args.rest = [*unknown, *args.rest]  # their own flags (--help included) go to their own parsers
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args))
     except grpc.RpcError as exc:
