@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
+
+from kiln_infer.errors import InvalidArgumentError
 
 
 class PromptRenderer:
@@ -18,11 +21,16 @@ class PromptRenderer:
         """Token ids of a raw prompt, or of messages rendered with the assistant turn opened."""
         with self._lock:
             if messages:
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": r, "content": c} for r, c in messages],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        [{"role": r, "content": c} for r, c in messages],
+                        tokenize=False,
+                        add_generation_prompt=True,
+                    )
+                except TemplateError as exc:  # e.g. a template that refuses a system turn or role order
+                    raise InvalidArgumentError(
+                        "messages", f"the model's chat template refused them: {exc}"
+                    ) from exc
                 return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             return list(self.tokenizer(prompt)["input_ids"])
 
