@@ -199,6 +199,11 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="ask, teach, watch a new version train, ask again", add_help=False)
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(func=cmd_module_main("kiln_train.demo", "kiln demo needs kiln_train/demo.py", True))
+    h = sub.add_parser("http", help="OpenAI-style HTTP front over kiln-infer", add_help=False)
+    h.add_argument("rest", nargs=argparse.REMAINDER)
+    h.set_defaults(
+        func=cmd_module_main("kiln_infer.http_gateway", "kiln http needs kiln_infer/http_gateway.py", True)
+    )
     return parser
 
 
@@ -206,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script."""
     parser = build_parser(dict(os.environ))
     args, unknown = parser.parse_known_args(argv)
-    if args.command in ("bench", "demo"):
+    if args.command in ("bench", "demo", "http"):
         args.rest = [*unknown, *args.rest]  # their own flags (--help included) go to their own parsers
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
