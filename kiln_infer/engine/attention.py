@@ -1,59 +1,98 @@
-"""Paged attention over the KV cache: gather each sequence's blocks, then one masked SDPA for the batch."""
+"""Attention over the paged KV cache: decode rows through `decode_attention`, prefill chunks through SDPA."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kiln_infer.engine.decode_attention import decode_attention
+
 
 @dataclass
-class AttentionMetadata:
-    """Where this step's tokens sit in the flat batch, the padded batch and the paged cache.
+class PrefillMetadata:
+    """Prefill chunks in a padded layout. B = chunks, Q = longest chunk, N = blocks of the longest context."""
 
-    T = tokens this step, B = sequences, Q = longest chunk, N = blocks of the longest context.
-    """
-
-    slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) each token's K/V goes to
     block_tables: torch.Tensor  # [B, N] cache block ids per sequence (padding: 0)
-    query_index: torch.Tensor  # [B, Q] flat token index of chunk position i of sequence b (padding: 0)
-    flat_index: torch.Tensor  # [T] b * Q + i for each flat token: padded rows back to the flat batch
+    query_index: torch.Tensor  # [B, Q] prefill-token index of chunk position i of sequence b (padding: 0)
+    flat_index: torch.Tensor  # [P] b * Q + i for each prefill token: padded rows back to the flat order
     attn_mask: torch.Tensor  # [B, 1, Q, N * block_size] True = may attend
 
 
-def build_attention_metadata(
+@dataclass
+class StepMetadata:
+    """Where the T tokens of a step go: first `num_decode` single-token decodes, then prefill chunks."""
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each token's K/V
+    num_decode: int
+    decode_tables: torch.Tensor | None  # [num_decode, N] int32 block ids
+    decode_lens: torch.Tensor | None  # [num_decode] int32 context length including the new token
+    prefill: PrefillMetadata | None
+    use_triton: bool = False
+
+
+def slots_for(starts: np.ndarray, lengths: np.ndarray, tables: np.ndarray, block_size: int) -> np.ndarray:
+    """Flat cache slots of positions [start, start + length) of each row of `tables` ([B, N] block ids)."""
+    rows = np.repeat(np.arange(len(starts)), lengths)
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    pos = np.repeat(starts, lengths) + offsets
+    return tables[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size
+
+
+def block_table_array(tables: list[list[int]], width: int) -> np.ndarray:
+    """Pad block id lists into an int32 array [len(tables), width]."""
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out
+
+
+def build_step_metadata(
     starts: list[int],
     lengths: list[int],
-    block_tables: list[list[int]],
+    tables: list[list[int]],
+    num_decode: int,
     block_size: int,
     device: torch.device,
-) -> AttentionMetadata:
-    """Host-side construction of the metadata for chunks [start, start + length) of each sequence."""
-    b, q = len(starts), max(lengths)
-    n = max(-(-(s + n_) // block_size) for s, n_ in zip(starts, lengths, strict=True))
-    tables = torch.zeros(b, n, dtype=torch.long)
-    slot_mapping, query_index, flat_index = [], torch.zeros(b, q, dtype=torch.long), []
-    t = 0
-    for i, (start, length, table) in enumerate(zip(starts, lengths, block_tables, strict=True)):
-        tables[i, : len(table)] = torch.tensor(table[:n], dtype=torch.long)
-        for pos in range(start, start + length):
-            slot_mapping.append(table[pos // block_size] * block_size + pos % block_size)
-        query_index[i, :length] = torch.arange(t, t + length)
-        flat_index.extend(range(i * q, i * q + length))
-        t += length
-    starts_t = torch.tensor(starts)[:, None, None]
-    lengths_t = torch.tensor(lengths)[:, None, None]
-    qpos = torch.arange(q)[None, :, None]
-    kpos = torch.arange(n * block_size)[None, None, :]
-    mask = (kpos <= starts_t + qpos) & (qpos < lengths_t)
+    use_triton: bool,
+) -> StepMetadata:
+    """Host-side metadata for chunks [start, start + length) of each sequence (decodes first)."""
+    starts_a, lengths_a = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    width = int(max(-(-(s + n) // block_size) for s, n in zip(starts, lengths, strict=True)))
+    table_a = block_table_array(tables, width)
+    slot_mapping = torch.from_numpy(slots_for(starts_a, lengths_a, table_a, block_size)).to(device)
+    decode_tables = decode_lens = None
+    if num_decode:
+        decode_tables = torch.from_numpy(table_a[:num_decode]).to(device)
+        decode_lens = torch.from_numpy((starts_a[:num_decode] + 1).astype(np.int32)).to(device)
+    prefill = None
+    if num_decode < len(starts):
+        prefill = _prefill_metadata(
+            starts_a[num_decode:], lengths_a[num_decode:], table_a[num_decode:], block_size, device
+        )
+    return StepMetadata(slot_mapping, num_decode, decode_tables, decode_lens, prefill, use_triton)
+
+
+def _prefill_metadata(
+    starts: np.ndarray, lengths: np.ndarray, tables: np.ndarray, block_size: int, device: torch.device
+) -> PrefillMetadata:
+    b, q = len(starts), int(lengths.max())
+    n = int(max(-(-(s + ln) // block_size) for s, ln in zip(starts, lengths, strict=True)))
+    offsets = np.cumsum(lengths) - lengths
+    qpos = np.arange(q)[None, :]
+    query_index = np.where(qpos < lengths[:, None], offsets[:, None] + qpos, 0)
+    rows = np.repeat(np.arange(b), lengths)
+    flat_index = rows * q + (np.arange(lengths.sum()) - np.repeat(offsets, lengths))
+    kpos = np.arange(n * block_size)[None, None, :]
+    mask = (kpos <= starts[:, None, None] + qpos[:, :, None]) & (qpos[:, :, None] < lengths[:, None, None])
     mask[:, :, 0] = True  # padded query rows attend to something (their output is discarded)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-        block_tables=tables.to(device),
-        query_index=query_index.to(device),
-        flat_index=torch.tensor(flat_index, dtype=torch.long, device=device),
-        attn_mask=mask[:, None].to(device),
+    return PrefillMetadata(
+        block_tables=torch.from_numpy(tables[:, :n].astype(np.int64)).to(device),
+        query_index=torch.from_numpy(query_index).to(device),
+        flat_index=torch.from_numpy(flat_index).to(device),
+        attn_mask=torch.from_numpy(mask[:, None]).to(device),
     )
 
 
@@ -65,17 +104,17 @@ def write_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PrefillMetadata, scale: float
 ) -> torch.Tensor:
-    """Causal attention of this step's queries over each sequence's cached context.
+    """Causal attention of prefill chunks over each sequence's cached context.
 
     semantics:
         for each sequence b with chunk positions p in [start_b, start_b + len_b):
             out[token(b, p)] = softmax(q[token(b, p)] @ K_b[:p + 1].T * scale) @ V_b[:p + 1]
-    q: [T, H, D]; caches: [num_blocks, block_size, KVH, D]; returns [T, H * D].
+    q: [P, H, D]; caches: [num_blocks, block_size, KVH, D]; returns [P, H * D].
     """
-    b, nblk = meta.block_tables.shape
+    b = meta.block_tables.shape[0]
     heads, dim = q.shape[1], q.shape[2]
     keys = k_cache[meta.block_tables].view(b, -1, *k_cache.shape[2:]).transpose(1, 2)  # [B, KVH, L, D]
     values = v_cache[meta.block_tables].view(b, -1, *v_cache.shape[2:]).transpose(1, 2)
@@ -84,5 +123,22 @@ def paged_attention(
         rep = heads // keys.shape[1]
         keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask, scale=scale)
-    out = out.transpose(1, 2).reshape(-1, heads * dim)  # [B * Q, H * D]
-    return out[meta.flat_index]
+    return out.transpose(1, 2).reshape(-1, heads * dim)[meta.flat_index]
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepMetadata, scale: float
+) -> torch.Tensor:
+    """Attention for every token of the step ([T, H, D] -> [T, H * D]), decodes and prefill chunks."""
+    nd = meta.num_decode
+    parts = []
+    if nd:
+        assert meta.decode_tables is not None and meta.decode_lens is not None
+        parts.append(
+            decode_attention(
+                q[:nd], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale, meta.use_triton
+            )
+        )
+    if meta.prefill is not None:
+        parts.append(prefill_attention(q[nd:], k_cache, v_cache, meta.prefill, scale))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

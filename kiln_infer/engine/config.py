@@ -24,6 +24,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     use_cuda_graphs: bool = True  # decode steps replay captured graphs on CUDA
+    overlap_steps: bool = True  # with static decode: launch the next decode before streaming the last one
+    static_decode: bool | None = None  # padded fixed-shape decode steps; None = on CUDA only (graphs need it)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     seed: int = 0  # generator for requests without their own seed
 

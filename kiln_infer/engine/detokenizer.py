@@ -2,9 +2,55 @@
 
 from __future__ import annotations
 
+import codecs
+import logging
+import random
+
 from transformers import PreTrainedTokenizerBase
 
 from kiln_infer.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's byte -> printable-character map used by byte-level BPE vocabularies."""
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    chars, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+def byte_table(tokenizer: PreTrainedTokenizerBase) -> list[bytes] | None:
+    """Bytes of every token id for byte-level BPE tokenizers (special tokens empty), or None if not one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.decoder).__name__ != "ByteLevel":
+        return None
+    to_byte = _unicode_to_byte()
+    special = set(tokenizer.all_special_ids)
+    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    table: list[bytes] = []
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if i in special or piece is None:
+            table.append(b"")
+        elif i in added:
+            table.append(added[i].encode())
+        elif all(c in to_byte for c in piece):
+            table.append(bytes(to_byte[c] for c in piece))
+        else:
+            return None
+    rng = random.Random(0)
+    sample = [rng.randrange(len(table)) for _ in range(300)]
+    expected = tokenizer.decode(sample, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if b"".join(table[i] for i in sample).decode("utf-8", errors="replace") != expected:
+        log.info("byte-level table disagrees with the tokenizer; using the generic detokenizer")
+        return None
+    return table
 
 
 class Detokenizer:
@@ -12,12 +58,19 @@ class Detokenizer:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
+        self.table = byte_table(tokenizer)  # fast path: bytes per id and an incremental UTF-8 decoder
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def append(self, seq: Sequence) -> str:
-        """Extend seq.text with its newest tokens' text (incomplete UTF-8 held back); returns the delta."""
+    def append(self, seq: Sequence, token: int) -> str:
+        """Extend seq.text with its newest output `token` (incomplete UTF-8 held back); returns the delta."""
+        if self.table is not None:
+            if seq.utf8 is None:
+                seq.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            delta = seq.utf8.decode(self.table[token] if 0 <= token < len(self.table) else b"")
+            seq.text += delta
+            return delta
         ids = seq.output_ids
         prefix = self._decode(ids[seq.prefix_offset : seq.read_offset])
         full = self._decode(ids[seq.prefix_offset :])

@@ -5,24 +5,39 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from kiln_infer.engine.block_manager import BlockManager
 from kiln_infer.engine.config import EngineConfig
-from kiln_infer.engine.detokenizer import Detokenizer, find_stop, streamable_text
+from kiln_infer.engine.decode_attention import triton_available
+from kiln_infer.engine.decode_graphs import StaticDecoder
 from kiln_infer.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from kiln_infer.engine.llama import LlamaModel
 from kiln_infer.engine.model_runner import ModelRunner
-from kiln_infer.engine.sampler import SamplingBatch, sample
+from kiln_infer.engine.output_processor import OutputProcessor
+from kiln_infer.engine.sampler import PendingSample, SamplingBatch, sample_async
 from kiln_infer.engine.scheduler import ScheduledSeq, Scheduler
 from kiln_infer.engine.sequence import Sequence
-from kiln_infer.engine.types import FinishReason, RequestOutput
+from kiln_infer.engine.types import FinishReason
 from kiln_infer.lora.adapter_manager import AdapterManager
 from kiln_infer.lora.layers import LoraSlots
 
 log = logging.getLogger(__name__)
+
+PLACEHOLDER = -1  # a sampled token still on the device
+
+
+@dataclass
+class InflightStep:
+    """A launched step whose sampled tokens have not been processed on the host yet."""
+
+    batch: list[ScheduledSeq]
+    sampled: list[tuple[Sequence, int]]  # (sequence, index in token_ids) per sampled row
+    pending: PendingSample
+    row_of: dict[int, int]  # id(sequence) -> row in pending.tokens
 
 
 class EngineCore:
@@ -42,8 +57,9 @@ class EngineCore:
         self.model = LlamaModel(model_config, state, max_positions=config.max_model_len)
         m = self.model
         blocks = num_kv_blocks(config, len(m.layers), m.num_kv_heads, m.head_dim, m.dtype, m.device)
+        # one extra scratch block at index `blocks`: padded decode rows write there, no sequence owns it
         kv = allocate_kv_cache(
-            blocks, config.block_size, len(m.layers), m.num_kv_heads, m.head_dim, m.dtype, m.device
+            blocks + 1, config.block_size, len(m.layers), m.num_kv_heads, m.head_dim, m.dtype, m.device
         )
         slots = LoraSlots(
             len(m.layers), m.lora_shapes(), config.max_lora_slots, config.max_lora_rank, m.dtype, m.device
@@ -51,16 +67,40 @@ class EngineCore:
         self.adapters = AdapterManager(slots, config.max_cpu_loras)
         self.blocks = BlockManager(blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks, self.adapters)
-        self.runner = ModelRunner(m, kv, config.block_size, slots)
-        self.detokenizer = Detokenizer(tokenizer)
+        on_cuda = m.device.type == "cuda"
+        use_triton = on_cuda and triton_available()
+        decoder = None
+        if config.static_decode if config.static_decode is not None else on_cuda:
+            sizes = tuple(b for b in config.cuda_graph_batch_sizes if b < config.max_num_seqs) + (
+                config.max_num_seqs,
+            )
+            decoder = StaticDecoder(
+                m,
+                kv,
+                slots,
+                sizes,
+                config.blocks_per_seq,
+                config.block_size,
+                blocks,
+                use_graphs=on_cuda and config.use_cuda_graphs,
+                use_triton=use_triton,
+            )
+        self.runner = ModelRunner(m, kv, config.block_size, slots, decoder, use_triton)
+        self.outputs = OutputProcessor(tokenizer, eos_token_ids, config.max_model_len)
+        self.overlap = decoder is not None and config.overlap_steps
+        self.inflight: InflightStep | None = None
+        self.phase_s = {"schedule": 0.0, "launch": 0.0, "host": 0.0}  # cumulative seconds, for the benchmark
         self.live: dict[str, Sequence] = {}  # request id -> unfinished sequence
         self.num_steps = 0
         self.num_finished = 0
+        self.num_deadlines = 0  # live requests with a deadline (expire() is skipped when none)
         self.on_finished = on_finished  # called once per finished request, before its stream ends
 
     def add(self, seq: Sequence) -> None:
         """Admit a sequence to the waiting queue."""
         self.live[seq.request_id] = seq
+        if seq.request.deadline is not None:
+            self.num_deadlines += 1
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
@@ -68,10 +108,12 @@ class EngineCore:
         seq = self.live.get(request_id)
         if seq is not None:
             self._finish(seq, FinishReason.ABORTED)
-            self._emit(seq)
+            OutputProcessor.emit(seq)
 
     def expire(self, now: float) -> None:
         """Abort every request whose deadline has passed."""
+        if not self.num_deadlines:
+            return
         for seq in [
             s for s in self.live.values() if s.request.deadline is not None and s.request.deadline < now
         ]:
@@ -79,77 +121,102 @@ class EngineCore:
 
     def has_work(self) -> bool:
         """Whether a step would do anything."""
-        return bool(self.live)
+        return bool(self.live) or self.inflight is not None
 
     def step(self) -> int:
-        """One engine iteration; returns the number of tokens computed."""
+        """One iteration: schedule → prepare → run → sample, then the host work of the previous step.
+
+        In steady decoding the next step is launched before the previous one's tokens reach the host: its
+        inputs come from the device, and detokenizing / streaming overlaps the GPU. A sequence that turns out
+        to have finished wastes at most that one extra row.
+        """
+        t0 = time.perf_counter()
         self.expire(time.monotonic())
         batch = self.scheduler.schedule()
+        batch.sort(key=lambda item: item.num_tokens > 1)  # single-token rows first: the decode attention path
+        prev, self.inflight = self.inflight, None
+        t1 = time.perf_counter()
+        if prev is not None and not (batch and self._can_overlap(batch)):
+            self._complete(prev)
+            prev = None
+            batch = [item for item in batch if not item.seq.is_finished]
         if not batch:
+            self.phase_s["schedule"] += t1 - t0
             return 0
-        logits = self.runner.execute(batch)
-        for item in batch:
-            item.seq.num_computed_tokens += item.num_tokens
-            self.blocks.register_computed(item.seq)
-        self._postprocess([item for item in batch if item.samples], logits)
+        self.inflight = self._launch(batch, prev)
+        t2 = time.perf_counter()
+        if prev is not None:
+            self._complete(prev)
+        self.phase_s["schedule"] += t1 - t0
+        self.phase_s["launch"] += t2 - t1
+        self.phase_s["host"] += time.perf_counter() - t2
         self.num_steps += 1
         return sum(item.num_tokens for item in batch)
 
-    def _postprocess(self, sampling: list[ScheduledSeq], logits: torch.Tensor) -> None:
-        seqs = [item.seq for item in sampling]
-        batch = SamplingBatch(
-            params=[s.request.sampling for s in seqs],
-            seeds=[s.seed for s in seqs],
-            steps=[len(s.token_ids) for s in seqs],
-            history=[s.token_ids if s.request.sampling.repetition_penalty != 1.0 else [] for s in seqs],
+    def _can_overlap(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether `batch` can run before the previous step's tokens are on the host."""
+        decoder = self.runner.decoder
+        return (
+            self.overlap
+            and decoder is not None
+            and len(batch) <= decoder.max_batch
+            and all(
+                item.num_tokens == 1 and item.seq.request.sampling.repetition_penalty == 1.0 for item in batch
+            )
         )
-        result = sample(logits, batch)
-        for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
-            seq.token_ids.append(token)
-            seq.pending_ids.append(token)
-            if lp is not None:
-                seq.pending_logprobs.append(lp)
-            delta = self.detokenizer.append(seq)
-            params = seq.request.sampling
-            stop_at = find_stop(seq, len(delta))
-            if stop_at >= 0:
-                seq.text = seq.text[:stop_at]
-                self._finish(seq, FinishReason.STOP_STRING)
-            elif token in self.eos_token_ids and not params.ignore_eos:
-                self._finish(seq, FinishReason.STOP)
-            elif len(seq.output_ids) >= params.max_tokens or len(seq.token_ids) >= self.config.max_model_len:
-                self._finish(seq, FinishReason.LENGTH)
-            self._emit(seq)
+
+    def _launch(self, batch: list[ScheduledSeq], prev: InflightStep | None) -> InflightStep:
+        sources = None
+        if prev is not None:  # tokens still on the device come from the previous step's sampled rows
+            sources = [
+                prev.row_of[id(item.seq)] if item.seq.token_ids[item.start] == PLACEHOLDER else -1
+                for item in batch
+            ]
+        logits = self.runner.execute(batch, prev.pending.tokens if prev is not None else None, sources)
+        sampling = [item for item in batch if item.samples]
+        seqs = [item.seq for item in sampling]
+        pending = sample_async(
+            logits,
+            SamplingBatch(
+                params=[s.request.sampling for s in seqs],
+                seeds=[s.seed for s in seqs],
+                steps=[len(s.token_ids) for s in seqs],
+                history=[s.token_ids if s.request.sampling.repetition_penalty != 1.0 else [] for s in seqs],
+            ),
+        )
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_tokens
+        sampled = []
+        for seq in seqs:
+            sampled.append((seq, len(seq.token_ids)))
+            seq.token_ids.append(PLACEHOLDER)
+        return InflightStep(batch, sampled, pending, {id(seq): row for row, seq in enumerate(seqs)})
+
+    def _complete(self, step: InflightStep) -> None:
+        """Host side of a finished step: resolve its tokens, stream them, retire finished sequences."""
+        result = step.pending.result()
+        for (seq, index), token, lp in zip(step.sampled, result.token_ids, result.logprobs, strict=True):
+            if seq.is_finished:
+                continue
+            reason = self.outputs.accept(seq, index, token, lp)
+            if reason is not None:
+                self._finish(seq, reason)
+            self.outputs.emit(seq)
+        for item in step.batch:
+            if not item.seq.is_finished:
+                self.blocks.register_computed(item.seq)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq)
         seq.finish_reason = reason
         self.live.pop(seq.request_id, None)
+        if seq.request.deadline is not None:
+            self.num_deadlines -= 1
         self.num_finished += 1
         self.on_finished()
 
-    def _emit(self, seq: Sequence) -> None:
-        """Push the sequence's new tokens and text to its stream (the final output carries the reason)."""
-        text = streamable_text(seq)
-        if not (seq.pending_ids or text or seq.is_finished):
-            return
-        seq.outputs.put(
-            RequestOutput(
-                request_id=seq.request_id,
-                token_ids=seq.pending_ids,
-                text=text,
-                finished=seq.is_finished,
-                finish_reason=seq.finish_reason,
-                prompt_tokens=seq.num_prompt_tokens,
-                completion_tokens=len(seq.output_ids),
-                logprobs=seq.pending_logprobs,
-            )
-        )
-        seq.pending_ids, seq.pending_logprobs = [], []
-        if seq.is_finished:
-            seq.outputs.put(None)
-
     def fail_all(self) -> None:
         """End every live request (used when a step raised)."""
+        self.inflight = None
         for request_id in list(self.live):
             self.abort(request_id)

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from kiln_infer.engine.attention import AttentionMetadata, paged_attention, write_kv
+from kiln_infer.engine.attention import StepMetadata, paged_attention, write_kv
 from kiln_infer.engine.rope import apply_rope, rope_tables
-from kiln_infer.lora.layers import LoraSlots, lora_delta
+from kiln_infer.engine.rope_cache import fused_rope_self_check, fused_rope_supported, rope_and_cache
+from kiln_infer.lora.layers import LoraSlots, lora_shrink
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class LlamaModel:
                 q_norm=state.get(p + "self_attn.q_norm.weight"),
                 k_norm=state.get(p + "self_attn.k_norm.weight"),
             )
-            w.qkv = fuse_if_adjacent([w.q, w.k, w.v]) if w.q_bias is None else None
+            w.qkv = fuse_if_adjacent([w.q, w.k, w.v])
             w.gate_up = fuse_if_adjacent([w.gate, w.up])
             self.layers.append(w)
         for name, t in state.items():
@@ -103,6 +104,13 @@ class LlamaModel:
                 raise ValueError(
                     f"weight {name} is {t.dtype} on {t.device}; expected {self.dtype} on {self.device}"
                 )
+        self.fused_rope = (
+            self.device.type == "cuda"
+            and fused_rope_supported(self.head_dim)
+            and fused_rope_self_check(
+                self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device
+            )
+        )
         self.cos, self.sin = rope_tables(config, self.head_dim, max_positions, self.dtype, self.device)
         fused = sum(w.qkv is not None for w in self.layers)
         log.info("model: %d layers, %d with fused qkv views", len(self.layers), fused)
@@ -122,71 +130,87 @@ class LlamaModel:
         return {m: (t.shape[1], t.shape[0]) for m, t in mats.items()}
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # one fused kernel instead of seven
+            return F.rms_norm(x, weight.shape, weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
     @staticmethod
-    def _proj(
+    def _linears(
         x: torch.Tensor,
-        w: torch.Tensor,
+        fused: torch.Tensor | None,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor | None],
+    ) -> list[torch.Tensor]:
+        """Base projections of one input: one matmul on a fused view when there is one, else one each."""
+        if fused is not None and all(b is None for b in biases):
+            return list(F.linear(x, fused).split([w.shape[0] for w in weights], dim=-1))
+        return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+
+    @staticmethod
+    def _add_lora(
+        x: torch.Tensor,
+        outs: list[torch.Tensor],
         layer: int,
-        module: str,
+        group: str,
+        modules: tuple[str, ...],
         lora: LoraBatch | None,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        y = F.linear(x, w, bias)
-        if lora is not None:
-            y = y + lora_delta(x, lora.slots.a[layer][module], lora.slots.b[layer][module], lora.mask)
-        return y
+    ) -> list[torch.Tensor]:
+        """Add the batch's LoRA deltas for one shrink group (one shrink matmul, one expand per module)."""
+        if lora is None:
+            return outs
+        shrunk = lora_shrink(x, lora.slots.a_group[layer][group], lora.mask)  # [T, modules, S*R]
+        b = lora.slots.b[layer]
+        return [y + shrunk[:, i] @ b[m].t() for i, (y, m) in enumerate(zip(outs, modules, strict=True))]
 
     def _attention(
         self,
         i: int,
         w: LayerWeights,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
+        meta: StepMetadata,
         lora: LoraBatch | None,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        if w.qkv is not None and lora is None:
-            q, k, v = F.linear(x, w.qkv).split([w.q.shape[0], w.k.shape[0], w.v.shape[0]], dim=-1)
+        t, h, kvh, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if w.qkv is not None and lora is None and w.q_bias is None:
+            q2, k2, v2 = F.linear(x, w.qkv).split([h * d, kvh * d, kvh * d], dim=-1)  # views of one output
         else:
-            q = self._proj(x, w.q, i, "q_proj", lora, w.q_bias)
-            k = self._proj(x, w.k, i, "k_proj", lora, w.k_bias)
-            v = self._proj(x, w.v, i, "v_proj", lora, w.v_bias)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if w.q_norm is not None and w.k_norm is not None:
-            q, k = self._rms(q, w.q_norm), self._rms(k, w.k_norm)
-        cos, sin = self.cos[positions], self.sin[positions]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+            parts = self._linears(x, w.qkv, [w.q, w.k, w.v], [w.q_bias, w.k_bias, w.v_bias])
+            q2, k2, v2 = self._add_lora(x, parts, i, "qkv", ("q_proj", "k_proj", "v_proj"), lora)
+        if w.q_norm is None:
+            q = rope_and_cache(
+                q2, k2, v2, rope, kv, meta.slot_mapping, h, kvh, meta.use_triton and self.fused_rope
+            )
+        else:  # Qwen3: per-head RMSNorm of q and k before the rotation
+            q, k, v = q2.reshape(t, h, d), k2.reshape(t, kvh, d), v2.reshape(t, kvh, d)
+            assert w.k_norm is not None
+            q, k = apply_rope(self._rms(q, w.q_norm), *rope), apply_rope(self._rms(k, w.k_norm), *rope)
+            write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         out = paged_attention(q, kv[0], kv[1], meta, self.scale)
-        return self._proj(out, w.o, i, "o_proj", lora)
+        return self._add_lora(out, [F.linear(out, w.o)], i, "o", ("o_proj",), lora)[0]
 
     def _mlp(self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        if w.gate_up is not None and lora is None:
-            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-        else:
-            gate, up = self._proj(x, w.gate, i, "gate_proj", lora), self._proj(x, w.up, i, "up_proj", lora)
-        return self._proj(F.silu(gate) * up, w.down, i, "down_proj", lora)
+        gate_up = self._linears(x, w.gate_up, [w.gate, w.up], [None, None])
+        gate, up = self._add_lora(x, gate_up, i, "gate_up", ("gate_proj", "up_proj"), lora)
+        h = F.silu(gate) * up
+        return self._add_lora(h, [F.linear(h, w.down)], i, "down", ("down_proj",), lora)[0]
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
+        meta: StepMetadata,
         lora: LoraBatch | None,
     ) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] for flat tokens `input_ids` [T] at `positions` [T]."""
         x = F.embedding(input_ids, self.embed)
+        rope = (self.cos[positions], self.sin[positions])  # [T, D] each, shared by every layer
         for i, w in enumerate(self.layers):
-            x = x + self._attention(i, w, self._rms(x, w.input_norm), positions, kv_caches[i], meta, lora)
+            x = x + self._attention(i, w, self._rms(x, w.input_norm), rope, kv_caches[i], meta, lora)
             x = x + self._mlp(i, w, self._rms(x, w.post_norm), lora)
         return self._rms(x, self.norm)
 

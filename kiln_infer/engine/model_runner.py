@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from kiln_infer.engine.attention import build_attention_metadata
+from kiln_infer.engine.attention import build_step_metadata
+from kiln_infer.engine.decode_graphs import StaticDecoder
 from kiln_infer.engine.llama import LlamaModel, LoraBatch
 from kiln_infer.engine.scheduler import ScheduledSeq
 from kiln_infer.lora.layers import LoraSlots
@@ -19,45 +21,77 @@ class ModelRunner:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         block_size: int,
         lora_slots: LoraSlots,
+        decoder: StaticDecoder | None,
+        use_triton: bool,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.lora_slots = lora_slots
+        self.decoder = decoder  # static-shape decode path (CUDA graphs), None = always eager
+        self.use_triton = use_triton
         self.device = model.device
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Flat token ids [T], positions [T] and the flat index of each sampling row's last token."""
-        ids: list[int] = []
-        positions: list[int] = []
-        sample_rows: list[int] = []
-        for item in batch:
-            ids.extend(item.seq.token_ids[item.start : item.start + item.num_tokens])
-            positions.extend(range(item.start, item.start + item.num_tokens))
-            if item.samples:
-                sample_rows.append(len(ids) - 1)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
-        return as_tensor(ids), as_tensor(positions), sample_rows
+    @torch.inference_mode()
+    def execute(
+        self,
+        batch: list[ScheduledSeq],
+        prev_tokens: torch.Tensor | None = None,
+        sources: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Run one step (single-token items first); fp32 logits [sampling items, vocab] in batch order.
+
+        With `sources`, row b's input token is prev_tokens[sources[b]] (still on the device) where >= 0.
+        """
+        sampling = [i for i, item in enumerate(batch) if item.samples]
+        if (
+            self.decoder is not None
+            and len(batch) <= self.decoder.max_batch
+            and all(item.num_tokens == 1 for item in batch)
+        ):
+            logits = self.decoder.run(
+                [item.seq.token_ids[item.start] for item in batch],
+                [item.start for item in batch],
+                [item.seq.block_table for item in batch],
+                [item.seq.lora_slot for item in batch],
+                prev_tokens,
+                sources,
+            )
+            return logits if len(sampling) == len(batch) else logits[sampling]
+        assert sources is None, "device-sourced tokens need the static decode path"
+        ids = np.fromiter(
+            (t for item in batch for t in item.seq.token_ids[item.start : item.start + item.num_tokens]),
+            dtype=np.int64,
+        )
+        lengths = np.array([item.num_tokens for item in batch], dtype=np.int64)
+        starts = np.array([item.start for item in batch], dtype=np.int64)
+        positions = (
+            np.repeat(starts, lengths)
+            + np.arange(lengths.sum())
+            - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        )
+        num_decode = next((i for i, item in enumerate(batch) if item.num_tokens > 1), len(batch))
+        meta = build_step_metadata(
+            starts.tolist(),
+            lengths.tolist(),
+            [item.seq.block_table for item in batch],
+            num_decode,
+            self.block_size,
+            self.device,
+            self.use_triton,
+        )
+        hidden = self.model.forward(
+            torch.from_numpy(ids).to(self.device),
+            torch.from_numpy(positions).to(self.device),
+            self.kv_caches,
+            meta,
+            self._lora_batch(batch),
+        )
+        last = torch.from_numpy(np.cumsum(lengths) - 1)[sampling].to(self.device)
+        return self.model.logits(hidden[last])
 
     def _lora_batch(self, batch: list[ScheduledSeq]) -> LoraBatch | None:
         if all(item.seq.lora_slot < 0 for item in batch):
             return None
-        slots = torch.cat(
-            [torch.full((item.num_tokens,), item.seq.lora_slot, dtype=torch.long) for item in batch]
-        )
-        return LoraBatch(self.lora_slots, self.lora_slots.token_mask(slots.to(self.device)))
-
-    @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """Run one step; fp32 logits [num sampling rows, vocab] in batch order."""
-        input_ids, positions, sample_rows = self.prepare(batch)
-        meta = build_attention_metadata(
-            [i.start for i in batch],
-            [i.num_tokens for i in batch],
-            [i.seq.block_table for i in batch],
-            self.block_size,
-            self.device,
-        )
-        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, self._lora_batch(batch))
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.model.logits(hidden[rows])
+        slots = np.repeat([item.seq.lora_slot for item in batch], [item.num_tokens for item in batch])
+        return LoraBatch(self.lora_slots, self.lora_slots.token_mask(torch.from_numpy(slots).to(self.device)))

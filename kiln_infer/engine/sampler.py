@@ -59,6 +59,11 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], pen
         logits[row, idx] = torch.where(seen > 0, seen / p, seen * p)
 
 
+def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[type-arg]
+    """A small host list on the device without a blocking copy (which would wait for queued GPU work)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _candidates(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,19 +98,61 @@ def _sample_rows(
 ) -> torch.Tensor:
     """Sampled token per row of temperature > 0 rows."""
     device = logits.device
-    sub = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
-    top_k = torch.tensor([p.top_k for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
-    values, ids = _candidates(sub, top_k, top_p)
+    sub = logits / _on(device, [p.temperature for p in params], torch.float32)[:, None]
+    top_k = torch.tensor([p.top_k for p in params])
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    values, ids = _candidates(sub, top_k.to(device), top_p.to(device))
     probs = values.softmax(dim=-1)
-    seeds_t = torch.tensor(seeds, device=device, dtype=torch.int64)
-    steps_t = torch.tensor(steps, device=device, dtype=torch.int64)
+    seeds_t = _on(device, seeds, torch.int64)
+    steps_t = _on(device, steps, torch.int64)
     noise = -seeded_uniform(seeds_t, steps_t, ids).log()  # Exp(1) per token: argmax p/E ~ Categorical(p)
     return ids.gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """Pick one token per row of fp32 `logits` [B, vocab]."""
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start copying a device tensor into pinned host memory; the copy must be waited for before reading."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+class PendingSample:
+    """Sampled tokens (and logprobs) still on the device, copied to the host without blocking."""
+
+    def __init__(
+        self,
+        chosen: torch.Tensor,
+        params: list[SamplingParams],
+        want: list[int],
+        logprob_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        self.tokens = chosen  # [B] int64 on the device: the next step may read it before the host does
+        self.params, self.want = params, want
+        on_cuda = chosen.is_cuda
+        self._host = [_to_host(t) for t in (chosen, *(logprob_tensors or ()))]
+        self._event = torch.cuda.Event() if on_cuda else None
+        if self._event is not None:
+            self._event.record()
+
+    def result(self) -> SamplerOutput:
+        """Wait for the copies and build the host-side output."""
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids = self._host[0].tolist()
+        out: list[tuple[TokenLogprob, list[TokenLogprob]] | None] = [None] * len(token_ids)
+        if self.want:
+            chosen_lp, top_vals, top_ids = (t.tolist() for t in self._host[1:])
+            for j, i in enumerate(self.want):
+                n = self.params[i].logprobs
+                alts = [TokenLogprob(t, v) for t, v in zip(top_ids[j][:n], top_vals[j][:n], strict=True)]
+                out[i] = (TokenLogprob(token_ids[i], chosen_lp[j]), alts)
+        return SamplerOutput(token_ids=token_ids, logprobs=out)
+
+
+def sample_async(logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
+    """Pick one token per row of fp32 `logits` [B, vocab] without waiting for the device."""
     params = batch.params
     apply_repetition_penalty(logits, batch.history, [p.repetition_penalty for p in params])
     device = logits.device
@@ -116,25 +163,23 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
             i for i, p in enumerate(params) if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) == filtered
         ]
         if group:
-            rows = torch.tensor(group, device=device)
+            rows = _on(device, group, torch.int64)
             chosen[rows] = _sample_rows(
                 logits[rows],
                 [params[i] for i in group],
                 [batch.seeds[i] for i in group],
                 [batch.steps[i] for i in group],
             )
-    token_ids = chosen.tolist()
-    out_logprobs: list[tuple[TokenLogprob, list[TokenLogprob]] | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs > 0]
+    tensors = None
     if want:
-        rows = torch.tensor(want, device=device)
+        rows = _on(device, want, torch.int64)
         lp = logits[rows].log_softmax(dim=-1)
-        k = max(params[i].logprobs for i in want)
-        top_vals, top_ids = lp.topk(k, dim=-1)
-        chosen_lp = lp.gather(1, chosen[rows][:, None]).squeeze(1).tolist()
-        top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
-        for j, i in enumerate(want):
-            n = params[i].logprobs
-            alts = [TokenLogprob(t, v) for t, v in zip(top_ids_l[j][:n], top_vals_l[j][:n], strict=True)]
-            out_logprobs[i] = (TokenLogprob(token_ids[i], chosen_lp[j]), alts)
-    return SamplerOutput(token_ids=token_ids, logprobs=out_logprobs)
+        top_vals, top_ids = lp.topk(max(params[i].logprobs for i in want), dim=-1)
+        tensors = (lp.gather(1, chosen[rows][:, None]).squeeze(1), top_vals, top_ids)
+    return PendingSample(chosen, params, want, tensors)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """Pick one token per row of fp32 `logits` [B, vocab] (blocking)."""
+    return sample_async(logits, batch).result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import enum
 import queue
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class Sequence:
     lora: LoraWeights | None = None
     token_ids: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0
+    num_resolved: int = 0  # leading token_ids known on the host (a newer one may still be on the device)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
@@ -40,13 +42,14 @@ class Sequence:
     sent_chars: int = 0
     prefix_offset: int = 0
     read_offset: int = 0
+    utf8: codecs.IncrementalDecoder | None = None  # byte-level fast path of the detokenizer
     pending_ids: list[int] = field(default_factory=list)  # new tokens not yet streamed
     pending_logprobs: list[tuple[TokenLogprob, list[TokenLogprob]]] = field(default_factory=list)
     outputs: queue.SimpleQueue[RequestOutput | None] = field(default_factory=queue.SimpleQueue)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.request.prompt_token_ids)
-        self.num_prompt_tokens = len(self.token_ids)
+        self.num_prompt_tokens = self.num_resolved = len(self.token_ids)
 
     @property
     def request_id(self) -> str:

@@ -73,6 +73,7 @@ class RequestOutput:
     completion_tokens: int = 0
     # per new token: (chosen, top alternatives best first); empty unless sampling.logprobs > 0
     logprobs: list[tuple[TokenLogprob, list[TokenLogprob]]] = field(default_factory=list)
+    emitted_at: float = 0.0  # time.monotonic() when the engine produced this output (for TTFT / TPOT)
 
 
 class EngineOverloadedError(RuntimeError):

@@ -1,4 +1,4 @@
-"""Batched LoRA math over stacked device slots: one shrink and one expand per module per layer."""
+"""Batched LoRA math over stacked device slots: one shrink per input, one expand per module, per layer."""
 
 from __future__ import annotations
 
@@ -6,9 +6,21 @@ import torch
 
 from kiln_infer.lora.peft_loader import LoraWeights
 
+# Modules that read the same input share one shrink matmul: their A matrices are stacked in one tensor.
+SHRINK_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
 
 class LoraSlots:
-    """Device tensors for `num_slots` adapters: per layer and module, A [S*R, in] and B [out, S*R]."""
+    """Device tensors for `num_slots` adapters (S slots of rank R, padded), per layer and shrink group.
+
+    a_group[layer][group]: [len(group) * S * R, in] (module m's rows at m * S * R, slot s's at s * R within);
+    a[layer][module] are views into it; b[layer][module]: [out, S * R].
+    """
 
     def __init__(
         self,
@@ -22,13 +34,21 @@ class LoraSlots:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.dtype, self.device = dtype, device
         sr = num_slots * max_rank
-        # a[layer][module]: [S*R, in]; b[layer][module]: [out, S*R]; slot s owns rows/cols s*R:(s+1)*R.
+        self.a_group: list[dict[str, torch.Tensor]] = []
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, torch.Tensor]] = []
         for _ in range(num_layers):
-            self.a.append(
-                {m: torch.zeros(sr, i, dtype=dtype, device=device) for m, (i, _o) in shapes.items()}
-            )
+            groups: dict[str, torch.Tensor] = {}
+            views: dict[str, torch.Tensor] = {}
+            for group, modules in SHRINK_GROUPS.items():
+                present = [m for m in modules if m in shapes]
+                if not present:
+                    continue
+                stacked = torch.zeros(len(present) * sr, shapes[present[0]][0], dtype=dtype, device=device)
+                groups[group] = stacked
+                views.update({m: stacked[i * sr : (i + 1) * sr] for i, m in enumerate(present)})
+            self.a_group.append(groups)
+            self.a.append(views)
             self.b.append(
                 {m: torch.zeros(o, sr, dtype=dtype, device=device) for m, (_i, o) in shapes.items()}
             )
@@ -54,8 +74,17 @@ class LoraSlots:
         return onehot.repeat_interleave(self.max_rank, dim=1)
 
 
+def lora_shrink(x: torch.Tensor, a_group: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rank-space activations of every module in a shrink group: [T, modules, S*R], other slots zeroed.
+
+    semantics: out[t, m, s*R:(s+1)*R] = A_{m,s} @ x[t] if slot[t] == s else 0   (A_{m,s}: [R, in])
+    """
+    t, sr = x.shape[0], mask.shape[1]
+    return (x @ a_group.t()).view(t, -1, sr) * mask[:, None, :]
+
+
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Batched LoRA: each adapter's A and B are read once for the whole batch.
+    """Batched LoRA for one module: each adapter's A and B are read once for the whole batch.
 
     semantics:
         for t in range(T):                       # x: [T, in]

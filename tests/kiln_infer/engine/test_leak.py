@@ -39,6 +39,8 @@ def test_thousand_requests_leave_nothing_behind(tiny: ModelSource, tmp_path: Pat
         max_lora_rank=8,
         max_cpu_loras=3,
         max_waiting=2000,
+        static_decode=True,  # the GPU's decode path (padded buckets, overlapped steps), run eagerly on CPU
+        cuda_graph_batch_sizes=(1, 4, 16),
     )
     engine = AsyncEngine(tiny, load_tokenizer(tiny), dtype=torch.float32, device="cpu", config=config)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -28,13 +29,18 @@ def peft_reference(
     return ids, logits[len(prompt) - 1 : -1].log_softmax(-1)
 
 
+@pytest.mark.parametrize("static_decode", [False, True], ids=["eager", "static-decode"])
 def test_mixed_batch_matches_peft(
+    static_decode: bool,
     make_engine: EngineFactory,
     peft_model: torch.nn.Module,
     adapters: dict[str, AdapterRef],
     tokenizer: PreTrainedTokenizerBase,
 ) -> None:
-    engine = make_engine(max_num_batched_tokens=48)  # long prompts are chunked while others decode
+    # long prompts are chunked while others decode; static-decode pads decode batches (the CUDA-graph path)
+    engine = make_engine(
+        max_num_batched_tokens=48, static_decode=static_decode, cuda_graph_batch_sizes=(2, 4)
+    )
     names: list[str | None] = [None, "all8", "qv4", "mlp16", "all8", None, "mlp16"]
     prompts = [tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(len(names))]
     prompts[4] = prompts[2][:7]  # a very short prompt next to the long one on the same adapter

@@ -79,3 +79,33 @@ def test_parity_after_preemption(
         assert ids == hf_greedy(hf_model, prompt, 24)
         check_logprobs(out, hf_logprobs(hf_model, prompt, ids), 3)
     assert engine.core.blocks.num_free == 12
+
+
+def test_packed_weights_use_fused_views_and_stay_exact(
+    smol,
+    hf_model: torch.nn.Module,
+    smol_state: dict,
+    tokenizer: PreTrainedTokenizerBase,  # noqa: ANN001
+) -> None:
+    """Weights packed as the server shares them (one bucket) give fused q/k/v and gate/up views, no copies."""
+    from kiln_common.weight_share import pack_state_dict
+    from kiln_infer.engine.async_engine import AsyncEngine
+    from kiln_infer.engine.config import EngineConfig
+
+    shared = pack_state_dict(smol_state, "cpu")
+    config = EngineConfig(max_model_len=256, max_num_seqs=4, num_kv_blocks=64)
+    engine = AsyncEngine.from_weights(
+        smol.config, shared.views, tokenizer, config=config, source_path=smol.path
+    )
+    try:
+        layer = engine.core.model.layers[5]
+        assert layer.qkv is not None and layer.gate_up is not None
+        assert layer.qkv.data_ptr() == shared.views["model.layers.5.self_attn.q_proj.weight"].data_ptr()
+        prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+        outs = run_all(
+            engine, [EngineRequest(str(i), p, greedy(10, ignore_eos=True)) for i, p in enumerate(prompts)]
+        )
+        for prompt, out in zip(prompts, outs, strict=True):
+            assert collect(out)[0] == hf_greedy(hf_model, prompt, 10)
+    finally:
+        engine.shutdown()

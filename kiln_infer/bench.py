@@ -1,0 +1,339 @@
+"""Workload W1 (DESIGN.md) against our engine and, in the same process, transformers / PEFT baselines."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kiln_common.model_loader import ModelSource, load_state_dict, load_tokenizer, resolve_model
+from kiln_infer.engine.async_engine import AsyncEngine
+from kiln_infer.engine.config import EngineConfig
+from kiln_infer.engine.types import AdapterRef, EngineRequest, SamplingParams
+from kiln_infer.lora.random_adapter import write_random_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Sizes of one benchmark run."""
+
+    model: str
+    dtype: torch.dtype
+    device: str
+    num_requests: int
+    prompt_len: int
+    new_tokens: int
+    baseline_batch: int
+    peft_requests: int  # requests in the PEFT baseline (it is slow: one batch is enough for a rate)
+    adapter_counts: tuple[int, ...]
+    rank: int = 16
+
+
+GPU = Workload("dummy:llama-3.2-1b", torch.bfloat16, "cuda", 256, 256, 128, 64, 64, (4, 16, 64))
+CPU = Workload("smollm2", torch.float32, "cpu", 8, 32, 16, 4, 4, (4,))
+
+
+@dataclass
+class Result:
+    """Throughput and latency of one scenario."""
+
+    name: str
+    tokens_per_s: float
+    ttft_ms: tuple[float, float] = (float("nan"), float("nan"))  # p50, p99
+    tpot_ms: tuple[float, float] = (float("nan"), float("nan"))
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds."""
+    t = torch.tensor(values, dtype=torch.float64) * 1000
+    return float(t.quantile(0.5)), float(t.quantile(0.99))
+
+
+def prompts(w: Workload, vocab: int, n: int, seed: int = 0) -> list[list[int]]:
+    """Random prompt token ids."""
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(w.prompt_len)] for _ in range(n)]
+
+
+def sync(device: str) -> None:
+    """Wait for the device."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_engine(
+    engine: AsyncEngine, w: Workload, reqs: list[list[int]], adapters: list[AdapterRef | None], name: str
+) -> Result:
+    """Submit every request at once and measure tokens/s, TTFT and TPOT from the engine's output times."""
+    params = SamplingParams(max_tokens=w.new_tokens, temperature=0.0, ignore_eos=True)
+    start = time.monotonic()
+    streams = [
+        engine.submit(EngineRequest(f"{name}-{i}", p, params, adapters[i % len(adapters)]))
+        for i, p in enumerate(reqs)
+    ]
+    ttft, tpot, total, end = [], [], 0, start
+    for stream in streams:
+        outs = list(stream)
+        n = sum(len(o.token_ids) for o in outs)
+        first = next(o.emitted_at for o in outs if o.token_ids)
+        ttft.append(first - start)
+        if n > 1:
+            tpot.append((outs[-1].emitted_at - first) / (n - 1))
+        total, end = total + n, max(end, outs[-1].emitted_at)
+    return Result(name, total / (end - start), percentiles(ttft), percentiles(tpot) if tpot else (0.0, 0.0))
+
+
+class StepClock:
+    """A transformers logits processor that records when each generation step's logits are ready."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(self.device)
+        self.times.append(time.monotonic())
+        return scores
+
+
+def run_hf(
+    model: torch.nn.Module,
+    w: Workload,
+    reqs: list[list[int]],
+    batch: int,
+    name: str,
+    adapter_names: list[str] | None = None,
+) -> Result:
+    """Static batches through `generate` (greedy, exactly w.new_tokens each)."""
+    from transformers import LogitsProcessorList
+
+    ttft, tpot, total, elapsed = [], [], 0, 0.0
+    for i in range(0, len(reqs), batch):
+        ids = torch.tensor(reqs[i : i + batch], device=w.device)
+        clock = StepClock(w.device)
+        extra = (
+            {"adapter_names": [adapter_names[j % len(adapter_names)] for j in range(len(ids))]}
+            if adapter_names
+            else {}
+        )
+        sync(w.device)
+        start = time.monotonic()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=w.new_tokens,
+                min_new_tokens=w.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                logits_processor=LogitsProcessorList([clock]),
+                **extra,
+            )
+        sync(w.device)
+        elapsed += time.monotonic() - start
+        total += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        ttft += [clock.times[0] - start] * len(ids)
+        tpot += [(clock.times[-1] - clock.times[0]) / max(1, len(clock.times) - 1)] * len(ids)
+    return Result(name, total / elapsed, percentiles(ttft), percentiles(tpot))
+
+
+def engine_config(w: Workload, num_slots: int, batch: int) -> EngineConfig:
+    """Engine sizes for the workload."""
+    max_len = w.prompt_len + w.new_tokens + 16
+    blocks = -(-max_len // 16) * batch + 64
+    return EngineConfig(
+        max_num_seqs=batch,
+        max_num_batched_tokens=16384 if w.device == "cuda" else 512,
+        block_size=16,
+        num_kv_blocks=blocks,
+        max_model_len=max_len,
+        max_lora_slots=max(1, num_slots),
+        max_lora_rank=w.rank,
+        max_cpu_loras=max(32, num_slots),
+        max_waiting=4 * w.num_requests,
+        cuda_graph_batch_sizes=tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= batch),
+    )
+
+
+def build_engine(
+    source: ModelSource,
+    state: dict[str, torch.Tensor],
+    tokenizer: object,
+    config: EngineConfig,
+    w: Workload,
+    warm_adapters: list[AdapterRef | None],
+) -> AsyncEngine:
+    """An engine over the shared weights, warmed up (kernels compiled, decode graphs captured)."""
+    engine = AsyncEngine.from_weights(
+        source.config,
+        state,
+        tokenizer,
+        config=config,  # type: ignore[arg-type]
+        eos_token_ids=set(),
+    )
+    warm = prompts(w, 1000, min(config.max_num_seqs, 2 * len(warm_adapters)), seed=99)
+    run_engine(engine, dataclasses.replace(w, new_tokens=4), warm, warm_adapters, "warm")
+    decoder = engine.core.runner.decoder
+    if decoder is not None:
+        decoder.capture_all(with_lora=False)
+        if any(warm_adapters):
+            decoder.capture_all(with_lora=True)
+    return engine
+
+
+def graph_step_ms(engine: AsyncEngine, bucket: int, with_lora: bool = False) -> float:
+    """GPU time of one captured decode step (graph replay alone, no host work), in milliseconds."""
+    decoder = engine.core.runner.decoder
+    if decoder is None or (bucket, with_lora) not in decoder.graphs:
+        return float("nan")
+    graph = decoder.graphs[(bucket, with_lora)][0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 20
+
+
+def free(engine: AsyncEngine | None) -> None:
+    """Shut an engine down and give its memory back."""
+    if engine is not None:
+        engine.shutdown()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def report(results: list[Result], baseline: Result | None) -> str:
+    """The results as a fixed-width table with ratios against the transformers baseline."""
+    lines = [
+        f"{'scenario':<34}{'tok/s':>10}{'ratio':>8}{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>9}  (ms)"
+    ]
+    for r in results:
+        ratio = r.tokens_per_s / baseline.tokens_per_s if baseline else float("nan")
+        lines.append(
+            f"{r.name:<34}{r.tokens_per_s:>10.0f}{ratio:>8.2f}{r.ttft_ms[0]:>10.1f}{r.ttft_ms[1]:>9.1f}"
+            f"{r.tpot_ms[0]:>10.2f}{r.tpot_ms[1]:>9.2f}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run W1 (or the small --cpu variant) and print tokens/s, TTFT and TPOT with ratios."""
+    parser = argparse.ArgumentParser(prog="kiln bench", description=__doc__)
+    parser.add_argument("--cpu", action="store_true", help="small SmolLM2 variant for machines without a GPU")
+    parser.add_argument(
+        "--home", type=Path, default=Path(".kiln"), help="KILN_HOME holding the embedded model"
+    )
+    parser.add_argument("--skip-baselines", action="store_true", help="only our engine")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    w = CPU if args.cpu or not torch.cuda.is_available() else GPU
+    source = resolve_model(w.model, args.home)
+    tokenizer = load_tokenizer(source)
+    state = load_state_dict(source, w.dtype, w.device)
+    if (
+        w.device == "cuda"
+    ):  # production layout: weights packed in a few buckets, so fused q/k/v, gate/up views
+        from kiln_common.weight_share import pack_state_dict
+
+        state = pack_state_dict(state, w.device).views
+        gc.collect()
+    vocab = min(len(tokenizer), source.config.vocab_size)
+    reqs = prompts(w, vocab, w.num_requests)
+    results: list[Result] = []
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+    refs = [
+        AdapterRef(f"bench/a{i}@v1", write_random_adapter(tmp / f"a{i}", source.config, w.rank, seed=i))
+        for i in range(max(w.adapter_counts))
+    ]
+
+    for overlap in (True, False):
+        config = dataclasses.replace(engine_config(w, 1, w.num_requests), overlap_steps=overlap)
+        engine = build_engine(source, state, tokenizer, config, w, [None])
+        before = dict(engine.core.phase_s)
+        results.append(
+            run_engine(engine, w, reqs, [None], "kiln base" + ("" if overlap else " (no overlap)"))
+        )
+        phases = {k: round(v - before[k], 3) for k, v in engine.core.phase_s.items()}
+        log.info(
+            "%s: %.0f tok/s, engine-thread seconds by phase %s",
+            results[-1].name,
+            results[-1].tokens_per_s,
+            phases,
+        )
+        if overlap and w.device == "cuda":
+            log.info(
+                "decode graph replay alone: batch 256 %.2f ms, batch 64 %.2f ms, batch 1 %.2f ms",
+                graph_step_ms(engine, 256),
+                graph_step_ms(engine, 64),
+                graph_step_ms(engine, 1),
+            )
+        free(engine)
+    engine = build_engine(source, state, tokenizer, engine_config(w, 1, 1), w, [None])
+    results.append(run_engine(engine, w, reqs[:1], [None], "kiln batch-1"))
+    free(engine)
+    for n in w.adapter_counts:
+        engine = build_engine(
+            source, state, tokenizer, engine_config(w, n, w.num_requests), w, list(refs[:n])
+        )
+        results.append(run_engine(engine, w, reqs, list(refs[:n]), f"kiln {n} adapters (r={w.rank})"))
+        if w.device == "cuda":
+            log.info(
+                "decode graph replay alone with %d LoRA slots: batch 256 %.2f ms",
+                n,
+                graph_step_ms(engine, 256, True),
+            )
+        log.info("%d adapters: %.0f tok/s", n, results[-1].tokens_per_s)
+        free(engine)
+    baseline = None
+    if not args.skip_baselines:
+        baseline, more = run_baselines(source, w, reqs, refs[:4])
+        results += [baseline, *more]
+    text = report(results, baseline)
+    sys.stdout.write(f"workload: {w}\n{text}")
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    return 0
+
+
+def run_baselines(
+    source: ModelSource, w: Workload, reqs: list[list[int]], refs: list[AdapterRef]
+) -> tuple[Result, list[Result]]:
+    """transformers static batches, batch 1, and PEFT with 4 adapters mixed in one batch."""
+    from peft import PeftModel
+
+    from kiln_common.model_loader import load_hf_model
+
+    model = load_hf_model(source, w.dtype, w.device)
+    baseline = run_hf(model, w, reqs, w.baseline_batch, f"transformers static batch {w.baseline_batch}")
+    one = run_hf(model, w, reqs[:1], 1, "transformers batch-1")
+    peft = PeftModel.from_pretrained(model, str(refs[0].path), adapter_name="a0")
+    for i, ref in enumerate(refs[1:], start=1):
+        peft.load_adapter(str(ref.path), adapter_name=f"a{i}")
+    peft.to(w.dtype)
+    names = [f"a{i}" for i in range(len(refs))]
+    mixed = run_hf(
+        peft, w, reqs[: w.peft_requests], w.peft_requests, f"PEFT {len(refs)} adapters mixed", names
+    )
+    return baseline, [one, mixed]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""Decode steps on static, padded buffers: CUDA graphs replayed per batch-size bucket (eager on CPU)."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import numpy as np
+import torch
+
+from kiln_infer.engine.attention import StepMetadata, block_table_array
+from kiln_infer.engine.llama import LlamaModel, LoraBatch
+from kiln_infer.lora.layers import LoraSlots
+
+log = logging.getLogger(__name__)
+
+
+class StaticDecoder:
+    """Runs pure-decode steps of up to max(batch_sizes) sequences with fixed shapes."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        lora_slots: LoraSlots,
+        batch_sizes: tuple[int, ...],
+        max_blocks: int,
+        block_size: int,
+        scratch_block: int,
+        use_graphs: bool,
+        use_triton: bool,
+    ) -> None:
+        self.model, self.kv_caches, self.lora_slots = model, kv_caches, lora_slots
+        self.batch_sizes = sorted(set(batch_sizes))
+        self.block_size, self.scratch_slot = block_size, scratch_block * block_size
+        self.use_graphs, self.use_triton = use_graphs, use_triton
+        n, dev = self.batch_sizes[-1], model.device
+        self.max_blocks = max_blocks
+        # rows: token ids, positions, cache slots, LoRA slot, source row of a device-side token (-1 = host);
+        # then context lengths (int32) and block tables
+        # Two pinned staging sets, used in turn: with overlapped steps the copy out of one set may still be
+        # queued on the GPU while the host fills the other (a set is reused only after its step completed).
+        pin = dev.type == "cuda"
+        self.staging = [
+            (
+                torch.zeros(5, n, dtype=torch.long, pin_memory=pin),
+                torch.ones(n, dtype=torch.int32, pin_memory=pin),
+                torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=pin),
+            )
+            for _ in range(2)
+        ]
+        self.num_runs = 0
+        self.rows = torch.zeros(5, n, dtype=torch.long, device=dev)
+        self.rows[2].fill_(self.scratch_slot)
+        self.lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool: object | None = None
+
+    @property
+    def max_batch(self) -> int:
+        """Largest batch this decoder takes."""
+        return self.batch_sizes[-1]
+
+    def _forward(self, bucket: int, with_lora: bool) -> torch.Tensor:
+        """The captured computation: logits [bucket, vocab] from the static buffers."""
+        ids, positions, slots, lora_slots = self.rows[:4, :bucket]
+        meta = StepMetadata(slots, bucket, self.tables[:bucket], self.lens[:bucket], None, self.use_triton)
+        lora = LoraBatch(self.lora_slots, self.lora_slots.token_mask(lora_slots)) if with_lora else None
+        hidden = self.model.forward(ids, positions, self.kv_caches, meta, lora)
+        return self.model.logits(hidden)
+
+    def _capture(self, bucket: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(bucket, with_lora)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(bucket, with_lora)
+        log.info("captured decode graph: batch %d, lora %s", bucket, with_lora)
+        return graph, out
+
+    @torch.inference_mode()
+    def capture_all(self, with_lora: bool) -> None:
+        """Capture every bucket now (largest first, so smaller graphs reuse its memory)."""
+        if self.use_graphs:
+            for bucket in reversed(self.batch_sizes):
+                if (bucket, with_lora) not in self.graphs:
+                    self.graphs[(bucket, with_lora)] = self._capture(bucket, with_lora)
+
+    def run(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        tables: list[list[int]],
+        lora_slots: list[int],
+        prev_tokens: torch.Tensor | None = None,
+        sources: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, vocab] for B single-token decodes (token at `positions[b]` of sequence b).
+
+        Where sources[b] >= 0 the token is prev_tokens[sources[b]], read on the device (no host round trip).
+        """
+        b = len(tokens)
+        bucket = self.batch_sizes[bisect.bisect_left(self.batch_sizes, b)]
+        pos = np.asarray(positions, dtype=np.int64)
+        table_a = block_table_array(tables, self.max_blocks)
+        host_rows, host_lens, host_tables = self.staging[self.num_runs % 2]
+        self.num_runs += 1
+        rows = host_rows.numpy()
+        rows[0, :b], rows[1, :b] = tokens, pos
+        rows[2, :b] = table_a[np.arange(b), pos // self.block_size].astype(np.int64) * self.block_size + (
+            pos % self.block_size
+        )
+        rows[3, :b] = lora_slots
+        rows[4, :b] = sources if sources is not None else -1
+        rows[:, b:bucket] = 0
+        rows[2, b:bucket] = self.scratch_slot  # padded rows write their K/V into the scratch block
+        rows[3, b:bucket] = -1
+        rows[4, b:bucket] = -1
+        host_lens.numpy()[:b] = pos + 1
+        host_lens.numpy()[b:bucket] = 1
+        host_tables.numpy()[:b] = table_a
+        host_tables.numpy()[b:bucket] = 0
+        self.rows[:, :bucket].copy_(host_rows[:, :bucket], non_blocking=True)
+        self.lens[:bucket].copy_(host_lens[:bucket], non_blocking=True)
+        self.tables[:bucket].copy_(host_tables[:bucket], non_blocking=True)
+        if prev_tokens is not None and sources is not None:
+            src = self.rows[4, :b]
+            self.rows[0, :b] = torch.where(src >= 0, prev_tokens[src.clamp(min=0)], self.rows[0, :b])
+        with_lora = any(s >= 0 for s in lora_slots)
+        if self.use_graphs:
+            key = (bucket, with_lora)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(bucket, with_lora)
+            graph, out = self.graphs[key]
+            graph.replay()
+            return out[:b]
+        return self._forward(bucket, with_lora)[:b]
