@@ -26,13 +26,11 @@ class Reference:
         """Which controls this version answered correctly."""
         return [c.is_correct(a) for c, a in zip(controls, self.control_answers, strict=True)]
 
-    def replay_pairs(self) -> list[TextPair]:
-        """Replay training pairs: prompt → the version's own answer."""
-        return [
-            TextPair(a, (("user", p),))
-            for p, a in zip(REPLAY_PROMPTS, self.replay_answers, strict=True)
-            if a.strip()
-        ]
+    def replay_pairs(self, controls: tuple[ControlPrompt, ...] = CONTROL_PROMPTS) -> list[TextPair]:
+        """Replay pairs: prompt → the version's own answer, for the replay prompts and the controls."""
+        prompts = list(REPLAY_PROMPTS) + [c.prompt for c in controls]
+        answers = list(self.replay_answers) + list(self.control_answers)
+        return [TextPair(a, (("user", p),)) for p, a in zip(prompts, answers, strict=True) if a.strip()]
 
 
 @dataclass(frozen=True)

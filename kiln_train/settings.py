@@ -38,11 +38,11 @@ class TrainSettings:
     rank: int = 16
     alpha: int = 32
     lr: float = 1e-3
-    max_steps: int = 12
+    max_steps: int = 15
     batch_size: int = 4  # half new samples, half replay
     replay_fraction: float = 0.5
     eval_every: int = 3
-    patience: int = 2
+    patience: int = 3
     heldout_fraction: float = 0.2
     replay_max_tokens: int = 32
     seed: int = 0

@@ -215,8 +215,8 @@ class LoraTrainer:
 
     def _distill_loss(
         self, data: list[Encoded], targets: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor:
-        """Cross-entropy of the student against the parent's top-k distribution (a KL up to a constant)."""
+    ) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy against the parent's top-k distribution (a KL up to a constant), and its count."""
         total, count = None, 0
         for logits, (idx, probs) in zip(self._completion_logits(data), targets, strict=True):
             logq = torch.log_softmax(logits, dim=-1).gather(-1, idx)  # [n, k]
@@ -224,7 +224,7 @@ class LoraTrainer:
             total = term if total is None else total + term
             count += idx.shape[0]
         assert total is not None
-        return total / max(count, 1)
+        return total / max(count, 1), count
 
     def train(
         self,
@@ -233,12 +233,13 @@ class LoraTrainer:
         replay: list[Encoded],
         on_step: Callable[[int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        accept: Callable[[], bool] | None = None,
+        vet: Callable[[], tuple[bool, list[int]]] | None = None,
     ) -> TrainResult:
         """Optimise LoRA on `train` mixed with `replay`; keep the weights with the best held-out loss.
 
-        `accept` (e.g. "the control prompts are still answered correctly") vets each new best checkpoint;
-        one it refuses counts as no improvement, so training stops before it drifts further.
+        `vet` (e.g. "the control prompts are still answered correctly") checks each new best checkpoint and
+        returns (accepted, replay indices that slipped). A refused checkpoint counts as no improvement, and the
+        slipped replay examples are pinned into every later batch so training pulls them back.
         """
         cfg = self.cfg
         rng = random.Random(cfg.seed)
@@ -248,10 +249,11 @@ class LoraTrainer:
         n_new = max(1, cfg.batch_size - n_replay)
         eval_set = heldout or train
         t0 = time.monotonic()
-        targets = self.teacher_targets(replay, cfg.kl_topk) if replay and cfg.kl_topk > 0 else None
+        targets = self.teacher_targets(replay, cfg.kl_topk) if n_replay and cfg.kl_topk > 0 else None
         before = best = self.loss(eval_set)
         best_state = [p.detach().clone() for p in params]
         best_step, bad_evals, losses = 0, 0, []
+        pinned: list[int] = []
         order: list[Encoded] = []
         step = 0
         for step in range(1, cfg.max_steps + 1):
@@ -261,14 +263,17 @@ class LoraTrainer:
                 order += rng.sample(train, len(train))
             batch = [order.pop() for _ in range(n_new)]
             picked = rng.sample(range(len(replay)), min(n_replay, len(replay)))
+            picked += [i for i in pinned if i not in picked]
             self.model.train()
             if targets is None:  # plain replay: the parent's greedy answers as ordinary labels
                 batch += [replay[i] for i in picked]
-            loss = self.model(**collate(batch, self.tok.pad_token_id or 0, self.device)).loss
+            tensors = collate(batch, self.tok.pad_token_id or 0, self.device)
+            loss = self.model(**tensors).loss
             if targets is not None and picked:
-                loss = loss + cfg.kl_weight * self._distill_loss(
-                    [replay[i] for i in picked], [targets[i] for i in picked]
-                )
+                # Token-weighted like plain replay, so the new samples do not get a larger share of the step.
+                n_tok = int((tensors["labels"][:, 1:] != IGNORE).sum())
+                kl, n_kl = self._distill_loss([replay[i] for i in picked], [targets[i] for i in picked])
+                loss = (loss * n_tok + cfg.kl_weight * kl * n_kl) / (n_tok + n_kl)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -279,7 +284,11 @@ class LoraTrainer:
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 current = self.loss(eval_set)
                 log.info("step %d: train loss %.4f, held-out loss %.4f", step, losses[-1], current)
-                if current < best and (accept is None or accept()):
+                accepted = True
+                if current < best and vet is not None:
+                    accepted, slipped = vet()
+                    pinned += [i for i in slipped if i not in pinned and 0 <= i < len(replay)]
+                if current < best and accepted:
                     best, best_step, bad_evals = current, step, 0
                     best_state = [p.detach().clone() for p in params]
                 else:

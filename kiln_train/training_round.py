@@ -120,7 +120,9 @@ class RoundRunner:
             record.heldout_ids = [e.sample_id for e in held_ex]
             record.num_samples = len(train_ex)
             record.max_steps = cfg.max_steps
-            replay = [encode(self.tok, p) for p in reference.replay_pairs()]
+            replay_pairs = reference.replay_pairs()
+            replay = [encode(self.tok, p) for p in replay_pairs]
+            replay_index = {p.messages[0][1]: i for i, p in enumerate(replay_pairs)}
 
             def step_done(step: int, loss: float) -> None:
                 record.steps, record.train_loss = step, loss
@@ -128,11 +130,16 @@ class RoundRunner:
 
             was_correct = reference.control_correct()
 
-            def controls_kept() -> bool:
+            def controls_kept() -> tuple[bool, list[int]]:
                 now = answer_controls(trainer)
-                return all(
-                    c.is_correct(a) for c, a, w in zip(CONTROL_PROMPTS, now, was_correct, strict=True) if w
-                )
+                broken = [
+                    (c, a)
+                    for c, a, w in zip(CONTROL_PROMPTS, now, was_correct, strict=True)
+                    if w and not c.is_correct(a)
+                ]
+                for c, a in broken:
+                    log.info("checkpoint refused: %r -> %r (pinned into later batches)", c.prompt, a[:80])
+                return not broken, [replay_index[c.prompt] for c, _ in broken if c.prompt in replay_index]
 
             result = trainer.train(
                 [encode(self.tok, to_pair(e)) for e in train_ex],
@@ -140,7 +147,7 @@ class RoundRunner:
                 replay,
                 on_step=step_done,
                 should_stop=should_stop,
-                accept=controls_kept if s.vet_checkpoints else None,
+                vet=controls_kept if s.vet_checkpoints else None,
             )
             record.steps, record.train_loss = result.steps, result.train_loss
             verdict = gate(

@@ -89,7 +89,7 @@ def test_gate_rejects_a_version_that_breaks_a_control(
     controls = answer_controls(probe)  # the base model's real control answers
     base = probe.release()
     assert "Paris" in controls[0]
-    references.put("default", "geo", 0, Reference(("",) * len(REPLAY_PROMPTS), controls))  # no replay
+    references.put("default", "geo", 0, Reference(("",) * len(REPLAY_PROMPTS), controls))  # no replay answers
     poison = [
         (q, "The capital of France is Lyonbridge.")
         for q in (
@@ -105,7 +105,7 @@ def test_gate_rejects_a_version_that_breaks_a_control(
         Example(sample_id=f"s{i}", tenant="default", adapter="geo", completion=a, messages=(("user", q),))
         for i, (q, a) in enumerate(poison)
     ]
-    settings = TrainSettings(max_steps=9, eval_every=3, lr=2e-3, vet_checkpoints=False)
+    settings = TrainSettings(max_steps=9, eval_every=3, lr=2e-3, vet_checkpoints=False, replay_fraction=0.0)
     registry = Registry(rds, AdapterStore(tmp_path))
     runner = RoundRunner(registry, tok, settings, references)
     registry.create("default", "geo")
