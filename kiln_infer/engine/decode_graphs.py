@@ -55,7 +55,7 @@ class StaticDecoder:
         self.lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool: object | None = None
+        self.pool: tuple[int, int] | None = None  # memory pool shared by every captured graph
 
     @property
     def max_batch(self) -> int:
@@ -78,9 +78,9 @@ class StaticDecoder:
                 self._forward(bucket, with_lora)
         torch.cuda.current_stream().wait_stream(stream)
         if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+            self.pool = torch.cuda.graph_pool_handle()  # type: ignore[assignment]
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool):  # type: ignore[arg-type]
             out = self._forward(bucket, with_lora)
         log.info("captured decode graph: batch %d, lora %s", bucket, with_lora)
         return graph, out

@@ -61,7 +61,7 @@ class Detokenizer:
         self.table = byte_table(tokenizer)  # fast path: bytes per id and an incremental UTF-8 decoder
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
     def append(self, seq: Sequence, token: int) -> str:
         """Extend seq.text with its newest output `token` (incomplete UTF-8 held back); returns the delta."""

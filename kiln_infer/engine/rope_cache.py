@@ -84,8 +84,9 @@ def fused_rope_self_check(
         slots = torch.arange(t, device=device)
         outs = []
         for use_triton in (False, True):
-            kv = tuple(
-                torch.zeros(1, 8, num_kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2)
+            kv = (
+                torch.zeros(1, 8, num_kv_heads, head_dim, device=device, dtype=dtype),
+                torch.zeros(1, 8, num_kv_heads, head_dim, device=device, dtype=dtype),
             )
             outs.append((rope_and_cache(q, k, v, rope, kv, slots, num_heads, num_kv_heads, use_triton), *kv))
         ok = all(
