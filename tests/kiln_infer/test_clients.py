@@ -70,7 +70,8 @@ def test_client_generated_from_protos_alone_streams_paris(infer_server: InferSer
     chunks = json.loads(proc.stdout)
     assert "Paris" in "".join(c["text"] for c in chunks)
     assert len(chunks) >= 3 and chunks[-1]["finish"] != 0
-    assert chunks[0]["t"] < chunks[-1]["t"] / 2
+    times = [c["t"] for c in chunks]  # streamed as produced, not buffered: spread out in time
+    assert times[-1] - times[0] > 0.05 and len({round(t, 3) for t in times}) >= 3
 
 
 def test_node_client_streams_a_generation(infer_server: InferServer) -> None:

@@ -41,7 +41,7 @@ def test_chat_answer_streams_over_several_responses(alice: Client) -> None:
         responses.append(r)
     assert "Paris" in _text(responses)
     assert len(responses) >= 3
-    assert arrivals[0] < arrivals[-1] / 2
+    assert arrivals[-1] - arrivals[0] > 0.05 and len({round(t, 3) for t in arrivals}) >= 3  # not buffered
     assert all(r.request_id == "capital-1" and r.adapter_version == "" for r in responses)
     last = responses[-1]
     assert last.finish_reason == pb.FINISH_REASON_STOP
