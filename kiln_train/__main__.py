@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from concurrent import futures
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -71,7 +72,8 @@ class TrainServer:
         consumer = SampleConsumer(client, buffer, pipeline, s)
         registry = Registry(client, AdapterStore(cfg.home))
         model_key = hashlib.sha256(source.spec.encode()).hexdigest()[:12]
-        references = ReferenceCache(cfg.home / "train" / "reference", model_key)
+        ref_dir = Path(s.reference_dir).expanduser() if s.reference_dir else cfg.home / "train" / "reference"
+        references = ReferenceCache(ref_dir, model_key)
         runner = RoundRunner(registry, tok, s, references)
         self._daemon = TrainingDaemon(consumer, buffer, SharedBase(client, source.config), runner, s)
         self._daemon.start()

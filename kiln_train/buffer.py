@@ -96,11 +96,11 @@ class TrainingBuffer:
 
     def load(self, tenant: str, adapter: str, limit: int = 0) -> list[Example]:
         """Buffered examples, oldest first (the newest `limit` when limit > 0)."""
-        ids = self.redis.zrange(_k("order", tenant, adapter), -limit if limit else 0, -1)
+        ids: Any = self.redis.zrange(_k("order", tenant, adapter), -limit if limit else 0, -1)
         if not ids:
             return []
-        raws = self.redis.hmget(_k("data", tenant, adapter), ids)
-        return [Example.from_json(r) for r in raws if r]
+        raws: Any = self.redis.hmget(_k("data", tenant, adapter), ids)
+        return [Example.from_json(str(r)) for r in raws if r]
 
     def size(self, tenant: str, adapter: str) -> int:
         """Examples waiting."""

@@ -54,7 +54,7 @@ class SampleConsumer:
         """Re-process entries this consumer read but never acked (a crash); returns how many."""
         done = 0
         while True:
-            reply = self.redis.xreadgroup(
+            reply: Any = self.redis.xreadgroup(
                 self.group, self.name, {self.stream: "0"}, count=self.settings.batch
             )
             entries = [e for _, es in reply or [] for e in es if e[1]]  # entries trimmed away have no fields
@@ -84,7 +84,7 @@ class SampleConsumer:
 
     def poll(self, block_ms: int | None = None) -> int:
         """Read new entries (blocking up to block_ms) and process them; returns how many."""
-        reply = self.redis.xreadgroup(
+        reply: Any = self.redis.xreadgroup(
             self.group,
             self.name,
             {self.stream: ">"},
@@ -162,10 +162,13 @@ class SampleConsumer:
     def _dead_letter(self, entry_id: str, fields: dict[str, str], reason: str, deliveries: int) -> None:
         log.warning("dead-lettering %s: %s", entry_id, reason)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(
-            self.dead_stream,
-            {**fields, "dead_reason": reason, "dead_entry_id": entry_id, "deliveries": str(deliveries)},
-        )
+        dead: Any = {
+            **fields,
+            "dead_reason": reason,
+            "dead_entry_id": entry_id,
+            "deliveries": str(deliveries),
+        }
+        pipe.xadd(self.dead_stream, dead)
         pipe.hincrby(STATS_KEY, "dead_lettered", 1)
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -133,7 +133,7 @@ def run_trainer(spec: str, home: Path, manifest_path: Path, steps: int, device: 
         eos_token_id = 0
 
     trainer = LoraTrainer(
-        base, tok or _Tok(), TrainerConfig(max_steps=steps, eval_every=steps, replay_fraction=0.0)
+        base, cast(Any, tok or _Tok()), TrainerConfig(max_steps=steps, eval_every=steps, replay_fraction=0.0)
     )
     cuda = device.startswith("cuda")
     if cuda:

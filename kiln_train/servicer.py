@@ -107,10 +107,18 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     def PauseTraining(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         """Stop starting rounds (the running one stops at its next step)."""
-        return self._call(context, lambda _t: (self._daemon.pause(), training_pb2.PauseTrainingResponse())[1])
+
+        def run(_tenant: str) -> Any:
+            self._daemon.pause()
+            return training_pb2.PauseTrainingResponse()
+
+        return self._call(context, run)
 
     def ResumeTraining(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         """Let rounds start again."""
-        return self._call(
-            context, lambda _t: (self._daemon.resume(), training_pb2.ResumeTrainingResponse())[1]
-        )
+
+        def run(_tenant: str) -> Any:
+            self._daemon.resume()
+            return training_pb2.ResumeTrainingResponse()
+
+        return self._call(context, run)

@@ -41,11 +41,13 @@ class TrainSettings:
     max_steps: int = 15
     batch_size: int = 4  # half new samples, half replay
     replay_fraction: float = 0.5
+    kl_topk: int = 0  # 0 = replay the parent's greedy answers as labels; k = distil its top-k distribution
     eval_every: int = 3
     patience: int = 3
     heldout_fraction: float = 0.2
     replay_max_tokens: int = 32
     seed: int = 0
+    reference_dir: str = ""  # cache of each version's replay/control answers; "" = $KILN_HOME/train/reference
     threads: int = 1  # torch CPU threads for training (one core stays free for serving); 0 = torch's default
     # gate
     vet_checkpoints: bool = True  # a new best checkpoint must keep the controls, or training stops there

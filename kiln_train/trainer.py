@@ -52,7 +52,9 @@ class TrainerConfig:
     eval_every: int = 4
     patience: int = 2
     seed: int = 0
-    kl_topk: int = 32  # replay distils the parent's top-k distribution; 0 = plain labels on its greedy answer
+    # 0 = replay trains on the parent's greedy answers as labels (sharpens the margins the gate checks);
+    # k > 0 distils the parent's top-k distribution instead (keeps margins as they were, so tiny ones flip).
+    kl_topk: int = 0
     kl_weight: float = 1.0
 
 
@@ -136,10 +138,9 @@ class LoraTrainer:
         if parent_dir is not None:
             state = load_file(str(parent_dir / WEIGHTS_FILE), device=str(self.device))
             result = set_peft_model_state_dict(self.model, {k: v.float() for k, v in state.items()})
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(
-                    f"parent adapter {parent_dir} has unexpected keys {result.unexpected_keys[:3]}"
-                )
+            unexpected = list(getattr(result, "unexpected_keys", None) or [])
+            if unexpected:
+                raise ValueError(f"parent adapter {parent_dir} has unexpected keys {unexpected[:3]}")
             log.info("continuing from parent adapter %s", parent_dir)
         self.model.eval()
 
@@ -192,7 +193,7 @@ class LoraTrainer:
                 do_sample=False,
                 pad_token_id=pad,
             )
-            out.extend(self.tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
+            out.extend(str(self.tok.decode(g[width:], skip_special_tokens=True)).strip() for g in gen)
         return out
 
     def _completion_logits(self, data: list[Encoded]) -> list[torch.Tensor]:
@@ -216,7 +217,7 @@ class LoraTrainer:
     def _distill_loss(
         self, data: list[Encoded], targets: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy against the parent's top-k distribution (a KL up to a constant), and its count."""
+        """Mean cross-entropy against the parent's top-k distribution (KL up to a constant), and its count."""
         total, count = None, 0
         for logits, (idx, probs) in zip(self._completion_logits(data), targets, strict=True):
             logq = torch.log_softmax(logits, dim=-1).gather(-1, idx)  # [n, k]
@@ -238,8 +239,8 @@ class LoraTrainer:
         """Optimise LoRA on `train` mixed with `replay`; keep the weights with the best held-out loss.
 
         `vet` (e.g. "the control prompts are still answered correctly") checks each new best checkpoint and
-        returns (accepted, replay indices that slipped). A refused checkpoint counts as no improvement, and the
-        slipped replay examples are pinned into every later batch so training pulls them back.
+        returns (accepted, replay indices that slipped). A refused checkpoint counts as no improvement, and
+        the slipped replay examples are pinned into every later batch so training pulls them back.
         """
         cfg = self.cfg
         rng = random.Random(cfg.seed)

@@ -77,6 +77,7 @@ def trainer_config(s: TrainSettings) -> TrainerConfig:
         eval_every=s.eval_every,
         patience=s.patience,
         seed=s.seed,
+        kl_topk=s.kl_topk,
     )
 
 
