@@ -49,6 +49,7 @@ class SamplerOutput:
     logprobs: list[tuple[TokenLogprob, list[TokenLogprob]] | None]
 
 
+@torch.inference_mode()  # the logits come out of the inference-mode forward: editing them needs the same mode
 def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalties: list[float]) -> None:
     """HF semantics in place: a seen token's logit is divided by p when positive, multiplied when negative."""
     for row, (ids, p) in enumerate(zip(history, penalties, strict=True)):
