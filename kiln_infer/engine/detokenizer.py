@@ -93,10 +93,10 @@ def find_stop(seq: Sequence, delta_len: int) -> int:
     return min(hits) if hits else -1
 
 
-def streamable_text(seq: Sequence) -> str:
+def streamable_text(seq: Sequence, finished: bool) -> str:
     """New text safe to stream: everything but a tail that could still become a stop string."""
     stops = seq.request.sampling.stop
-    hold = 0 if seq.is_finished or not stops else max(len(s) for s in stops) - 1
+    hold = 0 if finished or not stops else max(len(s) for s in stops) - 1
     end = max(seq.sent_chars, len(seq.text) - hold)
     out = seq.text[seq.sent_chars : end]
     seq.sent_chars = end

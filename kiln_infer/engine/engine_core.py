@@ -20,7 +20,7 @@ from kiln_infer.engine.model_runner import ModelRunner
 from kiln_infer.engine.output_processor import OutputProcessor
 from kiln_infer.engine.sampler import PendingSample, SamplingBatch, sample_async
 from kiln_infer.engine.scheduler import ScheduledSeq, Scheduler
-from kiln_infer.engine.sequence import Sequence
+from kiln_infer.engine.sequence import Sequence, SequenceStatus
 from kiln_infer.engine.types import FinishReason
 from kiln_infer.lora.adapter_manager import AdapterManager
 from kiln_infer.lora.layers import LoraSlots
@@ -195,16 +195,20 @@ class EngineCore:
     def _complete(self, step: InflightStep) -> None:
         """Host side of a finished step: resolve its tokens, stream them, retire finished sequences."""
         result = step.pending.result()
+        now = time.monotonic()
         for (seq, index), token, lp in zip(step.sampled, result.token_ids, result.logprobs, strict=True):
-            if seq.is_finished:
+            if seq.status is SequenceStatus.FINISHED:
                 continue
             reason = self.outputs.accept(seq, index, token, lp)
             if reason is not None:
                 self._finish(seq, reason)
-            self.outputs.emit(seq)
+            self.outputs.emit(seq, now)
+        block_size = self.config.block_size
         for item in step.batch:
-            if not item.seq.is_finished:
-                self.blocks.register_computed(item.seq)
+            seq = item.seq
+            # only sequences that completed a block since their last registration have anything to hash
+            if seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * block_size and not seq.is_finished:
+                self.blocks.register_computed(seq)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq)

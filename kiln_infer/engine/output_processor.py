@@ -46,24 +46,25 @@ class OutputProcessor:
         return None
 
     @staticmethod
-    def emit(seq: Sequence) -> None:
+    def emit(seq: Sequence, now: float | None = None) -> None:
         """Push the sequence's new tokens and text to its stream (the final output carries the reason)."""
-        text = streamable_text(seq)
-        if not (seq.pending_ids or text or seq.is_finished):
+        finished = seq.is_finished
+        text = streamable_text(seq, finished)
+        if not (seq.pending_ids or text or finished):
             return
         seq.outputs.put(
             RequestOutput(
-                request_id=seq.request_id,
+                request_id=seq.request.request_id,
                 token_ids=seq.pending_ids,
                 text=text,
-                finished=seq.is_finished,
+                finished=finished,
                 finish_reason=seq.finish_reason,
                 prompt_tokens=seq.num_prompt_tokens,
                 completion_tokens=seq.num_resolved - seq.num_prompt_tokens,
                 logprobs=seq.pending_logprobs,
-                emitted_at=time.monotonic(),
+                emitted_at=time.monotonic() if now is None else now,
             )
         )
         seq.pending_ids, seq.pending_logprobs = [], []
-        if seq.is_finished:
+        if finished:
             seq.outputs.put(None)

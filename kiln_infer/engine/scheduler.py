@@ -86,6 +86,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
+            if n == 1 and seq.num_computed_tokens < len(seq.block_table) * self.blocks.block_size:
+                out.append(ScheduledSeq(seq, seq.num_computed_tokens, 1))  # decode into its last block
+                budget -= 1
+                i += 1
+                continue
             while not self.blocks.can_append(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
