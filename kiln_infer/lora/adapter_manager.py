@@ -7,10 +7,24 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from kiln_infer.engine.types import AdapterLoadError
 from kiln_infer.lora.layers import LoraSlots
 from kiln_infer.lora.peft_loader import LoraWeights, load_peft_adapter
 
 log = logging.getLogger(__name__)
+
+
+def check_fits(weights: LoraWeights, num_layers: int, shapes: dict[str, tuple[int, int]]) -> None:
+    """Raise AdapterLoadError unless every LoRA matrix matches the base model's layers and (in, out) sizes."""
+    for (layer, module), a in weights.a.items():
+        fan_in, fan_out = shapes[module]
+        b = weights.b[(layer, module)]
+        if layer >= num_layers or a.shape[1] != fan_in or b.shape[0] != fan_out:
+            raise AdapterLoadError(
+                f"adapter {weights.key!r} does not fit the base model: layer {layer} {module} has "
+                f"A {tuple(a.shape)} and B {tuple(b.shape)}; the model has {num_layers} layers and its "
+                f"{module} maps {fan_in} -> {fan_out}"
+            )
 
 
 class AdapterManager:
@@ -34,6 +48,7 @@ class AdapterManager:
                 self._host.move_to_end(key)
                 return hit
         weights = load_peft_adapter(key, path, self.slots.max_rank)
+        check_fits(weights, self.slots.num_layers, self.slots.shapes)
         with self._host_lock:
             self._host[key] = weights
             self._host.move_to_end(key)

@@ -32,6 +32,7 @@ class LoraSlots:
         device: torch.device,
     ) -> None:
         self.num_slots, self.max_rank = num_slots, max_rank
+        self.num_layers, self.shapes = num_layers, dict(shapes)
         self.dtype, self.device = dtype, device
         sr = num_slots * max_rank
         self.a_group: list[dict[str, torch.Tensor]] = []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
+from kiln_infer.engine.types import AdapterLoadError
 from kiln_infer.lora.adapter_manager import AdapterManager
 from kiln_infer.lora.layers import LoraSlots, lora_delta, lora_delta_reference
 from kiln_infer.lora.peft_loader import LoraWeights, load_peft_adapter
@@ -66,3 +68,16 @@ def test_host_cache_is_lru(tmp_path: Path) -> None:
     assert manager.get_host("h0", paths[0]) is first  # a hit, no reload
     manager.get_host("h2", paths[2])  # evicts h1, the least recently used
     assert manager.host_keys() == ["h0", "h2"]
+
+
+def test_adapter_for_another_model_is_refused(tmp_path: Path) -> None:
+    slots = LoraSlots(2, SHAPES, num_slots=1, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    manager = AdapterManager(slots, max_cpu_loras=2)
+    wider = CONFIG.__class__(**{**CONFIG.to_dict(), "hidden_size": 48})
+    path = write_random_adapter(tmp_path / "wide", wider, rank=4, seed=0)
+    with pytest.raises(AdapterLoadError, match="does not fit the base model"):
+        manager.get_host("t/wide@v1", path)
+    deeper = CONFIG.__class__(**{**CONFIG.to_dict(), "num_hidden_layers": 3})
+    with pytest.raises(AdapterLoadError, match="layer 2"):
+        manager.get_host("t/deep@v1", write_random_adapter(tmp_path / "deep", deeper, rank=4, seed=0))
+    assert manager.host_keys() == []
