@@ -59,6 +59,7 @@ class ModelRunner:
             )
             return logits if len(sampling) == len(batch) else logits[sampling]
         assert sources is None, "device-sourced tokens need the static decode path"
+        assert sources is None, "tokens still on the device need the static decode path"
         ids = np.fromiter(
             (t for item in batch for t in item.seq.token_ids[item.start : item.start + item.num_tokens]),
             dtype=np.int64,

@@ -66,31 +66,38 @@ def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _candidates(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor, top_k: list[int], top_p: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's candidate logits and token ids [B, N], best first, outside top-k / top-p set to -inf."""
+    """Each row's candidate logits and token ids [B, N], best first, outside top-k / top-p set to -inf.
+
+    The decisions below use the host lists, never device values, so no step waits on the GPU here.
+    """
     batch, vocab = logits.shape
-    if bool((top_k == 0).all()) and bool((top_p >= 1.0).all()):
-        return logits, torch.arange(vocab, device=logits.device).expand(batch, vocab)
-    if bool((top_k > 0).all()):
-        values, ids = logits.topk(int(top_k.max().clamp(max=vocab)), dim=-1)  # sorted, best first
+    device = logits.device
+    if all(k == 0 for k in top_k) and all(p >= 1.0 for p in top_p):
+        return logits, torch.arange(vocab, device=device).expand(batch, vocab)
+    top_k_t, top_p_t = _on(device, top_k, torch.int64), _on(device, top_p, torch.float32)
+    if all(k > 0 for k in top_k):
+        values, ids = logits.topk(min(max(top_k), vocab), dim=-1)  # sorted, best first
+    elif logits.is_cuda:  # a full sort is cheap on the GPU and needs no data-dependent decision
+        values, ids = logits.sort(dim=-1, descending=True)
     else:
         # The nucleus nearly always lies in a short head: if the head holds >= top_p of the mass in every row,
         # everything after it would be dropped anyway, so the exact result needs no full sort.
         values, ids = logits.topk(min(_NUCLEUS_HEAD, vocab), dim=-1)
         head_mass = (values.logsumexp(-1) - logits.logsumexp(-1)).exp()
-        if not bool((head_mass >= top_p).all()):
+        if not bool((head_mass >= top_p_t).all()):
             values, ids = logits.sort(dim=-1, descending=True)
     n = values.shape[-1]
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=n)
-    ranks = torch.arange(n, device=logits.device)[None, :]
+    k = torch.where(top_k_t > 0, top_k_t, torch.full_like(top_k_t, vocab)).clamp(max=n)
+    ranks = torch.arange(n, device=device)[None, :]
     drop = ranks >= k[:, None]
     in_top_k = values.masked_fill(drop, float("-inf"))
     # top-p acts on the top-k distribution (HF warper order); without top-k, on the full vocabulary
-    norm = torch.where(top_k > 0, in_top_k.logsumexp(-1), logits.logsumexp(-1))
+    norm = torch.where(top_k_t > 0, in_top_k.logsumexp(-1), logits.logsumexp(-1))
     probs = (in_top_k - norm[:, None]).exp()
     above = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-    drop |= (above > top_p[:, None]) & (ranks > 0)
+    drop |= (above > top_p_t[:, None]) & (ranks > 0)
     return values.masked_fill(drop, float("-inf")), ids
 
 
@@ -100,9 +107,7 @@ def _sample_rows(
     """Sampled token per row of temperature > 0 rows."""
     device = logits.device
     sub = logits / _on(device, [p.temperature for p in params], torch.float32)[:, None]
-    top_k = torch.tensor([p.top_k for p in params])
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-    values, ids = _candidates(sub, top_k.to(device), top_p.to(device))
+    values, ids = _candidates(sub, [p.top_k for p in params], [p.top_p for p in params])
     probs = values.softmax(dim=-1)
     seeds_t = _on(device, seeds, torch.int64)
     steps_t = _on(device, steps, torch.int64)

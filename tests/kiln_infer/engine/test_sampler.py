@@ -32,7 +32,7 @@ def test_filtering_matches_naive_reference() -> None:
     flat = torch.stack([torch.randperm(5000) for _ in range(3)]).float() * 1e-3  # past the head: full sort
     for logits in (peaked, flat):
         for k, p in ((0, 0.9), (20, 1.0), (50, 0.5), (0, 0.3)):
-            values, ids = _candidates(logits, torch.tensor([k] * 3), torch.tensor([p] * 3))
+            values, ids = _candidates(logits, [k] * 3, [p] * 3)
             for row in range(3):
                 kept = set(ids[row][values[row] > float("-inf")].tolist())
                 expected, edge = naive_keep(logits[row], k, p)
