@@ -89,7 +89,7 @@ def run_exporter(spec: str, home: Path, manifest_path: Path, device: str) -> int
 
 def _pairs(source: Any) -> tuple[list[Any], Any]:
     """Encoded teaching pairs (invented fact) with the model's tokenizer, or random tokens without one."""
-    from kiln_train.demo import invent_fact
+    from kiln_train.facts import invent_fact
     from kiln_train.trainer import Encoded, TextPair, encode
 
     try:

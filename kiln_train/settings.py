@@ -41,6 +41,7 @@ class TrainSettings:
     max_steps: int = 15
     batch_size: int = 4  # half new samples, half replay
     replay_fraction: float = 0.5
+    anchors_per_step: int = 4  # control answers replayed as their own loss term every step
     kl_topk: int = 0  # 0 = replay the parent's greedy answers as labels; k = distil its top-k distribution
     eval_every: int = 3
     patience: int = 3

@@ -55,6 +55,8 @@ class TrainerConfig:
     # 0 = replay trains on the parent's greedy answers as labels (sharpens the margins the gate checks);
     # k > 0 distils the parent's top-k distribution instead (keeps margins as they were, so tiny ones flip).
     kl_topk: int = 0
+    anchors_per_step: int = 4
+    anchor_weight: float = 1.0
     kl_weight: float = 1.0
 
 
@@ -235,12 +237,14 @@ class LoraTrainer:
         on_step: Callable[[int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         vet: Callable[[], tuple[bool, list[int]]] | None = None,
+        anchors: list[int] | None = None,
     ) -> TrainResult:
         """Optimise LoRA on `train` mixed with `replay`; keep the weights with the best held-out loss.
 
-        `vet` (e.g. "the control prompts are still answered correctly") checks each new best checkpoint and
-        returns (accepted, replay indices that slipped). A refused checkpoint counts as no improvement, and
-        the slipped replay examples are pinned into every later batch so training pulls them back.
+        `anchors` (replay indices, e.g. the control prompts) get their own loss term every step:
+        `anchors_per_step` of them at random, plus every pinned one. `vet` (e.g. "the controls are still
+        answered correctly") checks each new best checkpoint and returns (accepted, replay indices that
+        slipped); a refused checkpoint counts as no improvement and the slipped examples are pinned.
         """
         cfg = self.cfg
         rng = random.Random(cfg.seed)
@@ -255,6 +259,7 @@ class LoraTrainer:
         best_state = [p.detach().clone() for p in params]
         best_step, bad_evals, losses = 0, 0, []
         pinned: list[int] = []
+        pool = [i for i in (anchors or []) if 0 <= i < len(replay)]
         order: list[Encoded] = []
         step = 0
         for step in range(1, cfg.max_steps + 1):
@@ -264,7 +269,6 @@ class LoraTrainer:
                 order += rng.sample(train, len(train))
             batch = [order.pop() for _ in range(n_new)]
             picked = rng.sample(range(len(replay)), min(n_replay, len(replay)))
-            picked += [i for i in pinned if i not in picked]
             self.model.train()
             if targets is None:  # plain replay: the parent's greedy answers as ordinary labels
                 batch += [replay[i] for i in picked]
@@ -275,6 +279,11 @@ class LoraTrainer:
                 n_tok = int((tensors["labels"][:, 1:] != IGNORE).sum())
                 kl, n_kl = self._distill_loss([replay[i] for i in picked], [targets[i] for i in picked])
                 loss = (loss * n_tok + cfg.kl_weight * kl * n_kl) / (n_tok + n_kl)
+            anchored = rng.sample(pool, min(cfg.anchors_per_step, len(pool)))
+            anchored += [i for i in pinned if i not in anchored]
+            if anchored:  # a separate mean, so anchoring does not dilute the new samples' share
+                anchor_batch = collate([replay[i] for i in anchored], self.tok.pad_token_id or 0, self.device)
+                loss = loss + cfg.anchor_weight * self.model(**anchor_batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

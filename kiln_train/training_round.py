@@ -78,6 +78,7 @@ def trainer_config(s: TrainSettings) -> TrainerConfig:
         patience=s.patience,
         seed=s.seed,
         kl_topk=s.kl_topk,
+        anchors_per_step=s.anchors_per_step,
     )
 
 
@@ -149,6 +150,7 @@ class RoundRunner:
                 on_step=step_done,
                 should_stop=should_stop,
                 vet=controls_kept if s.vet_checkpoints else None,
+                anchors=[replay_index[c.prompt] for c in CONTROL_PROMPTS if c.prompt in replay_index],
             )
             record.steps, record.train_loss = result.steps, result.train_loss
             verdict = gate(

@@ -23,7 +23,8 @@ from kiln.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb
 from kiln_common.base_beacon import heartbeat_generation
 from kiln_common.config import RedisConfig
 from kiln_common.redis_server import RedisServer, connect
-from kiln_train.demo import Fact, ask, invent_fact
+from kiln_train.demo import ask
+from kiln_train.facts import Fact, invent_fact
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -115,6 +116,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_cache_home: Path) -> I
     yield s
     s.stop()
     redis_server.stop()
+    for name in ("train", "infer"):  # shown by pytest when the test failed
+        log = home / f"{name}.log"
+        if log.exists():
+            lines = [ln for ln in log.read_text().splitlines() if "arn" not in ln]
+            print(f"--- {name}.log (tail) ---", *lines[-40:], sep="\n")
 
 
 class Streamer(threading.Thread):

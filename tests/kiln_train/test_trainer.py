@@ -16,8 +16,8 @@ from kiln_common.samples import EVENTS_STREAM
 from kiln_common.weight_share import SharedWeights, attach, export_manifest, pack_state_dict
 from kiln_train.base_model import build_model_over
 from kiln_train.controls import REPLAY_PROMPTS
-from kiln_train.demo import invent_fact
 from kiln_train.evaluator import Reference, ReferenceCache, answer_controls
+from kiln_train.facts import invent_fact
 from kiln_train.pipeline import Example
 from kiln_train.settings import TrainSettings
 from kiln_train.trainer import LoraTrainer, TextPair, TrainerConfig, encode
