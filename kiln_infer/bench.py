@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import random
 import sys
 import tempfile
@@ -238,7 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kiln bench", description=__doc__)
     parser.add_argument("--cpu", action="store_true", help="small SmolLM2 variant for machines without a GPU")
     parser.add_argument(
-        "--home", type=Path, default=Path(".kiln"), help="KILN_HOME holding the embedded model"
+        "--home",
+        type=Path,
+        default=Path(os.environ.get("KILN_HOME", ".kiln")),
+        help="KILN_HOME holding the embedded model [$KILN_HOME, else ./.kiln]",
     )
     parser.add_argument("--skip-baselines", action="store_true", help="only our engine")
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -136,21 +136,20 @@ class EngineCore:
         batch.sort(key=lambda item: item.num_tokens > 1)  # single-token rows first: the decode attention path
         prev, self.inflight = self.inflight, None
         t1 = time.perf_counter()
+        self.phase_s["schedule"] += t1 - t0
         if prev is not None and not (batch and self._can_overlap(batch)):
             self._complete(prev)
             prev = None
             batch = [item for item in batch if not item.seq.is_finished]
-        if not batch:
-            self.phase_s["schedule"] += t1 - t0
-            return 0
-        self.inflight = self._launch(batch, prev)
         t2 = time.perf_counter()
+        if batch:
+            self.inflight = self._launch(batch, prev)
+            self.num_steps += 1
+        t3 = time.perf_counter()
         if prev is not None:
             self._complete(prev)
-        self.phase_s["schedule"] += t1 - t0
-        self.phase_s["launch"] += t2 - t1
-        self.phase_s["host"] += time.perf_counter() - t2
-        self.num_steps += 1
+        self.phase_s["launch"] += t3 - t2
+        self.phase_s["host"] += (t2 - t1) + (time.perf_counter() - t3)
         return sum(item.num_tokens for item in batch)
 
     def _can_overlap(self, batch: list[ScheduledSeq]) -> bool:
