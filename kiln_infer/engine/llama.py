@@ -68,6 +68,12 @@ class LlamaModel:
 
     def __init__(self, config: PretrainedConfig, state: dict[str, torch.Tensor], max_positions: int) -> None:
         self.config = config
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and max_positions > window:
+            raise ValueError(
+                f"the model attends within a sliding window of {window} tokens, which this engine does not "
+                f"implement: set max_model_len <= {window}"
+            )
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads

@@ -7,6 +7,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
+    MistralConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
     Qwen2Config,
@@ -50,6 +51,7 @@ CONFIGS = {
     ),
     "qwen2-bias": lambda: Qwen2Config(**SHAPE, tie_word_embeddings=True),
     "qwen3-norm": qwen3,
+    "mistral": lambda: MistralConfig(**SHAPE, sliding_window=None, tie_word_embeddings=False),
 }
 
 
@@ -85,3 +87,12 @@ def test_family_logprobs_match_transformers(family: str, tokenizer: PreTrainedTo
         chosen = torch.tensor([lp[0].logprob for o in out for lp in o.logprobs])
         assert ids == ref.argmax(-1).tolist()
         assert torch.allclose(chosen, ref.gather(1, torch.tensor(ids)[:, None]).squeeze(1), atol=1e-4)
+
+
+def test_sliding_window_shorter_than_context_is_refused(tokenizer: PreTrainedTokenizerBase) -> None:
+    config = MistralConfig(**SHAPE, sliding_window=64)
+    state = {k: v.detach() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    with pytest.raises(ValueError, match="sliding window of 64"):
+        AsyncEngine.from_weights(
+            config, state, tokenizer, config=EngineConfig(max_model_len=128, num_kv_blocks=16)
+        )
