@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -43,9 +44,10 @@ def slots_for(starts: np.ndarray, lengths: np.ndarray, tables: np.ndarray, block
 
 def block_table_array(tables: list[list[int]], width: int) -> np.ndarray:
     """Pad block id lists into an int32 array [len(tables), width]."""
+    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    flat = np.fromiter(chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum()))
     out = np.zeros((len(tables), width), dtype=np.int32)
-    for i, t in enumerate(tables):
-        out[i, : len(t)] = t
+    out[np.arange(width) < lengths[:, None]] = flat  # row-major fill: each row's ids, then its padding
     return out
 
 

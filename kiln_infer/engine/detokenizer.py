@@ -58,28 +58,31 @@ class Detokenizer:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
-        self.table = byte_table(tokenizer)  # fast path: bytes per id and an incremental UTF-8 decoder
+        self.table = byte_table(tokenizer)  # fast path: bytes per id and an incremental UTF-8 decode
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
     def append(self, seq: Sequence, token: int) -> str:
-        """Extend seq.text with its newest output `token` (incomplete UTF-8 held back); returns the delta."""
-        if self.table is not None:
-            if seq.utf8 is None:
-                seq.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            delta = seq.utf8.decode(self.table[token] if 0 <= token < len(self.table) else b"")
-            seq.text += delta
+        """The new text that output `token` adds (incomplete UTF-8 held back); the caller keeps it."""
+        table = self.table
+        if table is not None:
+            piece = table[token] if 0 <= token < len(table) else b""
+            data = seq.utf8_tail + piece if seq.utf8_tail else piece
+            # what codecs' incremental UTF-8 decoder (errors="replace") does, without its Python frame
+            delta, used = codecs.utf_8_decode(data, "replace", False)
+            if used < len(data):
+                seq.utf8_tail = data[used:]
+            elif seq.utf8_tail:
+                seq.utf8_tail = b""
             return delta
         ids = seq.output_ids
         prefix = self._decode(ids[seq.prefix_offset : seq.read_offset])
         full = self._decode(ids[seq.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
-        delta = full[len(prefix) :]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        seq.text += delta
-        return delta
+        return full[len(prefix) :]
 
 
 def find_stop(seq: Sequence, delta_len: int) -> int:

@@ -133,7 +133,8 @@ class EngineCore:
         t0 = time.perf_counter()
         self.expire(time.monotonic())
         batch = self.scheduler.schedule()
-        batch.sort(key=lambda item: item.num_tokens > 1)  # single-token rows first: the decode attention path
+        if any(item.num_tokens > 1 for item in batch):  # single-token rows first: the decode attention path
+            batch.sort(key=lambda item: item.num_tokens > 1)
         prev, self.inflight = self.inflight, None
         t1 = time.perf_counter()
         self.phase_s["schedule"] += t1 - t0
@@ -172,36 +173,40 @@ class EngineCore:
                 for item in batch
             ]
         logits = self.runner.execute(batch, prev.pending.tokens if prev is not None else None, sources)
-        sampling = [item for item in batch if item.samples]
-        seqs = [item.seq for item in sampling]
+        seqs = [item.seq for item in batch if item.samples]
+        params = [s.request.sampling for s in seqs]
+        steps = [len(s.token_ids) for s in seqs]
         pending = sample_async(
             logits,
             SamplingBatch(
-                params=[s.request.sampling for s in seqs],
+                params=params,
                 seeds=[s.seed for s in seqs],
-                steps=[len(s.token_ids) for s in seqs],
-                history=[s.token_ids if s.request.sampling.repetition_penalty != 1.0 else [] for s in seqs],
+                steps=steps,
+                history=[
+                    s.token_ids if p.repetition_penalty != 1.0 else []
+                    for s, p in zip(seqs, params, strict=True)
+                ],
             ),
         )
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
-        sampled = []
         for seq in seqs:
-            sampled.append((seq, len(seq.token_ids)))
             seq.token_ids.append(PLACEHOLDER)
+        sampled = list(zip(seqs, steps, strict=True))  # each row's placeholder sits at index `step`
         return InflightStep(batch, sampled, pending, {id(seq): row for row, seq in enumerate(seqs)})
 
     def _complete(self, step: InflightStep) -> None:
         """Host side of a finished step: resolve its tokens, stream them, retire finished sequences."""
         result = step.pending.result()
         now = time.monotonic()
+        accept, emit, finished = self.outputs.accept, self.outputs.emit, SequenceStatus.FINISHED
         for (seq, index), token, lp in zip(step.sampled, result.token_ids, result.logprobs, strict=True):
-            if seq.status is SequenceStatus.FINISHED:
+            if seq.status is finished:
                 continue
-            reason = self.outputs.accept(seq, index, token, lp)
+            reason = accept(seq, index, token, lp)
             if reason is not None:
                 self._finish(seq, reason)
-            self.outputs.emit(seq, now)
+            emit(seq, now)
         block_size = self.config.block_size
         for item in step.batch:
             seq = item.seq

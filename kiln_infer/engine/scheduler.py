@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from operator import attrgetter
 
 from kiln_infer.engine.block_manager import BlockManager
 from kiln_infer.engine.config import EngineConfig
@@ -12,6 +13,7 @@ from kiln_infer.engine.sequence import Sequence, SequenceStatus
 from kiln_infer.lora.adapter_manager import AdapterManager
 
 log = logging.getLogger(__name__)
+by_arrival = attrgetter("arrival")
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Scheduler:
         """Pick this step's work within the token budget and the KV blocks available."""
         budget = self.config.max_num_batched_tokens
         out: list[ScheduledSeq] = []
-        self.running.sort(key=lambda s: s.arrival)
+        self.running.sort(key=by_arrival)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]

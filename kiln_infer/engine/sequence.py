@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import enum
 import queue
 from dataclasses import dataclass, field
@@ -38,11 +37,12 @@ class Sequence:
     lora_slot: int = -1  # device slot while running, -1 = base model
     finish_reason: FinishReason | None = None
     # detokenizer state
-    text: str = ""
-    sent_chars: int = 0
+    text: str = ""  # all output text so far; kept only for requests with stop strings
+    sent_chars: int = 0  # leading chars of `text` already streamed
+    unsent_text: str = ""  # new text not yet streamed, for requests without stop strings
     prefix_offset: int = 0
     read_offset: int = 0
-    utf8: codecs.IncrementalDecoder | None = None  # byte-level fast path of the detokenizer
+    utf8_tail: bytes = b""  # incomplete UTF-8 held back by the byte-level fast path of the detokenizer
     pending_ids: list[int] = field(default_factory=list)  # new tokens not yet streamed
     pending_logprobs: list[tuple[TokenLogprob, list[TokenLogprob]]] = field(default_factory=list)
     outputs: queue.SimpleQueue[RequestOutput | None] = field(default_factory=queue.SimpleQueue)
