@@ -197,14 +197,21 @@ def test_teach_serve_and_survive_kills(stack: Stack) -> None:
     assert not fact.answered_by(answer), answer  # the base model cannot know an invented fact
 
     ids_a = teach(infer, "facts", fact)
+    last_sample = time.monotonic()
     streamer = Streamer(f"127.0.0.1:{stack.infer_port}", "facts")
     streamer.start()
     rnd = wait_round(train, "facts", done=True)
     assert rnd.outcome == "published", rnd.reason
+    published = time.monotonic()
     deadline = time.monotonic() + 60
     while ask(infer, "Hi", "facts", [], max_tokens=2)[1] != "facts@v1":
         assert time.monotonic() < deadline, "v1 never served"
         time.sleep(0.2)
+    serving = time.monotonic()
+    print(
+        f"last sample -> v1 published {published - last_sample:.1f}s, "
+        f"-> v1 serving {serving - last_sample:.1f}s (round: {rnd.steps} steps, eval {dict(rnd.eval)})"
+    )
     answers = [ask(infer, q, "facts", [])[0] for q in fact.probes()]
     assert sum(fact.answered_by(a) for a in answers) >= 2, (fact, answers)
     paris, version = ask(infer, "What is the capital of France?", "facts", [])
