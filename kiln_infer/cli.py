@@ -156,7 +156,8 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     g.add_argument("--system", default="", help="system message (with --chat)")
     g.add_argument("--max-tokens", type=int)
-    g.add_argument("--temperature", type=float)
+    # The API's default is 1.0; at a terminal a small model reads better greedy, so the CLI defaults to 0.
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int)
