@@ -1,0 +1,135 @@
+"""Where W1's time goes on the GPU: a per-step trace of the engine loop and the top kernels by device time.
+
+    python scripts/profile_w1.py [--adapters N] [--home DIR]
+
+Prints (1) every engine step's wall time grouped by kind (pure decode by batch size, mixed prefill), (2) the
+torch profiler's top operators and kernels over one W1 run, (3) the kernels of one batch-1 decode forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kiln_common.model_loader import load_state_dict, load_tokenizer, resolve_model  # noqa: E402
+from kiln_common.weight_share import pack_state_dict  # noqa: E402
+from kiln_infer import bench  # noqa: E402
+from kiln_infer.engine.types import AdapterRef  # noqa: E402
+from kiln_infer.lora.random_adapter import write_random_adapter  # noqa: E402
+
+
+def trace_steps(engine) -> list[tuple[float, float, int, int, bool]]:  # type: ignore[no-untyped-def]
+    """Wrap the core's step: records (start, end, tokens, sequences, pure decode) per step."""
+    core, records = engine.core, []
+    original = core.step
+
+    def step() -> int:
+        t0 = time.perf_counter()
+        batch_before = core.num_steps
+        n = original()
+        inflight = core.inflight
+        seqs = len(inflight.batch) if inflight is not None else 0
+        pure = inflight is not None and all(item.num_tokens == 1 for item in inflight.batch)
+        if core.num_steps != batch_before:
+            records.append((t0, time.perf_counter(), n, seqs, pure))
+        return n
+
+    core.step = step  # type: ignore[method-assign]
+    return records
+
+
+def summarize(records: list[tuple[float, float, int, int, bool]]) -> None:
+    """Step wall times by kind."""
+    if not records:
+        print("no steps recorded")
+        return
+    t_start = records[0][0]
+    groups: dict[str, list[float]] = collections.defaultdict(list)
+    last_mixed = 0.0
+    for t0, t1, n, seqs, pure in records:
+        key = f"decode batch {seqs:>3}" if pure else f"mixed ({seqs} seqs)"
+        if not pure:
+            last_mixed = t1 - t_start
+            print(f"  mixed step at {1000 * (t0 - t_start):8.1f} ms: {n} tokens, {seqs} seqs, {1000 * (t1 - t0):.1f} ms")
+        groups["decode" if pure else "mixed"].append(t1 - t0)
+        if pure:
+            groups[key].append(t1 - t0)
+    print(f"steps {len(records)}, span {1000 * (records[-1][1] - t_start):.1f} ms, last mixed step ends {1000 * last_mixed:.1f} ms")
+    for key in sorted(groups):
+        v = groups[key]
+        print(f"  {key:<22} n={len(v):4d} mean {1000 * sum(v) / len(v):7.3f} ms  total {1000 * sum(v):8.1f} ms")
+    gaps = [records[i + 1][0] - records[i][1] for i in range(len(records) - 1)]
+    print(f"  loop time outside step(): {1000 * sum(gaps):.1f} ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--adapters", type=int, default=0)
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("KILN_HOME", ".kiln")))
+    parser.add_argument("--no-profiler", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    w = bench.GPU if torch.cuda.is_available() else bench.CPU  # CPU: only checks the script runs
+    source = resolve_model(w.model, args.home)
+    tokenizer = load_tokenizer(source)
+    state = load_state_dict(source, w.dtype, w.device)
+    if w.device == "cuda":
+        state = pack_state_dict(state, w.device).views
+    gc.collect()
+    vocab = min(len(tokenizer), source.config.vocab_size)
+    reqs = bench.prompts(w, vocab, w.num_requests)
+    adapters: list[AdapterRef | None] = [None]
+    if args.adapters:
+        tmp = Path(tempfile.mkdtemp())
+        adapters = [
+            AdapterRef(f"p/a{i}@v1", write_random_adapter(tmp / f"a{i}", source.config, w.rank, seed=i))
+            for i in range(args.adapters)
+        ]
+    config = bench.engine_config(w, max(1, args.adapters), w.num_requests)
+    engine = bench.build_engine(source, state, tokenizer, config, w, adapters)
+    r = bench.run_engine(engine, w, reqs, adapters, "warm-full")
+    print(f"warm run: {r.tokens_per_s:.0f} tok/s")
+    records = trace_steps(engine)
+    r = bench.run_engine(engine, w, reqs, adapters, "traced")
+    print(f"traced run: {r.tokens_per_s:.0f} tok/s, TTFT {r.ttft_ms}, TPOT {r.tpot_ms}")
+    summarize(records)
+    if not args.no_profiler:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            r = bench.run_engine(engine, w, reqs, adapters, "profiled")
+            torch.cuda.synchronize()
+        print(f"profiled run: {r.tokens_per_s:.0f} tok/s")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    decoder = engine.core.runner.decoder
+    if decoder is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.inference_mode():
+            for _ in range(3):
+                decoder._forward(1, False)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    decoder._forward(1, False)
+                torch.cuda.synchronize()
+        print("batch-1 eager decode forward, 10 runs (device time per kernel):")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+        print(f"batch-1 graph replay: {bench.graph_step_ms(engine, 1):.3f} ms; batch 256: {bench.graph_step_ms(engine, 256):.3f} ms")
+    engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
