@@ -101,17 +101,19 @@ def main() -> int:
     r = bench.run_engine(engine, w, reqs, adapters, "warm-full")
     print(f"warm run: {r.tokens_per_s:.0f} tok/s")
     records = trace_steps(engine)
-    r = bench.run_engine(engine, w, reqs, adapters, "traced")
+    # fresh prompts for every run: a repeated prompt would be served from the prefix cache
+    r = bench.run_engine(engine, w, bench.prompts(w, vocab, w.num_requests, seed=1), adapters, "traced")
     print(f"traced run: {r.tokens_per_s:.0f} tok/s, TTFT {r.ttft_ms}, TPOT {r.tpot_ms}")
     summarize(records)
     if not args.no_profiler:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            r = bench.run_engine(engine, w, reqs, adapters, "profiled")
+            r = bench.run_engine(engine, w, bench.prompts(w, vocab, w.num_requests, seed=2), adapters, "profiled")
             torch.cuda.synchronize()
         print(f"profiled run: {r.tokens_per_s:.0f} tok/s")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
     decoder = engine.core.runner.decoder
     if decoder is not None:
         from torch.profiler import ProfilerActivity, profile

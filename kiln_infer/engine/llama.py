@@ -221,5 +221,5 @@ class LlamaModel:
         return self._rms(x, self.norm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [N, vocab] for the given hidden rows."""
-        return F.linear(hidden, self.lm_head).float()
+        """Logits [N, vocab] in the model's dtype (the sampler widens them to fp32 where it needs to)."""
+        return F.linear(hidden, self.lm_head)

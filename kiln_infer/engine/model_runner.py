@@ -39,7 +39,7 @@ class ModelRunner:
         prev_tokens: torch.Tensor | None = None,
         sources: list[int] | None = None,
     ) -> torch.Tensor:
-        """Run one step (single-token items first); fp32 logits [sampling items, vocab] in batch order.
+        """Run one step (single-token items first); model-dtype logits [sampling items, vocab], batch order.
 
         With `sources`, row b's input token is prev_tokens[sources[b]] (still on the device) where >= 0.
         """

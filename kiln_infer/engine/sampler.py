@@ -158,8 +158,14 @@ class PendingSample:
 
 
 def sample_async(logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
-    """Pick one token per row of fp32 `logits` [B, vocab] without waiting for the device."""
+    """Pick one token per row of `logits` [B, vocab] without waiting for the device.
+
+    The logits may be in the model's dtype: greedy rows take the argmax as is (a widening cast changes no
+    order), and everything else (penalty, temperature, filtering, logprobs) works on an fp32 copy.
+    """
     params = batch.params
+    if logits.dtype != torch.float32 and any(p.repetition_penalty != 1.0 for p in params):
+        logits = logits.float()
     apply_repetition_penalty(logits, batch.history, [p.repetition_penalty for p in params])
     device = logits.device
     chosen = logits.argmax(dim=-1)
@@ -171,7 +177,7 @@ def sample_async(logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
         if group:
             rows = _on(device, group, torch.int64)
             chosen[rows] = _sample_rows(
-                logits[rows],
+                logits[rows].float(),
                 [params[i] for i in group],
                 [batch.seeds[i] for i in group],
                 [batch.steps[i] for i in group],
@@ -180,12 +186,12 @@ def sample_async(logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
     tensors = None
     if want:
         rows = _on(device, want, torch.int64)
-        lp = logits[rows].log_softmax(dim=-1)
+        lp = logits[rows].float().log_softmax(dim=-1)
         top_vals, top_ids = lp.topk(max(params[i].logprobs for i in want), dim=-1)
         tensors = (lp.gather(1, chosen[rows][:, None]).squeeze(1), top_vals, top_ids)
     return PendingSample(chosen, params, want, tensors)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """Pick one token per row of fp32 `logits` [B, vocab] (blocking)."""
+    """Pick one token per row of `logits` [B, vocab] (blocking)."""
     return sample_async(logits, batch).result()
