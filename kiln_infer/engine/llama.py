@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from kiln_infer.engine.attention import StepMetadata, paged_attention, write_kv
+from kiln_infer.engine.fused_ops import add_rms_norm, rms_norm, rms_norm_reference, silu_mul
 from kiln_infer.engine.rope import apply_rope, rope_tables
 from kiln_infer.engine.rope_cache import fused_rope_self_check, fused_rope_supported, rope_and_cache
 from kiln_infer.lora.layers import LoraSlots, lora_shrink
@@ -136,11 +137,10 @@ class LlamaModel:
         return {m: (t.shape[1], t.shape[0]) for m, t in mats.items()}
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over the last dim of any shape (Qwen3's per-head q/k norm)."""
         if x.is_cuda:  # one fused kernel instead of seven
             return F.rms_norm(x, weight.shape, weight, self.eps)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+        return rms_norm_reference(x, weight, self.eps)
 
     @staticmethod
     def _linears(
@@ -198,10 +198,15 @@ class LlamaModel:
         out = paged_attention(q, kv[0], kv[1], meta, self.scale)
         return self._add_lora(out, [F.linear(out, w.o)], i, "o", ("o_proj",), lora)[0]
 
-    def _mlp(self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        gate_up = self._linears(x, w.gate_up, [w.gate, w.up], [None, None])
-        gate, up = self._add_lora(x, gate_up, i, "gate_up", ("gate_proj", "up_proj"), lora)
-        h = F.silu(gate) * up
+    def _mlp(
+        self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch | None, use_triton: bool
+    ) -> torch.Tensor:
+        if w.gate_up is not None and lora is None:
+            h = silu_mul(F.linear(x, w.gate_up), use_triton)  # one matmul, one activation kernel
+        else:
+            gate_up = self._linears(x, w.gate_up, [w.gate, w.up], [None, None])
+            gate, up = self._add_lora(x, gate_up, i, "gate_up", ("gate_proj", "up_proj"), lora)
+            h = F.silu(gate) * up
         return self._add_lora(h, [F.linear(h, w.down)], i, "down", ("down_proj",), lora)[0]
 
     def forward(
@@ -212,13 +217,22 @@ class LlamaModel:
         meta: StepMetadata,
         lora: LoraBatch | None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [T, hidden] for flat tokens `input_ids` [T] at `positions` [T]."""
-        x = F.embedding(input_ids, self.embed)
+        """Final-norm hidden states [T, hidden] for flat tokens `input_ids` [T] at `positions` [T].
+
+        The residual stream is added to in place; each residual add runs fused with the norm after it
+        (the next layer's input norm, or the final norm after the last layer).
+        """
+        fast = meta.use_triton
+        residual = F.embedding(input_ids, self.embed)  # [T, hidden]
         rope = (self.cos[positions], self.sin[positions])  # [T, D] each, shared by every layer
-        for i, w in enumerate(self.layers):
-            x = x + self._attention(i, w, self._rms(x, w.input_norm), rope, kv_caches[i], meta, lora)
-            x = x + self._mlp(i, w, self._rms(x, w.post_norm), lora)
-        return self._rms(x, self.norm)
+        x = rms_norm(residual, self.layers[0].input_norm, self.eps, fast)
+        next_norms = [w.input_norm for w in self.layers[1:]] + [self.norm]
+        for i, (w, next_norm) in enumerate(zip(self.layers, next_norms, strict=True)):
+            out = self._attention(i, w, x, rope, kv_caches[i], meta, lora)
+            x = add_rms_norm(out, residual, w.post_norm, self.eps, fast)
+            out = self._mlp(i, w, x, lora, fast)
+            x = add_rms_norm(out, residual, next_norm, self.eps, fast)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in the model's dtype (the sampler widens them to fp32 where it needs to)."""
