@@ -36,26 +36,35 @@ class StaticDecoder:
         self.use_graphs, self.use_triton = use_graphs, use_triton
         n, dev = self.batch_sizes[-1], model.device
         self.max_blocks = max_blocks
-        # rows: token ids, positions, cache slots, LoRA slot, source row of a device-side token (-1 = host);
-        # then context lengths (int32) and block tables
+        # One byte buffer per staging set, viewed as: rows int64 [5, n] (token ids, positions, cache slots,
+        # LoRA slot, source row of a device-side token, -1 = host), context lengths int32 [n], block tables
+        # int32 [n, max_blocks]. One host-to-device copy per step moves all of it.
         # Two pinned staging sets, used in turn: with overlapped steps the copy out of one set may still be
         # queued on the GPU while the host fills the other (a set is reused only after its step completed).
         pin = dev.type == "cuda"
-        self.staging = [
-            (
-                torch.zeros(5, n, dtype=torch.long, pin_memory=pin),
-                torch.ones(n, dtype=torch.int32, pin_memory=pin),
-                torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=pin),
-            )
-            for _ in range(2)
-        ]
+        blobs = [torch.zeros(self._blob_bytes(n), dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.staging = [(blob, *self._views(blob, n)) for blob in blobs]
         self.num_runs = 0
-        self.rows = torch.zeros(5, n, dtype=torch.long, device=dev)
+        self.blob = torch.zeros(self._blob_bytes(n), dtype=torch.uint8, device=dev)
+        self.rows, self.lens, self.tables = self._views(self.blob, n)
         self.rows[2].fill_(self.scratch_slot)
-        self.lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
+        self.lens.fill_(1)
+        # the previous step's sampled tokens, read inside the graph where rows[4] >= 0
+        self.feedback = torch.zeros(n, dtype=torch.long, device=dev)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: tuple[int, int] | None = None  # memory pool shared by every captured graph
+
+    def _blob_bytes(self, n: int) -> int:
+        return 5 * n * 8 + n * 4 + n * self.max_blocks * 4
+
+    def _views(self, blob: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows int64 [5, n], lens int32 [n], tables int32 [n, max_blocks]) over one byte buffer."""
+        a, b = 5 * n * 8, 5 * n * 8 + n * 4
+        return (
+            blob[:a].view(torch.int64).view(5, n),
+            blob[a:b].view(torch.int32),
+            blob[b:].view(torch.int32).view(n, self.max_blocks),
+        )
 
     @property
     def max_batch(self) -> int:
@@ -64,7 +73,8 @@ class StaticDecoder:
 
     def _forward(self, bucket: int, with_lora: bool) -> torch.Tensor:
         """The captured computation: logits [bucket, vocab] from the static buffers."""
-        ids, positions, slots, lora_slots = self.rows[:4, :bucket]
+        host_ids, positions, slots, lora_slots, sources = self.rows[:, :bucket]
+        ids = torch.where(sources >= 0, self.feedback[sources.clamp(min=0)], host_ids)
         meta = StepMetadata(slots, bucket, self.tables[:bucket], self.lens[:bucket], None, self.use_triton)
         lora = LoraBatch(self.lora_slots, self.lora_slots.token_mask(lora_slots)) if with_lora else None
         hidden = self.model.forward(ids, positions, self.kv_caches, meta, lora)
@@ -110,7 +120,7 @@ class StaticDecoder:
         bucket = self.batch_sizes[bisect.bisect_left(self.batch_sizes, b)]
         pos = np.asarray(positions, dtype=np.int64)
         table_a = block_table_array(tables, self.max_blocks)
-        host_rows, host_lens, host_tables = self.staging[self.num_runs % 2]
+        host_blob, host_rows, host_lens, host_tables = self.staging[self.num_runs % 2]
         self.num_runs += 1
         rows = host_rows.numpy()
         rows[0, :b], rows[1, :b] = tokens, pos
@@ -127,12 +137,9 @@ class StaticDecoder:
         host_lens.numpy()[b:bucket] = 1
         host_tables.numpy()[:b] = table_a
         host_tables.numpy()[b:bucket] = 0
-        self.rows[:, :bucket].copy_(host_rows[:, :bucket], non_blocking=True)
-        self.lens[:bucket].copy_(host_lens[:bucket], non_blocking=True)
-        self.tables[:bucket].copy_(host_tables[:bucket], non_blocking=True)
+        self.blob.copy_(host_blob, non_blocking=True)
         if prev_tokens is not None and sources is not None:
-            src = self.rows[4, :b]
-            self.rows[0, :b] = torch.where(src >= 0, prev_tokens[src.clamp(min=0)], self.rows[0, :b])
+            self.feedback[: len(prev_tokens)].copy_(prev_tokens, non_blocking=True)
         with_lora = any(s >= 0 for s in lora_slots)
         if self.use_graphs:
             key = (bucket, with_lora)
