@@ -76,7 +76,7 @@ class StaticDecoder:
         host_ids, positions, slots, lora_slots, sources = self.rows[:, :bucket]
         ids = torch.where(sources >= 0, self.feedback[sources.clamp(min=0)], host_ids)
         meta = StepMetadata(slots, bucket, self.tables[:bucket], self.lens[:bucket], None, self.use_triton)
-        lora = LoraBatch(self.lora_slots, self.lora_slots.token_mask(lora_slots)) if with_lora else None
+        lora = LoraBatch.for_tokens(self.lora_slots, lora_slots, self.use_triton) if with_lora else None
         hidden = self.model.forward(ids, positions, self.kv_caches, meta, lora)
         return self.model.logits(hidden)
 

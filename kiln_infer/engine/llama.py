@@ -13,7 +13,7 @@ from kiln_infer.engine.attention import StepMetadata, paged_attention, write_kv
 from kiln_infer.engine.fused_ops import add_rms_norm, rms_norm, rms_norm_reference, silu_mul
 from kiln_infer.engine.rope import apply_rope, rope_tables
 from kiln_infer.engine.rope_cache import fused_rope_self_check, fused_rope_supported, rope_and_cache
-from kiln_infer.lora.layers import LoraSlots, lora_shrink
+from kiln_infer.lora.layers import LoraBatch, add_lora
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ class LayerWeights:
     v_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # Qwen3 per-head RMSNorm
     k_norm: torch.Tensor | None = None
-
-
-@dataclass
-class LoraBatch:
-    """Per-step LoRA inputs: slot tensors and the [T, S*R] token mask (None = no adapter tokens)."""
-
-    slots: LoraSlots
-    mask: torch.Tensor
 
 
 class LlamaModel:
@@ -160,15 +152,10 @@ class LlamaModel:
         outs: list[torch.Tensor],
         layer: int,
         group: str,
-        modules: tuple[str, ...],
         lora: LoraBatch | None,
     ) -> list[torch.Tensor]:
-        """Add the batch's LoRA deltas for one shrink group (one shrink matmul, one expand per module)."""
-        if lora is None:
-            return outs
-        shrunk = lora_shrink(x, lora.slots.a_group[layer][group], lora.mask)  # [T, modules, S*R]
-        b = lora.slots.b[layer]
-        return [y + shrunk[:, i] @ b[m].t() for i, (y, m) in enumerate(zip(outs, modules, strict=True))]
+        """Add the batch's LoRA deltas for one shrink group into its base outputs `outs`, in place."""
+        return outs if lora is None else add_lora(x, outs, layer, group, lora)
 
     def _attention(
         self,
@@ -181,11 +168,9 @@ class LlamaModel:
         lora: LoraBatch | None,
     ) -> torch.Tensor:
         t, h, kvh, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        if w.qkv is not None and lora is None and w.q_bias is None:
-            q2, k2, v2 = F.linear(x, w.qkv).split([h * d, kvh * d, kvh * d], dim=-1)  # views of one output
-        else:
-            parts = self._linears(x, w.qkv, [w.q, w.k, w.v], [w.q_bias, w.k_bias, w.v_bias])
-            q2, k2, v2 = self._add_lora(x, parts, i, "qkv", ("q_proj", "k_proj", "v_proj"), lora)
+        # views of one output when q, k, v are fused (LoRA is then added into it in place)
+        parts = self._linears(x, w.qkv, [w.q, w.k, w.v], [w.q_bias, w.k_bias, w.v_bias])
+        q2, k2, v2 = self._add_lora(x, parts, i, "qkv", lora)
         if w.q_norm is None:
             q = rope_and_cache(
                 q2, k2, v2, rope, kv, meta.slot_mapping, h, kvh, meta.use_triton and self.fused_rope
@@ -196,18 +181,20 @@ class LlamaModel:
             q, k = apply_rope(self._rms(q, w.q_norm), *rope), apply_rope(self._rms(k, w.k_norm), *rope)
             write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         out = paged_attention(q, kv[0], kv[1], meta, self.scale)
-        return self._add_lora(out, [F.linear(out, w.o)], i, "o", ("o_proj",), lora)[0]
+        return self._add_lora(out, [F.linear(out, w.o)], i, "o", lora)[0]
 
     def _mlp(
         self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch | None, use_triton: bool
     ) -> torch.Tensor:
-        if w.gate_up is not None and lora is None:
-            h = silu_mul(F.linear(x, w.gate_up), use_triton)  # one matmul, one activation kernel
+        if w.gate_up is not None:
+            gate_up = F.linear(x, w.gate_up)  # one matmul, LoRA added in place, one activation kernel
+            halves = list(gate_up.split([w.gate.shape[0], w.up.shape[0]], dim=-1))  # views
+            self._add_lora(x, halves, i, "gate_up", lora)
+            h = silu_mul(gate_up, use_triton)
         else:
-            gate_up = self._linears(x, w.gate_up, [w.gate, w.up], [None, None])
-            gate, up = self._add_lora(x, gate_up, i, "gate_up", ("gate_proj", "up_proj"), lora)
+            gate, up = self._add_lora(x, [F.linear(x, w.gate), F.linear(x, w.up)], i, "gate_up", lora)
             h = F.silu(gate) * up
-        return self._add_lora(h, [F.linear(h, w.down)], i, "down", ("down_proj",), lora)[0]
+        return self._add_lora(h, [F.linear(h, w.down)], i, "down", lora)[0]
 
     def forward(
         self,

@@ -95,4 +95,5 @@ class ModelRunner:
         if all(item.seq.lora_slot < 0 for item in batch):
             return None
         slots = np.repeat([item.seq.lora_slot for item in batch], [item.num_tokens for item in batch])
-        return LoraBatch(self.lora_slots, self.lora_slots.token_mask(torch.from_numpy(slots).to(self.device)))
+        token_slots = torch.from_numpy(slots).to(self.device)
+        return LoraBatch.for_tokens(self.lora_slots, token_slots, self.use_triton)

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from kiln_infer.lora.bgmv import (
+    MAX_TOKENS,
+    SlotSegments,
+    bgmv_available,
+    bgmv_expand_add,
+    bgmv_shrink,
+    segment_tokens,
+)
 from kiln_infer.lora.peft_loader import LoraWeights
 
 # Modules that read the same input share one shrink matmul: their A matrices are stacked in one tensor.
@@ -19,7 +29,9 @@ class LoraSlots:
     """Device tensors for `num_slots` adapters (S slots of rank R, padded), per layer and shrink group.
 
     a_group[layer][group]: [len(group) * S * R, in] (module m's rows at m * S * R, slot s's at s * R within);
-    a[layer][module] are views into it; b[layer][module]: [out, S * R].
+    b_group[layer][group]: [sum of the group's out, S * R] (module m's rows after the modules before it, as
+    in a fused q|k|v or gate|up output); a[layer][module] and b[layer][module] ([out, S * R]) are views into
+    them. ranks: [S] int32, each slot's largest rank (rows and columns past it are zero padding).
     """
 
     def __init__(
@@ -35,28 +47,36 @@ class LoraSlots:
         self.num_layers, self.shapes = num_layers, dict(shapes)
         self.dtype, self.device = dtype, device
         sr = num_slots * max_rank
+        groups = {g: tuple(m for m in modules if m in shapes) for g, modules in SHRINK_GROUPS.items()}
+        # the shrink groups these slots hold, each with its modules in stacking order
+        self.groups = {g: modules for g, modules in groups.items() if modules}
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.a_group: list[dict[str, torch.Tensor]] = []
+        self.b_group: list[dict[str, torch.Tensor]] = []
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, torch.Tensor]] = []
         for _ in range(num_layers):
-            groups: dict[str, torch.Tensor] = {}
-            views: dict[str, torch.Tensor] = {}
-            for group, modules in SHRINK_GROUPS.items():
-                present = [m for m in modules if m in shapes]
-                if not present:
-                    continue
+            a_groups: dict[str, torch.Tensor] = {}
+            b_groups: dict[str, torch.Tensor] = {}
+            a_views: dict[str, torch.Tensor] = {}
+            b_views: dict[str, torch.Tensor] = {}
+            for group, present in self.groups.items():
                 stacked = torch.zeros(len(present) * sr, shapes[present[0]][0], dtype=dtype, device=device)
-                groups[group] = stacked
-                views.update({m: stacked[i * sr : (i + 1) * sr] for i, m in enumerate(present)})
-            self.a_group.append(groups)
-            self.a.append(views)
-            self.b.append(
-                {m: torch.zeros(o, sr, dtype=dtype, device=device) for m, (_i, o) in shapes.items()}
-            )
+                a_groups[group] = stacked
+                a_views.update({m: stacked[i * sr : (i + 1) * sr] for i, m in enumerate(present)})
+                outs = [shapes[m][1] for m in present]
+                b_stacked = torch.zeros(sum(outs), sr, dtype=dtype, device=device)
+                b_groups[group] = b_stacked
+                b_views.update(zip(present, b_stacked.split(outs), strict=True))
+            self.a_group.append(a_groups)
+            self.b_group.append(b_groups)
+            self.a.append(a_views)
+            self.b.append(b_views)
 
     def load(self, slot: int, weights: LoraWeights) -> None:
         """Copy one adapter into a slot, zero-padding ranks up to max_rank and untargeted modules to zero."""
         lo, hi = slot * self.max_rank, (slot + 1) * self.max_rank
+        rank = 0
         for layer, (a_mods, b_mods) in enumerate(zip(self.a, self.b, strict=True)):
             for module in a_mods:
                 a_dst, b_dst = a_mods[module][lo:hi], b_mods[module][:, lo:hi]
@@ -65,14 +85,80 @@ class LoraSlots:
                 a_src, b_src = weights.a.get((layer, module)), weights.b.get((layer, module))
                 if a_src is not None and b_src is not None:
                     r = a_src.shape[0]
+                    rank = max(rank, r)
                     a_dst[:r].copy_(a_src, non_blocking=True)
                     b_dst[:, :r].copy_(b_src, non_blocking=True)
+        self.ranks[slot] = rank
 
     def token_mask(self, token_slots: torch.Tensor) -> torch.Tensor:
         """[T] slot per token (-1 = base) -> [T, S*R] mask selecting that slot's rank columns."""
         slots = torch.arange(self.num_slots, device=token_slots.device)
         onehot = (token_slots[:, None] == slots[None, :]).to(self.dtype)  # [T, S]
         return onehot.repeat_interleave(self.max_rank, dim=1)
+
+
+@dataclass
+class LoraBatch:
+    """Per-step LoRA inputs: the slot tensors and each token's slot, in the form the chosen path reads.
+
+    Exactly one of `mask` ([T, S*R], for the dense math) and `segments` (tokens grouped by slot, for the
+    kernels) is set.
+    """
+
+    slots: LoraSlots
+    mask: torch.Tensor | None = None
+    segments: SlotSegments | None = None
+
+    @classmethod
+    def for_tokens(cls, slots: LoraSlots, token_slots: torch.Tensor, use_kernels: bool) -> LoraBatch:
+        """[T] slot per token (-1 = base): the kernels for decode-sized batches on CUDA, else dense math."""
+        t = token_slots.shape[0]
+        if use_kernels and token_slots.is_cuda and bgmv_available() and 0 < t <= MAX_TOKENS:
+            return cls(slots, segments=segment_tokens(token_slots, slots.num_slots))
+        return cls(slots, mask=slots.token_mask(token_slots))
+
+
+def columns_side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The [T, sum of widths] tensor whose adjacent column slices `parts` are, else None."""
+    first = parts[0]
+    if first.dim() != 2 or first.stride(1) != 1:
+        return None
+    ptr = first.data_ptr()
+    for p in parts:
+        same_rows = p.dim() == 2 and p.shape[0] == first.shape[0] and p.stride() == first.stride()
+        if not same_rows or p.dtype != first.dtype or p.data_ptr() != ptr:
+            return None
+        ptr += p.shape[1] * p.element_size()
+    return first.as_strided((first.shape[0], sum(p.shape[1] for p in parts)), first.stride())
+
+
+def add_lora(
+    x: torch.Tensor, outs: list[torch.Tensor], layer: int, group: str, lora: LoraBatch
+) -> list[torch.Tensor]:
+    """Add each token's LoRA delta to the base outputs `outs` of one shrink group's modules, in place.
+
+    Kernel path: one shrink, and one expand into the outputs (a single launch when they are column slices of
+    one fused output). Dense path: one masked shrink matmul, then one expand matmul and add per module.
+    """
+    slots = lora.slots
+    modules = slots.groups[group]
+    assert len(outs) == len(modules)
+    if lora.segments is None:
+        assert lora.mask is not None
+        shrunk = lora_shrink(x, slots.a_group[layer][group], lora.mask)  # [T, modules, S*R]
+        for i, (y, m) in enumerate(zip(outs, modules, strict=True)):
+            y.add_(shrunk[:, i] @ slots.b[layer][m].t())
+        return outs
+    r = slots.max_rank
+    shrunk = bgmv_shrink(x, slots.a_group[layer][group], slots.ranks, lora.segments, len(modules), r)
+    fused = columns_side_by_side(outs)
+    if fused is not None:
+        sizes = [y.shape[1] for y in outs]
+        bgmv_expand_add(shrunk, slots.b_group[layer][group], slots.ranks, lora.segments, fused, sizes, 0, r)
+    else:
+        for i, (y, m) in enumerate(zip(outs, modules, strict=True)):
+            bgmv_expand_add(shrunk, slots.b[layer][m], slots.ranks, lora.segments, y, [y.shape[1]], i, r)
+    return outs
 
 
 def lora_shrink(x: torch.Tensor, a_group: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

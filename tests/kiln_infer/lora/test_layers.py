@@ -9,7 +9,14 @@ import torch
 
 from kiln_infer.engine.types import AdapterLoadError
 from kiln_infer.lora.adapter_manager import AdapterManager
-from kiln_infer.lora.layers import LoraSlots, lora_delta, lora_delta_reference
+from kiln_infer.lora.layers import (
+    LoraBatch,
+    LoraSlots,
+    add_lora,
+    columns_side_by_side,
+    lora_delta,
+    lora_delta_reference,
+)
 from kiln_infer.lora.peft_loader import LoraWeights, load_peft_adapter
 from kiln_infer.lora.random_adapter import write_random_adapter
 from tests.kiln_infer.lora.test_peft_loader import CONFIG
@@ -81,3 +88,33 @@ def test_adapter_for_another_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(AdapterLoadError, match="layer 2"):
         manager.get_host("t/deep@v1", write_random_adapter(tmp_path / "deep", deeper, rank=4, seed=0))
     assert manager.host_keys() == []
+
+
+def test_grouped_b_and_ranks_follow_load(tmp_path: Path) -> None:
+    """The kernels read b_group and ranks: load fills them through the per-module views."""
+    slots = LoraSlots(2, SHAPES, num_slots=2, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    slots.load(1, adapter(tmp_path, "a5", 5, 3))
+    assert slots.ranks.tolist() == [0, 5]
+    qkv = slots.b_group[1]["qkv"]  # [32 + 16 + 16, S*R]: q's rows, then k's, then v's
+    assert torch.equal(qkv[32:48], slots.b[1]["k_proj"]) and qkv[32:48, 8:13].abs().max() > 0
+    assert qkv.untyped_storage().data_ptr() == slots.b[1]["v_proj"].untyped_storage().data_ptr()
+
+
+def test_dense_add_lora_into_fused_output(tmp_path: Path) -> None:
+    """add_lora adds in place into column views of one fused q|k|v output, as the reference says."""
+    slots = LoraSlots(2, SHAPES, num_slots=3, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    for slot, (rank, seed) in enumerate([(2, 0), (8, 1), (5, 2)]):
+        slots.load(slot, adapter(tmp_path, f"a{slot}", rank, seed))
+    token_slots = torch.tensor([-1, 0, 2, 2, 1, -1, 0, 1])
+    lora = LoraBatch.for_tokens(slots, token_slots, use_kernels=True)  # CPU: the dense path
+    assert lora.mask is not None and lora.segments is None
+    x, base = torch.randn(8, 32), torch.randn(8, 64)
+    fused = base.clone()
+    parts = add_lora(x, list(fused.split([32, 16, 16], dim=1)), 0, "qkv", lora)
+    assert columns_side_by_side(parts) is not None
+    want = [
+        lora_delta_reference(x, slots.a[0][m], slots.b[0][m], token_slots, max_rank=8)
+        for m in ("q_proj", "k_proj", "v_proj")
+    ]
+    assert torch.allclose(fused, base + torch.cat(want, dim=1), atol=1e-5)
+    assert torch.equal(fused[0], base[0])

@@ -1,0 +1,384 @@
+"""LoRA kernels for decode-sized batches (Triton): each token block reads only its own slot's A and B rows.
+
+Tokens are grouped by slot once per step (`segment_tokens`); every shrink and expand of the step then runs
+one program per (block of up to BLOCK_M tokens of one slot, slice of the work), so a layer costs two launches
+per shrink group and reads the weights of the slots in use, whatever the number of slots. Shapes are static
+and nothing is read back on the host, so all of it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs use the dense path of layers.py
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+BLOCK_M = 16  # tokens of one slot per program (tl.dot needs at least 16 rows)
+MAX_TOKENS = 256  # batches up to this many tokens take the kernels; larger ones (prefill) the dense path
+MAX_MODULES = 3  # modules per shrink group the expand kernel covers in one launch (q, k, v)
+_SHRINK_BLOCK_K = 128
+_EXPAND_BLOCK_N = 128
+# Programs to aim for per launch (a few per SM of an H100/H200): the shrink splits its input features and
+# the expand its output columns until a launch has about this many, so batch-1 steps still fill the GPU.
+SHRINK_PROGRAMS = 256
+EXPAND_PROGRAMS = 512
+
+
+def bgmv_available() -> bool:
+    """Whether the Triton LoRA kernels can be used."""
+    return triton is not None
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << max(0, n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def max_blocks(num_tokens: int, num_slots: int) -> int:
+    """Most token blocks a step can need: each non-empty slot (and the base bucket) adds a partial block."""
+    return (num_tokens + min(num_slots + 1, num_tokens) * (BLOCK_M - 1)) // BLOCK_M
+
+
+@dataclass(frozen=True)
+class SlotSegments:
+    """A step's tokens grouped by slot, built on the device.
+
+    order: [T] int32, token indices sorted by slot (stable; slot -1 last).
+    blocks: [3, max_blocks] int32, rows slot / start / length: block b is tokens order[start : start+length],
+        all of one slot (-1 = no adapter); length 0 marks an unused block.
+    """
+
+    order: torch.Tensor
+    blocks: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """T, the tokens of the step (padded rows included)."""
+        return self.order.shape[0]
+
+
+def segment_tokens(token_slots: torch.Tensor, num_slots: int) -> SlotSegments:
+    """[T] slot per token (-1 = base) -> the tokens grouped into blocks of one slot (one kernel launch)."""
+    assert triton is not None and token_slots.dim() == 1 and token_slots.stride(0) == 1
+    t = token_slots.shape[0]
+    assert 0 < t <= MAX_TOKENS
+    nb = max_blocks(t, num_slots)
+    order = torch.empty(t, dtype=torch.int32, device=token_slots.device)
+    blocks = torch.empty(3, nb, dtype=torch.int32, device=token_slots.device)
+    _segment_kernel[(1,)](
+        token_slots,
+        order,
+        blocks,
+        t,
+        num_slots,
+        nb,
+        T_PAD=_pow2(t),
+        S_PAD=_pow2(num_slots + 2),
+        J_PAD=_pow2(_cdiv(t, BLOCK_M)),
+        NB_PAD=_pow2(nb),
+        BLOCK_M=BLOCK_M,
+    )
+    return SlotSegments(order, blocks)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact; half types use tensor cores anyway
+
+
+def bgmv_shrink(
+    x: torch.Tensor,
+    a_group: torch.Tensor,
+    ranks: torch.Tensor,
+    segments: SlotSegments,
+    num_modules: int,
+    max_rank: int,
+    target_programs: int = SHRINK_PROGRAMS,
+) -> torch.Tensor:
+    """Rank-space activations of a shrink group, as fp32 partial sums over slices of the input features.
+
+    semantics (out: [splits, T, G*R], summed over dim 0; A_{g,s} = a_group[(g*S + s)*R : (g*S + s + 1)*R]):
+        for t in range(T):                          # x: [T, in], a_group: [G*S*R, in]
+            s = slot[t]
+            out[:, t, g*R:(g+1)*R] = A_{g,s} @ x[t] if s >= 0 else 0       (for each module g)
+    Rows r >= ranks[s] of A_{g,s} are zero padding and are not read.
+    """
+    assert triton is not None and x.dim() == 2 and a_group.is_contiguous()
+    assert x.dtype == a_group.dtype and x.shape[0] == segments.num_tokens
+    x = x if x.stride(1) == 1 else x.contiguous()
+    t, in_features = x.shape
+    nb = segments.blocks.shape[1]
+    k_tiles = _cdiv(in_features, _SHRINK_BLOCK_K)
+    splits = min(k_tiles, max(1, _cdiv(target_programs, nb * num_modules)))
+    k_per_split = _cdiv(k_tiles, splits) * _SHRINK_BLOCK_K
+    splits = _cdiv(in_features, k_per_split)
+    out = torch.empty(splits, t, num_modules * max_rank, dtype=torch.float32, device=x.device)
+    _shrink_kernel[(nb, num_modules, splits)](
+        x,
+        a_group,
+        ranks,
+        segments.order,
+        segments.blocks,
+        out,
+        x.stride(0),
+        in_features,
+        k_per_split,
+        t,
+        nb,
+        a_group.shape[0] // num_modules,
+        R=max_rank,
+        GR=num_modules * max_rank,
+        BLOCK_M=BLOCK_M,
+        BLOCK_R=_pow2(max_rank),
+        BLOCK_K=_SHRINK_BLOCK_K,
+        PRECISION=_precision(x.dtype),
+    )
+    return out
+
+
+def bgmv_expand_add(
+    shrunk: torch.Tensor,
+    b: torch.Tensor,
+    ranks: torch.Tensor,
+    segments: SlotSegments,
+    out: torch.Tensor,
+    module_sizes: list[int],
+    first_module: int,
+    max_rank: int,
+    target_programs: int = EXPAND_PROGRAMS,
+) -> None:
+    """Add each token's B @ shrunk into `out` in place, for consecutive modules with side-by-side outputs.
+
+    semantics (shrunk: [splits, T, G*R] from `bgmv_shrink`; b: [sum(module_sizes), S*R], module i's rows
+    first, each row's slot s at columns s*R:(s+1)*R; out: [T, sum(module_sizes)], row stride free):
+        for t in range(T):
+            s = slot[t]
+            if s < 0: continue                        # base tokens are left untouched
+            for i, n in enumerate(module columns):    # module i covers out[:, off_i : off_i + size_i]
+                g = first_module + i
+                h = shrunk[:, t, g*R:(g+1)*R].sum(0)    # fp32, rounded to b.dtype for the product
+                out[t, n] += b[n, s*R:(s+1)*R] @ h     # fp32 accumulation, one rounding into out
+    """
+    assert triton is not None and 1 <= len(module_sizes) <= MAX_MODULES
+    assert out.dim() == 2 and out.stride(1) == 1 and b.stride(1) == 1 and out.dtype == b.dtype
+    assert out.shape == (segments.num_tokens, sum(module_sizes)) and b.shape[0] == out.shape[1]
+    splits, t, gr = shrunk.shape
+    n_features = out.shape[1]
+    bounds = [sum(module_sizes[: i + 1]) for i in range(len(module_sizes))]
+    bounds += [n_features] * (MAX_MODULES - len(bounds))
+    nb = segments.blocks.shape[1]
+    n_tiles = _cdiv(n_features, _EXPAND_BLOCK_N)
+    chunks = min(n_tiles, max(1, _cdiv(target_programs, nb)))
+    tiles_per_program = _cdiv(n_tiles, chunks)
+    _expand_kernel[(nb, _cdiv(n_tiles, tiles_per_program))](
+        shrunk,
+        b,
+        ranks,
+        segments.order,
+        segments.blocks,
+        out,
+        out.stride(0),
+        b.stride(0),
+        n_features,
+        bounds[0],
+        bounds[1],
+        splits,
+        t,
+        nb,
+        tiles_per_program,
+        first_module * max_rank,
+        R=max_rank,
+        GR=gr,
+        NUM_MODULES=len(module_sizes),
+        BLOCK_M=BLOCK_M,
+        BLOCK_R=_pow2(max_rank),
+        BLOCK_N=_EXPAND_BLOCK_N,
+        PRECISION=_precision(out.dtype),
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _segment_kernel(
+        slots_ptr,
+        order_ptr,
+        blocks_ptr,
+        num_tokens,
+        num_slots,
+        num_blocks,
+        T_PAD: tl.constexpr,
+        S_PAD: tl.constexpr,
+        J_PAD: tl.constexpr,
+        NB_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        # key: the slot, num_slots for base tokens (-1), num_slots + 1 for padding lanes
+        p = tl.arange(0, T_PAD)
+        slot = tl.load(slots_ptr + p, mask=p < num_tokens, other=-1).to(tl.int32)
+        key = tl.where(p < num_tokens, tl.where(slot < 0, num_slots, slot), num_slots + 1)
+        ranked = tl.sort(key * T_PAD + p)  # sorted by key, ties by token index
+        tl.store(order_ptr + p, ranked % T_PAD, mask=p < num_tokens)
+        counts = tl.histogram(key, S_PAD)  # [S_PAD] tokens per key
+        starts = tl.cumsum(counts, 0) - counts  # first position of each key in `order`
+        s = tl.arange(0, S_PAD)
+        nblk = tl.where(s <= num_slots, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+        first_block = tl.cumsum(nblk, 0) - nblk
+        j = tl.arange(0, J_PAD)
+        valid = j[None, :] < nblk[:, None]  # [S_PAD, J_PAD]: block j of key s exists
+        b = first_block[:, None] + j[None, :]
+        slot_of = tl.where(s == num_slots, -1, s)[:, None] + 0 * j[None, :]
+        tl.store(blocks_ptr + b, slot_of, mask=valid)
+        tl.store(blocks_ptr + num_blocks + b, starts[:, None] + j[None, :] * BLOCK_M, mask=valid)
+        length = tl.minimum(counts[:, None] - j[None, :] * BLOCK_M, BLOCK_M)
+        tl.store(blocks_ptr + 2 * num_blocks + b, length, mask=valid)
+        used = tl.sum(nblk, 0)
+        rest = tl.arange(0, NB_PAD)
+        tl.store(blocks_ptr + 2 * num_blocks + rest, 0 * rest, mask=(rest >= used) & (rest < num_blocks))
+
+    @triton.jit
+    def _shrink_kernel(
+        x_ptr,
+        a_ptr,
+        ranks_ptr,
+        order_ptr,
+        blocks_ptr,
+        out_ptr,
+        x_stride,
+        in_features,
+        k_per_split,
+        num_tokens,
+        num_blocks,
+        module_rows,
+        R: tl.constexpr,
+        GR: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        blk, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        length = tl.load(blocks_ptr + 2 * num_blocks + blk)
+        if length > 0:
+            slot = tl.load(blocks_ptr + blk)
+            start = tl.load(blocks_ptr + num_blocks + blk)
+            m = tl.arange(0, BLOCK_M)
+            rows = m < length
+            tok = tl.load(order_ptr + start + m, mask=rows, other=0)
+            r = tl.arange(0, BLOCK_R)
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            if slot >= 0:  # base tokens keep zeros
+                rank = tl.load(ranks_ptr + slot)
+                a_rows = a_ptr + (g * module_rows + slot * R + r).to(tl.int64) * in_features  # [BLOCK_R]
+                x_rows = x_ptr + tok.to(tl.int64) * x_stride  # [BLOCK_M]
+                k0 = split * k_per_split
+                for k in range(0, k_per_split, BLOCK_K):
+                    kk = k0 + k + tl.arange(0, BLOCK_K)
+                    in_k = kk < in_features
+                    xt = tl.load(x_rows[:, None] + kk[None, :], mask=rows[:, None] & in_k[None, :], other=0.0)
+                    at = tl.load(
+                        a_rows[:, None] + kk[None, :], mask=(r < rank)[:, None] & in_k[None, :], other=0.0
+                    )
+                    acc = tl.dot(xt, tl.trans(at), acc, input_precision=PRECISION)
+            dst = out_ptr + (split * num_tokens + tok.to(tl.int64))[:, None] * GR + g * R + r[None, :]
+            tl.store(dst, acc, mask=rows[:, None] & (r < R)[None, :])
+
+    @triton.jit
+    def _shrunk_rows(
+        shrunk_ptr,
+        tok,
+        rows,
+        r,
+        rank,
+        col,
+        splits,
+        num_tokens,
+        GR: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        """Sum over splits of shrunk[:, tok, col + r] -> [BLOCK_M, BLOCK_R] fp32."""
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        mask = rows[:, None] & (r < rank)[None, :]
+        for sp in range(splits):
+            src = shrunk_ptr + (sp * num_tokens + tok.to(tl.int64))[:, None] * GR + col + r[None, :]
+            h += tl.load(src, mask=mask, other=0.0)
+        return h
+
+    @triton.jit
+    def _expand_kernel(
+        shrunk_ptr,
+        b_ptr,
+        ranks_ptr,
+        order_ptr,
+        blocks_ptr,
+        out_ptr,
+        out_stride,
+        b_stride,
+        n_features,
+        bound1,
+        bound2,
+        splits,
+        num_tokens,
+        num_blocks,
+        tiles_per_program,
+        col0,
+        R: tl.constexpr,
+        GR: tl.constexpr,
+        NUM_MODULES: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        blk, chunk = tl.program_id(0), tl.program_id(1)
+        length = tl.load(blocks_ptr + 2 * num_blocks + blk)
+        slot = tl.load(blocks_ptr + blk)
+        if (length > 0) & (slot >= 0):
+            start = tl.load(blocks_ptr + num_blocks + blk)
+            m = tl.arange(0, BLOCK_M)
+            rows = m < length
+            tok = tl.load(order_ptr + start + m, mask=rows, other=0)
+            rank = tl.load(ranks_ptr + slot)
+            r = tl.arange(0, BLOCK_R)
+            in_rank = r < rank
+            dt = b_ptr.dtype.element_ty
+            # rank-space rows of each module, read once for all the program's tiles
+            h0 = _shrunk_rows(shrunk_ptr, tok, rows, r, rank, col0, splits, num_tokens, GR, BLOCK_M, BLOCK_R)
+            h1 = h0
+            h2 = h0
+            if NUM_MODULES > 1:
+                h1 = _shrunk_rows(
+                    shrunk_ptr, tok, rows, r, rank, col0 + R, splits, num_tokens, GR, BLOCK_M, BLOCK_R
+                )
+            if NUM_MODULES > 2:
+                h2 = _shrunk_rows(
+                    shrunk_ptr, tok, rows, r, rank, col0 + 2 * R, splits, num_tokens, GR, BLOCK_M, BLOCK_R
+                )
+            b_cols = b_ptr + slot * R + r  # [BLOCK_R]: this slot's columns of B
+            out_rows = out_ptr + tok.to(tl.int64) * out_stride  # [BLOCK_M]
+            for i in range(0, tiles_per_program):
+                n = (chunk * tiles_per_program + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+                in_n = n < n_features
+                module = (n >= bound1).to(tl.int32) + (n >= bound2).to(tl.int32)  # which module owns column n
+                # [BLOCK_R, BLOCK_N]: B[n, s*R + r]
+                b_tile = b_cols[:, None] + n.to(tl.int64)[None, :] * b_stride
+                bt = tl.load(b_tile, mask=in_rank[:, None] & (in_n & (module == 0))[None, :], other=0.0)
+                acc = tl.dot(h0.to(dt), bt, input_precision=PRECISION)
+                if NUM_MODULES > 1:
+                    bt = tl.load(b_tile, mask=in_rank[:, None] & (in_n & (module == 1))[None, :], other=0.0)
+                    acc = tl.dot(h1.to(dt), bt, acc, input_precision=PRECISION)
+                if NUM_MODULES > 2:
+                    bt = tl.load(b_tile, mask=in_rank[:, None] & (in_n & (module == 2))[None, :], other=0.0)
+                    acc = tl.dot(h2.to(dt), bt, acc, input_precision=PRECISION)
+                dst = out_rows[:, None] + n[None, :]
+                mask = rows[:, None] & in_n[None, :]
+                y = tl.load(dst, mask=mask, other=0.0)
+                tl.store(dst, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
