@@ -26,7 +26,7 @@ _EXPAND_BLOCK_N = 128
 # Programs to aim for per launch (a few per SM of an H100/H200): the shrink splits its input features and
 # the expand its output columns until a launch has about this many, so batch-1 steps still fill the GPU.
 SHRINK_PROGRAMS = 256
-EXPAND_PROGRAMS = 512
+EXPAND_PROGRAMS = 1 << 16  # in practice one column tile per program: empty blocks exit at once
 
 
 def bgmv_available() -> bool:
@@ -365,19 +365,27 @@ if triton is not None:
             b_cols = b_ptr + slot * R + r  # [BLOCK_R]: this slot's columns of B
             out_rows = out_ptr + tok.to(tl.int64) * out_stride  # [BLOCK_M]
             for i in range(0, tiles_per_program):
-                n = (chunk * tiles_per_program + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+                n0 = (chunk * tiles_per_program + i) * BLOCK_N
+                n = n0 + tl.arange(0, BLOCK_N)
                 in_n = n < n_features
-                module = (n >= bound1).to(tl.int32) + (n >= bound2).to(tl.int32)  # which module owns column n
-                # [BLOCK_R, BLOCK_N]: B[n, s*R + r]
-                b_tile = b_cols[:, None] + n.to(tl.int64)[None, :] * b_stride
-                bt = tl.load(b_tile, mask=in_rank[:, None] & (in_n & (module == 0))[None, :], other=0.0)
-                acc = tl.dot(h0.to(dt), bt, input_precision=PRECISION)
+                # [BLOCK_N, BLOCK_R] = B[n, s*R + r]: each row's R values are contiguous (coalesced loads)
+                b_tile = b_cols[None, :] + n.to(tl.int64)[:, None] * b_stride
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                # a tile usually lies inside one module; only tiles across a boundary take a second product
+                if n0 < bound1:
+                    bt = tl.load(b_tile, mask=(in_n & (n < bound1))[:, None] & in_rank[None, :], other=0.0)
+                    acc = tl.dot(h0.to(dt), tl.trans(bt), acc, input_precision=PRECISION)
                 if NUM_MODULES > 1:
-                    bt = tl.load(b_tile, mask=in_rank[:, None] & (in_n & (module == 1))[None, :], other=0.0)
-                    acc = tl.dot(h1.to(dt), bt, acc, input_precision=PRECISION)
+                    if (n0 + BLOCK_N > bound1) & (n0 < bound2):
+                        in_m = in_n & (n >= bound1) & (n < bound2)
+                        bt = tl.load(b_tile, mask=in_m[:, None] & in_rank[None, :], other=0.0)
+                        acc = tl.dot(h1.to(dt), tl.trans(bt), acc, input_precision=PRECISION)
                 if NUM_MODULES > 2:
-                    bt = tl.load(b_tile, mask=in_rank[:, None] & (in_n & (module == 2))[None, :], other=0.0)
-                    acc = tl.dot(h2.to(dt), bt, acc, input_precision=PRECISION)
+                    if n0 + BLOCK_N > bound2:
+                        bt = tl.load(
+                            b_tile, mask=(in_n & (n >= bound2))[:, None] & in_rank[None, :], other=0.0
+                        )
+                        acc = tl.dot(h2.to(dt), tl.trans(bt), acc, input_precision=PRECISION)
                 dst = out_rows[:, None] + n[None, :]
                 mask = rows[:, None] & in_n[None, :]
                 y = tl.load(dst, mask=mask, other=0.0)

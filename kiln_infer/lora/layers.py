@@ -147,7 +147,7 @@ def add_lora(
         assert lora.mask is not None
         shrunk = lora_shrink(x, slots.a_group[layer][group], lora.mask)  # [T, modules, S*R]
         for i, (y, m) in enumerate(zip(outs, modules, strict=True)):
-            y.add_(shrunk[:, i] @ slots.b[layer][m].t())
+            y.addmm_(shrunk[:, i], slots.b[layer][m].t())  # the add rides in the matmul's epilogue
         return outs
     r = slots.max_rank
     shrunk = bgmv_shrink(x, slots.a_group[layer][group], slots.ranks, lora.segments, len(modules), r)
