@@ -12,10 +12,15 @@ from kiln_infer.engine.rope import apply_rope
 
 log = logging.getLogger(__name__)
 
+# Tokens per program: enough to amortise a program's load latency on long prefill steps, few enough that
+# short steps (decode: T = batch) still spread over many programs.
+ROPE_TOKENS_PER_PROGRAM_MAX = 64
+ROPE_MIN_PROGRAMS_PER_HEAD = 32
+
 if triton is not None:
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])  # one build per BLOCK_T, whatever the step's size
     def _rope_cache_kernel(
         q_ptr,
         k_ptr,
@@ -26,39 +31,54 @@ if triton is not None:
         cos_ptr,
         sin_ptr,
         slot_ptr,
+        num_tokens,
         q_stride,
         k_stride,
         v_stride,
+        rope_stride,
         NUM_HEADS: tl.constexpr,
         NUM_KV_HEADS: tl.constexpr,
         HALF: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        BLOCK_T: tl.constexpr,
     ):
-        """One program per (token, head row of q | k | v): rotate q / k, store q, k and v where they go."""
-        t = tl.program_id(0)
-        j = tl.program_id(1)
-        offs = tl.arange(0, HALF)
-        slot = tl.load(slot_ptr + t).to(tl.int64)
+        """One program per (head row of q | k | v, BLOCK_T tokens): rotate q / k, store q, k and v."""
+        j = tl.program_id(0)
+        tok = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        live = tok < num_tokens
+        tok = tok.to(tl.int64)
+        rows = live[:, None]
         if j < NUM_HEADS + NUM_KV_HEADS:
-            c1 = tl.load(cos_ptr + t * HEAD_DIM + offs).to(tl.float32)
-            c2 = tl.load(cos_ptr + t * HEAD_DIM + HALF + offs).to(tl.float32)
-            s1 = tl.load(sin_ptr + t * HEAD_DIM + offs).to(tl.float32)
-            s2 = tl.load(sin_ptr + t * HEAD_DIM + HALF + offs).to(tl.float32)
+            offs = tl.arange(0, HALF)[None, :]
+            cos = cos_ptr + tok[:, None] * rope_stride + offs
+            sin = sin_ptr + tok[:, None] * rope_stride + offs
+            c1 = tl.load(cos, mask=rows, other=0.0).to(tl.float32)
+            c2 = tl.load(cos + HALF, mask=rows, other=0.0).to(tl.float32)
+            s1 = tl.load(sin, mask=rows, other=0.0).to(tl.float32)
+            s2 = tl.load(sin + HALF, mask=rows, other=0.0).to(tl.float32)
             if j < NUM_HEADS:
-                src = q_ptr + t * q_stride + j * HEAD_DIM
-                dst = q_out_ptr + (t * NUM_HEADS + j) * HEAD_DIM
+                src = q_ptr + tok[:, None] * q_stride + j * HEAD_DIM + offs
+                dst = q_out_ptr + (tok[:, None] * NUM_HEADS + j) * HEAD_DIM + offs
             else:
-                src = k_ptr + t * k_stride + (j - NUM_HEADS) * HEAD_DIM
-                dst = k_cache_ptr + (slot * NUM_KV_HEADS + (j - NUM_HEADS)) * HEAD_DIM
-            x1 = tl.load(src + offs).to(tl.float32)
-            x2 = tl.load(src + HALF + offs).to(tl.float32)
-            tl.store(dst + offs, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty))
-            tl.store(dst + HALF + offs, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty))
+                slot = tl.load(slot_ptr + tok, mask=live, other=0).to(tl.int64)
+                src = k_ptr + tok[:, None] * k_stride + (j - NUM_HEADS) * HEAD_DIM + offs
+                dst = k_cache_ptr + (slot[:, None] * NUM_KV_HEADS + (j - NUM_HEADS)) * HEAD_DIM + offs
+            x1 = tl.load(src, mask=rows, other=0.0).to(tl.float32)
+            x2 = tl.load(src + HALF, mask=rows, other=0.0).to(tl.float32)
+            tl.store(dst, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty), mask=rows)
+            tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=rows)
         else:
             h = j - NUM_HEADS - NUM_KV_HEADS
-            full = tl.arange(0, HEAD_DIM)
-            x = tl.load(v_ptr + t * v_stride + h * HEAD_DIM + full)
-            tl.store(v_cache_ptr + (slot * NUM_KV_HEADS + h) * HEAD_DIM + full, x)
+            full = tl.arange(0, HEAD_DIM)[None, :]
+            slot = tl.load(slot_ptr + tok, mask=live, other=0).to(tl.int64)
+            x = tl.load(v_ptr + tok[:, None] * v_stride + h * HEAD_DIM + full, mask=rows)
+            tl.store(v_cache_ptr + (slot[:, None] * NUM_KV_HEADS + h) * HEAD_DIM + full, x, mask=rows)
+
+
+def rope_tokens_per_program(num_tokens: int) -> int:
+    """Tokens one program of the fused kernel handles: a power of two in [2, ROPE_TOKENS_PER_PROGRAM_MAX]."""
+    want = -(-num_tokens // ROPE_MIN_PROGRAMS_PER_HEAD)
+    return min(ROPE_TOKENS_PER_PROGRAM_MAX, max(2, 1 << (want - 1).bit_length()))
 
 
 def fused_rope_supported(head_dim: int) -> bool:
@@ -127,7 +147,26 @@ def rope_and_cache(
         write_kv(kv[0], kv[1], k3, v.reshape(t, num_kv_heads, dim), slot_mapping)
         return q3
     q_out = torch.empty(t, num_heads, dim, dtype=q.dtype, device=q.device)
-    _rope_cache_kernel[(t, num_heads + 2 * num_kv_heads)](
+    launch_rope_cache(q, k, v, q_out, rope, kv, slot_mapping, rope_tokens_per_program(t))
+    return q_out
+
+
+def launch_rope_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_out: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    kv: tuple[torch.Tensor, torch.Tensor],
+    slot_mapping: torch.Tensor,
+    block_t: int,
+) -> None:
+    """Launch the fused kernel with `block_t` (a power of two >= 2) tokens per program; q_out: [T, H, D]."""
+    t, num_heads, dim = q_out.shape
+    num_kv_heads = kv[0].shape[2]
+    cos, sin = rope
+    assert cos.stride() == sin.stride() and cos.stride(1) == 1
+    _rope_cache_kernel[(num_heads + 2 * num_kv_heads, triton.cdiv(t, block_t))](
         q,
         k,
         v,
@@ -137,13 +176,15 @@ def rope_and_cache(
         cos,
         sin,
         slot_mapping,
+        t,
         q.stride(0),
         k.stride(0),
         v.stride(0),
+        cos.stride(0),
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=dim // 2,
         HEAD_DIM=dim,
-        num_warps=1,
+        BLOCK_T=block_t,
+        num_warps=max(1, min(4, block_t * dim // 512)),
     )
-    return q_out
