@@ -198,4 +198,7 @@ def load_hf_model(source: ModelSource, dtype: torch.dtype = torch.float32, devic
         if source.config.tie_word_embeddings:
             model.tie_weights()
         return model.eval()
-    return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()
+    assert source.path is not None, "a model source without weights in memory has a path"
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    # transformers 5.24 types `to` through a decorator that mypy reads as taking the model first
+    return model.to(device).eval()  # type: ignore[arg-type]

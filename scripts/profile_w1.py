@@ -49,6 +49,29 @@ def trace_steps(engine) -> list[tuple[float, float, int, int, bool]]:  # type: i
     return records
 
 
+def cprofile_steps(engine, reqs, adapters, w) -> None:  # type: ignore[no-untyped-def]
+    """Python-level profile of the engine thread's step() over one W1 run, by own time."""
+    import cProfile
+    import pstats
+
+    core, prof = engine.core, cProfile.Profile()
+    original = core.step
+
+    def step() -> int:
+        prof.enable()
+        try:
+            return original()
+        finally:
+            prof.disable()
+
+    core.step = step  # type: ignore[method-assign]
+    r = bench.run_engine(engine, w, reqs, adapters, "cprofiled")
+    core.step = original  # type: ignore[method-assign]
+    print(f"cProfiled run: {r.tokens_per_s:.0f} tok/s")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+
+
 def summarize(records: list[tuple[float, float, int, int, bool]]) -> None:
     """Step wall times by kind."""
     if not records:
@@ -61,14 +84,20 @@ def summarize(records: list[tuple[float, float, int, int, bool]]) -> None:
         key = f"decode batch {seqs:>3}" if pure else f"mixed ({seqs} seqs)"
         if not pure:
             last_mixed = t1 - t_start
-            print(f"  mixed step at {1000 * (t0 - t_start):8.1f} ms: {n} tokens, {seqs} seqs, {1000 * (t1 - t0):.1f} ms")
+            print(
+                f"  mixed step at {1000 * (t0 - t_start):8.1f} ms: {n} tokens, {seqs} seqs, {1000 * (t1 - t0):.1f} ms"
+            )
         groups["decode" if pure else "mixed"].append(t1 - t0)
         if pure:
             groups[key].append(t1 - t0)
-    print(f"steps {len(records)}, span {1000 * (records[-1][1] - t_start):.1f} ms, last mixed step ends {1000 * last_mixed:.1f} ms")
+    print(
+        f"steps {len(records)}, span {1000 * (records[-1][1] - t_start):.1f} ms, last mixed step ends {1000 * last_mixed:.1f} ms"
+    )
     for key in sorted(groups):
         v = groups[key]
-        print(f"  {key:<22} n={len(v):4d} mean {1000 * sum(v) / len(v):7.3f} ms  total {1000 * sum(v):8.1f} ms")
+        print(
+            f"  {key:<22} n={len(v):4d} mean {1000 * sum(v) / len(v):7.3f} ms  total {1000 * sum(v):8.1f} ms"
+        )
     gaps = [records[i + 1][0] - records[i][1] for i in range(len(records) - 1)]
     print(f"  loop time outside step(): {1000 * sum(gaps):.1f} ms")
 
@@ -78,6 +107,7 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=0)
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("KILN_HOME", ".kiln")))
     parser.add_argument("--no-profiler", action="store_true")
+    parser.add_argument("--cprofile", action="store_true", help="also a Python profile of the engine thread")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     w = bench.GPU if torch.cuda.is_available() else bench.CPU  # CPU: only checks the script runs
@@ -105,14 +135,20 @@ def main() -> int:
     r = bench.run_engine(engine, w, bench.prompts(w, vocab, w.num_requests, seed=1), adapters, "traced")
     print(f"traced run: {r.tokens_per_s:.0f} tok/s, TTFT {r.ttft_ms}, TPOT {r.tpot_ms}")
     summarize(records)
+    if args.cprofile:
+        cprofile_steps(engine, bench.prompts(w, vocab, w.num_requests, seed=3), adapters, w)
     if not args.no_profiler:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            r = bench.run_engine(engine, w, bench.prompts(w, vocab, w.num_requests, seed=2), adapters, "profiled")
+            r = bench.run_engine(
+                engine, w, bench.prompts(w, vocab, w.num_requests, seed=2), adapters, "profiled"
+            )
             torch.cuda.synchronize()
         print(f"profiled run: {r.tokens_per_s:.0f} tok/s")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+        print(
+            prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+        )
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
     decoder = engine.core.runner.decoder
     if decoder is not None:
@@ -127,10 +163,35 @@ def main() -> int:
                     decoder._forward(1, False)
                 torch.cuda.synchronize()
         print("batch-1 eager decode forward, 10 runs (device time per kernel):")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
-        print(f"batch-1 graph replay: {bench.graph_step_ms(engine, 1):.3f} ms; batch 256: {bench.graph_step_ms(engine, 256):.3f} ms")
+        print(
+            prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+        )
+        print(
+            f"batch-1 graph replay: {bench.graph_step_ms(engine, 1):.3f} ms; batch 256: {bench.graph_step_ms(engine, 256):.3f} ms"
+        )
     engine.shutdown()
+    batch_one(source, state, tokenizer, w, vocab)
     return 0
+
+
+def batch_one(source, state, tokenizer, w, vocab) -> None:  # type: ignore[no-untyped-def]
+    """Batch-1 decode: step wall times against the graph replay, and what runs on the GPU outside it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = bench.build_engine(source, state, tokenizer, bench.engine_config(w, 1, 1), w, [None])
+    records = trace_steps(engine)
+    r = bench.run_engine(engine, w, bench.prompts(w, vocab, 1, seed=5), [None], "b1")
+    decode = [t1 - t0 for t0, t1, _n, _s, pure in records if pure]
+    print(
+        f"batch-1: TPOT {r.tpot_ms[0]:.3f} ms; engine step() wall mean {1000 * sum(decode) / len(decode):.3f} ms"
+    )
+    print(f"batch-1 graph replay alone: {bench.graph_step_ms(engine, 1):.3f} ms")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        bench.run_engine(engine, w, bench.prompts(w, vocab, 1, seed=6), [None], "b1p")
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    engine.shutdown()
 
 
 if __name__ == "__main__":

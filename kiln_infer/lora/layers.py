@@ -123,13 +123,24 @@ def columns_side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:
     first = parts[0]
     if first.dim() != 2 or first.stride(1) != 1:
         return None
+    storage = first.untyped_storage()
     ptr = first.data_ptr()
     for p in parts:
         same_rows = p.dim() == 2 and p.shape[0] == first.shape[0] and p.stride() == first.stride()
         if not same_rows or p.dtype != first.dtype or p.data_ptr() != ptr:
             return None
+        # separate allocations can sit back to back too: only slices of one storage are one tensor
+        if p.untyped_storage().data_ptr() != storage.data_ptr():
+            return None
         ptr += p.shape[1] * p.element_size()
-    return first.as_strided((first.shape[0], sum(p.shape[1] for p in parts)), first.stride())
+    width = sum(p.shape[1] for p in parts)
+    rows = first.shape[0]
+    if rows > 1 and first.stride(0) < width:
+        return None
+    end = first.storage_offset() + (rows - 1) * first.stride(0) + width  # elements of the storage touched
+    if end * first.element_size() > storage.nbytes():
+        return None
+    return first.as_strided((rows, width), first.stride())
 
 
 def add_lora(

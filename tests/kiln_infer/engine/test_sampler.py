@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from kiln_infer.engine.llama import fuse_if_adjacent
-from kiln_infer.engine.sampler import SamplingBatch, _candidates, apply_repetition_penalty, sample
+from kiln_infer.engine.sampler import (
+    SamplingBatch,
+    _candidates,
+    apply_repetition_penalty,
+    greedy_tokens,
+    sample,
+)
 from kiln_infer.engine.types import SamplingParams
 
 
@@ -78,3 +84,16 @@ def test_fused_views_only_for_adjacent_weights() -> None:
     assert fused is not None and fused.data_ptr() == storage.data_ptr() and torch.equal(fused, storage)
     assert fuse_if_adjacent([q, torch.randn(2, 4), v]) is None
     assert fuse_if_adjacent([k, q]) is None
+
+
+def test_two_level_argmax_matches_argmax_with_ties() -> None:
+    """The chunked greedy path picks the first index of the maximum, like torch.argmax."""
+    gen = torch.Generator().manual_seed(0)
+    for vocab in (49152, 50000, 128256, 700, 37):
+        logits = torch.randint(-3, 4, (5, vocab), generator=gen).float()  # many exact ties
+        logits[1] = -1.0
+        logits[2, -1] = 10.0  # the maximum in the tail after the last whole chunk
+        logits[3, 0] = 10.0
+        logits[3, -1] = 10.0  # a tie between the first and the last index
+        assert torch.equal(greedy_tokens(logits, two_level=True), logits.argmax(dim=-1)), vocab
+        assert torch.equal(greedy_tokens(logits.bfloat16(), two_level=True), logits.argmax(dim=-1)), vocab

@@ -118,3 +118,15 @@ def test_dense_add_lora_into_fused_output(tmp_path: Path) -> None:
     ]
     assert torch.allclose(fused, base + torch.cat(want, dim=1), atol=1e-5)
     assert torch.equal(fused[0], base[0])
+
+
+def test_columns_side_by_side_needs_one_storage() -> None:
+    """Only column slices of one tensor count as one output, even when separate tensors touch in memory."""
+    wide = torch.randn(4, 48)
+    assert columns_side_by_side(list(wide.split([16, 32], dim=1))) is not None
+    one_row = torch.randn(1, 48)
+    assert columns_side_by_side(list(one_row.split([16, 32], dim=1))) is not None
+    # separate storages never fuse, whatever their addresses
+    assert columns_side_by_side([torch.randn(1, 16), torch.randn(1, 32)]) is None
+    # slices that are not adjacent columns of the same rows
+    assert columns_side_by_side([wide[:, :16], wide[:, 32:]]) is None
