@@ -201,11 +201,12 @@ def build_engine(
         config=config,
         eos_token_ids=set(),
     )
-    # One burst of the measured shape on other prompts (no prefix-cache hits later), a few tokens each: the
-    # one-time costs of a new shape (GEMM/attention kernel selection, memory-pool growth, Triton compiles)
-    # are paid here, as a server pays them once, not inside the measured run.
+    # One whole run of the measured shape on other prompts (so no prefix-cache hits later): the one-time
+    # costs of new shapes (GEMM/attention kernel selection, memory-pool and pinned-buffer growth, Triton
+    # compiles, first-touch of KV blocks) are paid here, as a running server has paid them, not in the
+    # measured run.
     warm = prompts(w, 1000, min(config.max_num_seqs, w.num_requests), seed=99)
-    run_engine(engine, dataclasses.replace(w, new_tokens=8), warm, warm_adapters, "warm")
+    run_engine(engine, w, warm, warm_adapters, "warm")
     decoder = engine.core.runner.decoder
     if decoder is not None:
         decoder.capture_all(with_lora=False)
