@@ -97,8 +97,8 @@ def bench_rope(tokens: int, layers: int, device: str = "cuda") -> list[str]:
     gen = torch.Generator(device=device).manual_seed(0)
     width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     qkv = [torch.randn(tokens, width, device=device, generator=gen).to(DTYPE) for _ in range(layers)]
-    cos = torch.randn(tokens, HEAD_DIM, device=device, generator=gen).to(DTYPE)
-    sin = torch.randn(tokens, HEAD_DIM, device=device, generator=gen).to(DTYPE)
+    angles = torch.rand(tokens, HEAD_DIM, device=device, generator=gen) * 6.3
+    cos, sin = angles.cos().to(DTYPE), angles.sin().to(DTYPE)
     blocks = -(-tokens // BLOCK) + 1
     slots = torch.randperm(blocks * BLOCK, device=device, generator=gen)[:tokens]
     caches = [
@@ -116,15 +116,16 @@ def bench_rope(tokens: int, layers: int, device: str = "cuda") -> list[str]:
         *views[0], (cos, sin), (ref_caches[0], ref_caches[1]), slots, HEADS, KV_HEADS, use_triton=False
     )
     moved = tokens * (2 * width + 2 * HEAD_DIM) * 2  # bytes: q/k/v in, q/k/v out, cos/sin in
-    chosen = rope_tokens_per_program(tokens)
+    chosen = (rope_tokens_per_program(tokens), 1)
+    tilings = [chosen] + [(bt, h) for bt in (2, 8, 16, 32, 64, 128) for h in (1, 2, 8)]
     lines = []
-    for block_t in dict.fromkeys([chosen, 2, 8, 16, 32, 64, 128]):
+    for block_t, heads in dict.fromkeys(tilings):
         if block_t > max(2, 2 * tokens):
             continue
 
-        def call(i: int, bt: int = block_t) -> None:
+        def call(i: int, bt: int = block_t, hp: int = heads) -> None:
             q, k, v = views[i]
-            launch_rope_cache(q, k, v, q_out, (cos, sin), (caches[i][0], caches[i][1]), slots, bt)
+            launch_rope_cache(q, k, v, q_out, (cos, sin), (caches[i][0], caches[i][1]), slots, bt, hp)
 
         call(0)
         err = max(
@@ -133,9 +134,9 @@ def bench_rope(tokens: int, layers: int, device: str = "cuda") -> list[str]:
             (caches[0][1].float() - ref_caches[1].float()).abs().max().item(),
         )
         us = time_graph([functools.partial(call, i) for i in range(layers)])
-        mark = "  <- chosen" if block_t == chosen else ""
+        mark = "  <- chosen" if (block_t, heads) == chosen else ""
         lines.append(
-            f"rope_cache  T {tokens:>5}  {block_t:>3} tokens/program{us:10.2f} µs"
+            f"rope_cache  T {tokens:>5}  {block_t:>3} tokens x {heads} heads/program{us:10.2f} µs"
             f"  {moved / us / 1e6:6.2f} TB/s  err {err:.1e}{mark}"
         )
     return lines

@@ -20,7 +20,15 @@ ROPE_MIN_PROGRAMS_PER_HEAD = 32
 if triton is not None:
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["num_tokens"])  # one build per BLOCK_T, whatever the step's size
+    @triton.jit
+    def _rotate(src, dst, c1, c2, s1, s2, rows, HALF: tl.constexpr):
+        """Rotate-half RoPE (fp32 math) of the [BLOCK_T, D] rows at src into dst (pointers: first half)."""
+        x1 = tl.load(src, mask=rows, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=rows, other=0.0).to(tl.float32)
+        tl.store(dst, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty), mask=rows)
+        tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=rows)
+
+    @triton.jit(do_not_specialize=["num_tokens"])  # one build per tiling, whatever the step's size
     def _rope_cache_kernel(
         q_ptr,
         k_ptr,
@@ -41,14 +49,20 @@ if triton is not None:
         HALF: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_T: tl.constexpr,
+        HEADS: tl.constexpr,
     ):
-        """One program per (head row of q | k | v, BLOCK_T tokens): rotate q / k, store q, k and v."""
+        """One program per (HEADS heads of q | k | v, BLOCK_T tokens): rotate q / k, store q, k and v.
+
+        HEADS divides both head counts, so a program's heads are all of q, of k or of v, and the cos/sin
+        tiles are loaded once for all of them.
+        """
         j = tl.program_id(0)
         tok = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         live = tok < num_tokens
         tok = tok.to(tl.int64)
         rows = live[:, None]
-        if j < NUM_HEADS + NUM_KV_HEADS:
+        first = j * HEADS  # first head row of this program in [q heads | k heads | v heads]
+        if first < NUM_HEADS + NUM_KV_HEADS:
             offs = tl.arange(0, HALF)[None, :]
             cos = cos_ptr + tok[:, None] * rope_stride + offs
             sin = sin_ptr + tok[:, None] * rope_stride + offs
@@ -56,20 +70,21 @@ if triton is not None:
             c2 = tl.load(cos + HALF, mask=rows, other=0.0).to(tl.float32)
             s1 = tl.load(sin, mask=rows, other=0.0).to(tl.float32)
             s2 = tl.load(sin + HALF, mask=rows, other=0.0).to(tl.float32)
-            if j < NUM_HEADS:
-                src = q_ptr + tok[:, None] * q_stride + j * HEAD_DIM + offs
-                dst = q_out_ptr + (tok[:, None] * NUM_HEADS + j) * HEAD_DIM + offs
+            if first < NUM_HEADS:
+                for i in tl.static_range(HEADS):
+                    src = q_ptr + tok[:, None] * q_stride + (first + i) * HEAD_DIM + offs
+                    dst = q_out_ptr + (tok[:, None] * NUM_HEADS + first + i) * HEAD_DIM + offs
+                    _rotate(src, dst, c1, c2, s1, s2, rows, HALF)
             else:
                 slot = tl.load(slot_ptr + tok, mask=live, other=0).to(tl.int64)
-                src = k_ptr + tok[:, None] * k_stride + (j - NUM_HEADS) * HEAD_DIM + offs
-                dst = k_cache_ptr + (slot[:, None] * NUM_KV_HEADS + (j - NUM_HEADS)) * HEAD_DIM + offs
-            x1 = tl.load(src, mask=rows, other=0.0).to(tl.float32)
-            x2 = tl.load(src + HALF, mask=rows, other=0.0).to(tl.float32)
-            tl.store(dst, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty), mask=rows)
-            tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=rows)
-        else:
-            h = j - NUM_HEADS - NUM_KV_HEADS
-            full = tl.arange(0, HEAD_DIM)[None, :]
+                for i in tl.static_range(HEADS):
+                    h = first - NUM_HEADS + i
+                    src = k_ptr + tok[:, None] * k_stride + h * HEAD_DIM + offs
+                    dst = k_cache_ptr + (slot[:, None] * NUM_KV_HEADS + h) * HEAD_DIM + offs
+                    _rotate(src, dst, c1, c2, s1, s2, rows, HALF)
+        else:  # V rows of HEADS consecutive heads are contiguous in the projection and in the cache
+            h = first - NUM_HEADS - NUM_KV_HEADS
+            full = tl.arange(0, HEADS * HEAD_DIM)[None, :]
             slot = tl.load(slot_ptr + tok, mask=live, other=0).to(tl.int64)
             x = tl.load(v_ptr + tok[:, None] * v_stride + h * HEAD_DIM + full, mask=rows)
             tl.store(v_cache_ptr + (slot[:, None] * NUM_KV_HEADS + h) * HEAD_DIM + full, x, mask=rows)
@@ -160,13 +175,18 @@ def launch_rope_cache(
     kv: tuple[torch.Tensor, torch.Tensor],
     slot_mapping: torch.Tensor,
     block_t: int,
+    heads: int = 1,
 ) -> None:
-    """Launch the fused kernel with `block_t` (a power of two >= 2) tokens per program; q_out: [T, H, D]."""
+    """Launch the fused kernel with `block_t` tokens x `heads` heads a program; q_out: [T, H, D].
+
+    Both are powers of two; `heads` divides the q and the kv head counts.
+    """
     t, num_heads, dim = q_out.shape
     num_kv_heads = kv[0].shape[2]
     cos, sin = rope
     assert cos.stride() == sin.stride() and cos.stride(1) == 1
-    _rope_cache_kernel[(num_heads + 2 * num_kv_heads, triton.cdiv(t, block_t))](
+    assert num_heads % heads == 0 and num_kv_heads % heads == 0
+    _rope_cache_kernel[((num_heads + 2 * num_kv_heads) // heads, triton.cdiv(t, block_t))](
         q,
         k,
         v,
@@ -186,5 +206,6 @@ def launch_rope_cache(
         HALF=dim // 2,
         HEAD_DIM=dim,
         BLOCK_T=block_t,
+        HEADS=heads,
         num_warps=max(1, min(4, block_t * dim // 512)),
     )
