@@ -1,4 +1,7 @@
-"""Find and load the base model: the embedded SmolLM2 GGUF, a local HF directory, or dummy weights of a named shape."""
+"""Find and load the base model.
+
+The embedded SmolLM2 GGUF, a local HF directory, or dummy weights of a named shape.
+"""
 
 from __future__ import annotations
 
@@ -24,24 +27,56 @@ DUMMY_PREFIX = "dummy:"
 # Shapes for random-weight benchmark models (the public configs of these families, no weights needed).
 DUMMY_SHAPES: dict[str, dict[str, object]] = {
     "llama-3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=8192,
-        rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
     ),
     "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
-        rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
     ),
     "smollm2-135m": dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
-        rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
     ),
     "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=2048,
-        rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
     ),
 }
 
@@ -117,16 +152,23 @@ def resolve_model(spec: str, home: Path) -> ModelSource:
         cache_dir = home / "models" / EMBEDDED_CACHE_NAME
         if not (cache_dir / "config.json").is_file():
             _convert_embedded(cache_dir)
-        return ModelSource(spec=EMBEDDED_SPEC, config=AutoConfig.from_pretrained(cache_dir), path=cache_dir,
-                           tokenizer_path=cache_dir)
+        return ModelSource(
+            spec=EMBEDDED_SPEC,
+            config=AutoConfig.from_pretrained(cache_dir),
+            path=cache_dir,
+            tokenizer_path=cache_dir,
+        )
     if spec.startswith(DUMMY_PREFIX):
-        shape = spec[len(DUMMY_PREFIX):].lower()
+        shape = spec[len(DUMMY_PREFIX) :].lower()
         if shape not in DUMMY_SHAPES:
-            raise ModelNotFoundError(f"unknown dummy shape {shape!r}; known: {', '.join(sorted(DUMMY_SHAPES))}")
+            raise ModelNotFoundError(
+                f"unknown dummy shape {shape!r}; known: {', '.join(sorted(DUMMY_SHAPES))}"
+            )
         tokenizer_src = resolve_model(EMBEDDED_SPEC, home)
         config = LlamaConfig(**DUMMY_SHAPES[shape])  # type: ignore[arg-type]
-        return ModelSource(spec=spec, config=config, path=None, tokenizer_path=tokenizer_src.path or Path(),
-                           dummy_seed=0)
+        return ModelSource(
+            spec=spec, config=config, path=None, tokenizer_path=tokenizer_src.path or Path(), dummy_seed=0
+        )
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(
@@ -140,8 +182,9 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(source.tokenizer_path)
 
 
-def dummy_state_dict(config: PretrainedConfig, dtype: torch.dtype, device: torch.device | str,
-                     seed: int = 0) -> dict[str, torch.Tensor]:
+def dummy_state_dict(
+    config: PretrainedConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random Llama weights with HF parameter names, made directly on the target device."""
     gen = torch.Generator(device=device).manual_seed(seed)
     h, inter, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads
@@ -152,8 +195,10 @@ def dummy_state_dict(config: PretrainedConfig, dtype: torch.dtype, device: torch
         t = torch.empty(*shape, dtype=torch.float32, device=device)
         return t.normal_(0.0, 0.02, generator=gen).to(dtype)
 
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rand(config.vocab_size, h),
-                                    "model.norm.weight": torch.ones(h, dtype=dtype, device=device)}
+    out: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": rand(config.vocab_size, h),
+        "model.norm.weight": torch.ones(h, dtype=dtype, device=device),
+    }
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         out[p + "self_attn.q_proj.weight"] = rand(q, h)
@@ -170,7 +215,9 @@ def dummy_state_dict(config: PretrainedConfig, dtype: torch.dtype, device: torch
     return out
 
 
-def load_state_dict(source: ModelSource, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    source: ModelSource, dtype: torch.dtype, device: torch.device | str
+) -> dict[str, torch.Tensor]:
     """All base weights by HF name, in `dtype` on `device` (safetensors only, never pickle)."""
     if source.is_dummy:
         return dummy_state_dict(source.config, dtype, device, seed=source.dummy_seed or 0)
@@ -187,7 +234,9 @@ def load_state_dict(source: ModelSource, dtype: torch.dtype, device: torch.devic
     return out
 
 
-def load_hf_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+def load_hf_model(
+    source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> torch.nn.Module:
     """The transformers reference model (used by tests, the baseline benchmark and the trainer)."""
     from transformers import AutoModelForCausalLM
 

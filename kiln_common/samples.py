@@ -49,8 +49,10 @@ class Sample:
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes] | dict[str, str]) -> Sample:
         """Decode a stream entry; raises ValueError on a malformed one (it goes to the dead-letter stream)."""
-        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-             for k, v in fields.items()}
+        f = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
         try:
             return cls(
                 kind=SampleKind(f["kind"]),

@@ -121,44 +121,29 @@ def run_hf(
     """Static batches through `generate` (greedy, exactly w.new_tokens each)."""
     from transformers import LogitsProcessorList
 
+    def generate(ids: torch.Tensor, new_tokens: int, **kwargs: object) -> torch.Tensor:
+        """Greedy, exactly `new_tokens` each; adapters assigned round-robin over the rows."""
+        if adapter_names:
+            kwargs["adapter_names"] = [adapter_names[j % len(adapter_names)] for j in range(len(ids))]
+        with torch.no_grad():
+            return model.generate(  # type: ignore[operator, no-any-return]
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                **kwargs,
+            )
+
     ttft, tpot, total, elapsed = [], [], 0, 0.0
-    with torch.no_grad():  # warm-up at the measured batch shape, as our engine gets (not timed)
-        ids = torch.tensor(reqs[:batch], device=w.device)
-        extra = (
-            {"adapter_names": [adapter_names[j % len(adapter_names)] for j in range(len(ids))]}
-            if adapter_names
-            else {}
-        )
-        model.generate(  # type: ignore[operator]
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=8,
-            min_new_tokens=8,
-            do_sample=False,
-            pad_token_id=0,
-            **extra,
-        )
+    generate(torch.tensor(reqs[:batch], device=w.device), 8)  # warm-up at the measured shape (not timed)
     for i in range(0, len(reqs), batch):
         ids = torch.tensor(reqs[i : i + batch], device=w.device)
         clock = StepClock(w.device)
-        extra = (
-            {"adapter_names": [adapter_names[j % len(adapter_names)] for j in range(len(ids))]}
-            if adapter_names
-            else {}
-        )
         sync(w.device)
         start = time.monotonic()
-        with torch.no_grad():
-            out = model.generate(  # type: ignore[operator]
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=w.new_tokens,
-                min_new_tokens=w.new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                logits_processor=LogitsProcessorList([clock]),
-                **extra,
-            )
+        out = generate(ids, w.new_tokens, logits_processor=LogitsProcessorList([clock]))
         sync(w.device)
         elapsed += time.monotonic() - start
         total += (out.shape[1] - ids.shape[1]) * ids.shape[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln_common.config import DEFAULT_INFER_PORT, DEFAULT_TRAIN_PORT, RedisConfig, default_home
 from kiln_common.redis_server import RedisServer
+
+log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 90.0
 
@@ -43,7 +46,7 @@ def _terminate(name: str, proc: subprocess.Popen[bytes]) -> int:
         try:
             proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            print(f"kiln up: {name} did not stop within {STOP_TIMEOUT_S:.0f}s; killing it", file=sys.stderr)
+            log.warning("kiln up: %s did not stop within %.0fs; killing it", name, STOP_TIMEOUT_S)
             proc.kill()
             proc.wait()
     return int(proc.returncode)
@@ -91,7 +94,7 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         while not stop.is_set():
             for name, proc in list(children.items()):
                 if proc.poll() is not None:
-                    print(f"kiln up: {name} exited with code {proc.returncode}", file=sys.stderr)
+                    log.warning("kiln up: %s exited with code %s", name, proc.returncode)
                     del children[name]
                     if name == "kiln-infer":
                         stop.set()
