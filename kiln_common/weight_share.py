@@ -29,6 +29,9 @@ SHM_PREFIX = "kiln-base-"
 # Projections of one layer kept adjacent in memory, in this order (fused q/k/v and gate/up views possible).
 _LAYER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+# Projections that read the same input and that kiln-infer runs as one matmul over a fused view: a group
+# is never split across buckets, so its tensors lie back to back.
+_FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _STORAGE_CLASSES = {"TypedStorage": torch.TypedStorage, "UntypedStorage": torch.UntypedStorage}
 
 
@@ -133,8 +136,23 @@ def _view(bucket: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     return bucket[spec.offset : spec.offset + spec.nbytes].view(_dtype(spec.dtype)).view(spec.shape)
 
 
+def _group_bytes(name: str, state: dict[str, torch.Tensor]) -> int:
+    """Bytes (aligned) of the fused group that `name` starts, or of `name` alone."""
+    for group in _FUSED_GROUPS:
+        if name.endswith(f".{group[0]}.weight"):
+            names = [name.replace(f".{group[0]}.", f".{m}.") for m in group]
+            if all(n in state for n in names):
+                return sum(_align(state[n].numel() * state[n].element_size()) for n in names)
+    t = state[name]
+    return t.numel() * t.element_size()
+
+
 def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> tuple[list[TensorSpec], list[int]]:
-    """Assign each tensor a bucket and aligned offset; aliases (tied weights) share the first one's place."""
+    """Assign each tensor a bucket and aligned offset; aliases (tied weights) share the first one's place.
+
+    A layer's q/k/v and gate/up weights always share a bucket (a new bucket starts before the group when it
+    would not fit), so the engine can fuse them whatever the bucket size.
+    """
     specs: list[TensorSpec] = []
     sizes: list[int] = [0]
     placed: dict[tuple[int, tuple[int, ...], torch.dtype], TensorSpec] = {}
@@ -146,7 +164,7 @@ def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> tuple[lis
             specs.append(TensorSpec(name, prev.bucket, prev.offset, prev.shape, prev.dtype))
             continue
         nbytes = t.numel() * t.element_size()
-        if sizes[-1] > 0 and sizes[-1] + nbytes > bucket_bytes:
+        if sizes[-1] > 0 and sizes[-1] + _group_bytes(name, state) > bucket_bytes:
             sizes.append(0)
         spec = TensorSpec(name, len(sizes) - 1, sizes[-1], tuple(t.shape), _dtype_name(t.dtype))
         sizes[-1] = _align(sizes[-1] + nbytes)

@@ -107,6 +107,8 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=0)
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("KILN_HOME", ".kiln")))
     parser.add_argument("--no-profiler", action="store_true")
+    parser.add_argument("--no-batch-one", action="store_true", help="skip the batch-1 sections")
+    parser.add_argument("--bursts", type=int, default=0, help="only: N bursts in a row on one engine")
     parser.add_argument("--cprofile", action="store_true", help="also a Python profile of the engine thread")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -128,6 +130,19 @@ def main() -> int:
         ]
     config = bench.engine_config(w, max(1, args.adapters), w.num_requests)
     engine = bench.build_engine(source, state, tokenizer, config, w, adapters)
+    if args.bursts:
+        for i in range(args.bursts):
+            records = trace_steps(engine)
+            r = bench.run_engine(engine, w, bench.prompts(w, vocab, w.num_requests, seed=10 + i), adapters, "b")
+            engine.core.step = type(engine.core).step.__get__(engine.core)  # type: ignore[method-assign]
+            mixed = sum(t1 - t0 for t0, t1, _n, _s, pure in records if not pure)
+            decode = sum(t1 - t0 for t0, t1, _n, _s, pure in records if pure)
+            print(
+                f"burst {i}: {r.tokens_per_s:.0f} tok/s; mixed steps {1000 * mixed:.1f} ms, "
+                f"decode steps {1000 * decode:.1f} ms ({len(records)} steps)"
+            )
+        engine.shutdown()
+        return 0
     r = bench.run_engine(engine, w, reqs, adapters, "warm-full")
     print(f"warm run: {r.tokens_per_s:.0f} tok/s")
     records = trace_steps(engine)
@@ -151,7 +166,7 @@ def main() -> int:
         )
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
     decoder = engine.core.runner.decoder
-    if decoder is not None:
+    if decoder is not None and not args.no_batch_one:
         from torch.profiler import ProfilerActivity, profile
 
         with torch.inference_mode():
@@ -170,27 +185,36 @@ def main() -> int:
             f"batch-1 graph replay: {bench.graph_step_ms(engine, 1):.3f} ms; batch 256: {bench.graph_step_ms(engine, 256):.3f} ms"
         )
     engine.shutdown()
-    batch_one(source, state, tokenizer, w, vocab)
+    if not args.no_batch_one:
+        batch_one(source, state, tokenizer, w, vocab)
     return 0
 
 
 def batch_one(source, state, tokenizer, w, vocab) -> None:  # type: ignore[no-untyped-def]
-    """Batch-1 decode: step wall times against the graph replay, and what runs on the GPU outside it."""
+    """Batch-1 decode: step wall times against the graph replay, with the folded GEMVs and without them."""
     from torch.profiler import ProfilerActivity, profile
 
     engine = bench.build_engine(source, state, tokenizer, bench.engine_config(w, 1, 1), w, [None])
-    records = trace_steps(engine)
-    r = bench.run_engine(engine, w, bench.prompts(w, vocab, 1, seed=5), [None], "b1")
-    decode = [t1 - t0 for t0, t1, _n, _s, pure in records if pure]
-    print(
-        f"batch-1: TPOT {r.tpot_ms[0]:.3f} ms; engine step() wall mean {1000 * sum(decode) / len(decode):.3f} ms"
-    )
-    print(f"batch-1 graph replay alone: {bench.graph_step_ms(engine, 1):.3f} ms")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        bench.run_engine(engine, w, bench.prompts(w, vocab, 1, seed=6), [None], "b1p")
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    model, decoder = engine.core.model, engine.core.runner.decoder
+    for use_gemv in [True, False] if model.use_gemv else [False]:
+        model.use_gemv = use_gemv
+        for key in [k for k in decoder.graphs if k[0] == 1]:
+            del decoder.graphs[key]  # recaptured with the path chosen above
+        bench.run_engine(engine, w, bench.prompts(w, vocab, 1, seed=4), [None], "b1w")
+        records = trace_steps(engine)
+        r = bench.run_engine(engine, w, bench.prompts(w, vocab, 1, seed=5), [None], "b1")
+        engine.core.step = type(engine.core).step.__get__(engine.core)  # type: ignore[method-assign]
+        decode = [t1 - t0 for t0, t1, _n, _s, pure in records if pure]
+        print(
+            f"batch-1 (gemv {use_gemv}): TPOT {r.tpot_ms[0]:.3f} ms; engine step() wall mean "
+            f"{1000 * sum(decode) / len(decode):.3f} ms; graph replay alone {bench.graph_step_ms(engine, 1):.3f} ms"
+        )
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            bench.run_engine(engine, w, bench.prompts(w, vocab, 1, seed=6), [None], "b1p")
+            torch.cuda.synchronize()
+        print(
+            prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=60)
+        )
     engine.shutdown()
 
 

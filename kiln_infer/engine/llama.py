@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 
 from kiln_infer.engine.attention import StepMetadata, paged_attention, write_kv
 from kiln_infer.engine.fused_ops import add_rms_norm, rms_norm, rms_norm_reference, silu_mul
+from kiln_infer.engine.gemv import ADD_NORM, NORM, PLAIN, SILU_MUL, gemv, gemv_supported
 from kiln_infer.engine.rope import apply_rope, rope_tables
 from kiln_infer.engine.rope_cache import fused_rope_self_check, fused_rope_supported, rope_and_cache
 from kiln_infer.lora.layers import LoraBatch, add_lora
@@ -111,6 +112,17 @@ class LlamaModel:
             )
         )
         self.cos, self.sin = rope_tables(config, self.head_dim, max_positions, self.dtype, self.device)
+        # batch-1 decode through our GEMVs with the norms and the activation in their prologues
+        self.use_gemv = self.device.type == "cuda" and all(
+            w.qkv is not None
+            and w.gate_up is not None
+            and w.q_bias is None
+            and w.k_bias is None
+            and w.v_bias is None
+            and w.q_norm is None
+            and gemv_supported(w.qkv, w.qkv)
+            for w in self.layers
+        )
         fused = sum(w.qkv is not None for w in self.layers)
         log.info("model: %d layers, %d with fused qkv views", len(self.layers), fused)
 
@@ -210,6 +222,8 @@ class LlamaModel:
         (the next layer's input norm, or the final norm after the last layer).
         """
         fast = meta.use_triton
+        if fast and lora is None and self.use_gemv and input_ids.shape[0] == 1 and self.fused_rope:
+            return self._forward_one(input_ids, positions, kv_caches, meta)
         residual = F.embedding(input_ids, self.embed)  # [T, hidden]
         rope = (self.cos[positions], self.sin[positions])  # [T, D] each, shared by every layer
         x = rms_norm(residual, self.layers[0].input_norm, self.eps, fast)
@@ -220,6 +234,41 @@ class LlamaModel:
             out = self._mlp(i, w, x, lora, fast)
             x = add_rms_norm(out, residual, next_norm, self.eps, fast)
         return x
+
+    def _forward_one(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: StepMetadata,
+    ) -> torch.Tensor:
+        """`forward` for one token without LoRA: four GEMVs a layer, each with the op before it folded in.
+
+        Same math and rounding as `forward`; the residual stream is a new tensor after each add (the GEMV
+        that folds the add writes it) instead of being added to in place.
+        """
+        h, kvh = self.num_heads, self.num_kv_heads
+        residual = F.embedding(input_ids, self.embed)  # [1, hidden]
+        rope = (self.cos[positions], self.sin[positions])
+        pending: torch.Tensor | None = None  # the last MLP output, not yet added to the residual
+        for i, w in enumerate(self.layers):
+            assert w.qkv is not None and w.gate_up is not None
+            if pending is None:
+                qkv, _ = gemv(residual, w.qkv, NORM, norm_weight=w.input_norm, eps=self.eps)
+            else:
+                qkv, new = gemv(pending, w.qkv, ADD_NORM, residual, w.input_norm, self.eps)
+                assert new is not None
+                residual = new
+            q2, k2, v2 = qkv.split([w.q.shape[0], w.k.shape[0], w.v.shape[0]], dim=-1)
+            q = rope_and_cache(q2, k2, v2, rope, kv_caches[i], meta.slot_mapping, h, kvh, True)
+            attn = paged_attention(q, kv_caches[i][0], kv_caches[i][1], meta, self.scale)
+            o, _ = gemv(attn.reshape(1, -1), w.o, PLAIN)
+            gate_up, new = gemv(o, w.gate_up, ADD_NORM, residual, w.post_norm, self.eps)
+            assert new is not None
+            residual = new
+            pending, _ = gemv(gate_up, w.down, SILU_MUL)
+        assert pending is not None
+        return add_rms_norm(pending, residual, self.norm, self.eps, True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in the model's dtype (the sampler widens them to fp32 where it needs to)."""

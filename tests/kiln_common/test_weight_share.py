@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 
 from kiln_common.model_loader import dummy_state_dict
-from kiln_common.weight_share import ALIGN, attach, export_manifest, pack_state_dict
+from kiln_common.weight_share import (
+    ALIGN,
+    _align,
+    attach,
+    canonical_order,
+    export_manifest,
+    pack_state_dict,
+    plan_buckets,
+)
 
 
 def _tiny_state() -> tuple[dict[str, torch.Tensor], object]:
@@ -43,6 +51,22 @@ def test_pack_is_few_aligned_buckets_in_layer_order(tmp_path: Path) -> None:
     finally:
         shared.close()
     assert not list(tmp_path.iterdir())  # close() unlinks the exporter's files
+
+
+def test_fusable_groups_never_straddle_two_buckets() -> None:
+    state, config = _tiny_state()
+    ordered = canonical_order(list(state))
+    q0 = ordered.index("model.layers.0.self_attn.q_proj.weight")
+    # room for everything before q_proj and q_proj itself, not for k_proj and v_proj after it
+    before = sum(_align(state[n].numel() * state[n].element_size()) for n in ordered[: q0 + 1])
+    specs, sizes = plan_buckets(state, before + 1)
+    assert len(sizes) > 1
+    by_name = {spec.name: spec for spec in specs}
+    for layer in range(config.num_hidden_layers):
+        for kind, group in (("self_attn", "qkv"), ("mlp", ("gate", "up"))):
+            names = [f"model.layers.{layer}.{kind}.{m}_proj.weight" for m in group]
+            assert len({by_name[n].bucket for n in names}) == 1, names
+    assert by_name["model.layers.0.self_attn.q_proj.weight"].offset == 0  # the group opened a bucket
 
 
 def test_another_process_maps_the_same_memory(tmp_path: Path) -> None:

@@ -1,0 +1,92 @@
+"""Batch-1 GEMVs with folded prologues against the torch references, and the batch-1 forward; GPU only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kiln_common.weight_share import pack_state_dict
+from kiln_infer.engine.attention import build_step_metadata
+from kiln_infer.engine.decode_attention import triton_available
+from kiln_infer.engine.gemv import ADD_NORM, NORM, PLAIN, SILU_MUL, gemv, gemv_reference
+from kiln_infer.engine.kv_cache import allocate_kv_cache
+from kiln_infer.engine.llama import LlamaModel
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (run through the device tool)"
+    ),
+    pytest.mark.skipif(not triton_available(), reason="needs Triton"),
+]
+
+# (n, k): Llama-3.2-1B's projections, SmolLM2-135M's, and sizes that are not multiples of any block
+SHAPES = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (576, 576), (1536, 576), (97, 300)]
+PROLOGUES = [PLAIN, NORM, ADD_NORM, SILU_MUL]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("prologue", PROLOGUES)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_gemv_matches_reference(n: int, k: int, prologue: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(n * 7 + k)
+    weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(dtype)
+    x = torch.randn(1, 2 * k if prologue == SILU_MUL else k, device="cuda").to(dtype)
+    residual = (torch.randn(1, k, device="cuda") * 3).to(dtype) if prologue == ADD_NORM else None
+    norm = (torch.rand(k, device="cuda") + 0.5).to(dtype) if prologue in (NORM, ADD_NORM) else None
+    out, new_residual = gemv(x, weight, prologue, residual, norm, 1e-5)
+    ref, ref_residual = gemv_reference(x, weight, prologue, residual, norm, 1e-5)
+    assert out.shape == ref.shape == (1, n) and out.dtype == dtype
+    # one rounding of the output apart (fp32 sums in a different order), relative to the output's scale
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert (out.float() - ref.float()).abs().max().item() <= tol * max(1.0, ref.float().abs().max().item())
+    if prologue == ADD_NORM:
+        assert new_residual is not None and ref_residual is not None
+        assert torch.equal(new_residual, ref_residual)  # the residual stream gets the same rounded sums
+    else:
+        assert new_residual is None
+
+
+def _tiny_model(dtype: torch.dtype) -> LlamaModel:
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).to(dtype)
+    state = pack_state_dict({k: v for k, v in hf.state_dict().items()}, "cuda").views
+    return LlamaModel(config, state, max_positions=512)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_batch_one_forward_matches_the_general_forward(dtype: torch.dtype) -> None:
+    """A decode token through the GEMV path equals the same token through the general path."""
+    model = _tiny_model(dtype)
+    assert model.use_gemv and model.fused_rope
+    block = 16
+    kv = allocate_kv_cache(
+        9, block, len(model.layers), model.num_kv_heads, model.head_dim, dtype, model.device
+    )
+    table = [5, 2, 7]  # 38 tokens in blocks of 16
+    prompt = torch.randint(0, 1000, (37,), device="cuda")
+    with torch.inference_mode():
+        meta = build_step_metadata([0], [37], [table], 0, block, model.device, True)
+        model.forward(prompt, torch.arange(37, device="cuda"), kv, meta, None)
+        token, pos = prompt[-1:].clone(), torch.tensor([37], device="cuda")
+        results = {}
+        for use_gemv in (False, True):
+            model.use_gemv = use_gemv
+            meta = build_step_metadata([37], [1], [table], 1, block, model.device, True)
+            results[use_gemv] = model.logits(model.forward(token, pos, kv, meta, None)).float()
+    fast, general = results[True], results[False]
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    assert (fast - general).abs().max().item() <= tol * general.abs().max().item()
+    # greedy picks the same token, or one the general path scores within that tolerance of its best
+    assert general[0, fast.argmax()].item() >= general.max().item() - tol * general.abs().max().item()
