@@ -109,6 +109,7 @@ def main() -> int:
     parser.add_argument("--no-profiler", action="store_true")
     parser.add_argument("--no-batch-one", action="store_true", help="skip the batch-1 sections")
     parser.add_argument("--bursts", type=int, default=0, help="only: N bursts in a row on one engine")
+    parser.add_argument("--batch-one-only", action="store_true", help="only the batch-1 sections")
     parser.add_argument("--cprofile", action="store_true", help="also a Python profile of the engine thread")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -121,6 +122,9 @@ def main() -> int:
     gc.collect()
     vocab = min(len(tokenizer), source.config.vocab_size)
     reqs = bench.prompts(w, vocab, w.num_requests)
+    if args.batch_one_only:
+        batch_one(source, state, tokenizer, w, vocab)
+        return 0
     adapters: list[AdapterRef | None] = [None]
     if args.adapters:
         tmp = Path(tempfile.mkdtemp())

@@ -11,7 +11,7 @@ from transformers import PretrainedConfig
 
 from kiln_infer.engine.attention import StepMetadata, paged_attention, write_kv
 from kiln_infer.engine.fused_ops import add_rms_norm, rms_norm, rms_norm_reference, silu_mul
-from kiln_infer.engine.gemv import ADD_NORM, NORM, PLAIN, SILU_MUL, gemv, gemv_supported
+from kiln_infer.engine.gemv import ADD_NORM, NORM, PLAIN, SILU_MUL, gemv, gemv_qkv_rope, gemv_supported
 from kiln_infer.engine.rope import apply_rope, rope_tables
 from kiln_infer.engine.rope_cache import fused_rope_self_check, fused_rope_supported, rope_and_cache
 from kiln_infer.lora.layers import LoraBatch, add_lora
@@ -113,15 +113,19 @@ class LlamaModel:
         )
         self.cos, self.sin = rope_tables(config, self.head_dim, max_positions, self.dtype, self.device)
         # batch-1 decode through our GEMVs with the norms and the activation in their prologues
-        self.use_gemv = self.device.type == "cuda" and all(
-            w.qkv is not None
-            and w.gate_up is not None
-            and w.q_bias is None
-            and w.k_bias is None
-            and w.v_bias is None
-            and w.q_norm is None
-            and gemv_supported(w.qkv, w.qkv)
-            for w in self.layers
+        self.use_gemv = (
+            self.device.type == "cuda"
+            and self.head_dim % 4 == 0
+            and all(
+                w.qkv is not None
+                and w.gate_up is not None
+                and w.q_bias is None
+                and w.k_bias is None
+                and w.v_bias is None
+                and w.q_norm is None
+                and gemv_supported(w.qkv, w.qkv)
+                for w in self.layers
+            )
         )
         fused = sum(w.qkv is not None for w in self.layers)
         log.info("model: %d layers, %d with fused qkv views", len(self.layers), fused)
@@ -242,7 +246,7 @@ class LlamaModel:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: StepMetadata,
     ) -> torch.Tensor:
-        """`forward` for one token without LoRA: four GEMVs a layer, each with the op before it folded in.
+        """`forward` for one token without LoRA: four GEMVs a layer, each with the ops around it folded in.
 
         Same math and rounding as `forward`; the residual stream is a new tensor after each add (the GEMV
         that folds the add writes it) instead of being added to in place.
@@ -253,14 +257,21 @@ class LlamaModel:
         pending: torch.Tensor | None = None  # the last MLP output, not yet added to the residual
         for i, w in enumerate(self.layers):
             assert w.qkv is not None and w.gate_up is not None
-            if pending is None:
-                qkv, _ = gemv(residual, w.qkv, NORM, norm_weight=w.input_norm, eps=self.eps)
-            else:
-                qkv, new = gemv(pending, w.qkv, ADD_NORM, residual, w.input_norm, self.eps)
-                assert new is not None
-                residual = new
-            q2, k2, v2 = qkv.split([w.q.shape[0], w.k.shape[0], w.v.shape[0]], dim=-1)
-            q = rope_and_cache(q2, k2, v2, rope, kv_caches[i], meta.slot_mapping, h, kvh, True)
+            # q|k|v with RoPE and the cache write in its epilogue; the residual add and norm in its prologue
+            q, new = gemv_qkv_rope(
+                residual if pending is None else pending,
+                w.qkv,
+                NORM if pending is None else ADD_NORM,
+                None if pending is None else residual,
+                w.input_norm,
+                self.eps,
+                rope,
+                kv_caches[i],
+                meta.slot_mapping,
+                h,
+                kvh,
+            )
+            residual = residual if new is None else new
             attn = paged_attention(q, kv_caches[i][0], kv_caches[i][1], meta, self.scale)
             o, _ = gemv(attn.reshape(1, -1), w.o, PLAIN)
             gate_up, new = gemv(o, w.gate_up, ADD_NORM, residual, w.post_norm, self.eps)
@@ -272,4 +283,6 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in the model's dtype (the sampler widens them to fp32 where it needs to)."""
+        if self.use_gemv and hidden.shape[0] == 1 and hidden.is_contiguous():
+            return gemv(hidden, self.lm_head)[0]  # batch 1: 4.4 vs 4.2 TB/s for cuBLAS on the H200
         return F.linear(hidden, self.lm_head)

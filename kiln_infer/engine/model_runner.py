@@ -95,5 +95,4 @@ class ModelRunner:
         if all(item.seq.lora_slot < 0 for item in batch):
             return None
         slots = np.repeat([item.seq.lora_slot for item in batch], [item.num_tokens for item in batch])
-        token_slots = torch.from_numpy(slots).to(self.device)
-        return LoraBatch.for_tokens(self.lora_slots, token_slots, self.use_triton)
+        return LoraBatch.for_host_tokens(self.lora_slots, slots, self.device, self.use_triton)

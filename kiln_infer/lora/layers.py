@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kiln_infer.lora.bgmv import (
+    BLOCK_M,
     MAX_TOKENS,
     SlotSegments,
     bgmv_available,
@@ -116,6 +118,44 @@ class LoraBatch:
         if use_kernels and token_slots.is_cuda and bgmv_available() and 0 < t <= MAX_TOKENS:
             return cls(slots, segments=segment_tokens(token_slots, slots.num_slots))
         return cls(slots, mask=slots.token_mask(token_slots))
+
+    @classmethod
+    def for_host_tokens(
+        cls, slots: LoraSlots, token_slots: np.ndarray, device: torch.device, use_kernels: bool
+    ) -> LoraBatch:
+        """`for_tokens` from host-side slots: steps of any size take the kernels on CUDA (SGMV for prefill).
+
+        Prefill chunks are long runs of one slot; grouping them on the host costs a sort of the step's
+        slots, and the kernels then read each adapter's weights once per block of 16 tokens instead of
+        multiplying every token by every slot's weights as the dense path does.
+        """
+        if use_kernels and device.type == "cuda" and bgmv_available() and token_slots.shape[0] > MAX_TOKENS:
+            return cls(slots, segments=host_segments(token_slots, device))
+        return cls.for_tokens(slots, torch.from_numpy(token_slots).to(device), use_kernels)
+
+
+def host_segments(token_slots: np.ndarray, device: torch.device) -> SlotSegments:
+    """[T] slot per token (-1 = base) on the host -> the tokens grouped by slot, in the kernels' format.
+
+    Like `segment_tokens` (blocks of up to BLOCK_M tokens of one slot, `order` listing every token), except
+    that base tokens get no block at all: the shrink and expand only touch tokens in adapter blocks.
+    """
+    t = token_slots.shape[0]
+    key = np.where(token_slots < 0, np.iinfo(np.int64).max, token_slots.astype(np.int64))
+    order = np.argsort(key, kind="stable")  # by slot, base tokens last, ties in token order
+    ordered = token_slots[order]
+    adapted = int(np.count_nonzero(ordered >= 0))
+    cuts = np.flatnonzero(np.diff(ordered[:adapted])) + 1  # where a new slot's run begins
+    run_start = np.concatenate([[0], cuts]).astype(np.int64)
+    run_end = np.concatenate([cuts, [adapted]]).astype(np.int64)
+    per_run = -(-(run_end - run_start) // BLOCK_M)  # blocks per run
+    run_of = np.repeat(np.arange(per_run.shape[0]), per_run)
+    within = np.arange(run_of.shape[0]) - np.repeat(np.cumsum(per_run) - per_run, per_run)
+    start = run_start[run_of] + within * BLOCK_M
+    blocks = np.stack([ordered[run_start[run_of]], start, np.minimum(BLOCK_M, run_end[run_of] - start)])
+    packed = np.concatenate([order, blocks.reshape(-1)]).astype(np.int32)
+    on_device = torch.from_numpy(packed).to(device)  # one copy for both
+    return SlotSegments(on_device[:t], on_device[t:].view(3, -1))
 
 
 def columns_side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:

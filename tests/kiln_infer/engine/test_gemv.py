@@ -9,9 +9,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kiln_common.weight_share import pack_state_dict
 from kiln_infer.engine.attention import build_step_metadata
 from kiln_infer.engine.decode_attention import triton_available
-from kiln_infer.engine.gemv import ADD_NORM, NORM, PLAIN, SILU_MUL, gemv, gemv_reference
+from kiln_infer.engine.gemv import (
+    ADD_NORM,
+    NORM,
+    PLAIN,
+    SILU_MUL,
+    gemv,
+    gemv_qkv_rope,
+    gemv_reference,
+)
 from kiln_infer.engine.kv_cache import allocate_kv_cache
 from kiln_infer.engine.llama import LlamaModel
+from kiln_infer.engine.rope_cache import rope_and_cache
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,6 +55,49 @@ def test_gemv_matches_reference(n: int, k: int, prologue: int, dtype: torch.dtyp
         assert torch.equal(new_residual, ref_residual)  # the residual stream gets the same rounded sums
     else:
         assert new_residual is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("prologue", [NORM, ADD_NORM])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "hidden"), [(32, 8, 64, 2048), (9, 3, 64, 576), (4, 4, 128, 300)]
+)
+def test_qkv_rope_gemv_matches_unfused(
+    heads: int, kv_heads: int, dim: int, hidden: int, prologue: int, dtype: torch.dtype
+) -> None:
+    torch.manual_seed(heads + dim)
+    n = (heads + 2 * kv_heads) * dim
+    weight = (torch.randn(n, hidden, device="cuda") * hidden**-0.5).to(dtype)
+    x = torch.randn(1, hidden, device="cuda").to(dtype)
+    residual = (torch.randn(1, hidden, device="cuda") * 3).to(dtype) if prologue == ADD_NORM else None
+    norm = (torch.rand(hidden, device="cuda") + 0.5).to(dtype)
+    angles = torch.rand(1, dim // 2, device="cuda") * 6.0
+    rope = (torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype))
+    slot = torch.tensor([11], device="cuda")
+
+    def cache() -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.zeros(2, 8, kv_heads, dim, device="cuda", dtype=dtype),
+            torch.zeros(2, 8, kv_heads, dim, device="cuda", dtype=dtype),
+        )
+
+    fused_kv, ref_kv = cache(), cache()
+    q, new_residual = gemv_qkv_rope(
+        x, weight, prologue, residual, norm, 1e-5, rope, fused_kv, slot, heads, kv_heads
+    )
+    qkv, ref_residual = gemv_reference(x, weight, prologue, residual, norm, 1e-5)
+    q_parts = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    ref_q = rope_and_cache(*q_parts, rope, ref_kv, slot, heads, kv_heads, use_triton=False)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for out, ref in [(q, ref_q), (fused_kv[0], ref_kv[0]), (fused_kv[1], ref_kv[1])]:
+        assert out.shape == ref.shape
+        assert (out.float() - ref.float()).abs().max().item() <= tol * max(
+            1.0, ref.float().abs().max().item()
+        )
+    assert fused_kv[0].flatten(0, 1)[12:].abs().max() == 0  # nothing written outside the token's slot
+    if prologue == ADD_NORM:
+        assert new_residual is not None and ref_residual is not None
+        assert torch.equal(new_residual, ref_residual)
 
 
 def _tiny_model(dtype: torch.dtype) -> LlamaModel:
