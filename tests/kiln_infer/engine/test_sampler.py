@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kiln_infer.engine.llama import fuse_if_adjacent
@@ -97,3 +98,19 @@ def test_two_level_argmax_matches_argmax_with_ties() -> None:
         logits[3, -1] = 10.0  # a tie between the first and the last index
         assert torch.equal(greedy_tokens(logits, two_level=True), logits.argmax(dim=-1)), vocab
         assert torch.equal(greedy_tokens(logits.bfloat16(), two_level=True), logits.argmax(dim=-1)), vocab
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run through the device tool)")
+def test_two_level_argmax_on_cuda_matches_argmax_with_ties() -> None:
+    """The CUDA path (Triton when installed) keeps torch.argmax's first-index rule, also on strided rows."""
+    gen = torch.Generator().manual_seed(1)
+    for vocab in (128256, 49152, 4097, 37):
+        logits = torch.randint(-3, 4, (6, vocab), generator=gen).float()
+        logits[2, -1] = 10.0
+        logits[3, 0] = 10.0
+        logits[3, -1] = 10.0
+        logits[4, 4096:] = 5.0  # ties across chunks: the first chunk holding the maximum wins
+        expected = logits.argmax(dim=-1)
+        for t in (logits.cuda(), logits.cuda().bfloat16(), torch.cat([logits, logits], 1).cuda()[:, :vocab]):
+            assert torch.equal(greedy_tokens(t, two_level=True).cpu(), expected), vocab
