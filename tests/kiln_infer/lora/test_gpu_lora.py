@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from kiln_infer.lora.bgmv import bgmv_available, bgmv_expand_add, bgmv_shrink, segment_tokens
+from kiln_infer.lora.bgmv import (
+    BLOCK_M,
+    SlotSegments,
+    bgmv_available,
+    bgmv_expand_add,
+    bgmv_shrink,
+    segment_tokens,
+)
 from kiln_infer.lora.layers import LoraBatch, LoraSlots, add_lora, lora_delta_reference
 
 pytestmark = [
@@ -125,21 +133,56 @@ def test_kernels_match_reference(
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_split_and_chunked_launches_match_reference(device: torch.device, dtype: torch.dtype) -> None:
-    """Input features split 1, 3 and 8 ways, and 1 to 3 column tiles per program, give the same sums."""
+    """Input features split 1, 2, 4 and 16 ways (18 k-tiles, so uneven slices), and 1 to 3 column tiles per
+    program, give the same sums."""
     max_rank, num_slots, num_tokens = 8, 4, 37
-    slots = random_slots(num_slots, max_rank, dtype, device, {"down_proj": (1000, 300)})
+    slots = random_slots(num_slots, max_rank, dtype, device, {"down_proj": (2200, 300)})
     ts = token_slots(num_tokens, num_slots, device)
     seg = segment_tokens(ts, num_slots)
-    x = torch.randn(num_tokens, 1000, dtype=dtype, device=device)
+    x = torch.randn(num_tokens, 2200, dtype=dtype, device=device)
     base = torch.randn(num_tokens, 300, dtype=dtype, device=device)
     expected = base.float() + reference(x, slots, 0, ["down_proj"], ts)
-    for shrink_programs, expand_programs in [(1, 1), (10_000, 10_000), (3 * seg.blocks.shape[1], 2)]:
+    nb = seg.blocks.shape[1]
+    for shrink_programs, expand_programs in [(1, 1), (10_000, 10_000), (3 * nb, 2), (4 * nb, 2 * nb)]:
         shrunk = bgmv_shrink(x, slots.a_group[0]["down"], slots.ranks, seg, 1, max_rank, shrink_programs)
+        assert shrunk.shape[0] == {1: 1, 10_000: 16, 3 * nb: 2, 4 * nb: 4}[shrink_programs]
         out = base.clone()
         bgmv_expand_add(
             shrunk, slots.b_group[0]["down"], slots.ranks, seg, out, [300], 0, max_rank, expand_programs
         )
         assert_close(out, expected, dtype)
+
+
+def segments_without_base_blocks(ts: torch.Tensor) -> SlotSegments:
+    """Blocks of adapter tokens only, shuffled, plus an unused one: the form of segments built on the host."""
+    slots = ts.cpu().numpy()
+    order = np.argsort(np.where(slots < 0, slots.max() + 1, slots), kind="stable")
+    blocks = [(0, 0, 0)]  # length 0: unused
+    for s in np.unique(slots[slots >= 0]):
+        first, count = int(np.argmax(slots[order] == s)), int(np.count_nonzero(slots == s))
+        blocks += [(s, first + j, min(BLOCK_M, count - j)) for j in range(0, count, BLOCK_M)]
+    table = np.array(blocks, dtype=np.int32)[np.random.default_rng(0).permutation(len(blocks))].T
+    return SlotSegments(
+        torch.from_numpy(order.astype(np.int32)).to(ts.device), torch.from_numpy(table.copy()).to(ts.device)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_tokens", [37, 3000])
+def test_segments_without_base_blocks(device: torch.device, dtype: torch.dtype, num_tokens: int) -> None:
+    """Prefill-sized steps with no blocks for base tokens: adapter tokens get their deltas, base rows stay."""
+    max_rank, num_slots = 16, 4
+    slots = random_slots(num_slots, max_rank, dtype, device)
+    ts = token_slots(num_tokens, num_slots, device)
+    seg = segments_without_base_blocks(ts)
+    modules = list(slots.groups["qkv"])
+    x = torch.randn(num_tokens, 256, dtype=dtype, device=device)
+    base = torch.randn(num_tokens, 344, dtype=dtype, device=device)
+    shrunk = bgmv_shrink(x, slots.a_group[0]["qkv"], slots.ranks, seg, 3, max_rank)
+    out = base.clone()
+    bgmv_expand_add(shrunk, slots.b_group[0]["qkv"], slots.ranks, seg, out, [200, 72, 72], 0, max_rank)
+    assert_close(out, base.float() + reference(x, slots, 0, modules, ts), dtype)
+    assert torch.equal(out[ts < 0], base[ts < 0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
