@@ -135,7 +135,23 @@ def main() -> int:
     config = bench.engine_config(w, max(1, args.adapters), w.num_requests)
     engine = bench.build_engine(source, state, tokenizer, config, w, adapters)
     if args.bursts:
+        gc_time = collections.Counter()  # seconds in cyclic-GC collections, by generation
+        gc_start: list[float] = []
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                gc_start[:] = [time.perf_counter()]
+            elif gc_start:
+                gc_time[info["generation"]] += time.perf_counter() - gc_start[0]
+
+        gc.callbacks.append(on_gc)
+        if os.environ.get("KILN_PROFILE_GC") == "freeze-each-burst":
+            print("gc: frozen before each burst")
         for i in range(args.bursts):
+            gc_time.clear()
+            if os.environ.get("KILN_PROFILE_GC") == "freeze-each-burst":
+                gc.collect()
+                gc.freeze()
             records = trace_steps(engine)
             r = bench.run_engine(engine, w, bench.prompts(w, vocab, w.num_requests, seed=10 + i), adapters, "b")
             engine.core.step = type(engine.core).step.__get__(engine.core)  # type: ignore[method-assign]
@@ -143,7 +159,8 @@ def main() -> int:
             decode = sum(t1 - t0 for t0, t1, _n, _s, pure in records if pure)
             print(
                 f"burst {i}: {r.tokens_per_s:.0f} tok/s; mixed steps {1000 * mixed:.1f} ms, "
-                f"decode steps {1000 * decode:.1f} ms ({len(records)} steps)"
+                f"decode steps {1000 * decode:.1f} ms ({len(records)} steps); gc ms by generation "
+                f"{ {g: round(1000 * t, 1) for g, t in sorted(gc_time.items())} }, objects {len(gc.get_objects())}"
             )
         engine.shutdown()
         return 0

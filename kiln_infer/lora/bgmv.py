@@ -260,7 +260,9 @@ if triton is not None:
     # tile). Slots are zero-padded beyond their rank, so the kernels read all R rank rows of a slot instead
     # of loading its rank first; unused blocks (length 0) hold stale slot/start values, loaded but not used.
 
-    @triton.jit
+    # Arguments that change from step to step are not specialised on (Triton would otherwise build a variant
+    # per divisibility-by-16 of each, and a prefill step meeting a new one would stall for a compile).
+    @triton.jit(do_not_specialize=["num_tokens", "num_blocks"])
     def _shrink_kernel(
         x_ptr,
         a_ptr,
@@ -337,7 +339,7 @@ if triton is not None:
         parts = tl.load(shrunk_ptr + row[:, :, None] + r[None, None, :], mask=mask[:, None, :], other=0.0)
         return tl.sum(parts, axis=1)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens", "num_blocks", "tiles_per_program"])
     def _expand_kernel(
         shrunk_ptr,
         b_ptr,
