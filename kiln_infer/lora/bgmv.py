@@ -52,15 +52,19 @@ def max_blocks(num_tokens: int, num_slots: int) -> int:
 
 @dataclass(frozen=True)
 class SlotSegments:
-    """A step's tokens grouped by slot, built on the device.
+    """A step's tokens grouped by slot (on the device by `segment_tokens`, or on the host for eager steps).
 
     order: [T] int32, token indices sorted by slot (stable; slot -1 last).
     blocks: [3, max_blocks] int32, rows slot / start / length: block b is tokens order[start : start+length],
         all of one slot (-1 = no adapter); length 0 marks an unused block.
+    split_k: whether the shrink may split its input features over programs. Only for fixed shapes (decode
+        graphs): the number of splits follows the number of blocks and is compiled into the kernels, so on
+        eager steps, whose block counts vary, each new count would stall the step on a Triton compile.
     """
 
     order: torch.Tensor
     blocks: torch.Tensor
+    split_k: bool = True
 
     @property
     def num_tokens(self) -> int:

@@ -10,6 +10,7 @@ import torch
 from kiln_infer.lora.bgmv import (
     BLOCK_M,
     MAX_TOKENS,
+    SHRINK_PROGRAMS,
     SlotSegments,
     bgmv_available,
     bgmv_expand_add,
@@ -123,13 +124,13 @@ class LoraBatch:
     def for_host_tokens(
         cls, slots: LoraSlots, token_slots: np.ndarray, device: torch.device, use_kernels: bool
     ) -> LoraBatch:
-        """`for_tokens` from host-side slots: steps of any size take the kernels on CUDA (SGMV for prefill).
+        """`for_tokens` for eager steps, from host-side slots: the kernels on CUDA whatever the size (SGMV).
 
         Prefill chunks are long runs of one slot; grouping them on the host costs a sort of the step's
         slots, and the kernels then read each adapter's weights once per block of 16 tokens instead of
         multiplying every token by every slot's weights as the dense path does.
         """
-        if use_kernels and device.type == "cuda" and bgmv_available() and token_slots.shape[0] > MAX_TOKENS:
+        if use_kernels and device.type == "cuda" and bgmv_available():
             return cls(slots, segments=host_segments(token_slots, device))
         return cls.for_tokens(slots, torch.from_numpy(token_slots).to(device), use_kernels)
 
@@ -155,7 +156,7 @@ def host_segments(token_slots: np.ndarray, device: torch.device) -> SlotSegments
     blocks = np.stack([ordered[run_start[run_of]], start, np.minimum(BLOCK_M, run_end[run_of] - start)])
     packed = np.concatenate([order, blocks.reshape(-1)]).astype(np.int32)
     on_device = torch.from_numpy(packed).to(device)  # one copy for both
-    return SlotSegments(on_device[:t], on_device[t:].view(3, -1))
+    return SlotSegments(on_device[:t], on_device[t:].view(3, -1), split_k=False)
 
 
 def columns_side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:
@@ -201,7 +202,9 @@ def add_lora(
             y.addmm_(shrunk[:, i], slots.b[layer][m].t())  # the add rides in the matmul's epilogue
         return outs
     r = slots.max_rank
-    shrunk = bgmv_shrink(x, slots.a_group[layer][group], slots.ranks, lora.segments, len(modules), r)
+    seg = lora.segments
+    programs = SHRINK_PROGRAMS if seg.split_k else 1  # one program per block and module: no split
+    shrunk = bgmv_shrink(x, slots.a_group[layer][group], slots.ranks, seg, len(modules), r, programs)
     fused = columns_side_by_side(outs)
     if fused is not None:
         sizes = [y.shape[1] for y in outs]
