@@ -123,7 +123,8 @@ class LlamaModel:
                 and w.k_bias is None
                 and w.v_bias is None
                 and w.q_norm is None
-                and gemv_supported(w.qkv, w.qkv)
+                # a row of this model's activations against each projection (dtype, layout, width)
+                and all(gemv_supported(w.input_norm[None], m) for m in (w.qkv, w.o, w.gate_up, w.down))
                 for w in self.layers
             )
         )
