@@ -115,7 +115,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Run the whole stack in the foreground until Ctrl-C."""
     from kiln_infer.stack import run_stack
 
-    return run_stack(args, dict(os.environ))
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return run_stack(args, dict(os.environ), say=print)
 
 
 def cmd_module_main(module: str, missing: str, forward_client_flags: bool = False) -> Command:

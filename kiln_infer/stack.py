@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 import grpc
@@ -52,14 +52,17 @@ def _terminate(name: str, proc: subprocess.Popen[bytes]) -> int:
     return int(proc.returncode)
 
 
-def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    """Start everything, say where it listens, wait for Ctrl-C/SIGTERM or a dead kiln-infer, stop it all."""
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+def run_stack(args: argparse.Namespace, environ: Mapping[str, str], say: Callable[[str], None]) -> int:
+    """Start everything, say where it listens, wait for Ctrl-C/SIGTERM or a dead kiln-infer, stop it all.
+
+    `say` receives the command's own output (where each part listens, ready, stopped); diagnostics go to
+    logging.
+    """
     home = default_home(environ)
     home.mkdir(parents=True, exist_ok=True)
     redis_server = RedisServer(RedisConfig(home=home, url=environ.get("KILN_REDIS_URL", "")))
     url = redis_server.start()
-    print(f"redis       {url}" + ("  (embedded valkey-server, append-only)" if redis_server.owned else ""))
+    say(f"redis       {url}" + ("  (embedded valkey-server, append-only)" if redis_server.owned else ""))
     env = {**environ, "KILN_HOME": str(home), "KILN_REDIS_URL": url}
     if args.model:
         env["KILN_MODEL"] = args.model
@@ -79,18 +82,18 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         children["kiln-infer"] = subprocess.Popen(
             [sys.executable, "-m", "kiln_infer"], env=infer_env, start_new_session=True
         )
-        print(f"kiln-infer  {infer_addr}  (gRPC: InferenceService, AdapterService, health, reflection)")
+        say(f"kiln-infer  {infer_addr}  (gRPC: InferenceService, AdapterService, health, reflection)")
         if not args.no_train and importlib.util.find_spec("kiln_train.__main__") is not None:
             train_port = int(environ.get("KILN_TRAIN_PORT") or DEFAULT_TRAIN_PORT)
             train_env = {**env, "KILN_PORT": str(train_port)}
             children["kiln-train"] = subprocess.Popen(
                 [sys.executable, "-m", "kiln_train"], env=train_env, start_new_session=True
             )
-            print(f"kiln-train  127.0.0.1:{train_port}  (gRPC: TrainingService)")
-        print(f"home        {home}")
+            say(f"kiln-train  127.0.0.1:{train_port}  (gRPC: TrainingService)")
+        say(f"home        {home}")
         if _wait_serving(infer_addr, children["kiln-infer"], stop):
             flag = "" if infer_port == DEFAULT_INFER_PORT else f"--address {infer_addr} "
-            print(f'ready: try  kiln {flag}generate --chat "What is the capital of France?"   (Ctrl-C stops)')
+            say(f'ready: try  kiln {flag}generate --chat "What is the capital of France?"   (Ctrl-C stops)')
         while not stop.is_set():
             for name, proc in list(children.items()):
                 if proc.poll() is not None:
@@ -99,13 +102,13 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                     if name == "kiln-infer":
                         stop.set()
             stop.wait(0.5)
-        print("stopping ...")
+        say("stopping ...")
         return 0
     finally:
         started = time.monotonic()
         for name in ("kiln-train", "kiln-infer"):
             if name in children:
                 code = _terminate(name, children[name])
-                print(f"{name} stopped (exit {code})")
+                say(f"{name} stopped (exit {code})")
         redis_server.stop()
-        print(f"stopped in {time.monotonic() - started:.1f}s")
+        say(f"stopped in {time.monotonic() - started:.1f}s")

@@ -320,7 +320,7 @@ def gemv_qkv_rope(
     q = torch.empty(1, num_heads, dim, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if prologue == ADD_NORM else None
     k = weight.shape[1]
-    block_k = min(2048, triton.next_power_of_2(k))
+    block_k = gemv_config(weight.shape[0], k)[1]  # the row chunk of the plain GEMV
     _gemv_qkv_rope_kernel[(weight.shape[0] // (2 * QKV_ROPE_PAIRS),)](
         x,
         residual if residual is not None else x,
