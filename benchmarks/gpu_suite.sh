@@ -32,13 +32,13 @@ print(torch.__version__, transformers.__version__, peft.__version__, grpc.__vers
 torch.cuda.get_device_name())"
 step stubs python3 -c "from kiln.v1 import inference_pb2_grpc, adapter_pb2_grpc, training_pb2_grpc; print('stubs import')"
 step gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests
-step train_gpu_check python3 -m kiln_train.gpu_check --models dummy:llama-3.2-1b,dummy:llama-3.1-8b --home "$KILN_HOME"
-step bench python3 -m kiln_infer.bench --json "$OUT/bench.json"
+step train_gpu_check python3 -m benchmarks.train_gpu_check --models dummy:llama-3.2-1b,dummy:llama-3.1-8b --home "$KILN_HOME"
+step bench python3 -m benchmarks.w1 --json "$OUT/bench.json"
 # Diagnostics behind the benchmark table (docs/benchmarks.md): batch-1 with and without the folded GEMVs,
 # LoRA kernels per decode step, GEMV sweep, and bursts in a row on one engine (base, 16 adapters).
-step batch_one python3 scripts/profile_w1.py --home "$KILN_HOME" --batch-one-only
+step batch_one python3 -m benchmarks.profile_w1 --home "$KILN_HOME" --batch-one-only
 step bench_lora python3 -m kiln_infer.lora.bench_lora
-step gemv_probe python3 scripts/gemv_probe.py
-step bursts bash -c "python3 scripts/profile_w1.py --home $KILN_HOME --bursts 4 && \
-python3 scripts/profile_w1.py --home $KILN_HOME --bursts 4 --adapters 16"
+step gemv_probe python3 -m benchmarks.gemv_probe
+step bursts bash -c "python3 -m benchmarks.profile_w1 --home $KILN_HOME --bursts 4 && \
+python3 -m benchmarks.profile_w1 --home $KILN_HOME --bursts 4 --adapters 16"
 exit $status

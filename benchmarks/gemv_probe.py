@@ -1,6 +1,6 @@
 """Batch-1 projections of a Llama-3.2-1B layer on the GPU: cuBLAS against our GEMV (`engine/gemv.py`).
 
-    python scripts/gemv_probe.py
+    python -m benchmarks.gemv_probe
 
 Each variant is captured 50 times in a CUDA graph and replayed, so launch overhead is excluded; prints µs per
 call and the effective bandwidth, the default config's time beside the best of a sweep, and one layer's
@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kiln_infer.engine.fused_ops import add_rms_norm, rms_norm, silu_mul  # noqa: E402
-from kiln_infer.engine.gemv import ADD_NORM, NORM, PLAIN, SILU_MUL, gemv, gemv_config  # noqa: E402
+from kiln_infer.engine.fused_ops import add_rms_norm, rms_norm, silu_mul
+from kiln_infer.engine.gemv import ADD_NORM, NORM, PLAIN, SILU_MUL, gemv, gemv_config
 
 SHAPES = {
     "qkv": (3072, 2048),

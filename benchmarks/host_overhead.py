@@ -1,6 +1,6 @@
 """Engine-thread host time per decode step at batch 256, with the model forward and sampling stubbed out.
 
-    python scripts/host_overhead.py [--batch 256] [--steps 200] [--repeat 3] [--stop] [--profile]
+    python -m benchmarks.host_overhead [--batch 256] [--steps 200] [--repeat 3] [--stop] [--profile]
 
 Runs the real EngineCore (static decode path, overlapped steps) over dummy:tiny weights on the CPU, but the
 decoder's forward returns a preallocated tensor and the sampler hands back fixed random token ids, so what is
@@ -24,16 +24,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kiln_common.model_loader import load_state_dict, load_tokenizer, resolve_model  # noqa: E402
-from kiln_infer.engine import engine_core  # noqa: E402
-from kiln_infer.engine.async_engine import eos_ids  # noqa: E402
-from kiln_infer.engine.config import EngineConfig  # noqa: E402
-from kiln_infer.engine.engine_core import EngineCore  # noqa: E402
-from kiln_infer.engine.sampler import PendingSample, SamplingBatch  # noqa: E402
-from kiln_infer.engine.sequence import Sequence  # noqa: E402
-from kiln_infer.engine.types import EngineRequest, SamplingParams  # noqa: E402
+from kiln_common.model_loader import load_state_dict, load_tokenizer, resolve_model
+from kiln_infer.engine import engine_core
+from kiln_infer.engine.async_engine import eos_ids
+from kiln_infer.engine.config import EngineConfig
+from kiln_infer.engine.engine_core import EngineCore
+from kiln_infer.engine.sampler import PendingSample, SamplingBatch
+from kiln_infer.engine.sequence import Sequence
+from kiln_infer.engine.types import EngineRequest, SamplingParams
 
 
 def build(batch: int, vocab: int) -> EngineCore:

@@ -6,8 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from benchmarks import w1 as bench
 from kiln_common.model_loader import ModelSource
-from kiln_infer import bench
 
 
 def test_cpu_bench_reports_every_scenario(

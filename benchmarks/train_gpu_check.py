@@ -1,6 +1,6 @@
 """GPU check (no Redis needed): an exporter process owns the base weights, a trainer attaches over CUDA IPC.
 
-Run `python -m kiln_train.gpu_check` on a CUDA machine. For each model it starts two processes: the exporter
+Run `python -m benchmarks.train_gpu_check` on a CUDA machine. For each model it starts two processes: the exporter
 (kiln-infer's role) loads the weights in bf16, packs them into buckets, exports CUDA IPC handles; the trainer
 (kiln-train's role) attaches, checks its parameters ARE the exporter's memory, trains LoRA for a few steps and
 writes a PEFT adapter. It prints torch.cuda.memory_allocated in both processes and the device-wide usage.
@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import torch
 
-log = logging.getLogger("kiln_train.gpu_check")
+log = logging.getLogger("benchmarks.train_gpu_check")
 GIB = 2**30
 
 
@@ -170,7 +170,7 @@ def check_model(spec: str, home: Path, steps: int, device: str) -> dict[str, Any
         base_cmd = [
             sys.executable,
             "-m",
-            "kiln_train.gpu_check",
+            "benchmarks.train_gpu_check",
             "--model",
             spec,
             "--home",
@@ -206,7 +206,7 @@ def check_model(spec: str, home: Path, steps: int, device: str) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     """Run the check for each model and print one JSON report per model (and a summary line)."""
-    parser = argparse.ArgumentParser(prog="python -m kiln_train.gpu_check", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_gpu_check", description=__doc__)
     parser.add_argument("--models", default="dummy:llama-3.2-1b,smollm2")
     parser.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "kiln-gpu-check-home"))
     parser.add_argument("--steps", type=int, default=8)

@@ -1,6 +1,6 @@
 """Where W1's time goes on the GPU: a per-step trace of the engine loop and the top kernels by device time.
 
-    python scripts/profile_w1.py [--adapters N] [--home DIR]
+    python -m benchmarks.profile_w1 [--adapters N] [--home DIR]
 
 Prints (1) every engine step's wall time grouped by kind (pure decode by batch size, mixed prefill), (2) the
 torch profiler's top operators and kernels over one W1 run, (3) the kernels of one batch-1 decode forward.
@@ -20,13 +20,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kiln_common.model_loader import load_state_dict, load_tokenizer, resolve_model  # noqa: E402
-from kiln_common.weight_share import pack_state_dict  # noqa: E402
-from kiln_infer import bench  # noqa: E402
-from kiln_infer.engine.types import AdapterRef  # noqa: E402
-from kiln_infer.lora.random_adapter import write_random_adapter  # noqa: E402
+from benchmarks import w1 as bench
+from kiln_common.model_loader import load_state_dict, load_tokenizer, resolve_model
+from kiln_common.weight_share import pack_state_dict
+from kiln_infer.engine.types import AdapterRef
+from kiln_infer.lora.random_adapter import write_random_adapter
 
 
 def trace_steps(engine) -> list[tuple[float, float, int, int, bool]]:  # type: ignore[no-untyped-def]
@@ -135,7 +133,7 @@ def main() -> int:
     config = bench.engine_config(w, max(1, args.adapters), w.num_requests)
     engine = bench.build_engine(source, state, tokenizer, config, w, adapters)
     if args.bursts:
-        gc_time = collections.Counter()  # seconds in cyclic-GC collections, by generation
+        gc_time: dict[int, float] = collections.defaultdict(float)  # seconds in cyclic-GC collections, by generation
         gc_start: list[float] = []
 
         def on_gc(phase: str, info: dict[str, int]) -> None:
@@ -153,7 +151,9 @@ def main() -> int:
                 gc.collect()
                 gc.freeze()
             records = trace_steps(engine)
-            r = bench.run_engine(engine, w, bench.prompts(w, vocab, w.num_requests, seed=10 + i), adapters, "b")
+            r = bench.run_engine(
+                engine, w, bench.prompts(w, vocab, w.num_requests, seed=10 + i), adapters, "b"
+            )
             engine.core.step = type(engine.core).step.__get__(engine.core)  # type: ignore[method-assign]
             mixed = sum(t1 - t0 for t0, t1, _n, _s, pure in records if not pure)
             decode = sum(t1 - t0 for t0, t1, _n, _s, pure in records if pure)
@@ -217,6 +217,7 @@ def batch_one(source, state, tokenizer, w, vocab) -> None:  # type: ignore[no-un
 
     engine = bench.build_engine(source, state, tokenizer, bench.engine_config(w, 1, 1), w, [None])
     model, decoder = engine.core.model, engine.core.runner.decoder
+    assert decoder is not None, "batch-1 profile needs the static decoder (CUDA)"
     for use_gemv in [True, False] if model.use_gemv else [False]:
         model.use_gemv = use_gemv
         for key in [k for k in decoder.graphs if k[0] == 1]:
