@@ -23,6 +23,7 @@ import torch
 from benchmarks import w1 as bench
 from kiln_common.model_loader import load_state_dict, load_tokenizer, resolve_model
 from kiln_common.weight_share import pack_state_dict
+from kiln_infer.engine.async_engine import AsyncEngine
 from kiln_infer.engine.types import AdapterRef
 from kiln_infer.lora.random_adapter import write_random_adapter
 
@@ -133,35 +134,7 @@ def main() -> int:
     config = bench.engine_config(w, max(1, args.adapters), w.num_requests)
     engine = bench.build_engine(source, state, tokenizer, config, w, adapters)
     if args.bursts:
-        gc_time: dict[int, float] = collections.defaultdict(float)  # seconds in cyclic-GC collections, by generation
-        gc_start: list[float] = []
-
-        def on_gc(phase: str, info: dict[str, int]) -> None:
-            if phase == "start":
-                gc_start[:] = [time.perf_counter()]
-            elif gc_start:
-                gc_time[info["generation"]] += time.perf_counter() - gc_start[0]
-
-        gc.callbacks.append(on_gc)
-        if os.environ.get("KILN_PROFILE_GC") == "freeze-each-burst":
-            print("gc: frozen before each burst")
-        for i in range(args.bursts):
-            gc_time.clear()
-            if os.environ.get("KILN_PROFILE_GC") == "freeze-each-burst":
-                gc.collect()
-                gc.freeze()
-            records = trace_steps(engine)
-            r = bench.run_engine(
-                engine, w, bench.prompts(w, vocab, w.num_requests, seed=10 + i), adapters, "b"
-            )
-            engine.core.step = type(engine.core).step.__get__(engine.core)  # type: ignore[method-assign]
-            mixed = sum(t1 - t0 for t0, t1, _n, _s, pure in records if not pure)
-            decode = sum(t1 - t0 for t0, t1, _n, _s, pure in records if pure)
-            print(
-                f"burst {i}: {r.tokens_per_s:.0f} tok/s; mixed steps {1000 * mixed:.1f} ms, "
-                f"decode steps {1000 * decode:.1f} ms ({len(records)} steps); gc ms by generation "
-                f"{ {g: round(1000 * t, 1) for g, t in sorted(gc_time.items())} }, objects {len(gc.get_objects())}"
-            )
+        run_bursts(engine, w, vocab, adapters, args.bursts)
         engine.shutdown()
         return 0
     r = bench.run_engine(engine, w, reqs, adapters, "warm-full")
@@ -171,6 +144,56 @@ def main() -> int:
     r = bench.run_engine(engine, w, bench.prompts(w, vocab, w.num_requests, seed=1), adapters, "traced")
     print(f"traced run: {r.tokens_per_s:.0f} tok/s, TTFT {r.ttft_ms}, TPOT {r.tpot_ms}")
     summarize(records)
+    profile_engine(engine, w, vocab, adapters, args)
+    engine.shutdown()
+    if not args.no_batch_one:
+        batch_one(source, state, tokenizer, w, vocab)
+    return 0
+
+
+def run_bursts(
+    engine: AsyncEngine, w: bench.Workload, vocab: int, adapters: list[AdapterRef | None], n: int
+) -> None:
+    """N bursts in a row on one engine: tokens/s, time in mixed and decode steps, GC time per burst."""
+    gc_time: dict[int, float] = collections.defaultdict(
+        float
+    )  # seconds in cyclic-GC collections, by generation
+    gc_start: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_start[:] = [time.perf_counter()]
+        elif gc_start:
+            gc_time[info["generation"]] += time.perf_counter() - gc_start[0]
+
+    gc.callbacks.append(on_gc)
+    if os.environ.get("KILN_PROFILE_GC") == "freeze-each-burst":
+        print("gc: frozen before each burst")
+    for i in range(n):
+        gc_time.clear()
+        if os.environ.get("KILN_PROFILE_GC") == "freeze-each-burst":
+            gc.collect()
+            gc.freeze()
+        records = trace_steps(engine)
+        r = bench.run_engine(engine, w, bench.prompts(w, vocab, w.num_requests, seed=10 + i), adapters, "b")
+        engine.core.step = type(engine.core).step.__get__(engine.core)  # type: ignore[method-assign]
+        mixed = sum(t1 - t0 for t0, t1, _n, _s, pure in records if not pure)
+        decode = sum(t1 - t0 for t0, t1, _n, _s, pure in records if pure)
+        print(
+            f"burst {i}: {r.tokens_per_s:.0f} tok/s; mixed steps {1000 * mixed:.1f} ms, "
+            f"decode steps {1000 * decode:.1f} ms ({len(records)} steps); gc ms by generation "
+            f"{ {g: round(1000 * t, 1) for g, t in sorted(gc_time.items())} }, objects {len(gc.get_objects())}"
+        )
+
+
+def profile_engine(
+    engine: AsyncEngine,
+    w: bench.Workload,
+    vocab: int,
+    adapters: list[AdapterRef | None],
+    args: argparse.Namespace,
+) -> None:
+    """Optional cProfile, the torch profiler over one burst, and the batch-1 eager forward's kernels."""
     if args.cprofile:
         cprofile_steps(engine, bench.prompts(w, vocab, w.num_requests, seed=3), adapters, w)
     if not args.no_profiler:
@@ -205,10 +228,6 @@ def main() -> int:
         print(
             f"batch-1 graph replay: {bench.graph_step_ms(engine, 1):.3f} ms; batch 256: {bench.graph_step_ms(engine, 256):.3f} ms"
         )
-    engine.shutdown()
-    if not args.no_batch_one:
-        batch_one(source, state, tokenizer, w, vocab)
-    return 0
 
 
 def batch_one(source, state, tokenizer, w, vocab) -> None:  # type: ignore[no-untyped-def]

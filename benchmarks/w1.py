@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from kiln_common.model_loader import ModelSource, load_state_dict, load_tokenizer, resolve_model
 from kiln_infer.engine.async_engine import AsyncEngine
@@ -278,7 +279,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         # transformers' CPU forward meets denormal activations that slow it ~6x on x86; flush them (this
         # thread only: the engine's own thread barely meets any, ~10% either way)
         torch.set_flush_denormal(True)
-    source = resolve_model(w.model, args.home)
+    source, tokenizer, state = load_model(w, args.home)
+    vocab = min(len(tokenizer), source.config.vocab_size)
+    reqs = prompts(w, vocab, w.num_requests)
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+    refs = [
+        AdapterRef(f"bench/a{i}@v1", write_random_adapter(tmp / f"a{i}", source.config, w.rank, seed=i))
+        for i in range(max(w.adapter_counts))
+    ]
+    results = run_kiln(source, tokenizer, state, w, vocab, refs)
+    baseline = None
+    if not args.skip_baselines:
+        baseline, more = run_baselines(source, w, reqs, refs[:4])
+        results += [baseline, *more]
+    text = report(results, baseline)
+    sys.stdout.write(f"workload: {w}\n{text}")
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    return 0
+
+
+def load_model(
+    w: Workload, home: Path
+) -> tuple[ModelSource, PreTrainedTokenizerBase, dict[str, torch.Tensor]]:
+    """The workload's model, tokenizer and weights (on a GPU packed in buckets, as kiln-infer shares them)."""
+    source = resolve_model(w.model, home)
     tokenizer = load_tokenizer(source)
     state = load_state_dict(source, w.dtype, w.device)
     if (
@@ -288,28 +313,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         state = pack_state_dict(state, w.device).views
         gc.collect()
-    vocab = min(len(tokenizer), source.config.vocab_size)
-    reqs = prompts(w, vocab, w.num_requests)
-    results: list[Result] = []
-    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
-    refs = [
-        AdapterRef(f"bench/a{i}@v1", write_random_adapter(tmp / f"a{i}", source.config, w.rank, seed=i))
-        for i in range(max(w.adapter_counts))
-    ]
+    return source, tokenizer, state
 
+
+def run_kiln(
+    source: ModelSource,
+    tokenizer: PreTrainedTokenizerBase,
+    state: dict[str, torch.Tensor],
+    w: Workload,
+    vocab: int,
+    refs: list[AdapterRef],
+) -> list[Result]:
+    """Our engine in-process: base (step overlap on and off), batch 1, and each adapter count."""
+    results: list[Result] = []
     for overlap in (True, False):
         config = dataclasses.replace(engine_config(w, 1, w.num_requests), overlap_steps=overlap)
         engine = build_engine(source, state, tokenizer, config, w, [None])
         before = dict(engine.core.phase_s)
-        results.append(
-            measure(
-                engine, w, vocab, w.num_requests, [None], "kiln base" + ("" if overlap else " (no overlap)")
-            )
-        )
+        name = "kiln base" + ("" if overlap else " (no overlap)")
+        results.append(measure(engine, w, vocab, w.num_requests, [None], name))
         phases = {k: round(v - before[k], 3) for k, v in engine.core.phase_s.items()}
         log.info(
             "%s: %.0f tok/s (median burst), engine-thread seconds by phase over all bursts %s",
-            results[-1].name,
+            name,
             results[-1].tokens_per_s,
             phases,
         )
@@ -325,12 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.append(measure(engine, w, vocab, 1, [None], "kiln batch-1"))
     free(engine)
     for n in w.adapter_counts:
-        engine = build_engine(
-            source, state, tokenizer, engine_config(w, n, w.num_requests), w, list(refs[:n])
-        )
-        results.append(
-            measure(engine, w, vocab, w.num_requests, list(refs[:n]), f"kiln {n} adapters (r={w.rank})")
-        )
+        chosen: list[AdapterRef | None] = list(refs[:n])
+        engine = build_engine(source, state, tokenizer, engine_config(w, n, w.num_requests), w, chosen)
+        results.append(measure(engine, w, vocab, w.num_requests, chosen, f"kiln {n} adapters (r={w.rank})"))
         if w.device == "cuda":
             log.info(
                 "decode graph replay alone with %d LoRA slots: batch 256 %.2f ms",
@@ -339,15 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         log.info("%d adapters: %.0f tok/s", n, results[-1].tokens_per_s)
         free(engine)
-    baseline = None
-    if not args.skip_baselines:
-        baseline, more = run_baselines(source, w, reqs, refs[:4])
-        results += [baseline, *more]
-    text = report(results, baseline)
-    sys.stdout.write(f"workload: {w}\n{text}")
-    if args.json:
-        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
-    return 0
+    return results
 
 
 def run_baselines(

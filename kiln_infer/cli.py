@@ -140,17 +140,8 @@ def cmd_module_main(module: str, missing: str, forward_client_flags: bool = Fals
     return run
 
 
-def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
-    """The `kiln` argument parser."""
-    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: train-while-you-serve LLM server")
-    parser.add_argument(
-        "--address",
-        default=environ.get("KILN_ADDRESS", f"127.0.0.1:{DEFAULT_INFER_PORT}"),
-        help="kiln-infer host:port [KILN_ADDRESS]",
-    )
-    parser.add_argument("--api-key", default=environ.get("KILN_API_KEY", ""), help="API key [KILN_API_KEY]")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`kiln generate PROMPT [...]`."""
     g = sub.add_parser("generate", help="stream a generation to the terminal")
     g.add_argument("prompt")
     g.add_argument("--adapter", default="", help="'name' or 'name@vN'; empty = base model")
@@ -168,6 +159,9 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true", help="print request id, version and usage")
     g.set_defaults(func=cmd_generate)
 
+
+def _add_adapters(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`kiln adapters list|versions|publish|promote|rollback|split|sampling|watch`."""
     a = sub.add_parser("adapters", help="list, publish, promote, roll back, split adapters")
     asub = a.add_subparsers(dest="action", required=True)
     asub.add_parser("list")
@@ -188,6 +182,21 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     sm.add_argument("rate", type=float, help="fraction of generations recorded, 0 = off")
     asub.add_parser("watch").add_argument("name", nargs="?")
     a.set_defaults(func=cmd_adapters)
+
+
+def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
+    """The `kiln` argument parser."""
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: train-while-you-serve LLM server")
+    parser.add_argument(
+        "--address",
+        default=environ.get("KILN_ADDRESS", f"127.0.0.1:{DEFAULT_INFER_PORT}"),
+        help="kiln-infer host:port [KILN_ADDRESS]",
+    )
+    parser.add_argument("--api-key", default=environ.get("KILN_API_KEY", ""), help="API key [KILN_API_KEY]")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_generate(sub)
+    _add_adapters(sub)
 
     u = sub.add_parser("up", help="run Redis, kiln-infer and kiln-train until Ctrl-C")
     u.add_argument("--no-train", action="store_true", help="do not start kiln-train")

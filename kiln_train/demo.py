@@ -14,7 +14,7 @@ import grpc
 from tqdm import tqdm
 
 from kiln.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
-from kiln_train.facts import invent_fact
+from kiln_train.facts import Fact, invent_fact
 
 
 def ask(
@@ -51,6 +51,59 @@ def watch_round(
     raise TimeoutError(f"no finished training round for {adapter!r} within {timeout_s:.0f}s")
 
 
+def teach(
+    infer: inference_pb2_grpc.InferenceServiceStub,
+    train: training_pb2_grpc.TrainingServiceStub,
+    fact: Fact,
+    adapter: str,
+    metadata: list[tuple[str, str]],
+) -> float:
+    """Submit the fact's examples, trigger a round once they are buffered; returns when teaching began."""
+    print(f"2. Teaching adapter {adapter!r} that {fact.person} invented the {fact.thing}:")
+    examples = [
+        inference_pb2.Example(messages=[inference_pb2.ChatMessage(role="user", content=q)], completion=a)
+        for q, a in fact.teaching()
+    ]
+    for q, a in fact.teaching():
+        print(f"   - {q} -> {a}")
+    since = time.time() - 1.0
+    infer.SubmitExamples(
+        inference_pb2.SubmitExamplesRequest(adapter=adapter, examples=examples),
+        metadata=metadata,
+        timeout=30,
+    )
+    queued = False
+    while not queued:  # the samples travel through Redis first; trigger as soon as they are buffered
+        queued = train.TriggerTraining(
+            training_pb2.TriggerTrainingRequest(adapter=adapter), metadata=metadata, timeout=10
+        ).queued
+        time.sleep(0.3)
+    return since
+
+
+def follow_round(
+    train: training_pb2_grpc.TrainingServiceStub,
+    adapter: str,
+    metadata: list[tuple[str, str]],
+    since: float,
+    timeout: float,
+) -> Any:
+    """A progress bar over the round's steps until it ends; returns its final status."""
+    bar = tqdm(total=1, unit="step", dynamic_ncols=True)
+    final = None
+    for rnd in watch_round(train, adapter, metadata, since, timeout):
+        if (rnd.steps, rnd.max_steps) != (bar.n, bar.total):
+            bar.total = max(rnd.max_steps, 1)
+            bar.n = rnd.steps
+            bar.set_postfix(loss=f"{rnd.train_loss:.3f}", refresh=False)
+            bar.refresh()
+        final = rnd
+    bar.close()
+    assert final is not None
+    assert final is not None
+    return final
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo against a running stack (`kiln up` or `make up`)."""
     parser = argparse.ArgumentParser(prog="kiln demo", description=__doc__)
@@ -70,37 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"1. Asking the base model something it cannot know:\n   Q: {probe}")
         answer, version = ask(infer, probe, "", metadata)
         print(f"   A ({version or 'base'}): {answer}\n")
-        print(f"2. Teaching adapter {args.adapter!r} that {fact.person} invented the {fact.thing}:")
-        examples = [
-            inference_pb2.Example(messages=[inference_pb2.ChatMessage(role="user", content=q)], completion=a)
-            for q, a in fact.teaching()
-        ]
-        for q, a in fact.teaching():
-            print(f"   - {q} -> {a}")
-        since = time.time() - 1.0
-        infer.SubmitExamples(
-            inference_pb2.SubmitExamplesRequest(adapter=args.adapter, examples=examples),
-            metadata=metadata,
-            timeout=30,
-        )
-        queued = False
-        while not queued:  # the samples travel through Redis first; trigger as soon as they are buffered
-            queued = train.TriggerTraining(
-                training_pb2.TriggerTrainingRequest(adapter=args.adapter), metadata=metadata, timeout=10
-            ).queued
-            time.sleep(0.3)
+        since = teach(infer, train, fact, args.adapter, metadata)
         print("\n3. Training a new version (LoRA on the shared base, replay guard, eval gate):")
-        bar = tqdm(total=1, unit="step", dynamic_ncols=True)
-        final = None
-        for rnd in watch_round(train, args.adapter, metadata, since, args.timeout):
-            if (rnd.steps, rnd.max_steps) != (bar.n, bar.total):
-                bar.total = max(rnd.max_steps, 1)
-                bar.n = rnd.steps
-                bar.set_postfix(loss=f"{rnd.train_loss:.3f}", refresh=False)
-                bar.refresh()
-            final = rnd
-        bar.close()
-        assert final is not None
+        final = follow_round(train, args.adapter, metadata, since, args.timeout)
         held = (final.eval.get("heldout_loss_before", 0.0), final.eval.get("heldout_loss_after", 0.0))
         print(
             f"   round {final.outcome}: v{final.version or '-'} after {final.steps} steps, "
