@@ -224,14 +224,3 @@ class AdapterStore:
                 raise VersionExistsError(f"{final} already exists; versions are immutable") from exc
             raise
         return meta
-
-    def read_meta(self, tenant: str, name: str, version: int) -> VersionMeta:
-        """meta.json of one version."""
-        return VersionMeta.from_json((self.version_dir(tenant, name, version) / META_FILE).read_text())
-
-    def versions_on_disk(self, tenant: str, name: str) -> list[int]:
-        """Version numbers present on disk, ascending."""
-        d = self.adapter_dir(tenant, name)
-        if not d.is_dir():
-            return []
-        return sorted(int(p.name[1:]) for p in d.iterdir() if re.fullmatch(r"v\d+", p.name) and p.is_dir())

@@ -1,4 +1,4 @@
-"""Non-blocking recorder of training samples onto the `kiln:samples` Redis stream."""
+"""The one writer of `kiln:samples`: served generations in the background, explicit samples durably."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from kiln_common.samples import SAMPLES_STREAM, Sample
@@ -16,8 +17,9 @@ _BATCH = 64  # entries per pipelined XADD round trip
 
 
 class SampleRecorder:
-    """Buffers samples in memory and XADDs them from a background thread; never blocks or raises.
+    """Appends samples to the stream: `record` (best effort, background) or `write` (durable, now).
 
+    `record` buffers samples in memory and XADDs them from a background thread; it never blocks or raises.
     When the buffer is full, or Redis stays unreachable past `max_retries` attempts for a batch, samples are
     dropped and counted (`dropped`). `recorded` counts samples that reached the stream.
     """
@@ -84,6 +86,11 @@ class SampleRecorder:
             log.exception("sample recorder: record failed")
             return False
 
+    def write(self, samples: Sequence[Sample]) -> list[str]:
+        """XADD explicit samples (feedback, examples) in one round trip; Redis errors reach the caller."""
+        self._xadd(samples)
+        return [s.sample_id for s in samples]
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued sample is written or dropped; True if that happened within `timeout`."""
         deadline = time.monotonic() + timeout
@@ -128,15 +135,19 @@ class SampleRecorder:
             if batch:
                 self._write(batch)
 
+    def _xadd(self, samples: Sequence[Sample]) -> None:
+        """XADD samples in one pipelined round trip, trimming the stream to about `maxlen`."""
+        pipe = self._redis.pipeline(transaction=False)
+        for sample in samples:
+            pipe.xadd(self._stream, sample.to_fields(), maxlen=self._maxlen, approximate=True)
+        pipe.execute()
+
     def _write(self, batch: list[Sample]) -> None:
         """XADD one batch with retries; count it as recorded or dropped."""
         ok = False
         for attempt in range(self._max_retries):
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                for sample in batch:
-                    pipe.xadd(self._stream, sample.to_fields(), maxlen=self._maxlen, approximate=True)
-                pipe.execute()
+                self._xadd(batch)
                 ok = True
                 break
             except Exception as exc:  # noqa: BLE001 - Redis down must not kill the recorder

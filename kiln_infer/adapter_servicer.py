@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
-    """Registry administration; every change preloads first and flips the live view at once."""
+    """Registry administration; every lifecycle RPC goes through `HotSwapper.change` (preload, op, flip)."""
 
     def __init__(
         self,
@@ -82,10 +82,12 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         if not request.path:
             raise InvalidArgumentError("path", "must name a PEFT adapter directory on the server")
         meta = self.registry.publish(tenant, name, Path(request.path).expanduser())
-        self.swapper.preload(tenant, name, meta.version)
-        if request.promote:
-            self.registry.promote(tenant, name, meta.version)
-        self.swapper.flip(tenant, name)
+
+        def promote() -> None:
+            if request.promote:
+                self.registry.promote(tenant, name, meta.version)
+
+        self.swapper.change(tenant, name, [meta.version], promote)
         return adapter_pb2.PublishVersionResponse(adapter=name, version=meta.version)
 
     @unary_errors
@@ -100,9 +102,9 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         if request.version < 0:
             raise InvalidArgumentError("version", f"must be >= 0, got {request.version}")
         self.registry.require_version(tenant, name, request.version)
-        self.swapper.preload(tenant, name, request.version)
-        previous, current = self.registry.promote(tenant, name, request.version)
-        self.swapper.flip(tenant, name)
+        previous, current = self.swapper.change(
+            tenant, name, [request.version], lambda: self.registry.promote(tenant, name, request.version)
+        )
         return adapter_pb2.PromoteResponse(previous_version=previous, current_version=current)
 
     @unary_errors
@@ -115,10 +117,10 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         tenant = self._tenant(context)
         name = self._name(request.adapter)
         state = self.registry.get(tenant, name)
-        if state.previous is not None:
-            self.swapper.preload(tenant, name, state.previous)
-        previous, current = self.registry.rollback(tenant, name)
-        self.swapper.flip(tenant, name)
+        warm = [] if state.previous is None else [state.previous]
+        previous, current = self.swapper.change(
+            tenant, name, warm, lambda: self.registry.rollback(tenant, name)
+        )
         return adapter_pb2.RollbackResponse(previous_version=previous, current_version=current)
 
     @unary_errors
@@ -133,10 +135,9 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         shares = convert.shares_from_pb(request.shares)
         for version, _ in shares:
             self.registry.require_version(tenant, name, version)
-        for version, _ in shares:
-            self.swapper.preload(tenant, name, version)
-        split = self.registry.set_split(tenant, name, shares)
-        self.swapper.flip(tenant, name)
+        split = self.swapper.change(
+            tenant, name, [v for v, _ in shares], lambda: self.registry.set_split(tenant, name, shares)
+        )
         return adapter_pb2.SetTrafficSplitResponse(
             shares=[adapter_pb2.TrafficShare(version=v, weight=w) for v, w in split]
         )

@@ -17,7 +17,7 @@ from kiln_common.adapter_store import validate_name
 from kiln_common.auth import Authenticator
 from kiln_common.registry import Registry
 from kiln_common.sample_recorder import SampleRecorder
-from kiln_common.samples import SAMPLES_STREAM, Sample, SampleKind
+from kiln_common.samples import Sample, SampleKind
 from kiln_infer import convert
 from kiln_infer.engine.types import Engine, EngineRequest, FinishReason
 from kiln_infer.errors import (
@@ -67,7 +67,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         registry: Registry,
         recorder: SampleRecorder,
         requests: RequestLog,
-        samples_maxlen: int,
         stopping: threading.Event,
     ) -> None:
         self.engine = engine
@@ -79,7 +78,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.registry = registry
         self.recorder = recorder
         self.requests = requests
-        self.samples_maxlen = samples_maxlen
         self.stopping = stopping
         self._rng = random.Random()
 
@@ -197,13 +195,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 )
             )
 
-    def _append(self, sample: Sample) -> str:
-        """Durably append an explicit sample (feedback, example) to the stream; Redis errors propagate."""
-        self.registry.redis.xadd(
-            SAMPLES_STREAM, sample.to_fields(), maxlen=self.samples_maxlen, approximate=True
-        )
-        return sample.sample_id
-
     def _check_size(self, request: object) -> None:
         size = request.ByteSize()  # type: ignore[attr-defined]
         if size > self.limits.max_request_bytes:
@@ -217,7 +208,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         request: inference_pb2.SubmitFeedbackRequest,  # noqa: N802
         context: grpc.ServicerContext,
     ) -> inference_pb2.SubmitFeedbackResponse:
-        """Record a rating and/or correction joined to an earlier request."""
+        """Record a rating and/or correction joined to the served request it rates (the one join)."""
         tenant = self._tenant(context)
         self._check_size(request)
         if not request.request_id:
@@ -238,19 +229,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 )
             adapter, version = validate_name(request.adapter), 0
             self.registry.create(tenant, adapter)
-        sample = Sample(
-            kind=SampleKind.FEEDBACK,
-            tenant=tenant,
-            adapter=adapter,
-            prompt=served.prompt,
-            messages=served.messages,
-            completion=served.completion,
-            adapter_version=version,
-            request_id=served.request_id,
-            rating=request.rating if has_rating else None,
-            correction=request.correction,
-        )
-        return inference_pb2.SubmitFeedbackResponse(sample_id=self._append(sample))
+        sample = served.feedback(adapter, version, request.rating if has_rating else None, request.correction)
+        return inference_pb2.SubmitFeedbackResponse(sample_id=self.recorder.write([sample])[0])
 
     @unary_errors
     def SubmitExamples(
@@ -285,7 +265,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
         self.registry.create(tenant, name)
         state = self.view.state(tenant, name)
-        ids = [self._append(replace(s, adapter_version=state.current)) for s in samples]
+        ids = self.recorder.write([replace(s, adapter_version=state.current) for s in samples])
         return inference_pb2.SubmitExamplesResponse(accepted=len(ids), sample_ids=ids)
 
     @unary_errors

@@ -1,4 +1,4 @@
-"""What each served request was (prompt, completion, version), kept in Redis so feedback can join it later."""
+"""What each served request was (prompt, completion, version): the one store feedback joins, in Redis."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+
+from kiln_common.samples import Sample, SampleKind
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,21 @@ class ServedRequest:
     prompt: str
     messages: tuple[tuple[str, str], ...]
     completion: str
+
+    def feedback(self, adapter: str, version: int, rating: float | None, correction: str) -> Sample:
+        """The feedback sample: this request's prompt and completion joined to a rating and/or correction."""
+        return Sample(
+            kind=SampleKind.FEEDBACK,
+            tenant=self.tenant,
+            adapter=adapter,
+            prompt=self.prompt,
+            messages=self.messages,
+            completion=self.completion,
+            adapter_version=version,
+            request_id=self.request_id,
+            rating=rating,
+            correction=correction,
+        )
 
 
 class RequestLog:

@@ -178,7 +178,6 @@ class InferServer:
                 registry=registry,
                 recorder=recorder,
                 requests=RequestLog(client, cfg.request_record_ttl_s),
-                samples_maxlen=cfg.samples_maxlen,
                 stopping=self.stopping,
             ),
             server,

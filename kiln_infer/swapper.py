@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import redis
 
@@ -21,6 +22,8 @@ from kiln_common.registry import (
 from kiln_infer.engine.types import AdapterRef, Engine
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _ALIAS_CHANGES = (EventType.PROMOTED, EventType.ROLLED_BACK, EventType.SPLIT)
 
@@ -152,6 +155,18 @@ class HotSwapper:
         for version in self._served_versions(state):
             self.preload(tenant, name, version)
         return self.view.refresh(tenant, name)
+
+    def change(self, tenant: str, name: str, warm: Iterable[int], registry_op: Callable[[], T]) -> T:
+        """The lifecycle ritual: preload `warm` versions, apply `registry_op`, then flip the live view.
+
+        Preloading before the registry changes means the first request routed to a new version finds its
+        weights warm; when `registry_op` raises, the view is left as it was.
+        """
+        for version in warm:
+            self.preload(tenant, name, version)
+        result = registry_op()
+        self.flip(tenant, name)
+        return result
 
     def handle(self, events: Iterable[AdapterEvent]) -> None:
         """Apply a batch of events to the view."""

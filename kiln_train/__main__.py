@@ -67,8 +67,8 @@ class TrainServer:
         tok = load_tokenizer(source)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        buffer = TrainingBuffer(client, s.request_index_ttl_s)
-        pipeline = Pipeline(s, lambda text: len(tok.encode(text, add_special_tokens=False)))
+        buffer = TrainingBuffer(client)
+        pipeline = Pipeline(s, lambda text: len(tok.encode(text, add_special_tokens=False)), buffer)
         consumer = SampleConsumer(client, buffer, pipeline, s)
         registry = Registry(client, AdapterStore(cfg.home))
         model_key = hashlib.sha256(source.spec.encode()).hexdigest()[:12]

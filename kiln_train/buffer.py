@@ -8,13 +8,12 @@ from typing import Any
 
 import redis
 
-from kiln_common.samples import Sample
-from kiln_train.pipeline import Example
+from kiln_train.example import Example
 
 PREFIX = "kiln:train"
 SEEN_KEY = f"{PREFIX}:seen"  # sample ids consumed (idempotency)
 DROPS_KEY = f"{PREFIX}:drops"  # reason -> count
-STATS_KEY = f"{PREFIX}:stats"  # consumed, dead_lettered, indexed
+STATS_KEY = f"{PREFIX}:stats"  # consumed, dead_lettered, unrated_generations
 ADAPTERS_KEY = f"{PREFIX}:adapters"  # "tenant/adapter" with a buffer
 ROUNDS_KEY = f"{PREFIX}:rounds"  # recent rounds, newest first (JSON)
 MAX_ROUNDS = 50
@@ -27,9 +26,8 @@ def _k(kind: str, tenant: str, adapter: str) -> str:
 class TrainingBuffer:
     """Examples waiting for a round, per (tenant, adapter); writes are queued on a caller's transaction."""
 
-    def __init__(self, client: redis.Redis, request_ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self.redis = client  # decode_responses=True
-        self._request_ttl_s = request_ttl_s
 
     # --- writes (queued on a MULTI pipeline so they commit together with the XACK) ---
     def add(self, pipe: Any, example: Example, fp: str) -> None:
@@ -58,13 +56,13 @@ class TrainingBuffer:
         if fps:
             pipe.srem(_k("fp", tenant, adapter), *fps)
 
-    def index_request(self, pipe: Any, sample: Sample) -> None:
-        """Remember a served generation so feedback can join it later (TTL)."""
-        pipe.set(f"{PREFIX}:gen:{sample.request_id}", json.dumps(sample.to_fields()), ex=self._request_ttl_s)
-
     def count_drop(self, pipe: Any, reason: str, n: int = 1) -> None:
         """Count a dropped sample by reason."""
         pipe.hincrby(DROPS_KEY, reason, n)
+
+    def count_stat(self, pipe: Any, name: str) -> None:
+        """Count an event in the daemon's stats (dead letters, unrated generations)."""
+        pipe.hincrby(STATS_KEY, name, 1)
 
     def mark_consumed(self, pipe: Any, sample_id: str) -> None:
         """Record the sample id as consumed."""
@@ -79,11 +77,6 @@ class TrainingBuffer:
     def has_fingerprint(self, tenant: str, adapter: str, fp: str) -> bool:
         """True when identical content was buffered or trained before."""
         return bool(self.redis.sismember(_k("fp", tenant, adapter), fp))
-
-    def lookup_request(self, request_id: str) -> Sample | None:
-        """The generation recorded for request_id, if it is still indexed."""
-        raw = self.redis.get(f"{PREFIX}:gen:{request_id}") if request_id else None
-        return Sample.from_fields(json.loads(raw)) if raw else None
 
     def example_for_request(self, tenant: str, adapter: str, request_id: str) -> str | None:
         """sample_id of the buffered example that came from request_id, if still buffered."""
@@ -124,7 +117,7 @@ class TrainingBuffer:
         return {str(k): int(v) for k, v in self.redis.hgetall(DROPS_KEY).items()}
 
     def stats(self) -> dict[str, int]:
-        """consumed, dead_lettered, indexed counters."""
+        """consumed, dead_lettered, unrated_generations counters."""
         return {str(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
 
     # --- rounds ---

@@ -9,14 +9,13 @@ from typing import Any
 
 import redis
 
-from kiln_common.samples import DEAD_LETTER_STREAM, SAMPLES_STREAM, Sample, SampleKind
-from kiln_train.buffer import STATS_KEY, TrainingBuffer
-from kiln_train.pipeline import Example, Pipeline, fingerprint
+from kiln_common.samples import DEAD_LETTER_STREAM, SAMPLES_STREAM, Sample
+from kiln_train.buffer import TrainingBuffer
+from kiln_train.pipeline import Pipeline
 from kiln_train.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
-_NEAR_DUP_WINDOW = 500  # newest buffered examples compared for near-duplicates
 Entry = tuple[str, dict[str, str]]
 
 
@@ -141,7 +140,7 @@ class SampleConsumer:
         return done
 
     def process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
-        """Handle one entry: dead-letter it, skip a duplicate id, or buffer/drop it — and ack, atomically."""
+        """Dead-letter one entry, skip a seen sample id, or pass it to the pipeline; ack in the same MULTI."""
         if deliveries > self.settings.max_deliveries:
             self._dead_letter(entry_id, fields, f"failed {deliveries - 1} deliveries", deliveries)
             return
@@ -154,7 +153,7 @@ class SampleConsumer:
         if self.buffer.seen(sample.sample_id):
             self.buffer.count_drop(pipe, "duplicate_id")
         else:
-            self._apply(sample, pipe)
+            self.pipeline.admit(sample, pipe)
             self.buffer.mark_consumed(pipe, sample.sample_id)
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()
@@ -169,58 +168,6 @@ class SampleConsumer:
             "deliveries": str(deliveries),
         }
         pipe.xadd(self.dead_stream, dead)
-        pipe.hincrby(STATS_KEY, "dead_lettered", 1)
+        self.buffer.count_stat(pipe, "dead_lettered")
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()
-
-    def _apply(self, sample: Sample, pipe: Any) -> None:
-        """Queue the buffer changes one sample causes (or the drop it counts) on `pipe`."""
-        if sample.kind is SampleKind.GENERATION:
-            if sample.request_id:
-                self.buffer.index_request(pipe, sample)
-            if not self.settings.train_unrated_generations:
-                pipe.hincrby(STATS_KEY, "indexed", 1)
-                return
-            self._admit(self.pipeline.example_from(sample), pipe)
-            return
-        if sample.kind is SampleKind.EXAMPLE:
-            self._admit(self.pipeline.example_from(sample), pipe)
-            return
-        joined = self.buffer.lookup_request(sample.request_id)
-        adapter = sample.adapter or (joined.adapter if joined else "")
-        prior = self.buffer.example_for_request(sample.tenant, adapter, sample.request_id)
-        drop = self.pipeline.rating_drop(sample)
-        if drop is not None:
-            self.buffer.count_drop(pipe, drop)
-            if prior:  # a bad rating withdraws the served completion it rates
-                self.buffer.remove(pipe, sample.tenant, adapter, [prior], "superseded")
-            return
-        if joined is None and not (sample.prompt or sample.messages):
-            self.buffer.count_drop(pipe, "unjoined_feedback")
-            return
-        if prior and not sample.correction:
-            self.buffer.count_drop(pipe, "duplicate")  # a good rating of something already buffered
-            return
-        example = self.pipeline.example_from(sample, joined)
-        if prior:  # the correction supersedes the completion it corrects
-            self.buffer.forget_fingerprints(pipe, sample.tenant, adapter, [prior])
-            self.buffer.remove(pipe, sample.tenant, adapter, [prior], "superseded")
-        self._admit(example, pipe, exclude=prior)
-
-    def _admit(self, example: Example, pipe: Any, exclude: str | None = None) -> None:
-        reason = self.pipeline.screen(example)
-        fp = fingerprint(example)
-        if reason is None and self.buffer.has_fingerprint(example.tenant, example.adapter, fp):
-            reason = "duplicate"
-        if reason is None:
-            recent = [
-                e
-                for e in self.buffer.load(example.tenant, example.adapter, limit=_NEAR_DUP_WINDOW)
-                if e.sample_id != exclude
-            ]
-            if self.pipeline.near_duplicate_of(example, recent) is not None:
-                reason = "near_duplicate"
-        if reason is not None:
-            self.buffer.count_drop(pipe, reason)
-            return
-        self.buffer.add(pipe, example, fp)

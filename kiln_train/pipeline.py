@@ -1,69 +1,21 @@
-"""Data pipeline: turn samples into training examples — normalise, screen, and detect duplicates."""
+"""The sample pipeline: what one sample does to its adapter's buffer (supersede, screen, dedupe)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import Any
 
 from kiln_common.samples import Sample, SampleKind
+from kiln_train.buffer import TrainingBuffer
+from kiln_train.example import Example
 from kiln_train.settings import TrainSettings
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SPACES = re.compile(r"[ \t\u00a0]+")
 _WORD = re.compile(r"\w+", re.UNICODE)
-
-
-@dataclass(frozen=True)
-class Example:
-    """One prompt → completion pair ready for training; `messages` empty means a raw `prompt`."""
-
-    sample_id: str
-    tenant: str
-    adapter: str
-    completion: str
-    prompt: str = ""
-    messages: tuple[tuple[str, str], ...] = ()
-    request_id: str = ""
-    source: str = SampleKind.EXAMPLE.value
-    created: float = 0.0
-
-    @property
-    def buffer_key(self) -> str:
-        """tenant/adapter: which per-adapter buffer it belongs to."""
-        return f"{self.tenant}/{self.adapter}"
-
-    def prompt_text(self) -> str:
-        """The prompt side as one string (for fingerprints and shingles)."""
-        if self.messages:
-            return "\n".join(f"{r}: {c}" for r, c in self.messages)
-        return self.prompt
-
-    def to_json(self) -> str:
-        """Encode for the Redis buffer."""
-        return json.dumps(
-            {
-                "sample_id": self.sample_id,
-                "tenant": self.tenant,
-                "adapter": self.adapter,
-                "completion": self.completion,
-                "prompt": self.prompt,
-                "messages": [list(m) for m in self.messages],
-                "request_id": self.request_id,
-                "source": self.source,
-                "created": self.created,
-            }
-        )
-
-    @classmethod
-    def from_json(cls, raw: str) -> Example:
-        """Decode from the Redis buffer."""
-        d = json.loads(raw)
-        d["messages"] = tuple((str(r), str(c)) for r, c in d.get("messages", []))
-        return cls(**d)
 
 
 def normalise_text(text: str) -> str:
@@ -111,30 +63,67 @@ def is_degenerate(text: str) -> bool:
     return len(set(grams)) / len(grams) < 0.3
 
 
-class Pipeline:
-    """Builds examples from samples and decides what to drop, naming the reason."""
+_NEAR_DUP_WINDOW = 500  # newest buffered examples compared for near-duplicates
 
-    def __init__(self, settings: TrainSettings, count_tokens: Callable[[str], int]) -> None:
+
+class Pipeline:
+    """Decides, per sample, what enters the buffer and what is dropped (naming the reason), then queues it."""
+
+    def __init__(
+        self, settings: TrainSettings, count_tokens: Callable[[str], int], buffer: TrainingBuffer
+    ) -> None:
         self._settings = settings
         self._count_tokens = count_tokens
+        self.buffer = buffer
 
-    def example_from(self, sample: Sample, joined: Sample | None = None) -> Example:
-        """The example a sample teaches; feedback without a prompt takes the joined generation's."""
-        base = sample
-        if (
-            sample.kind is SampleKind.FEEDBACK
-            and joined is not None
-            and not (sample.prompt or sample.messages)
-        ):
-            base = joined
-        completion = sample.correction or sample.completion or (joined.completion if joined else "")
+    def admit(self, sample: Sample, pipe: Any) -> None:
+        """Queue on `pipe` (the consumer's transaction) the buffer changes one sample causes, or its drop."""
+        if sample.kind is SampleKind.FEEDBACK:
+            self._feedback(sample, pipe)
+        elif sample.kind is SampleKind.GENERATION and not self._settings.train_unrated_generations:
+            self.buffer.count_stat(pipe, "unrated_generations")  # they wait for feedback instead
+        else:
+            self._buffer(self.example_from(sample), pipe)
+
+    def _feedback(self, sample: Sample, pipe: Any) -> None:
+        """A rating withdraws or keeps the served completion it carries; a correction supersedes it."""
+        t, a = sample.tenant, sample.adapter
+        prior = self.buffer.example_for_request(t, a, sample.request_id)
+        drop = self.rating_drop(sample)
+        if drop is not None:
+            self.buffer.count_drop(pipe, drop)
+            if prior:  # a bad rating withdraws the served completion it rates
+                self.buffer.remove(pipe, t, a, [prior], "superseded")
+            return
+        if not (sample.prompt or sample.messages):
+            self.buffer.count_drop(pipe, "unjoined_feedback")  # it carries no served request to teach
+            return
+        if prior and not sample.correction:
+            self.buffer.count_drop(pipe, "duplicate")  # a good rating of something already buffered
+            return
+        if prior:  # the correction supersedes the completion it corrects
+            self.buffer.forget_fingerprints(pipe, t, a, [prior])
+            self.buffer.remove(pipe, t, a, [prior], "superseded")
+        self._buffer(self.example_from(sample), pipe, exclude=prior)
+
+    def _buffer(self, example: Example, pipe: Any, exclude: str | None = None) -> None:
+        """Buffer the example unless screening or deduplication drops it."""
+        fp = fingerprint(example)
+        reason = self.screen(example) or self.duplicate_reason(example, fp, exclude)
+        if reason is not None:
+            self.buffer.count_drop(pipe, reason)
+            return
+        self.buffer.add(pipe, example, fp)
+
+    def example_from(self, sample: Sample) -> Example:
+        """The example a sample teaches: its correction when it has one, else its completion."""
         return Example(
             sample_id=sample.sample_id,
             tenant=sample.tenant,
-            adapter=sample.adapter or (joined.adapter if joined else ""),
-            completion=normalise_text(completion),
-            prompt=normalise_text(base.prompt),
-            messages=tuple((r.strip().lower(), normalise_text(c)) for r, c in base.messages),
+            adapter=sample.adapter,
+            completion=normalise_text(sample.correction or sample.completion),
+            prompt=normalise_text(sample.prompt),
+            messages=tuple((r.strip().lower(), normalise_text(c)) for r, c in sample.messages),
             request_id=sample.request_id,
             source=sample.kind.value,
             created=sample.created,
@@ -163,6 +152,17 @@ class Pipeline:
         if self._count_tokens(example.prompt_text()) > self._settings.max_prompt_tokens:
             return "prompt_too_long"
         return None
+
+    def duplicate_reason(self, example: Example, fp: str, exclude: str | None = None) -> str | None:
+        """'duplicate' (content buffered or trained before), 'near_duplicate' (close to a buffered one)."""
+        if self.buffer.has_fingerprint(example.tenant, example.adapter, fp):
+            return "duplicate"
+        recent = [
+            e
+            for e in self.buffer.load(example.tenant, example.adapter, limit=_NEAR_DUP_WINDOW)
+            if e.sample_id != exclude
+        ]
+        return "near_duplicate" if self.near_duplicate_of(example, recent) is not None else None
 
     def near_duplicate_of(self, example: Example, others: Iterable[Example]) -> str | None:
         """sample_id of a buffered example this one nearly repeats, or None."""

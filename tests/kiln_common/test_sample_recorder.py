@@ -1,4 +1,4 @@
-"""SampleRecorder: samples reach the stream, a full buffer or a dead Redis drops and counts, never raises."""
+"""SampleRecorder: records reach the stream or are dropped and counted; durable writes land or raise."""
 
 from __future__ import annotations
 
@@ -53,3 +53,17 @@ def test_full_buffer_drops_without_blocking() -> None:
     assert rec.dropped == 200  # queued ones dropped too once Redis stays down
     assert rec.recorded == 0
     rec.close(1.0)
+
+
+def test_write_is_durable_and_raises_when_redis_is_down(client: redis.Redis) -> None:
+    rec = SampleRecorder(client, maxlen=1000)
+    sent = [_sample(i) for i in range(3)]
+    assert rec.write(sent) == [s.sample_id for s in sent]  # on the stream before write returns
+    assert [Sample.from_fields(f).sample_id for _, f in client.xrange(SAMPLES_STREAM)] == [
+        s.sample_id for s in sent
+    ]
+    rec.close()
+    dead = SampleRecorder(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.05))
+    with pytest.raises(redis.ConnectionError):
+        dead.write([_sample(9)])
+    dead.close(1.0)

@@ -6,6 +6,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -84,15 +85,10 @@ def test_greedy_matches_transformers_and_peft(
     assert _tokens(alice, f"{published}@v0", PROMPTS[0]) == (base_ref[0], f"{published}@v0")
 
 
-def test_promote_rollback_split_and_watch(
-    alice: Client, bob: Client, smollm2: ModelSource, tmp_path: Path
-) -> None:
-    name = f"ab-{uuid.uuid4().hex[:6]}"
-    v1 = make_peft_adapter(smollm2, tmp_path / "v1", seed=1)
-    v2 = make_peft_adapter(smollm2, tmp_path / "v2", seed=2)
+def _watch(client: Client, name: str) -> tuple[Any, list[apb.AdapterEvent]]:
+    """Start WatchEvents; a thread collects the events of adapter `name` until the call is cancelled."""
     events: list[apb.AdapterEvent] = []
-    watch = alice.adapters.WatchEvents(apb.WatchEventsRequest(), metadata=alice.metadata, timeout=120)
-    bob_watch = bob.adapters.WatchEvents(apb.WatchEventsRequest(), metadata=bob.metadata, timeout=120)
+    watch = client.adapters.WatchEvents(apb.WatchEventsRequest(), metadata=client.metadata, timeout=120)
 
     def collect() -> None:
         try:
@@ -101,20 +97,17 @@ def test_promote_rollback_split_and_watch(
             pass  # cancelled at the end of the test
 
     threading.Thread(target=collect, daemon=True).start()
-    time.sleep(0.5)  # let the watch subscribe
+    return watch, events
+
+
+def _publish_promote_rollback_split(alice: Client, name: str, v1: Path, v2: Path) -> None:
+    """Each lifecycle RPC, checking what the alias serves after it."""
     md = alice.metadata
-    assert (
-        alice.adapters.PublishVersion(
-            apb.PublishVersionRequest(adapter=name, path=str(v1)), metadata=md
-        ).version
-        == 1
-    )
-    assert (
-        alice.adapters.PublishVersion(
-            apb.PublishVersionRequest(adapter=name, path=str(v2)), metadata=md
-        ).version
-        == 2
-    )
+    for version, path in ((1, v1), (2, v2)):
+        r = alice.adapters.PublishVersion(
+            apb.PublishVersionRequest(adapter=name, path=str(path)), metadata=md
+        )
+        assert r.version == version
     assert _tokens(alice, name, PROMPTS[0])[1] == f"{name}@v0"  # publishing alone does not promote
     p = alice.adapters.Promote(apb.PromoteRequest(adapter=name, version=1), metadata=md)
     assert (p.previous_version, p.current_version) == (0, 1)
@@ -135,6 +128,11 @@ def test_promote_rollback_split_and_watch(
     short = pb.SamplingParams(temperature=0.0, max_tokens=1)
     served = {_tokens(alice, name, "Hi", short)[1] for _ in range(24)}
     assert served == {f"{name}@v1", f"{name}@v2"}
+
+
+def _assert_bob_cannot_see(alice: Client, bob: Client, name: str) -> None:
+    """alice's adapter is listed for her and unknown to bob."""
+    md = alice.metadata
     info = {a.name: a for a in alice.adapters.ListAdapters(apb.ListAdaptersRequest(), metadata=md).adapters}[
         name
     ]
@@ -150,6 +148,19 @@ def test_promote_rollback_split_and_watch(
     with pytest.raises(grpc.RpcError) as err:
         alice.adapters.Promote(apb.PromoteRequest(adapter=name, version=9), metadata=md)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_promote_rollback_split_and_watch(
+    alice: Client, bob: Client, smollm2: ModelSource, tmp_path: Path
+) -> None:
+    name = f"ab-{uuid.uuid4().hex[:6]}"
+    v1 = make_peft_adapter(smollm2, tmp_path / "v1", seed=1)
+    v2 = make_peft_adapter(smollm2, tmp_path / "v2", seed=2)
+    watch, events = _watch(alice, name)
+    bob_watch = bob.adapters.WatchEvents(apb.WatchEventsRequest(), metadata=bob.metadata, timeout=120)
+    time.sleep(0.5)  # let the watch subscribe
+    _publish_promote_rollback_split(alice, name, v1, v2)
+    _assert_bob_cannot_see(alice, bob, name)
     deadline = time.monotonic() + 10
     kinds = apb.AdapterEventType
     wanted = [
@@ -211,10 +222,9 @@ def _stream_tip(redis_client) -> str:  # type: ignore[no-untyped-def]
     return last[0][0] if last else "0-0"
 
 
-def test_examples_feedback_and_sampling_policy(alice: Client, redis_client) -> None:  # type: ignore[no-untyped-def]
-    name = f"teach-{uuid.uuid4().hex[:6]}"
+def _submit_two_examples(alice: Client, name: str) -> None:
+    """SubmitExamples creates the adapter at v0 with sampling on."""
     md = alice.metadata
-    start = _stream_tip(redis_client)
     r = alice.inference.SubmitExamples(
         pb.SubmitExamplesRequest(
             adapter=name,
@@ -233,6 +243,35 @@ def test_examples_feedback_and_sampling_policy(alice: Client, redis_client) -> N
         name
     ]
     assert info.current_version == 0 and info.sampling_enabled
+
+
+def _assert_bad_submissions_refused(alice: Client, name: str) -> None:
+    """Unknown requests, out-of-range ratings, empty feedback and empty completions are refused."""
+    md = alice.metadata
+    for request, code in (
+        (pb.SubmitFeedbackRequest(request_id="never-served", rating=1.0), grpc.StatusCode.NOT_FOUND),
+        (pb.SubmitFeedbackRequest(request_id=f"req-{name}", rating=3.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SubmitFeedbackRequest(request_id=f"req-{name}"), grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            alice.inference.SubmitFeedback(request, metadata=md)
+        assert err.value.code() == code
+    with pytest.raises(grpc.RpcError) as err:
+        alice.inference.SubmitExamples(
+            pb.SubmitExamplesRequest(adapter=name, examples=[pb.Example(prompt="Q", completion="")]),
+            metadata=md,
+        )
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "examples[0].completion" in err.value.details()
+    )
+
+
+def test_examples_feedback_and_sampling_policy(alice: Client, redis_client) -> None:  # type: ignore[no-untyped-def]
+    name = f"teach-{uuid.uuid4().hex[:6]}"
+    md = alice.metadata
+    start = _stream_tip(redis_client)
+    _submit_two_examples(alice, name)
     responses = list(
         alice.inference.Generate(
             pb.GenerateRequest(
@@ -274,23 +313,7 @@ def test_examples_feedback_and_sampling_policy(alice: Client, redis_client) -> N
         feedback.sample_id == fb.sample_id and feedback.correction == "Hi there!" and feedback.rating == -1.0
     )
     assert feedback.completion == gen.completion
-    for request, code in (
-        (pb.SubmitFeedbackRequest(request_id="never-served", rating=1.0), grpc.StatusCode.NOT_FOUND),
-        (pb.SubmitFeedbackRequest(request_id=f"req-{name}", rating=3.0), grpc.StatusCode.INVALID_ARGUMENT),
-        (pb.SubmitFeedbackRequest(request_id=f"req-{name}"), grpc.StatusCode.INVALID_ARGUMENT),
-    ):
-        with pytest.raises(grpc.RpcError) as err:
-            alice.inference.SubmitFeedback(request, metadata=md)
-        assert err.value.code() == code
-    with pytest.raises(grpc.RpcError) as err:
-        alice.inference.SubmitExamples(
-            pb.SubmitExamplesRequest(adapter=name, examples=[pb.Example(prompt="Q", completion="")]),
-            metadata=md,
-        )
-    assert (
-        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        and "examples[0].completion" in err.value.details()
-    )
+    _assert_bad_submissions_refused(alice, name)
 
 
 def test_version_published_by_another_process_is_hot_swapped(

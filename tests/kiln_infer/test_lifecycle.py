@@ -35,6 +35,23 @@ def test_health_is_serving_only_after_warm_up(infer_server: InferServer) -> None
             assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _health_until_serving(health: health_pb2_grpc.HealthStub, proc: subprocess.Popen[bytes]) -> list[int]:
+    """Poll health until SERVING, the process exits, or 120 s pass; the statuses seen, in order."""
+    seen: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+        except grpc.RpcError:
+            time.sleep(0.02)
+            continue
+        seen.append(status)
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            break
+        time.sleep(0.01)
+    return seen
+
+
 def test_sigterm_drains_in_flight_streams_and_exits_0(
     tmp_path: Path, model_cache_home: Path, smollm2: object
 ) -> None:
@@ -55,20 +72,9 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(
     )
     try:
         address = f"127.0.0.1:{port}"
-        seen: list[int] = []
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                except grpc.RpcError:
-                    time.sleep(0.02)
-                    continue
-                seen.append(status)
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-                time.sleep(0.01)
+            seen = _health_until_serving(health, proc)
             assert seen and seen[-1] == health_pb2.HealthCheckResponse.SERVING, (proc.poll(), seen)
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             stream = stub.Generate(

@@ -23,7 +23,8 @@ def count_tokens(smollm2: ModelSource):  # type: ignore[no-untyped-def]
 
 def _consumer(rds: redis.Redis, count_tokens, name: str = "c1", **kw: object) -> SampleConsumer:  # type: ignore[no-untyped-def]
     settings = TrainSettings(consumer=name, **kw)  # type: ignore[arg-type]
-    c = SampleConsumer(rds, TrainingBuffer(rds, 3600), Pipeline(settings, count_tokens), settings)
+    buffer = TrainingBuffer(rds)
+    c = SampleConsumer(rds, buffer, Pipeline(settings, count_tokens, buffer), settings)
     c.ensure_group()
     return c
 

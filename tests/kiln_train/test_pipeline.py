@@ -1,4 +1,4 @@
-"""The pipeline through the real consumer: drops counted by reason; feedback joins; corrections win."""
+"""The pipeline through the real consumer: drops counted by reason; feedback rates; corrections win."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from kiln_train.settings import TrainSettings
 def consumer(rds: redis.Redis, smollm2: ModelSource) -> SampleConsumer:
     tok = load_tokenizer(smollm2)
     settings = TrainSettings(max_completion_tokens=64)
-    c = SampleConsumer(
-        rds, TrainingBuffer(rds, 3600), Pipeline(settings, lambda t: len(tok.encode(t))), settings
-    )
+    buffer = TrainingBuffer(rds)
+    c = SampleConsumer(rds, buffer, Pipeline(settings, lambda t: len(tok.encode(t)), buffer), settings)
     c.ensure_group()
     return c
 
@@ -34,6 +33,20 @@ def _feed(c: SampleConsumer, samples: list[Sample]) -> None:
 def _ex(q: str, a: str, **kw: object) -> Sample:
     return Sample(
         kind=SampleKind.EXAMPLE, tenant="default", adapter="kb", messages=(("user", q),), completion=a, **kw
+    )  # type: ignore[arg-type]
+
+
+def _feedback(served: Sample, **kw: object) -> Sample:
+    """Feedback as SubmitFeedback records it: the served request it rates, joined from the request log."""
+    return Sample(
+        kind=SampleKind.FEEDBACK,
+        tenant=served.tenant,
+        adapter=served.adapter,
+        prompt=served.prompt,
+        messages=served.messages,
+        completion=served.completion,
+        request_id=served.request_id,
+        **kw,
     )  # type: ignore[arg-type]
 
 
@@ -66,7 +79,7 @@ def test_drops_are_counted_by_reason(consumer: SampleConsumer) -> None:
     assert [e.sample_id for e in consumer.buffer.load("default", "kb")] == [keep.sample_id]
 
 
-def test_feedback_joins_late_and_corrections_supersede(consumer: SampleConsumer) -> None:
+def test_feedback_comes_late_and_corrections_supersede(consumer: SampleConsumer) -> None:
     gen = Sample(
         kind=SampleKind.GENERATION,
         tenant="default",
@@ -85,20 +98,14 @@ def test_feedback_joins_late_and_corrections_supersede(consumer: SampleConsumer)
     )
     _feed(consumer, [gen, good_gen])
     assert consumer.buffer.size("default", "kb") == 0  # unrated generations wait for feedback
-    # Minutes later: a correction for req-1, a good rating for req-2, a bad rating and an unknown request.
-    fix = Sample(
-        kind=SampleKind.FEEDBACK,
-        tenant="default",
-        adapter="kb",
-        request_id="req-1",
-        correction="The Orlin lighthouse is tended by Maro Fell.",
-    )
+    # Minutes later: a correction for req-1, a good rating for req-2, a bad rating, and feedback carrying no
+    # served request (SubmitFeedback refuses an unknown request_id, so only a foreign writer could send it).
     _feed(
         consumer,
         [
-            fix,
-            Sample(kind=SampleKind.FEEDBACK, tenant="default", adapter="kb", request_id="req-2", rating=1.0),
-            Sample(kind=SampleKind.FEEDBACK, tenant="default", adapter="kb", request_id="req-2", rating=-1.0),
+            _feedback(gen, correction="The Orlin lighthouse is tended by Maro Fell."),
+            _feedback(good_gen, rating=1.0),
+            _feedback(good_gen, rating=-1.0),
             Sample(kind=SampleKind.FEEDBACK, tenant="default", adapter="kb", request_id="nope", rating=1.0),
         ],
     )
@@ -107,18 +114,7 @@ def test_feedback_joins_late_and_corrections_supersede(consumer: SampleConsumer)
     assert buffered["req-1"].messages == (("user", "Who tends the Orlin lighthouse?"),)
     assert "req-2" not in buffered  # rated good, then withdrawn by the bad rating
     # A second correction of req-1 supersedes the first.
-    _feed(
-        consumer,
-        [
-            Sample(
-                kind=SampleKind.FEEDBACK,
-                tenant="default",
-                adapter="kb",
-                request_id="req-1",
-                correction="Maro Fell tends the Orlin lighthouse every night.",
-            )
-        ],
-    )
+    _feed(consumer, [_feedback(gen, correction="Maro Fell tends the Orlin lighthouse every night.")])
     buffered = consumer.buffer.load("default", "kb")
     assert [e.completion for e in buffered] == ["Maro Fell tends the Orlin lighthouse every night."]
     drops = consumer.buffer.drops()

@@ -35,8 +35,8 @@ def stub(
     """A daemon (no kiln-infer running, so no shared base) behind a real gRPC server."""
     tok = load_tokenizer(smollm2)
     settings = TrainSettings(trigger_samples=100, block_ms=50)
-    buffer = TrainingBuffer(rds, 3600)
-    consumer = SampleConsumer(rds, buffer, Pipeline(settings, lambda t: len(tok.encode(t))), settings)
+    buffer = TrainingBuffer(rds)
+    consumer = SampleConsumer(rds, buffer, Pipeline(settings, lambda t: len(tok.encode(t)), buffer), settings)
     runner = RoundRunner(Registry(rds, AdapterStore(tmp_path)), tok, settings, ReferenceCache(tmp_path, "t"))
     daemon = TrainingDaemon(consumer, buffer, SharedBase(rds, smollm2.config), runner, settings, tick_s=0.05)
     daemon.start()
