@@ -9,12 +9,21 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from kiln_infer.engine.attention import StepMetadata, paged_attention, write_kv
-from kiln_infer.engine.fused_ops import add_rms_norm, rms_norm, rms_norm_reference, silu_mul
-from kiln_infer.engine.gemv import ADD_NORM, NORM, PLAIN, SILU_MUL, gemv, gemv_qkv_rope, gemv_supported
-from kiln_infer.engine.rope import apply_rope, rope_tables
-from kiln_infer.engine.rope_cache import fused_rope_self_check, fused_rope_supported, rope_and_cache
+from kiln_common.lora_targets import MODULE_PARENT, TARGET_MODULES
+from kiln_infer.kernels.backend import Kernels
+from kiln_infer.kernels.fused_ops import rms_norm_reference
+from kiln_infer.kernels.gemv import gemv, gemv_supported
+from kiln_infer.kernels.rope_cache import (
+    apply_rope,
+    fused_rope_self_check,
+    fused_rope_supported,
+    rope_and_cache_reference,
+    write_kv,
+)
 from kiln_infer.lora.layers import LoraBatch, add_lora
+from kiln_infer.model.attention import StepMetadata, paged_attention
+from kiln_infer.model.batch_one import BatchOneDecode
+from kiln_infer.model.rope import rope_tables
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +66,68 @@ class LayerWeights:
     k_norm: torch.Tensor | None = None
 
 
-class LlamaModel:
-    """Decoder-only forward; weights are borrowed from an HF-named state dict."""
+def _module_weight(state: dict[str, torch.Tensor], layer: int, module: str) -> torch.Tensor:
+    """The base weight of LoRA target `module` (e.g. "q_proj") in decoder layer `layer`."""
+    return state[f"model.layers.{layer}.{MODULE_PARENT[module]}.{module}.weight"]
 
-    def __init__(self, config: PretrainedConfig, state: dict[str, torch.Tensor], max_positions: int) -> None:
-        self.config = config
-        window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", True) and max_positions > window:
-            raise ValueError(
-                f"the model attends within a sliding window of {window} tokens, which this engine does not "
-                f"implement: set max_model_len <= {window}"
-            )
+
+def load_layer(state: dict[str, torch.Tensor], i: int) -> LayerWeights:
+    """Decoder layer `i`'s tensors from an HF-named state dict, with fused views where they are adjacent."""
+    p = f"model.layers.{i}."
+    q, k, v, o, gate, up, down = (_module_weight(state, i, m) for m in TARGET_MODULES)
+    w = LayerWeights(
+        input_norm=state[p + "input_layernorm.weight"],
+        post_norm=state[p + "post_attention_layernorm.weight"],
+        q=q,
+        k=k,
+        v=v,
+        o=o,
+        gate=gate,
+        up=up,
+        down=down,
+        q_bias=state.get(p + "self_attn.q_proj.bias"),
+        k_bias=state.get(p + "self_attn.k_proj.bias"),
+        v_bias=state.get(p + "self_attn.v_proj.bias"),
+        q_norm=state.get(p + "self_attn.q_norm.weight"),
+        k_norm=state.get(p + "self_attn.k_norm.weight"),
+    )
+    w.qkv = fuse_if_adjacent([w.q, w.k, w.v])
+    w.gate_up = fuse_if_adjacent([w.gate, w.up])
+    return w
+
+
+def _check_window(config: PretrainedConfig, max_positions: int) -> None:
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and max_positions > window:
+        raise ValueError(
+            f"the model attends within a sliding window of {window} tokens, which this engine does not "
+            f"implement: set max_model_len <= {window}"
+        )
+
+
+def _gemv_fits(layers: list[LayerWeights], head_dim: int) -> bool:
+    """Whether every layer can decode one token through the GEMVs with the norms in their prologues."""
+    return head_dim % 4 == 0 and all(
+        w.qkv is not None
+        and w.gate_up is not None
+        and w.q_bias is None
+        and w.k_bias is None
+        and w.v_bias is None
+        and w.q_norm is None
+        # a row of this model's activations against each projection (dtype, layout, width)
+        and all(gemv_supported(w.input_norm[None], m) for m in (w.qkv, w.o, w.gate_up, w.down))
+        for w in layers
+    )
+
+
+class LlamaModel:
+    """Decoder-only forward; weights borrowed from an HF-named state dict, kernels chosen by the engine."""
+
+    def __init__(
+        self, config: PretrainedConfig, state: dict[str, torch.Tensor], max_positions: int, kernels: Kernels
+    ) -> None:
+        _check_window(config, max_positions)
+        self.config, self.kernels = config, kernels
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -77,73 +137,43 @@ class LlamaModel:
         self.norm = state["model.norm.weight"]
         self.lm_head = state.get("lm_head.weight", self.embed)
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        self.layers: list[LayerWeights] = []
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            w = LayerWeights(
-                input_norm=state[p + "input_layernorm.weight"],
-                post_norm=state[p + "post_attention_layernorm.weight"],
-                q=state[p + "self_attn.q_proj.weight"],
-                k=state[p + "self_attn.k_proj.weight"],
-                v=state[p + "self_attn.v_proj.weight"],
-                o=state[p + "self_attn.o_proj.weight"],
-                gate=state[p + "mlp.gate_proj.weight"],
-                up=state[p + "mlp.up_proj.weight"],
-                down=state[p + "mlp.down_proj.weight"],
-                q_bias=state.get(p + "self_attn.q_proj.bias"),
-                k_bias=state.get(p + "self_attn.k_proj.bias"),
-                v_bias=state.get(p + "self_attn.v_proj.bias"),
-                q_norm=state.get(p + "self_attn.q_norm.weight"),
-                k_norm=state.get(p + "self_attn.k_norm.weight"),
-            )
-            w.qkv = fuse_if_adjacent([w.q, w.k, w.v])
-            w.gate_up = fuse_if_adjacent([w.gate, w.up])
-            self.layers.append(w)
+        self.layers = [load_layer(state, i) for i in range(config.num_hidden_layers)]
         for name, t in state.items():
             if t.dtype != self.dtype or t.device != self.device:
                 raise ValueError(
                     f"weight {name} is {t.dtype} on {t.device}; expected {self.dtype} on {self.device}"
                 )
-        self.fused_rope = (
-            self.device.type == "cuda"
+        fused_rope = (
+            kernels.triton
+            and self.device.type == "cuda"
             and fused_rope_supported(self.head_dim)
             and fused_rope_self_check(
                 self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device
             )
         )
+        self.rope_and_cache = kernels.rope_and_cache if fused_rope else rope_and_cache_reference
         self.cos, self.sin = rope_tables(config, self.head_dim, max_positions, self.dtype, self.device)
-        # batch-1 decode through our GEMVs with the norms and the activation in their prologues
-        self.use_gemv = (
-            self.device.type == "cuda"
-            and self.head_dim % 4 == 0
-            and all(
-                w.qkv is not None
-                and w.gate_up is not None
-                and w.q_bias is None
-                and w.k_bias is None
-                and w.v_bias is None
-                and w.q_norm is None
-                # a row of this model's activations against each projection (dtype, layout, width)
-                and all(gemv_supported(w.input_norm[None], m) for m in (w.qkv, w.o, w.gate_up, w.down))
-                for w in self.layers
-            )
+        # batch-1 decode through our GEMVs (the logits too), when the kernels and every layer allow it
+        self.gemv_logits = (
+            kernels.triton and self.device.type == "cuda" and _gemv_fits(self.layers, self.head_dim)
         )
+        self.batch_one = BatchOneDecode(self) if self.gemv_logits and fused_rope else None
         fused = sum(w.qkv is not None for w in self.layers)
         log.info("model: %d layers, %d with fused qkv views", len(self.layers), fused)
 
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each LoRA target module."""
         w = self.layers[0]
-        mats = {
-            "q_proj": w.q,
-            "k_proj": w.k,
-            "v_proj": w.v,
-            "o_proj": w.o,
-            "gate_proj": w.gate,
-            "up_proj": w.up,
-            "down_proj": w.down,
-        }
-        return {m: (t.shape[1], t.shape[0]) for m, t in mats.items()}
+        mats = (
+            w.q,
+            w.k,
+            w.v,
+            w.o,
+            w.gate,
+            w.up,
+            w.down,
+        )  # in TARGET_MODULES order, as `load_layer` reads them
+        return {m: (t.shape[1], t.shape[0]) for m, t in zip(TARGET_MODULES, mats, strict=True)}
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm over the last dim of any shape (Qwen3's per-head q/k norm)."""
@@ -189,25 +219,21 @@ class LlamaModel:
         parts = self._linears(x, w.qkv, [w.q, w.k, w.v], [w.q_bias, w.k_bias, w.v_bias])
         q2, k2, v2 = self._add_lora(x, parts, i, "qkv", lora)
         if w.q_norm is None:
-            q = rope_and_cache(
-                q2, k2, v2, rope, kv, meta.slot_mapping, h, kvh, meta.use_triton and self.fused_rope
-            )
+            q = self.rope_and_cache(q2, k2, v2, rope, kv, meta.slot_mapping, h, kvh)
         else:  # Qwen3: per-head RMSNorm of q and k before the rotation
             q, k, v = q2.reshape(t, h, d), k2.reshape(t, kvh, d), v2.reshape(t, kvh, d)
             assert w.k_norm is not None
             q, k = apply_rope(self._rms(q, w.q_norm), *rope), apply_rope(self._rms(k, w.k_norm), *rope)
             write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        out = paged_attention(q, kv[0], kv[1], meta, self.scale)
+        out = paged_attention(q, kv[0], kv[1], meta, self.scale, self.kernels.decode_attention)
         return self._add_lora(out, [F.linear(out, w.o)], i, "o", lora)[0]
 
-    def _mlp(
-        self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch | None, use_triton: bool
-    ) -> torch.Tensor:
+    def _mlp(self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         if w.gate_up is not None:
             gate_up = F.linear(x, w.gate_up)  # one matmul, LoRA added in place, one activation kernel
             halves = list(gate_up.split([w.gate.shape[0], w.up.shape[0]], dim=-1))  # views
             self._add_lora(x, halves, i, "gate_up", lora)
-            h = silu_mul(gate_up, use_triton)
+            h = self.kernels.silu_mul(gate_up)
         else:
             gate, up = self._add_lora(x, [F.linear(x, w.gate), F.linear(x, w.up)], i, "gate_up", lora)
             h = F.silu(gate) * up
@@ -224,66 +250,25 @@ class LlamaModel:
         """Final-norm hidden states [T, hidden] for flat tokens `input_ids` [T] at `positions` [T].
 
         The residual stream is added to in place; each residual add runs fused with the norm after it
-        (the next layer's input norm, or the final norm after the last layer).
+        (the next layer's input norm, or the final norm after the last layer). One token without LoRA takes
+        the batch-1 strategy when the model was built with one (same math, see `BatchOneDecode`).
         """
-        fast = meta.use_triton
-        if fast and lora is None and self.use_gemv and input_ids.shape[0] == 1 and self.fused_rope:
-            return self._forward_one(input_ids, positions, kv_caches, meta)
+        if self.batch_one is not None and lora is None and input_ids.shape[0] == 1:
+            return self.batch_one.forward(input_ids, positions, kv_caches, meta)
+        k = self.kernels
         residual = F.embedding(input_ids, self.embed)  # [T, hidden]
         rope = (self.cos[positions], self.sin[positions])  # [T, D] each, shared by every layer
-        x = rms_norm(residual, self.layers[0].input_norm, self.eps, fast)
+        x = k.rms_norm(residual, self.layers[0].input_norm, self.eps)
         next_norms = [w.input_norm for w in self.layers[1:]] + [self.norm]
         for i, (w, next_norm) in enumerate(zip(self.layers, next_norms, strict=True)):
             out = self._attention(i, w, x, rope, kv_caches[i], meta, lora)
-            x = add_rms_norm(out, residual, w.post_norm, self.eps, fast)
-            out = self._mlp(i, w, x, lora, fast)
-            x = add_rms_norm(out, residual, next_norm, self.eps, fast)
+            x = k.add_rms_norm(out, residual, w.post_norm, self.eps)
+            out = self._mlp(i, w, x, lora)
+            x = k.add_rms_norm(out, residual, next_norm, self.eps)
         return x
-
-    def _forward_one(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: StepMetadata,
-    ) -> torch.Tensor:
-        """`forward` for one token without LoRA: four GEMVs a layer, each with the ops around it folded in.
-
-        Same math and rounding as `forward`; the residual stream is a new tensor after each add (the GEMV
-        that folds the add writes it) instead of being added to in place.
-        """
-        h, kvh = self.num_heads, self.num_kv_heads
-        residual = F.embedding(input_ids, self.embed)  # [1, hidden]
-        rope = (self.cos[positions], self.sin[positions])
-        pending: torch.Tensor | None = None  # the last MLP output, not yet added to the residual
-        for i, w in enumerate(self.layers):
-            assert w.qkv is not None and w.gate_up is not None
-            # q|k|v with RoPE and the cache write in its epilogue; the residual add and norm in its prologue
-            q, new = gemv_qkv_rope(
-                residual if pending is None else pending,
-                w.qkv,
-                NORM if pending is None else ADD_NORM,
-                None if pending is None else residual,
-                w.input_norm,
-                self.eps,
-                rope,
-                kv_caches[i],
-                meta.slot_mapping,
-                h,
-                kvh,
-            )
-            residual = residual if new is None else new
-            attn = paged_attention(q, kv_caches[i][0], kv_caches[i][1], meta, self.scale)
-            o, _ = gemv(attn.reshape(1, -1), w.o, PLAIN)
-            gate_up, new = gemv(o, w.gate_up, ADD_NORM, residual, w.post_norm, self.eps)
-            assert new is not None
-            residual = new
-            pending, _ = gemv(gate_up, w.down, SILU_MUL)
-        assert pending is not None
-        return add_rms_norm(pending, residual, self.norm, self.eps, True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in the model's dtype (the sampler widens them to fp32 where it needs to)."""
-        if self.use_gemv and hidden.shape[0] == 1 and hidden.is_contiguous():
+        if self.gemv_logits and hidden.shape[0] == 1 and hidden.is_contiguous():
             return gemv(hidden, self.lm_head)[0]  # batch 1: 4.4 vs 4.2 TB/s for cuBLAS on the H200
         return F.linear(hidden, self.lm_head)
