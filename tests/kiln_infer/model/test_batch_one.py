@@ -1,4 +1,4 @@
-"""The batch-1 decode strategy (GEMVs with the ops around them folded in) against the general forward; GPU only."""
+"""The batch-1 decode strategy (folded GEMVs) against the general forward; GPU only."""
 
 from __future__ import annotations
 
