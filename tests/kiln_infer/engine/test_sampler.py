@@ -13,7 +13,7 @@ from kiln_infer.engine.sampler import (
 )
 from kiln_infer.engine.types import SamplingParams
 from kiln_infer.kernels.argmax import greedy_tokens
-from kiln_infer.model.llama import fuse_if_adjacent
+from kiln_infer.model.weights import fuse_if_adjacent
 
 
 def naive_keep(logits: torch.Tensor, k: int, p: float) -> tuple[set[int], set[int]]:
