@@ -102,15 +102,8 @@ class LlamaModel:
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each LoRA target module."""
         w = self.layers[0]
-        mats = (
-            w.q,
-            w.k,
-            w.v,
-            w.o,
-            w.gate,
-            w.up,
-            w.down,
-        )  # in TARGET_MODULES order, as `load_layer` reads them
+        # in TARGET_MODULES order, as `load_layer` reads them
+        mats = (w.q, w.k, w.v, w.o, w.gate, w.up, w.down)
         return {m: (t.shape[1], t.shape[0]) for m, t in zip(TARGET_MODULES, mats, strict=True)}
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
