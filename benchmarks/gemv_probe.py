@@ -1,4 +1,4 @@
-"""Batch-1 projections of a Llama-3.2-1B layer on the GPU: cuBLAS against our GEMV (`engine/gemv.py`).
+"""Batch-1 projections of a Llama-3.2-1B layer on the GPU: cuBLAS against our GEMV (`kiln_infer/kernels/gemv.py`).
 
     python -m benchmarks.gemv_probe
 
@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kiln_infer.engine.fused_ops import add_rms_norm, rms_norm, silu_mul
-from kiln_infer.engine.gemv import ADD_NORM, NORM, PLAIN, SILU_MUL, gemv, gemv_config
+from kiln_infer.kernels.fused_ops import add_rms_norm, rms_norm, silu_mul
+from kiln_infer.kernels.gemv import ADD_NORM, NORM, PLAIN, SILU_MUL, gemv, gemv_config
 
 SHAPES = {
     "qkv": (3072, 2048),
@@ -113,11 +113,11 @@ def layer_chain() -> tuple[float, float]:
     def unfused() -> None:
         w = layers[idx[0] % 16]
         idx[0] += 1
-        x = rms_norm(residual, w["n1"], 1e-5, True)
+        x = rms_norm(residual, w["n1"], 1e-5)
         F.linear(x, w["qkv"])
         o = F.linear(attn, w["o"])
-        x = add_rms_norm(o, residual, w["n2"], 1e-5, True)
-        d = F.linear(silu_mul(F.linear(x, w["gu"]), True), w["down"])
+        x = add_rms_norm(o, residual, w["n2"], 1e-5)
+        d = F.linear(silu_mul(F.linear(x, w["gu"])), w["down"])
         residual.sub_(d)  # the next layer's add (keeps the values bounded)
 
     def folded() -> None:

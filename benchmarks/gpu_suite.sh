@@ -37,7 +37,7 @@ step bench python3 -m benchmarks.w1 --json "$OUT/bench.json"
 # Diagnostics behind the benchmark table (docs/benchmarks.md): batch-1 with and without the folded GEMVs,
 # LoRA kernels per decode step, GEMV sweep, and bursts in a row on one engine (base, 16 adapters).
 step batch_one python3 -m benchmarks.profile_w1 --home "$KILN_HOME" --batch-one-only
-step bench_lora python3 -m kiln_infer.lora.bench_lora
+step bench_lora python3 -m benchmarks.bench_lora
 step gemv_probe python3 -m benchmarks.gemv_probe
 step bursts bash -c "python3 -m benchmarks.profile_w1 --home $KILN_HOME --bursts 4 && \
 python3 -m benchmarks.profile_w1 --home $KILN_HOME --bursts 4 --adapters 16"

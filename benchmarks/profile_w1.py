@@ -237,8 +237,9 @@ def batch_one(source, state, tokenizer, w, vocab) -> None:  # type: ignore[no-un
     engine = bench.build_engine(source, state, tokenizer, bench.engine_config(w, 1, 1), w, [None])
     model, decoder = engine.core.model, engine.core.runner.decoder
     assert decoder is not None, "batch-1 profile needs the static decoder (CUDA)"
-    for use_gemv in [True, False] if model.use_gemv else [False]:
-        model.use_gemv = use_gemv
+    strategy = model.batch_one  # the batch-1 GEMV strategy chosen at build time, or None
+    for use_gemv in [True, False] if strategy is not None else [False]:
+        model.batch_one, model.gemv_logits = (strategy if use_gemv else None), use_gemv
         for key in [k for k in decoder.graphs if k[0] == 1]:
             del decoder.graphs[key]  # recaptured with the path chosen above
         bench.run_engine(engine, w, bench.prompts(w, vocab, 1, seed=4), [None], "b1w")

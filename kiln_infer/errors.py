@@ -14,7 +14,8 @@ import redis
 from kiln_common.adapter_store import InvalidAdapterError, VersionExistsError
 from kiln_common.auth import AuthError
 from kiln_common.registry import AdapterNotFoundError, NoPreviousVersionError
-from kiln_infer.engine.types import AdapterLoadError, EngineOverloadedError
+from kiln_infer.engine.types import EngineOverloadedError
+from kiln_infer.lora.errors import AdapterLoadError
 
 log = logging.getLogger(__name__)
 

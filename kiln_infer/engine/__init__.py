@@ -1,1 +1,1 @@
-"""The inference engine: scheduler, paged KV cache, model runner, batched multi-LoRA, sampler."""
+"""The inference engine loop: scheduler, paged KV cache, model runner, decode graphs, sampler, outputs."""

@@ -8,9 +8,9 @@ import logging
 import numpy as np
 import torch
 
-from kiln_infer.engine.attention import StepMetadata, block_table_array
-from kiln_infer.engine.llama import LlamaModel, LoraBatch
 from kiln_infer.lora.layers import LoraSlots
+from kiln_infer.model.attention import StepMetadata, block_table_array
+from kiln_infer.model.llama import LlamaModel, LoraBatch
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,11 @@ class StaticDecoder:
         block_size: int,
         scratch_block: int,
         use_graphs: bool,
-        use_triton: bool,
     ) -> None:
         self.model, self.kv_caches, self.lora_slots = model, kv_caches, lora_slots
         self.batch_sizes = sorted(set(batch_sizes))
         self.block_size, self.scratch_slot = block_size, scratch_block * block_size
-        self.use_graphs, self.use_triton = use_graphs, use_triton
+        self.use_graphs = use_graphs
         n, dev = self.batch_sizes[-1], model.device
         self.max_blocks = max_blocks
         # One byte buffer per staging set, viewed as: rows int64 [5, n] (token ids, positions, cache slots,
@@ -75,8 +74,8 @@ class StaticDecoder:
         """The captured computation: logits [bucket, vocab] from the static buffers."""
         host_ids, positions, slots, lora_slots, sources = self.rows[:, :bucket]
         ids = torch.where(sources >= 0, self.feedback[sources.clamp(min=0)], host_ids)
-        meta = StepMetadata(slots, bucket, self.tables[:bucket], self.lens[:bucket], None, self.use_triton)
-        lora = LoraBatch.for_tokens(self.lora_slots, lora_slots, self.use_triton) if with_lora else None
+        meta = StepMetadata(slots, bucket, self.tables[:bucket], self.lens[:bucket], None)
+        lora = LoraBatch.for_tokens(self.lora_slots, lora_slots) if with_lora else None
         hidden = self.model.forward(ids, positions, self.kv_caches, meta, lora)
         return self.model.logits(hidden)
 

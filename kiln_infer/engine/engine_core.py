@@ -12,18 +12,18 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from kiln_infer.engine.block_manager import BlockManager
 from kiln_infer.engine.config import EngineConfig
-from kiln_infer.engine.decode_attention import triton_available
 from kiln_infer.engine.decode_graphs import StaticDecoder
 from kiln_infer.engine.kv_cache import allocate_kv_cache, num_kv_blocks
-from kiln_infer.engine.llama import LlamaModel
 from kiln_infer.engine.model_runner import ModelRunner
 from kiln_infer.engine.output_processor import OutputProcessor
 from kiln_infer.engine.sampler import PendingSample, SamplingBatch, sample_async
 from kiln_infer.engine.scheduler import ScheduledSeq, Scheduler
 from kiln_infer.engine.sequence import Sequence, SequenceStatus
 from kiln_infer.engine.types import FinishReason
+from kiln_infer.kernels.backend import select_kernels
 from kiln_infer.lora.adapter_manager import AdapterManager
 from kiln_infer.lora.layers import LoraSlots
+from kiln_infer.model.llama import LlamaModel
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ class EngineCore:
     ) -> None:
         self.config = config
         self.eos_token_ids = eos_token_ids
-        self.model = LlamaModel(model_config, state, max_positions=config.max_model_len)
+        # Triton or torch kernels, chosen once here and handed down to the model and the LoRA slots
+        kernels = select_kernels(state["model.embed_tokens.weight"].device)
+        self.model = LlamaModel(model_config, state, max_positions=config.max_model_len, kernels=kernels)
         m = self.model
         blocks = num_kv_blocks(config, len(m.layers), m.num_kv_heads, m.head_dim, m.dtype, m.device)
         # one extra scratch block at index `blocks`: padded decode rows write there, no sequence owns it
@@ -62,13 +64,18 @@ class EngineCore:
             blocks + 1, config.block_size, len(m.layers), m.num_kv_heads, m.head_dim, m.dtype, m.device
         )
         slots = LoraSlots(
-            len(m.layers), m.lora_shapes(), config.max_lora_slots, config.max_lora_rank, m.dtype, m.device
+            len(m.layers),
+            m.lora_shapes(),
+            config.max_lora_slots,
+            config.max_lora_rank,
+            m.dtype,
+            m.device,
+            kernels,
         )
         self.adapters = AdapterManager(slots, config.max_cpu_loras)
         self.blocks = BlockManager(blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks, self.adapters)
         on_cuda = m.device.type == "cuda"
-        use_triton = on_cuda and triton_available()
         decoder = None
         if config.static_decode if config.static_decode is not None else on_cuda:
             sizes = tuple(b for b in config.cuda_graph_batch_sizes if b < config.max_num_seqs) + (
@@ -83,9 +90,8 @@ class EngineCore:
                 config.block_size,
                 blocks,
                 use_graphs=on_cuda and config.use_cuda_graphs,
-                use_triton=use_triton,
             )
-        self.runner = ModelRunner(m, kv, config.block_size, slots, decoder, use_triton)
+        self.runner = ModelRunner(m, kv, config.block_size, slots, decoder)
         self.outputs = OutputProcessor(tokenizer, eos_token_ids, config.max_model_len)
         self.overlap = decoder is not None and config.overlap_steps
         self.inflight: InflightStep | None = None

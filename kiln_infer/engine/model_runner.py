@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kiln_infer.engine.attention import build_step_metadata
 from kiln_infer.engine.decode_graphs import StaticDecoder
-from kiln_infer.engine.llama import LlamaModel, LoraBatch
 from kiln_infer.engine.scheduler import ScheduledSeq
-from kiln_infer.lora.layers import LoraSlots
+from kiln_infer.lora.layers import LoraBatch, LoraSlots
+from kiln_infer.model.attention import build_step_metadata
+from kiln_infer.model.llama import LlamaModel
 
 
 class ModelRunner:
@@ -22,14 +22,12 @@ class ModelRunner:
         block_size: int,
         lora_slots: LoraSlots,
         decoder: StaticDecoder | None,
-        use_triton: bool,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.lora_slots = lora_slots
         self.decoder = decoder  # static-shape decode path (CUDA graphs), None = always eager
-        self.use_triton = use_triton
         self.device = model.device
 
     @torch.inference_mode()
@@ -58,7 +56,6 @@ class ModelRunner:
                 sources,
             )
             return logits if len(sampling) == len(batch) else logits[sampling]
-        assert sources is None, "device-sourced tokens need the static decode path"
         assert sources is None, "tokens still on the device need the static decode path"
         ids = np.fromiter(
             (t for item in batch for t in item.seq.token_ids[item.start : item.start + item.num_tokens]),
@@ -79,7 +76,6 @@ class ModelRunner:
             num_decode,
             self.block_size,
             self.device,
-            self.use_triton,
         )
         hidden = self.model.forward(
             torch.from_numpy(ids).to(self.device),
@@ -95,4 +91,4 @@ class ModelRunner:
         if all(item.seq.lora_slot < 0 for item in batch):
             return None
         slots = np.repeat([item.seq.lora_slot for item in batch], [item.num_tokens for item in batch])
-        return LoraBatch.for_host_tokens(self.lora_slots, slots, self.device, self.use_triton)
+        return LoraBatch.for_host_tokens(self.lora_slots, slots, self.device)

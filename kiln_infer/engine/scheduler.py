@@ -42,11 +42,6 @@ class Scheduler:
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()
         self.num_preemptions = 0
 
-    @property
-    def num_waiting(self) -> int:
-        """Sequences queued and not yet running."""
-        return sum(len(q) for q in self.waiting.values())
-
     def add(self, seq: Sequence, front: bool = False) -> None:
         """Queue a sequence (preempted ones go to the front of their adapter's queue)."""
         seq.status = SequenceStatus.WAITING

@@ -80,10 +80,6 @@ class EngineOverloadedError(RuntimeError):
     """The waiting queue is full (maps to RESOURCE_EXHAUSTED)."""
 
 
-class AdapterLoadError(RuntimeError):
-    """An adapter could not be loaded (bad files, rank above the server's maximum, wrong target modules)."""
-
-
 class RequestStream(Protocol):
     """Blocking iterator over one request's outputs, safe to consume from another thread."""
 

@@ -7,7 +7,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from kiln_infer.engine.types import AdapterLoadError
+from kiln_infer.lora.errors import AdapterLoadError
 from kiln_infer.lora.layers import LoraSlots
 from kiln_infer.lora.peft_loader import LoraWeights, load_peft_adapter
 

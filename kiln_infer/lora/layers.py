@@ -7,25 +7,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kiln_infer.lora.bgmv import (
-    BLOCK_M,
-    MAX_TOKENS,
-    SHRINK_PROGRAMS,
-    SlotSegments,
-    bgmv_available,
-    bgmv_expand_add,
-    bgmv_shrink,
-    segment_tokens,
-)
+from kiln_common.lora_targets import FUSED_GROUPS, TARGET_MODULES
+from kiln_infer.kernels.backend import Kernels
+from kiln_infer.kernels.bgmv import SHRINK_PROGRAMS, bgmv_expand_add, bgmv_shrink
+from kiln_infer.kernels.lora_segments import MAX_TOKENS, SlotSegments, host_segments, segment_tokens
 from kiln_infer.lora.peft_loader import LoraWeights
 
+
+def _shrink_groups() -> dict[str, tuple[str, ...]]:
+    """Each fused group, and each other target module alone, in layer order: qkv, o, gate_up, down."""
+    groups: dict[str, tuple[str, ...]] = {}
+    for module in TARGET_MODULES:
+        modules = next((g for g in FUSED_GROUPS if module in g), (module,))
+        short = [m.removesuffix("_proj") for m in modules]
+        groups.setdefault("".join(short) if all(len(s) == 1 for s in short) else "_".join(short), modules)
+    return groups
+
+
 # Modules that read the same input share one shrink matmul: their A matrices are stacked in one tensor.
-SHRINK_GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
+SHRINK_GROUPS: dict[str, tuple[str, ...]] = _shrink_groups()
 
 
 class LoraSlots:
@@ -34,7 +34,8 @@ class LoraSlots:
     a_group[layer][group]: [len(group) * S * R, in] (module m's rows at m * S * R, slot s's at s * R within);
     b_group[layer][group]: [sum of the group's out, S * R] (module m's rows after the modules before it, as
     in a fused q|k|v or gate|up output); a[layer][module] and b[layer][module] ([out, S * R]) are views into
-    them. ranks: [S] int32, each slot's largest rank (rows and columns past it are zero padding).
+    them. ranks: [S] int32, each slot's largest rank (rows and columns past it are zero padding). `kernels`
+    (the engine's choice) decides whether steps take the bgmv kernels or the dense math.
     """
 
     def __init__(
@@ -45,8 +46,9 @@ class LoraSlots:
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        kernels: Kernels,
     ) -> None:
-        self.num_slots, self.max_rank = num_slots, max_rank
+        self.num_slots, self.max_rank, self.kernels = num_slots, max_rank, kernels
         self.num_layers, self.shapes = num_layers, dict(shapes)
         self.dtype, self.device = dtype, device
         sr = num_slots * max_rank
@@ -113,50 +115,34 @@ class LoraBatch:
     segments: SlotSegments | None = None
 
     @classmethod
-    def for_tokens(cls, slots: LoraSlots, token_slots: torch.Tensor, use_kernels: bool) -> LoraBatch:
+    def for_tokens(cls, slots: LoraSlots, token_slots: torch.Tensor) -> LoraBatch:
         """[T] slot per token (-1 = base): the kernels for decode-sized batches on CUDA, else dense math."""
         t = token_slots.shape[0]
-        if use_kernels and token_slots.is_cuda and bgmv_available() and 0 < t <= MAX_TOKENS:
-            return cls(slots, segments=segment_tokens(token_slots, slots.num_slots))
+        if slots.kernels.triton and token_slots.is_cuda and 0 < t <= MAX_TOKENS:
+            return cls.segmented(slots, token_slots)
+        return cls.dense(slots, token_slots)
+
+    @classmethod
+    def dense(cls, slots: LoraSlots, token_slots: torch.Tensor) -> LoraBatch:
+        """The dense math's form: a [T, S*R] mask of each token's rank columns."""
         return cls(slots, mask=slots.token_mask(token_slots))
 
     @classmethod
-    def for_host_tokens(
-        cls, slots: LoraSlots, token_slots: np.ndarray, device: torch.device, use_kernels: bool
-    ) -> LoraBatch:
+    def segmented(cls, slots: LoraSlots, token_slots: torch.Tensor) -> LoraBatch:
+        """The kernels' form, grouped on the device (CUDA, Triton, 1 <= T <= MAX_TOKENS)."""
+        return cls(slots, segments=segment_tokens(token_slots, slots.num_slots))
+
+    @classmethod
+    def for_host_tokens(cls, slots: LoraSlots, token_slots: np.ndarray, device: torch.device) -> LoraBatch:
         """`for_tokens` for eager steps, from host-side slots: the kernels on CUDA whatever the size (SGMV).
 
         Prefill chunks are long runs of one slot; grouping them on the host costs a sort of the step's
         slots, and the kernels then read each adapter's weights once per block of 16 tokens instead of
         multiplying every token by every slot's weights as the dense path does.
         """
-        if use_kernels and device.type == "cuda" and bgmv_available():
+        if slots.kernels.triton and device.type == "cuda":
             return cls(slots, segments=host_segments(token_slots, device))
-        return cls.for_tokens(slots, torch.from_numpy(token_slots).to(device), use_kernels)
-
-
-def host_segments(token_slots: np.ndarray, device: torch.device) -> SlotSegments:
-    """[T] slot per token (-1 = base) on the host -> the tokens grouped by slot, in the kernels' format.
-
-    Like `segment_tokens` (blocks of up to BLOCK_M tokens of one slot, `order` listing every token), except
-    that base tokens get no block at all: the shrink and expand only touch tokens in adapter blocks.
-    """
-    t = token_slots.shape[0]
-    key = np.where(token_slots < 0, np.iinfo(np.int64).max, token_slots.astype(np.int64))
-    order = np.argsort(key, kind="stable")  # by slot, base tokens last, ties in token order
-    ordered = token_slots[order]
-    adapted = int(np.count_nonzero(ordered >= 0))
-    cuts = np.flatnonzero(np.diff(ordered[:adapted])) + 1  # where a new slot's run begins
-    run_start = np.concatenate([[0], cuts]).astype(np.int64)
-    run_end = np.concatenate([cuts, [adapted]]).astype(np.int64)
-    per_run = -(-(run_end - run_start) // BLOCK_M)  # blocks per run
-    run_of = np.repeat(np.arange(per_run.shape[0]), per_run)
-    within = np.arange(run_of.shape[0]) - np.repeat(np.cumsum(per_run) - per_run, per_run)
-    start = run_start[run_of] + within * BLOCK_M
-    blocks = np.stack([ordered[run_start[run_of]], start, np.minimum(BLOCK_M, run_end[run_of] - start)])
-    packed = np.concatenate([order, blocks.reshape(-1)]).astype(np.int32)
-    on_device = torch.from_numpy(packed).to(device)  # one copy for both
-    return SlotSegments(on_device[:t], on_device[t:].view(3, -1), split_k=False)
+        return cls.for_tokens(slots, torch.from_numpy(token_slots).to(device))
 
 
 def columns_side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:
@@ -204,14 +190,14 @@ def add_lora(
     r = slots.max_rank
     seg = lora.segments
     programs = SHRINK_PROGRAMS if seg.split_k else 1  # one program per block and module: no split
-    shrunk = bgmv_shrink(x, slots.a_group[layer][group], slots.ranks, seg, len(modules), r, programs)
+    shrunk = bgmv_shrink(x, slots.a_group[layer][group], seg, len(modules), r, programs)
     fused = columns_side_by_side(outs)
     if fused is not None:
         sizes = [y.shape[1] for y in outs]
-        bgmv_expand_add(shrunk, slots.b_group[layer][group], slots.ranks, lora.segments, fused, sizes, 0, r)
+        bgmv_expand_add(shrunk, slots.b_group[layer][group], lora.segments, fused, sizes, 0, r)
     else:
         for i, (y, m) in enumerate(zip(outs, modules, strict=True)):
-            bgmv_expand_add(shrunk, slots.b[layer][m], slots.ranks, lora.segments, y, [y.shape[1]], i, r)
+            bgmv_expand_add(shrunk, slots.b[layer][m], lora.segments, y, [y.shape[1]], i, r)
     return outs
 
 

@@ -7,22 +7,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from kiln_infer.engine.types import AdapterLoadError
+from kiln_common.lora_targets import MODULE_PARENT, TARGET_MODULES
+from kiln_infer.lora.errors import AdapterLoadError
 
-# Target module name -> parent in the HF Llama layer.
-TARGET_MODULES: dict[str, str] = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
-_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_PARENTS = "|".join(sorted(set(MODULE_PARENT.values())))  # mlp|self_attn
+_KEY = re.compile(rf"(?:.*\.)?layers\.(\d+)\.({_PARENTS})\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
 @dataclass
@@ -42,16 +35,15 @@ class LoraWeights:
 
 def _pattern_value(pattern: dict[str, float], layer: int, module: str, default: float) -> float:
     """PEFT rank_pattern / alpha_pattern lookup: a key matches the module path by suffix or regex."""
-    path = f"model.layers.{layer}.{TARGET_MODULES[module]}.{module}"
+    path = f"model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
     for key, value in pattern.items():
         if path.endswith(key) or re.fullmatch(f".*{key}", path):
             return float(value)
     return default
 
 
-def load_peft_adapter(key: str, path: Path, max_rank: int) -> LoraWeights:
-    """Load and validate a PEFT LoRA directory; raises AdapterLoadError naming what is wrong."""
-    path = Path(path)
+def _read_config(key: str, path: Path) -> dict[str, Any]:
+    """adapter_config.json of a PEFT LoRA directory with safetensors weights, checked for what we support."""
     cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.is_file():
         raise AdapterLoadError(f"adapter {key!r}: {cfg_file} is missing (not a PEFT adapter directory)")
@@ -60,7 +52,7 @@ def load_peft_adapter(key: str, path: Path, max_rank: int) -> LoraWeights:
         hint = f" (found {', '.join(pickled)}; pickle weights are never loaded)" if pickled else ""
         raise AdapterLoadError(f"adapter {key!r}: {weights_file.name} is missing{hint}")
     try:
-        cfg = json.loads(cfg_file.read_text())
+        cfg: dict[str, Any] = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise AdapterLoadError(f"adapter {key!r}: unreadable adapter_config.json: {exc}") from exc
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -79,6 +71,14 @@ def load_peft_adapter(key: str, path: Path, max_rank: int) -> LoraWeights:
         raise AdapterLoadError(
             f"adapter {key!r}: unsupported target modules {bad}; supported: {sorted(TARGET_MODULES)}"
         )
+    return cfg
+
+
+def load_peft_adapter(key: str, path: Path, max_rank: int) -> LoraWeights:
+    """Load and validate a PEFT LoRA directory; raises AdapterLoadError naming what is wrong."""
+    path = Path(path)
+    cfg = _read_config(key, path)
+    weights_file = path / "adapter_model.safetensors"
     r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora", False))
     try:

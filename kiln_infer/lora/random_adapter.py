@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PretrainedConfig
 
-from kiln_infer.lora.peft_loader import TARGET_MODULES
+from kiln_common.lora_targets import MODULE_PARENT, TARGET_MODULES
 
 
 def module_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
@@ -17,15 +17,8 @@ def module_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
     h, inter = config.hidden_size, config.intermediate_size
     hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    return {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),
-        "gate_proj": (h, inter),
-        "up_proj": (h, inter),
-        "down_proj": (inter, h),
-    }
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]  # TARGET_MODULES order
+    return dict(zip(TARGET_MODULES, shapes, strict=True))
 
 
 def write_random_adapter(
@@ -34,7 +27,7 @@ def write_random_adapter(
     rank: int,
     seed: int,
     alpha: float | None = None,
-    targets: tuple[str, ...] = tuple(TARGET_MODULES),
+    targets: tuple[str, ...] = TARGET_MODULES,
     std: float = 0.02,
 ) -> Path:
     """Write adapter_config.json + adapter_model.safetensors with random A and non-zero random B."""
@@ -45,7 +38,7 @@ def write_random_adapter(
     for layer in range(config.num_hidden_layers):
         for module in targets:
             fan_in, fan_out = shapes[module]
-            prefix = f"base_model.model.model.layers.{layer}.{TARGET_MODULES[module]}.{module}"
+            prefix = f"base_model.model.model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * std
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * std
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -9,7 +9,7 @@ import redis
 from kiln_common.adapter_store import InvalidAdapterError
 from kiln_common.auth import AuthError
 from kiln_common.registry import AdapterNotFoundError, NoPreviousVersionError
-from kiln_infer.engine.types import AdapterLoadError, EngineOverloadedError
+from kiln_infer.engine.types import EngineOverloadedError
 from kiln_infer.errors import (
     DeadlineExceededError,
     EngineAbortedError,
@@ -18,6 +18,7 @@ from kiln_infer.errors import (
     UnavailableError,
     status_for,
 )
+from kiln_infer.lora.errors import AdapterLoadError
 
 CASES = [
     (InvalidArgumentError("sampling.top_p", "must be in (0, 1]"), grpc.StatusCode.INVALID_ARGUMENT),

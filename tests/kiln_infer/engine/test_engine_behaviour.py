@@ -9,13 +9,13 @@ from transformers import PreTrainedTokenizerBase
 
 from kiln_infer.engine.config import EngineConfig
 from kiln_infer.engine.types import (
-    AdapterLoadError,
     AdapterRef,
     EngineOverloadedError,
     EngineRequest,
     FinishReason,
     SamplingParams,
 )
+from kiln_infer.lora.errors import AdapterLoadError
 from tests.kiln_infer.engine.conftest import PROMPTS, EngineFactory, collect, greedy, run_all
 
 

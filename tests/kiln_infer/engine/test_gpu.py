@@ -11,9 +11,10 @@ import torch
 from kiln_common.model_loader import load_hf_model, load_state_dict, load_tokenizer, resolve_model
 from kiln_infer.engine.async_engine import AsyncEngine
 from kiln_infer.engine.config import EngineConfig
-from kiln_infer.engine.decode_attention import decode_attention, decode_attention_reference, triton_available
-from kiln_infer.engine.rope_cache import rope_and_cache
 from kiln_infer.engine.types import AdapterRef, EngineRequest, SamplingParams
+from kiln_infer.kernels.decode_attention import decode_attention, decode_attention_reference
+from kiln_infer.kernels.rope_cache import rope_and_cache, rope_and_cache_reference
+from kiln_infer.kernels.triton_import import triton_available
 from kiln_infer.lora.random_adapter import write_random_adapter
 
 pytestmark = [
@@ -35,7 +36,7 @@ def test_triton_decode_matches_reference(dtype: torch.dtype) -> None:
     lens = torch.randint(1, 300, (b,), device="cuda", dtype=torch.int32)
     tables = torch.stack([torch.randperm(blocks, device="cuda")[:20] for _ in range(b)]).to(torch.int32)
     ref = decode_attention_reference(q.float(), k.float(), v.float(), tables, lens, 0.125)
-    out = decode_attention(q, k, v, tables, lens, 0.125, use_triton=True)
+    out = decode_attention(q, k, v, tables, lens, 0.125)
     assert (out.float() - ref).abs().max() < (3e-2 if dtype == torch.bfloat16 else 5e-3)
 
 
@@ -53,8 +54,8 @@ def test_fused_rope_cache_kernel_matches_torch() -> None:
         tuple(torch.zeros(64, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         for _ in range(2)
     ]
-    ref = rope_and_cache(q, k, v, (cos, sin), caches[0], slots, heads, kv_heads, use_triton=False)
-    out = rope_and_cache(q, k, v, (cos, sin), caches[1], slots, heads, kv_heads, use_triton=True)
+    ref = rope_and_cache_reference(q, k, v, (cos, sin), caches[0], slots, heads, kv_heads)
+    out = rope_and_cache(q, k, v, (cos, sin), caches[1], slots, heads, kv_heads)
     assert (
         out.float() - ref.float()
     ).abs().max() < 0.1  # torch rounds each bf16 product, the kernel does not

@@ -8,10 +8,10 @@ import random
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from kiln_infer.engine.attention import block_table_array
 from kiln_infer.engine.detokenizer import Detokenizer
 from kiln_infer.engine.sequence import Sequence
 from kiln_infer.engine.types import EngineRequest, SamplingParams
+from kiln_infer.model.attention import block_table_array
 from tests.kiln_infer.engine.conftest import PROMPTS, EngineFactory, collect, greedy, run_all
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln_infer.engine.llama import fuse_if_adjacent
 from kiln_infer.engine.sampler import (
     SamplingBatch,
     _candidates,
     apply_repetition_penalty,
-    greedy_tokens,
     sample,
 )
 from kiln_infer.engine.types import SamplingParams
+from kiln_infer.kernels.argmax import greedy_tokens
+from kiln_infer.model.weights import fuse_if_adjacent
 
 
 def naive_keep(logits: torch.Tensor, k: int, p: float) -> tuple[set[int], set[int]]:

@@ -9,6 +9,7 @@ from kiln_infer.engine.config import EngineConfig
 from kiln_infer.engine.scheduler import Scheduler
 from kiln_infer.engine.sequence import Sequence, SequenceStatus
 from kiln_infer.engine.types import AdapterRef, EngineRequest, SamplingParams
+from kiln_infer.kernels.backend import TORCH_KERNELS
 from kiln_infer.lora.adapter_manager import AdapterManager
 from kiln_infer.lora.layers import LoraSlots
 from kiln_infer.lora.peft_loader import LoraWeights
@@ -32,7 +33,7 @@ def make_seq(n_prompt: int, adapter: str | None = None, first_token: int = 1) ->
 def make_scheduler(num_blocks: int = 32, **kw: object) -> Scheduler:
     """A scheduler over a fresh block manager and two LoRA slots."""
     config = EngineConfig(block_size=4, num_kv_blocks=num_blocks, max_model_len=64, **kw)  # type: ignore[arg-type]
-    slots = LoraSlots(1, {"q_proj": (4, 4)}, 2, 1, torch.float32, torch.device("cpu"))
+    slots = LoraSlots(1, {"q_proj": (4, 4)}, 2, 1, torch.float32, torch.device("cpu"), TORCH_KERNELS)
     return Scheduler(config, BlockManager(num_blocks, 4, True), AdapterManager(slots, 4))
 
 

@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from kiln_infer.lora.bgmv import (
-    BLOCK_M,
-    SlotSegments,
-    bgmv_available,
-    bgmv_expand_add,
-    bgmv_shrink,
-    segment_tokens,
-)
+from kiln_infer.kernels.backend import TRITON_KERNELS
+from kiln_infer.kernels.bgmv import bgmv_expand_add, bgmv_shrink
+from kiln_infer.kernels.lora_segments import BLOCK_M, SlotSegments, segment_tokens
+from kiln_infer.kernels.triton_import import triton_available
 from kiln_infer.lora.layers import LoraBatch, LoraSlots, add_lora, lora_delta_reference
 
 pytestmark = [
@@ -21,7 +17,7 @@ pytestmark = [
     pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs a CUDA device (run through the device tool)"
     ),
-    pytest.mark.skipif(not bgmv_available(), reason="needs Triton"),
+    pytest.mark.skipif(not triton_available(), reason="needs Triton"),
 ]
 
 # Llama-like proportions, small; the qkv sizes are not multiples of the kernels' 128-column tiles, so tiles
@@ -52,7 +48,7 @@ def random_slots(
 ) -> LoraSlots:
     """Two layers of slots holding random adapters of mixed ranks (zero-padded up to max_rank)."""
     gen = torch.Generator().manual_seed(num_slots * 1000 + max_rank)
-    slots = LoraSlots(2, shapes, num_slots, max_rank, dtype, device)
+    slots = LoraSlots(2, shapes, num_slots, max_rank, dtype, device, TRITON_KERNELS)
     for s in range(num_slots):
         rank = [max_rank, 1, max_rank // 2 + 1, 3][s % 4]
         for layer in range(2):
@@ -120,13 +116,13 @@ def test_kernels_match_reference(
         x = torch.randn(num_tokens, SHAPES[modules[0]][0], dtype=dtype, device=device)
         sizes = [SHAPES[m][1] for m in modules]
         base = torch.randn(num_tokens, sum(sizes), dtype=dtype, device=device)
-        shrunk = bgmv_shrink(x, slots.a_group[1][group], slots.ranks, seg, len(modules), max_rank)
+        shrunk = bgmv_shrink(x, slots.a_group[1][group], seg, len(modules), max_rank)
         # shrink alone: each token's own A rows, zeros for base tokens
         a = slots.a_group[1][group].float().view(len(modules), num_slots, max_rank, -1)
         want = torch.einsum("gtri,ti->tgr", a[:, ts.clamp(min=0)], x.float()) * (ts >= 0)[:, None, None]
         assert_close(shrunk.sum(0), want.flatten(1), dtype)
         out = base.clone()
-        bgmv_expand_add(shrunk, slots.b_group[1][group], slots.ranks, seg, out, sizes, 0, max_rank)
+        bgmv_expand_add(shrunk, slots.b_group[1][group], seg, out, sizes, 0, max_rank)
         assert_close(out, base.float() + reference(x, slots, 1, list(modules), ts), dtype)
         assert torch.equal(out[ts < 0], base[ts < 0])  # base tokens untouched
 
@@ -144,12 +140,10 @@ def test_split_and_chunked_launches_match_reference(device: torch.device, dtype:
     expected = base.float() + reference(x, slots, 0, ["down_proj"], ts)
     nb = seg.blocks.shape[1]
     for shrink_programs, expand_programs in [(1, 1), (10_000, 10_000), (3 * nb, 2), (4 * nb, 2 * nb)]:
-        shrunk = bgmv_shrink(x, slots.a_group[0]["down"], slots.ranks, seg, 1, max_rank, shrink_programs)
+        shrunk = bgmv_shrink(x, slots.a_group[0]["down"], seg, 1, max_rank, shrink_programs)
         assert shrunk.shape[0] == {1: 1, 10_000: 16, 3 * nb: 2, 4 * nb: 4}[shrink_programs]
         out = base.clone()
-        bgmv_expand_add(
-            shrunk, slots.b_group[0]["down"], slots.ranks, seg, out, [300], 0, max_rank, expand_programs
-        )
+        bgmv_expand_add(shrunk, slots.b_group[0]["down"], seg, out, [300], 0, max_rank, expand_programs)
         assert_close(out, expected, dtype)
 
 
@@ -178,9 +172,9 @@ def test_segments_without_base_blocks(device: torch.device, dtype: torch.dtype, 
     modules = list(slots.groups["qkv"])
     x = torch.randn(num_tokens, 256, dtype=dtype, device=device)
     base = torch.randn(num_tokens, 344, dtype=dtype, device=device)
-    shrunk = bgmv_shrink(x, slots.a_group[0]["qkv"], slots.ranks, seg, 3, max_rank)
+    shrunk = bgmv_shrink(x, slots.a_group[0]["qkv"], seg, 3, max_rank)
     out = base.clone()
-    bgmv_expand_add(shrunk, slots.b_group[0]["qkv"], slots.ranks, seg, out, [200, 72, 72], 0, max_rank)
+    bgmv_expand_add(shrunk, slots.b_group[0]["qkv"], seg, out, [200, 72, 72], 0, max_rank)
     assert_close(out, base.float() + reference(x, slots, 0, modules, ts), dtype)
     assert torch.equal(out[ts < 0], base[ts < 0])
 
@@ -190,8 +184,8 @@ def test_add_lora_kernels_equal_dense_path(device: torch.device, dtype: torch.dt
     """Fused q|k|v output (one expand launch) and separate outputs (one each) both match the dense math."""
     slots = random_slots(16, 16, dtype, device)
     ts = token_slots(100, 16, device)
-    kernels = LoraBatch.for_tokens(slots, ts, use_kernels=True)
-    dense = LoraBatch.for_tokens(slots, ts, use_kernels=False)
+    kernels = LoraBatch.segmented(slots, ts)
+    dense = LoraBatch.dense(slots, ts)
     assert kernels.segments is not None and dense.mask is not None
     x = torch.randn(100, 256, dtype=dtype, device=device)
     fused = torch.randn(100, 344, dtype=dtype, device=device)
@@ -214,7 +208,7 @@ def test_cuda_graph_capture_and_replay(device: torch.device) -> None:
 
     def step() -> None:
         out.copy_(base)
-        lora = LoraBatch.for_tokens(slots, ts, use_kernels=True)
+        lora = LoraBatch.for_tokens(slots, ts)  # the Triton kernels: 256 tokens on CUDA
         add_lora(x, list(out.split([200, 72, 72], dim=1)), 0, "qkv", lora)
 
     stream = torch.cuda.Stream()

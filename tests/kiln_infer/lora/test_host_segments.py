@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from kiln_infer.lora.bgmv import BLOCK_M, bgmv_available
-from kiln_infer.lora.layers import LoraBatch, LoraSlots, add_lora, host_segments, lora_delta_reference
+from kiln_infer.kernels.backend import TRITON_KERNELS
+from kiln_infer.kernels.lora_segments import BLOCK_M, host_segments
+from kiln_infer.kernels.triton_import import triton_available
+from kiln_infer.lora.layers import LoraBatch, LoraSlots, add_lora, lora_delta_reference
 
 
 def step_slots(seed: int, num_slots: int, num_tokens: int) -> np.ndarray:
@@ -41,12 +43,12 @@ def test_host_segments_cover_each_adapter_token_once(num_slots: int, num_tokens:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run through the device tool)")
-@pytest.mark.skipif(not bgmv_available(), reason="needs Triton")
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_kernels_match_reference(dtype: torch.dtype) -> None:
     shapes = {"gate_proj": (256, 384), "up_proj": (256, 384), "q_proj": (256, 200), "k_proj": (256, 72)}
     dev, num_slots, rank = torch.device("cuda"), 8, 16
-    lora_slots = LoraSlots(1, shapes, num_slots, rank, dtype, dev)
+    lora_slots = LoraSlots(1, shapes, num_slots, rank, dtype, dev, TRITON_KERNELS)
     gen = torch.Generator().manual_seed(0)
     for s in range(num_slots):
         r = [rank, 1, 7][s % 3]  # mixed ranks, zero-padded
@@ -57,7 +59,7 @@ def test_prefill_kernels_match_reference(dtype: torch.dtype) -> None:
             lora_slots.b[0][m][:, s * rank : s * rank + r] = torch.randn(o, r, generator=gen).to(dtype)
         lora_slots.ranks[s] = r
     slots = step_slots(1, num_slots, 6000)
-    batch = LoraBatch.for_host_tokens(lora_slots, slots, dev, use_kernels=True)
+    batch = LoraBatch.for_host_tokens(lora_slots, slots, dev)
     assert batch.segments is not None  # more than MAX_TOKENS tokens: the kernels, not the dense path
     x = torch.randn(slots.shape[0], 256, device=dev).to(dtype)
     out = torch.zeros(slots.shape[0], 768, device=dev, dtype=dtype)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln_infer.engine.types import AdapterLoadError
+from kiln_infer.kernels.backend import TORCH_KERNELS, TRITON_KERNELS, Kernels
 from kiln_infer.lora.adapter_manager import AdapterManager
+from kiln_infer.lora.errors import AdapterLoadError
 from kiln_infer.lora.layers import (
     LoraBatch,
     LoraSlots,
@@ -32,13 +33,18 @@ SHAPES = {
 }
 
 
+def cpu_slots(num_slots: int, kernels: Kernels = TORCH_KERNELS) -> LoraSlots:
+    """Two layers of fp32 CPU slots of rank 8 for SHAPES."""
+    return LoraSlots(2, SHAPES, num_slots, 8, torch.float32, torch.device("cpu"), kernels)
+
+
 def adapter(tmp_path: Path, name: str, rank: int, seed: int) -> LoraWeights:
     """A random adapter of CONFIG's shape."""
     return load_peft_adapter(name, write_random_adapter(tmp_path / name, CONFIG, rank=rank, seed=seed), 8)
 
 
 def test_batched_delta_equals_reference_with_mixed_ranks(tmp_path: Path) -> None:
-    slots = LoraSlots(2, SHAPES, num_slots=3, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    slots = cpu_slots(3)
     for slot, (rank, seed) in enumerate([(2, 0), (8, 1), (5, 2)]):
         slots.load(slot, adapter(tmp_path, f"a{slot}", rank, seed))
     token_slots = torch.tensor([-1, 0, 2, 2, 1, -1, 0, 1])
@@ -54,7 +60,7 @@ def test_batched_delta_equals_reference_with_mixed_ranks(tmp_path: Path) -> None
 
 
 def test_in_use_slot_is_never_evicted(tmp_path: Path) -> None:
-    slots = LoraSlots(2, SHAPES, num_slots=2, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    slots = cpu_slots(2)
     manager = AdapterManager(slots, max_cpu_loras=3)
     a0, a1, a2 = (adapter(tmp_path, f"a{i}", 4, i) for i in range(3))
     s0, s1 = manager.acquire(a0), manager.acquire(a1)
@@ -67,7 +73,7 @@ def test_in_use_slot_is_never_evicted(tmp_path: Path) -> None:
 
 
 def test_host_cache_is_lru(tmp_path: Path) -> None:
-    slots = LoraSlots(2, SHAPES, num_slots=1, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    slots = cpu_slots(1)
     manager = AdapterManager(slots, max_cpu_loras=2)
     paths = [write_random_adapter(tmp_path / f"h{i}", CONFIG, rank=4, seed=i) for i in range(3)]
     first = manager.get_host("h0", paths[0])
@@ -78,7 +84,7 @@ def test_host_cache_is_lru(tmp_path: Path) -> None:
 
 
 def test_adapter_for_another_model_is_refused(tmp_path: Path) -> None:
-    slots = LoraSlots(2, SHAPES, num_slots=1, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    slots = cpu_slots(1)
     manager = AdapterManager(slots, max_cpu_loras=2)
     wider = CONFIG.__class__(**{**CONFIG.to_dict(), "hidden_size": 48})
     path = write_random_adapter(tmp_path / "wide", wider, rank=4, seed=0)
@@ -92,7 +98,7 @@ def test_adapter_for_another_model_is_refused(tmp_path: Path) -> None:
 
 def test_grouped_b_and_ranks_follow_load(tmp_path: Path) -> None:
     """The kernels read b_group and ranks: load fills them through the per-module views."""
-    slots = LoraSlots(2, SHAPES, num_slots=2, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    slots = cpu_slots(2)
     slots.load(1, adapter(tmp_path, "a5", 5, 3))
     assert slots.ranks.tolist() == [0, 5]
     qkv = slots.b_group[1]["qkv"]  # [32 + 16 + 16, S*R]: q's rows, then k's, then v's
@@ -102,11 +108,11 @@ def test_grouped_b_and_ranks_follow_load(tmp_path: Path) -> None:
 
 def test_dense_add_lora_into_fused_output(tmp_path: Path) -> None:
     """add_lora adds in place into column views of one fused q|k|v output, as the reference says."""
-    slots = LoraSlots(2, SHAPES, num_slots=3, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    slots = cpu_slots(3, TRITON_KERNELS)
     for slot, (rank, seed) in enumerate([(2, 0), (8, 1), (5, 2)]):
         slots.load(slot, adapter(tmp_path, f"a{slot}", rank, seed))
     token_slots = torch.tensor([-1, 0, 2, 2, 1, -1, 0, 1])
-    lora = LoraBatch.for_tokens(slots, token_slots, use_kernels=True)  # CPU: the dense path
+    lora = LoraBatch.for_tokens(slots, token_slots)  # CPU tensors: the dense path even with Triton kernels
     assert lora.mask is not None and lora.segments is None
     x, base = torch.randn(8, 32), torch.randn(8, 64)
     fused = base.clone()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from kiln_infer.engine.types import AdapterLoadError
+from kiln_infer.lora.errors import AdapterLoadError
 from kiln_infer.lora.peft_loader import load_peft_adapter
 from kiln_infer.lora.random_adapter import write_random_adapter
 

@@ -6,9 +6,7 @@ import logging
 
 import torch
 
-from kiln_infer.engine.attention import write_kv
-from kiln_infer.engine.decode_attention import triton
-from kiln_infer.engine.rope import apply_rope
+from kiln_infer.kernels.triton_import import tl, triton
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +16,6 @@ ROPE_TOKENS_PER_PROGRAM_MAX = 64
 ROPE_MIN_PROGRAMS_PER_HEAD = 32
 
 if triton is not None:
-    import triton.language as tl
 
     @triton.jit
     def _rotate(src, dst, c1, c2, s1, s2, rows, HALF: tl.constexpr):
@@ -118,12 +115,12 @@ def fused_rope_self_check(
         )
         slots = torch.arange(t, device=device)
         outs = []
-        for use_triton in (False, True):
+        for fn in (rope_and_cache_reference, rope_and_cache):
             kv = (
                 torch.zeros(1, 8, num_kv_heads, head_dim, device=device, dtype=dtype),
                 torch.zeros(1, 8, num_kv_heads, head_dim, device=device, dtype=dtype),
             )
-            outs.append((rope_and_cache(q, k, v, rope, kv, slots, num_heads, num_kv_heads, use_triton), *kv))
+            outs.append((fn(q, k, v, rope, kv, slots, num_heads, num_kv_heads), *kv))
         ok = all(
             torch.allclose(a.float(), b.float(), atol=0.1) for a, b in zip(outs[0], outs[1], strict=True)
         )
@@ -135,6 +132,41 @@ def fused_rope_self_check(
     return ok
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, D] by per-token cos/sin [T, D] (the rotate-half convention of HF Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store this step's K/V ([T, KVH, D]) into caches of shape [num_blocks, block_size, KVH, D]."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def rope_and_cache_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    kv: tuple[torch.Tensor, torch.Tensor],
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """Torch version of `rope_and_cache` (rotate, then an index copy into the cache); same contract."""
+    t = q.shape[0]
+    dim = q.shape[1] // num_heads
+    cos, sin = rope
+    q3, k3 = q.reshape(t, num_heads, dim), k.reshape(t, num_kv_heads, dim)
+    q3, k3 = apply_rope(q3, cos, sin), apply_rope(k3, cos, sin)
+    write_kv(kv[0], kv[1], k3, v.reshape(t, num_kv_heads, dim), slot_mapping)
+    return q3
+
+
 def rope_and_cache(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -144,9 +176,8 @@ def rope_and_cache(
     slot_mapping: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
-    use_triton: bool,
 ) -> torch.Tensor:
-    """Rotate q and k, write k and v into the cache, return rotated q [T, H, D].
+    """Rotate q and k, write k and v into the cache, return rotated q [T, H, D]; one Triton kernel.
 
     semantics:
         q_rot = apply_rope(q.view(T, H, D), cos, sin); k_rot = apply_rope(k.view(T, KVH, D), cos, sin)
@@ -154,14 +185,7 @@ def rope_and_cache(
     q, k, v: [T, heads * D] with unit stride inside a row (views of a fused projection are fine).
     """
     t = q.shape[0]
-    dim = q.shape[1] // num_heads
-    cos, sin = rope
-    if not use_triton:
-        q3, k3 = q.reshape(t, num_heads, dim), k.reshape(t, num_kv_heads, dim)
-        q3, k3 = apply_rope(q3, cos, sin), apply_rope(k3, cos, sin)
-        write_kv(kv[0], kv[1], k3, v.reshape(t, num_kv_heads, dim), slot_mapping)
-        return q3
-    q_out = torch.empty(t, num_heads, dim, dtype=q.dtype, device=q.device)
+    q_out = torch.empty(t, num_heads, q.shape[1] // num_heads, dtype=q.dtype, device=q.device)
     launch_rope_cache(q, k, v, q_out, rope, kv, slot_mapping, rope_tokens_per_program(t))
     return q_out
 

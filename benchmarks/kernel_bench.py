@@ -1,6 +1,6 @@
 """Microbenchmark of the decode-attention and fused RoPE/KV-write kernels on the GPU (µs per call).
 
-    python -m kiln_infer.engine.kernel_bench [--context 320] [--max-len 400] [--layers 16]
+    python -m benchmarks.kernel_bench [--context 320] [--max-len 400] [--layers 16]
 
 Shapes of Llama-3.2-1B (32 q heads, 8 kv heads, head_dim 64, bf16, block_size 16). Each variant is timed
 as a CUDA graph of `--layers` calls over distinct per-layer caches (as the decode graph replays it), so
@@ -17,13 +17,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kiln_infer.engine.decode_attention import (
+from kiln_infer.kernels.decode_attention import (
     decode_attention_reference,
     decode_attention_triton,
     sm_count,
     split_blocks,
 )
-from kiln_infer.engine.rope_cache import launch_rope_cache, rope_and_cache, rope_tokens_per_program
+from kiln_infer.kernels.rope_cache import launch_rope_cache, rope_and_cache_reference, rope_tokens_per_program
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 64, 16
 DTYPE = torch.bfloat16
@@ -112,8 +112,8 @@ def bench_rope(tokens: int, layers: int, device: str = "cuda") -> list[str]:
         q, k, v = x.split(split, dim=-1)
         views.append((q, k, v))
     ref_caches = tuple(torch.zeros_like(c) for c in caches[0])
-    ref = rope_and_cache(
-        *views[0], (cos, sin), (ref_caches[0], ref_caches[1]), slots, HEADS, KV_HEADS, use_triton=False
+    ref = rope_and_cache_reference(
+        *views[0], (cos, sin), (ref_caches[0], ref_caches[1]), slots, HEADS, KV_HEADS
     )
     moved = tokens * (2 * width + 2 * HEAD_DIM) * 2  # bytes: q/k/v in, q/k/v out, cos/sin in
     chosen = (rope_tokens_per_program(tokens), 1)
@@ -144,7 +144,7 @@ def bench_rope(tokens: int, layers: int, device: str = "cuda") -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print µs per call of decode attention (batch 1 and 256, and between) and the fused RoPE/KV write."""
-    parser = argparse.ArgumentParser(prog="python -m kiln_infer.engine.kernel_bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_bench", description=__doc__)
     parser.add_argument("--context", type=int, default=320, help="context length per sequence (about)")
     parser.add_argument("--max-len", type=int, default=400, help="max_model_len: sets the block-table width")
     parser.add_argument("--layers", type=int, default=16, help="calls per graph, each on its own caches")

@@ -8,18 +8,11 @@ and nothing is read back on the host, so all of it can be captured in a CUDA gra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-try:  # Triton ships with CUDA builds of torch; CPU-only installs use the dense path of layers.py
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from kiln_infer.kernels.lora_segments import BLOCK_M, SlotSegments, cdiv, pow2
+from kiln_infer.kernels.triton_import import tl, triton
 
-BLOCK_M = 16  # tokens of one slot per program (tl.dot needs at least 16 rows)
-MAX_TOKENS = 256  # batches up to this many tokens take the kernels; larger ones (prefill) the dense path
 MAX_MODULES = 3  # modules per shrink group the expand kernel covers in one launch (q, k, v)
 _SHRINK_BLOCK_K = 128
 _EXPAND_BLOCK_N = 128
@@ -32,70 +25,6 @@ MAX_SHRINK_SPLITS = 16
 EXPAND_PROGRAMS = 1 << 16  # in practice one column tile per program: empty blocks exit at once
 
 
-def bgmv_available() -> bool:
-    """Whether the Triton LoRA kernels can be used."""
-    return triton is not None
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << max(0, n - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def max_blocks(num_tokens: int, num_slots: int) -> int:
-    """Most token blocks a step can need: each non-empty slot (and the base bucket) adds a partial block."""
-    return (num_tokens + min(num_slots + 1, num_tokens) * (BLOCK_M - 1)) // BLOCK_M
-
-
-@dataclass(frozen=True)
-class SlotSegments:
-    """A step's tokens grouped by slot (on the device by `segment_tokens`, or on the host for eager steps).
-
-    order: [T] int32, token indices sorted by slot (stable; slot -1 last).
-    blocks: [3, max_blocks] int32, rows slot / start / length: block b is tokens order[start : start+length],
-        all of one slot (-1 = no adapter); length 0 marks an unused block.
-    split_k: whether the shrink may split its input features over programs. Only for fixed shapes (decode
-        graphs): the number of splits follows the number of blocks and is compiled into the kernels, so on
-        eager steps, whose block counts vary, each new count would stall the step on a Triton compile.
-    """
-
-    order: torch.Tensor
-    blocks: torch.Tensor
-    split_k: bool = True
-
-    @property
-    def num_tokens(self) -> int:
-        """T, the tokens of the step (padded rows included)."""
-        return self.order.shape[0]
-
-
-def segment_tokens(token_slots: torch.Tensor, num_slots: int) -> SlotSegments:
-    """[T] slot per token (-1 = base) -> the tokens grouped into blocks of one slot (one kernel launch)."""
-    assert triton is not None and token_slots.dim() == 1 and token_slots.stride(0) == 1
-    t = token_slots.shape[0]
-    assert 0 < t <= MAX_TOKENS
-    nb = max_blocks(t, num_slots)
-    order = torch.empty(t, dtype=torch.int32, device=token_slots.device)
-    blocks = torch.empty(3, nb, dtype=torch.int32, device=token_slots.device)
-    _segment_kernel[(1,)](
-        token_slots,
-        order,
-        blocks,
-        t,
-        num_slots,
-        nb,
-        T_PAD=_pow2(t),
-        S_PAD=_pow2(num_slots + 2),
-        J_PAD=_pow2(_cdiv(t, BLOCK_M)),
-        NB_PAD=_pow2(nb),
-        BLOCK_M=BLOCK_M,
-    )
-    return SlotSegments(order, blocks)
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact; half types use tensor cores anyway
 
@@ -103,7 +32,6 @@ def _precision(dtype: torch.dtype) -> str:
 def bgmv_shrink(
     x: torch.Tensor,
     a_group: torch.Tensor,
-    ranks: torch.Tensor,
     segments: SlotSegments,
     num_modules: int,
     max_rank: int,
@@ -115,8 +43,8 @@ def bgmv_shrink(
         for t in range(T):                          # x: [T, in], a_group: [G*S*R, in]
             s = slot[t]
             out[:, t, g*R:(g+1)*R] = A_{g,s} @ x[t] if s >= 0 else 0       (for each module g)
-    splits is a power of two (at most MAX_SHRINK_SPLITS). Rows r >= ranks[s] of A_{g,s} must be zero padding
-    (as `LoraSlots.load` leaves them): all R rows of a slot are read, and `ranks` is not. Rows of tokens in
+    splits is a power of two (at most MAX_SHRINK_SPLITS). Rows of A_{g,s} past the slot's rank must be zero
+    padding (as `LoraSlots.load` leaves them): all R rows of a slot are read. Rows of tokens in
     no block (base tokens, when the segments give them none) are left unwritten.
     """
     assert triton is not None and x.dim() == 2 and a_group.is_contiguous()
@@ -124,17 +52,16 @@ def bgmv_shrink(
     x = x if x.stride(1) == 1 else x.contiguous()
     t, in_features = x.shape
     nb = segments.blocks.shape[1]
-    k_tiles = _cdiv(in_features, _SHRINK_BLOCK_K)
+    k_tiles = cdiv(in_features, _SHRINK_BLOCK_K)
     # split the input features until the launch has about target_programs programs; a power of two of splits
     # (rounded down) keeps the expand's variants few. Split i takes k-tiles [i*k_tiles//splits, ...) up to
     # the next split's first: the slices differ by one tile at most and none is empty.
-    want = min(k_tiles, MAX_SHRINK_SPLITS, max(1, _cdiv(target_programs, nb * num_modules)))
+    want = min(k_tiles, MAX_SHRINK_SPLITS, max(1, cdiv(target_programs, nb * num_modules)))
     splits = 1 << (want.bit_length() - 1)
     out = torch.empty(splits, t, num_modules * max_rank, dtype=torch.float32, device=x.device)
     _shrink_kernel[(nb, num_modules, splits)](
         x,
         a_group,
-        ranks,
         segments.order,
         segments.blocks,
         out,
@@ -146,7 +73,7 @@ def bgmv_shrink(
         R=max_rank,
         GR=num_modules * max_rank,
         BLOCK_M=BLOCK_M,
-        BLOCK_R=_pow2(max_rank),
+        BLOCK_R=pow2(max_rank),
         BLOCK_K=_SHRINK_BLOCK_K,
         PRECISION=_precision(x.dtype),
     )
@@ -156,7 +83,6 @@ def bgmv_shrink(
 def bgmv_expand_add(
     shrunk: torch.Tensor,
     b: torch.Tensor,
-    ranks: torch.Tensor,
     segments: SlotSegments,
     out: torch.Tensor,
     module_sizes: list[int],
@@ -176,8 +102,8 @@ def bgmv_expand_add(
                 h = shrunk[:, t, g*R:(g+1)*R].sum(0)    # fp32, rounded to b.dtype for the product
                 out[t, n] += b[n, s*R:(s+1)*R] @ h     # fp32 accumulation, one rounding into out
     Only tokens in blocks of a slot >= 0 are read from `shrunk` (the rows the shrink writes). Columns past
-    ranks[s] of a slot in b are multiplied by the shrink's zeros there (zero padding, as `LoraSlots.load`
-    leaves it); `ranks` is not read.
+    a slot's rank in b are multiplied by the shrink's zeros there (zero padding, as `LoraSlots.load`
+    leaves it).
     """
     assert triton is not None and 1 <= len(module_sizes) <= MAX_MODULES
     assert out.dim() == 2 and out.stride(1) == 1 and b.stride(1) == 1 and out.dtype == b.dtype
@@ -188,13 +114,12 @@ def bgmv_expand_add(
     bounds = [sum(module_sizes[: i + 1]) for i in range(len(module_sizes))]
     bounds += [n_features] * (MAX_MODULES - len(bounds))
     nb = segments.blocks.shape[1]
-    n_tiles = _cdiv(n_features, _EXPAND_BLOCK_N)
-    chunks = min(n_tiles, max(1, _cdiv(target_programs, nb)))
-    tiles_per_program = _cdiv(n_tiles, chunks)
-    _expand_kernel[(nb, _cdiv(n_tiles, tiles_per_program))](
+    n_tiles = cdiv(n_features, _EXPAND_BLOCK_N)
+    chunks = min(n_tiles, max(1, cdiv(target_programs, nb)))
+    tiles_per_program = cdiv(n_tiles, chunks)
+    _expand_kernel[(nb, cdiv(n_tiles, tiles_per_program))](
         shrunk,
         b,
-        ranks,
         segments.order,
         segments.blocks,
         out,
@@ -212,51 +137,13 @@ def bgmv_expand_add(
         SPLITS=splits,
         NUM_MODULES=len(module_sizes),
         BLOCK_M=BLOCK_M,
-        BLOCK_R=_pow2(max_rank),
+        BLOCK_R=pow2(max_rank),
         BLOCK_N=_EXPAND_BLOCK_N,
         PRECISION=_precision(out.dtype),
     )
 
 
 if triton is not None:
-
-    @triton.jit
-    def _segment_kernel(
-        slots_ptr,
-        order_ptr,
-        blocks_ptr,
-        num_tokens,
-        num_slots,
-        num_blocks,
-        T_PAD: tl.constexpr,
-        S_PAD: tl.constexpr,
-        J_PAD: tl.constexpr,
-        NB_PAD: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-    ):
-        # key: the slot, num_slots for base tokens (-1), num_slots + 1 for padding lanes
-        p = tl.arange(0, T_PAD)
-        slot = tl.load(slots_ptr + p, mask=p < num_tokens, other=-1).to(tl.int32)
-        key = tl.where(p < num_tokens, tl.where(slot < 0, num_slots, slot), num_slots + 1)
-        ranked = tl.sort(key * T_PAD + p)  # sorted by key, ties by token index
-        tl.store(order_ptr + p, ranked % T_PAD, mask=p < num_tokens)
-        counts = tl.histogram(key, S_PAD)  # [S_PAD] tokens per key
-        starts = tl.cumsum(counts, 0) - counts  # first position of each key in `order`
-        s = tl.arange(0, S_PAD)
-        nblk = tl.where(s <= num_slots, (counts + BLOCK_M - 1) // BLOCK_M, 0)
-        first_block = tl.cumsum(nblk, 0) - nblk
-        j = tl.arange(0, J_PAD)
-        valid = j[None, :] < nblk[:, None]  # [S_PAD, J_PAD]: block j of key s exists
-        b = first_block[:, None] + j[None, :]
-        slot_of = tl.where(s == num_slots, -1, s)[:, None] + 0 * j[None, :]
-        tl.store(blocks_ptr + b, slot_of, mask=valid)
-        tl.store(blocks_ptr + num_blocks + b, starts[:, None] + j[None, :] * BLOCK_M, mask=valid)
-        length = tl.minimum(counts[:, None] - j[None, :] * BLOCK_M, BLOCK_M)
-        tl.store(blocks_ptr + 2 * num_blocks + b, length, mask=valid)
-        used = tl.sum(nblk, 0)
-        rest = tl.arange(0, NB_PAD)
-        tl.store(blocks_ptr + 2 * num_blocks + rest, 0 * rest, mask=(rest >= used) & (rest < num_blocks))
-
     # The shrink and expand are latency-bound at decode sizes (a few KB per program), so each program is laid
     # out as few rounds of dependent loads as possible, with independent loads issued together: the block's
     # metadata (slot, start, length); then the block's token indices (in the shrink with the A rows, which
@@ -270,7 +157,6 @@ if triton is not None:
     def _shrink_kernel(
         x_ptr,
         a_ptr,
-        ranks_ptr,  # unused: rows past a slot's rank are zeros (see above)
         order_ptr,
         blocks_ptr,
         out_ptr,
@@ -347,7 +233,6 @@ if triton is not None:
     def _expand_kernel(
         shrunk_ptr,
         b_ptr,
-        ranks_ptr,  # unused: columns past a slot's rank meet the shrink's zeros (see above)
         order_ptr,
         blocks_ptr,
         out_ptr,

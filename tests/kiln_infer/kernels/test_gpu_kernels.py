@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln_infer.engine.decode_attention import (
+from kiln_infer.kernels.decode_attention import (
     decode_attention,
     decode_attention_reference,
     decode_attention_triton,
     sm_count,
     split_blocks,
-    triton_available,
 )
-from kiln_infer.engine.rope_cache import launch_rope_cache, rope_and_cache
+from kiln_infer.kernels.rope_cache import launch_rope_cache, rope_and_cache, rope_and_cache_reference
+from kiln_infer.kernels.triton_import import triton_available
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,7 +63,7 @@ def test_split_k_decode_matches_reference(
             out = decode_attention_triton(q, k, v, tables, ctx_lens, scale, chunk)
             err = (out.float() - ref).abs().max().item()
             assert out.dtype == dtype and err < TOLERANCE[dtype], (ctx, chunk, err)
-        out = decode_attention(q, k, v, tables, ctx_lens, scale, use_triton=True)
+        out = decode_attention(q, k, v, tables, ctx_lens, scale)
         assert (out.float() - ref).abs().max().item() < TOLERANCE[dtype]
 
 
@@ -84,11 +84,11 @@ def test_split_k_decode_in_a_cuda_graph(batch: int) -> None:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up (compile) off the capture
-        decode_attention(q, k, v, tables, lens, scale, use_triton=True)
+        decode_attention(q, k, v, tables, lens, scale)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention(q, k, v, tables, lens, scale, use_triton=True)
+        out = decode_attention(q, k, v, tables, lens, scale)
     gen = torch.Generator(device="cuda").manual_seed(1)
     for step_lens in ([1] * batch, [17] * batch, [width * BLOCK] * batch, [300, 2, 33, 399][:batch]):
         lens.copy_(torch.tensor(step_lens, dtype=torch.int32))
@@ -123,9 +123,9 @@ def test_fused_rope_cache_matches_torch(tokens: int, heads: int, kv_heads: int, 
 
     ref_kv = caches(torch.float32)
     rope32 = (cos.float(), sin.float())
-    ref = rope_and_cache(q.float(), k.float(), v.float(), rope32, ref_kv, slots, heads, kv_heads, False)
+    ref = rope_and_cache_reference(q.float(), k.float(), v.float(), rope32, ref_kv, slots, heads, kv_heads)
     out_kv = caches(dtype)
-    runs = [(rope_and_cache(q, k, v, (cos, sin), out_kv, slots, heads, kv_heads, use_triton=True), out_kv)]
+    runs = [(rope_and_cache(q, k, v, (cos, sin), out_kv, slots, heads, kv_heads), out_kv)]
     for block_t, per_program in ((2, 1), (64, 1), (16, 8)):  # tokens x heads a program
         forced_kv, forced = caches(dtype), torch.empty(tokens, heads, dim, device="cuda", dtype=dtype)
         launch_rope_cache(q, k, v, forced, (cos, sin), forced_kv, slots, block_t, per_program)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln_infer.engine.decode_attention import triton_available
-from kiln_infer.engine.fused_ops import (
+from kiln_infer.kernels.fused_ops import (
     add_rms_norm,
     add_rms_norm_reference,
     rms_norm,
@@ -14,6 +13,7 @@ from kiln_infer.engine.fused_ops import (
     silu_mul,
     silu_mul_reference,
 )
+from kiln_infer.kernels.triton_import import triton_available
 
 pytestmark = [
     pytest.mark.gpu,

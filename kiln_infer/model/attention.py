@@ -1,15 +1,14 @@
-"""Attention over the paged KV cache: decode rows through `decode_attention`, prefill chunks through SDPA."""
+"""Attention over the paged KV cache: decode rows through the chosen kernel, prefill chunks through SDPA."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from kiln_infer.engine.decode_attention import decode_attention
 
 
 @dataclass
@@ -31,7 +30,6 @@ class StepMetadata:
     decode_tables: torch.Tensor | None  # [num_decode, N] int32 block ids
     decode_lens: torch.Tensor | None  # [num_decode] int32 context length including the new token
     prefill: PrefillMetadata | None
-    use_triton: bool = False
 
 
 def slots_for(starts: np.ndarray, lengths: np.ndarray, tables: np.ndarray, block_size: int) -> np.ndarray:
@@ -58,7 +56,6 @@ def build_step_metadata(
     num_decode: int,
     block_size: int,
     device: torch.device,
-    use_triton: bool,
 ) -> StepMetadata:
     """Host-side metadata for chunks [start, start + length) of each sequence (decodes first)."""
     starts_a, lengths_a = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
@@ -74,7 +71,7 @@ def build_step_metadata(
         prefill = _prefill_metadata(
             starts_a[num_decode:], lengths_a[num_decode:], table_a[num_decode:], block_size, device
         )
-    return StepMetadata(slot_mapping, num_decode, decode_tables, decode_lens, prefill, use_triton)
+    return StepMetadata(slot_mapping, num_decode, decode_tables, decode_lens, prefill)
 
 
 def _prefill_metadata(
@@ -96,14 +93,6 @@ def _prefill_metadata(
         flat_index=torch.from_numpy(flat_index).to(device),
         attn_mask=torch.from_numpy(mask[:, None]).to(device),
     )
-
-
-def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Store this step's K/V ([T, KVH, D]) into caches of shape [num_blocks, block_size, KVH, D]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
 def prefill_attention(
@@ -128,19 +117,28 @@ def prefill_attention(
     return out.transpose(1, 2).reshape(-1, heads * dim)[meta.flat_index]
 
 
+DecodeAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]
+
+
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepMetadata, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: StepMetadata,
+    scale: float,
+    decode_attention: DecodeAttention,
 ) -> torch.Tensor:
-    """Attention for every token of the step ([T, H, D] -> [T, H * D]), decodes and prefill chunks."""
+    """Attention for every token of the step ([T, H, D] -> [T, H * D]), decodes and prefill chunks.
+
+    `decode_attention` is the engine's choice of the kernel of that name (Triton or the torch reference).
+    """
     nd = meta.num_decode
     parts = []
     if nd:
         assert meta.decode_tables is not None and meta.decode_lens is not None
-        parts.append(
-            decode_attention(
-                q[:nd], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale, meta.use_triton
-            )
-        )
+        parts.append(decode_attention(q[:nd], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale))
     if meta.prefill is not None:
         parts.append(prefill_attention(q[nd:], k_cache, v_cache, meta.prefill, scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -12,21 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:  # Triton ships with CUDA builds of torch; CPU-only installs use the torch reference below
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from kiln_infer.kernels.triton_import import tl, triton
 
 H200_SMS = 132  # only used off CUDA, where the kernels run in Triton's interpreter
 SPLIT_WAVES = 2  # split-K aims at about this many programs per SM
 MIN_SPLIT_TOKENS = 32  # smallest split-K chunk (tokens)
 MERGE_TILE = 16  # chunks the merge reads at a time
-
-
-def triton_available() -> bool:
-    """Whether the Triton decode kernel can be used."""
-    return triton is not None
 
 
 def decode_attention_reference(
@@ -337,19 +328,17 @@ def decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    use_triton: bool,
 ) -> torch.Tensor:
-    """Attention of one new query per sequence over its paged context.
+    """Attention of one new query per sequence over its paged context, in Triton (CUDA tensors).
 
     semantics:
         for b in range(B), head h (kv head h // (H / KVH)):
             K, V = cache rows of block_tables[b] for positions 0 .. context_lens[b] - 1
             out[b, h] = softmax(q[b, h] @ K.T * scale) @ V
     q: [B, H, D]; caches: [num_blocks, block_size, KVH, D]; block_tables: [B, N] int; context_lens: [B] int;
-    returns [B, H * D]. Every context_lens[b] must be >= 1 and <= N * block_size.
+    returns [B, H * D]. Every context_lens[b] must be >= 1 and <= N * block_size. `decode_attention_reference`
+    is the torch version.
     """
-    if not use_triton or triton is None:
-        return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
     chunk = split_blocks(
         q.shape[0], k_cache.shape[2], block_tables.shape[1], k_cache.shape[1], sm_count(q.device)
     )

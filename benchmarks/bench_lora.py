@@ -1,6 +1,6 @@
 """LoRA cost of one decode step on CUDA: dense masked math vs the BGMV kernels, in captured CUDA graphs.
 
-python -m kiln_infer.lora.bench_lora                       # Llama-3.2-1B shapes, 16 layers, rank 16, bf16
+python -m benchmarks.bench_lora                       # Llama-3.2-1B shapes, 16 layers, rank 16, bf16
 options: --layers N  --rank R  --max-rank R (slot padding, default = rank)  --slots 4 16 64  --tokens 256 1
 
 Every slot holds an adapter and the tokens are spread over all of them (S distinct adapters when T >= S).
@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kiln_infer.lora.bgmv import bgmv_available
+from kiln_infer.kernels.backend import TRITON_KERNELS
+from kiln_infer.kernels.triton_import import triton_available
 from kiln_infer.lora.layers import LoraBatch, LoraSlots, add_lora
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def lora_step_ms(
 ) -> tuple[float, float, float]:
     """(base matmuls, dense LoRA, BGMV LoRA) ms of one step: every layer's four shrink groups."""
     dev, dtype = torch.device(device), torch.bfloat16
-    slots = LoraSlots(num_layers, LLAMA_1B, num_slots, max_rank, dtype, dev)
+    slots = LoraSlots(num_layers, LLAMA_1B, num_slots, max_rank, dtype, dev, TRITON_KERNELS)
     for layer in range(num_layers):
         for m in LLAMA_1B:
             for s in range(num_slots):
@@ -93,8 +94,10 @@ def lora_step_ms(
                 torch.mm(xs[g], weights[g].t(), out=base_outs[g])
 
     def lora_step(use_kernels: bool) -> Callable[[], None]:
+        batch = LoraBatch.for_tokens if use_kernels else LoraBatch.dense
+
         def step() -> None:
-            lora = LoraBatch.for_tokens(slots, token_slots, use_kernels)
+            lora = batch(slots, token_slots)
             for layer in range(num_layers):
                 for g in groups:
                     add_lora(xs[g], list(outs[g].split(sizes[g], dim=1)), layer, g, lora)
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not torch.cuda.is_available() or not bgmv_available():
+    if not torch.cuda.is_available() or not triton_available():
         raise SystemExit("bench_lora needs a CUDA device and Triton")
     max_rank = args.max_rank or args.rank
     log.info(

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln_infer.engine.decode_attention import triton
-from kiln_infer.engine.fused_ops import rms_norm_reference, silu_mul_reference
-
-if triton is not None:
-    import triton.language as tl
+from kiln_infer.kernels.fused_ops import rms_norm_reference, silu_mul_reference
+from kiln_infer.kernels.triton_import import tl, triton
 
 PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3  # what runs before the product
 if triton is not None:  # the same codes as Triton compile-time constants (kernels read no plain globals)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln_infer.engine.decode_attention import triton
-
-if triton is not None:
-    import triton.language as tl
+from kiln_infer.kernels.triton_import import tl, triton
 
 # One program normalises a whole row, so a row must fit in one block; wider rows use the torch path.
 MAX_NORM_WIDTH = 65536
@@ -79,11 +76,6 @@ if triton is not None:
         tl.store(out_ptr + row * out_stride + offs, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _pick(use_triton: bool | None, x: torch.Tensor) -> bool:
-    """Whether to launch the Triton kernel: as asked, by default on CUDA tensors; never without Triton."""
-    return triton is not None and (x.is_cuda if use_triton is None else use_triton)
-
-
 def _norm_launch(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
@@ -109,45 +101,41 @@ def _norm_launch(
     return out
 
 
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, use_triton: bool | None = None
-) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of each row, HF numerics.
 
     semantics:
         out[t] = weight * (x[t].float() * rsqrt(mean(x[t].float() ** 2) + eps)).to(x.dtype)
     x: [T, N] with unit stride along N; weight: [N]; returns a new [T, N].
-    use_triton: None = the Triton kernel on CUDA tensors (when Triton is installed), else the torch path.
+    The Triton kernel (CUDA tensors); shapes it does not cover (other ranks, wider rows) take the torch path.
     """
-    if not _pick(use_triton, x) or x.dim() != 2 or x.shape[1] > MAX_NORM_WIDTH:
+    if x.dim() != 2 or x.shape[1] > MAX_NORM_WIDTH:
         return rms_norm_reference(x, weight, eps)
     return _norm_launch(x, None, weight, eps)
 
 
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, use_triton: bool | None = None
-) -> torch.Tensor:
-    """Residual add fused with the following RMSNorm, in one kernel on the Triton path.
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Residual add fused with the following RMSNorm, in one Triton kernel (CUDA tensors).
 
     semantics:
         residual += x                                   # in place: the residual stream goes on
         return rms_norm(residual, weight, eps)
     x, residual: [T, N] with unit stride along N (residual is written); weight: [N].
     """
-    if not _pick(use_triton, x) or x.dim() != 2 or x.shape[1] > MAX_NORM_WIDTH:
+    if x.dim() != 2 or x.shape[1] > MAX_NORM_WIDTH:
         return add_rms_norm_reference(x, residual, weight, eps)
     return _norm_launch(x, residual, weight, eps)
 
 
-def silu_mul(gate_up: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
-    """The MLP activation on a fused gate/up projection, in one kernel on the Triton path.
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """The MLP activation on a fused gate/up projection, in one Triton kernel (CUDA tensors).
 
     semantics:
         gate, up = gate_up[:, :I], gate_up[:, I:]
         return silu(gate) * up                          # [T, I]
     gate_up: [T, 2 * I] with unit stride along the columns.
     """
-    if not _pick(use_triton, gate_up) or gate_up.dim() != 2:
+    if gate_up.dim() != 2:
         return silu_mul_reference(gate_up)
     rows, n = gate_up.shape[0], gate_up.shape[1] // 2
     assert gate_up.stride(1) == 1
