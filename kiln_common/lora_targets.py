@@ -4,7 +4,15 @@ from __future__ import annotations
 
 # Every projection of a Llama-family decoder layer an adapter may target, in the order the weights are laid
 # out in memory (q/k/v and gate/up adjacent so they can run as one fused matmul).
-TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 
 # Target module -> its parent in the HF Llama layer (`model.layers.N.<parent>.<module>`).
 MODULE_PARENT: dict[str, str] = {

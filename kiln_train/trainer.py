@@ -14,11 +14,15 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kiln_common.adapter_store import WEIGHTS_FILE
+from kiln_common.lora_targets import TARGET_MODULES
+from kiln_common.peft_format import WEIGHTS_FILE
+from kiln_common.prompt import chat_text, prompt_token_ids
+from kiln_train.settings import TrainerConfig
+
+__all__ = ["Encoded", "LoraTrainer", "TextPair", "TrainResult", "TrainerConfig", "collate", "encode"]
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100
 
 
@@ -39,27 +43,6 @@ class Encoded:
     labels: list[int]
 
 
-@dataclass(frozen=True)
-class TrainerConfig:
-    """Hyper-parameters of one round."""
-
-    rank: int = 16
-    alpha: int = 32
-    lr: float = 1e-3
-    max_steps: int = 16
-    batch_size: int = 4
-    replay_fraction: float = 0.5
-    eval_every: int = 4
-    patience: int = 2
-    seed: int = 0
-    # 0 = replay trains on the parent's greedy answers as labels (sharpens the margins the gate checks);
-    # k > 0 distils the parent's top-k distribution instead (keeps margins as they were, so tiny ones flip).
-    kl_topk: int = 0
-    anchors_per_step: int = 4
-    anchor_weight: float = 1.0
-    kl_weight: float = 1.0
-
-
 @dataclass
 class TrainResult:
     """What a training run did."""
@@ -73,28 +56,23 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def render_prompt(tok: PreTrainedTokenizerBase, pair: TextPair) -> str:
-    """The prompt text exactly as the server renders it (chat template with the generation prompt)."""
-    if not pair.messages:
-        return pair.prompt
-    msgs = [{"role": r, "content": c} for r, c in pair.messages]
-    return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+def prompt_ids(tok: PreTrainedTokenizerBase, pair: TextPair) -> list[int]:
+    """The prompt's token ids exactly as the server renders them."""
+    return prompt_token_ids(tok, pair.prompt, pair.messages)
 
 
 def encode(tok: PreTrainedTokenizerBase, pair: TextPair, max_len: int = 1024) -> Encoded:
     """Prompt + completion + end-of-turn tokens, with the prompt masked out of the labels."""
-    prompt_ids = tok(render_prompt(tok, pair), add_special_tokens=False).input_ids
+    prompt = prompt_ids(tok, pair)
+    completion = tok(pair.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    full = prompt + completion
     if pair.messages:
-        msgs = [{"role": r, "content": c} for r, c in pair.messages] + [
-            {"role": "assistant", "content": pair.completion}
-        ]
-        full = tok(str(tok.apply_chat_template(msgs, tokenize=False)), add_special_tokens=False).input_ids
-        if full[: len(prompt_ids)] != prompt_ids:  # template re-renders history differently: append instead
-            full = prompt_ids + tok(pair.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    else:
-        full = prompt_ids + tok(pair.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        turns = (*pair.messages, ("assistant", pair.completion))
+        chat = tok(chat_text(tok, turns, open_assistant_turn=False), add_special_tokens=False).input_ids
+        if chat[: len(prompt)] == prompt:  # else the template re-renders history differently: append instead
+            full = chat
     full = full[:max_len]
-    n = min(len(prompt_ids), len(full))
+    n = min(len(prompt), len(full))
     return Encoded(input_ids=full, labels=[IGNORE] * n + full[n:])
 
 
@@ -127,7 +105,7 @@ class LoraTrainer:
         lora = LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.alpha,
-            target_modules=LORA_TARGETS,
+            target_modules=list(TARGET_MODULES),
             lora_dropout=0.0,
             bias="none",
             task_type="CAUSAL_LM",
@@ -181,10 +159,7 @@ class LoraTrainer:
         out: list[str] = []
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         for i in range(0, len(prompts), batch_size):
-            ids = [
-                self.tok(render_prompt(self.tok, p), add_special_tokens=False).input_ids
-                for p in prompts[i : i + batch_size]
-            ]
+            ids = [prompt_ids(self.tok, p) for p in prompts[i : i + batch_size]]
             width = max(len(x) for x in ids)
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)

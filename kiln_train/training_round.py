@@ -65,23 +65,6 @@ def to_pair(e: Example) -> TextPair:
     return TextPair(e.completion, e.messages, e.prompt)
 
 
-def trainer_config(s: TrainSettings) -> TrainerConfig:
-    """Trainer hyper-parameters from the daemon settings."""
-    return TrainerConfig(
-        rank=s.rank,
-        alpha=s.alpha,
-        lr=s.lr,
-        max_steps=s.max_steps,
-        batch_size=s.batch_size,
-        replay_fraction=s.replay_fraction,
-        eval_every=s.eval_every,
-        patience=s.patience,
-        seed=s.seed,
-        kl_topk=s.kl_topk,
-        anchors_per_step=s.anchors_per_step,
-    )
-
-
 class RoundRunner:
     """Runs rounds over the shared base model and publishes passing versions through the registry."""
 
@@ -109,7 +92,7 @@ class RoundRunner:
         s = self.settings
         tenant, adapter, parent = record.tenant, record.adapter, record.parent_version
         parent_dir = self.registry.store.version_dir(tenant, adapter, parent) if parent > 0 else None
-        cfg = trainer_config(s)
+        cfg = s.trainer
         trainer = LoraTrainer(base, self.tok, cfg, parent_dir)
         try:
             reference = self.references.get(tenant, adapter, parent)
