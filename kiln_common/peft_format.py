@@ -33,14 +33,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     """adapter_config.json of a directory that holds safetensors weights (never pickle)."""
     if not path.is_dir():
         raise InvalidAdapterError(f"adapter path {path} is not a directory")
+    if not (path / CONFIG_FILE).is_file():
+        raise InvalidAdapterError(f"{path} has no {CONFIG_FILE} (not a PEFT adapter directory)")
     if not (path / WEIGHTS_FILE).is_file():
         pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         hint = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
         raise InvalidAdapterError(f"{path} has no {WEIGHTS_FILE}{hint}")
     try:
         cfg = json.loads((path / CONFIG_FILE).read_text())
-    except FileNotFoundError as exc:
-        raise InvalidAdapterError(f"{path} has no {CONFIG_FILE}") from exc
     except (OSError, ValueError) as exc:
         raise InvalidAdapterError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from exc
     if not isinstance(cfg, dict):

@@ -52,9 +52,12 @@ def test_refuses_what_we_cannot_serve(tmp_path: Path, change: dict[str, object],
 
 
 def test_refuses_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(InvalidAdapterError, match=CONFIG_FILE):
+        read_peft_config(tmp_path, 8)
+    peft_dir(tmp_path)
+    (tmp_path / WEIGHTS_FILE).unlink()
     (tmp_path / "adapter_model.bin").write_bytes(b"")
     with pytest.raises(InvalidAdapterError, match="pickle"):
         read_peft_config(tmp_path, 8)
-    (tmp_path / WEIGHTS_FILE).write_bytes(b"")
-    with pytest.raises(InvalidAdapterError, match=CONFIG_FILE):
-        read_peft_config(tmp_path, 8)
+    with pytest.raises(InvalidAdapterError, match="not a directory"):
+        read_peft_config(tmp_path / "nope", 8)
