@@ -13,25 +13,23 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+from kiln_common.errors import InvalidAdapterError, VersionExistsError
+from kiln_common.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_config, safetensors_shapes
+
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "AdapterStore",
+    "InvalidAdapterError",
+    "PeftInfo",
+    "VersionExistsError",
+    "VersionMeta",
+    "validate_name",
+    "validate_peft_dir",
+]
+
 META_FILE = "meta.json"
-# Llama-family projections the engine can apply a LoRA to.
-LORA_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-class InvalidAdapterError(ValueError):
-    """An adapter name, tenant or PEFT directory is malformed (maps to INVALID_ARGUMENT on `field`)."""
-
-    def __init__(self, message: str, field: str = "path") -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class VersionExistsError(RuntimeError):
-    """A version directory already exists; versions are immutable."""
 
 
 def validate_name(name: str, what: str = "adapter") -> str:
@@ -91,62 +89,20 @@ class VersionMeta:
         )
 
 
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header, without loading the tensors."""
-    try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size <= 0 or size > 100 * 1024 * 1024:
-                raise ValueError("implausible header size")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError) as exc:
-        raise InvalidAdapterError(f"{path} is not a readable safetensors file: {exc}") from exc
-    return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-
-
 def validate_peft_dir(path: Path, max_rank: int) -> PeftInfo:
-    """Check a PEFT LoRA directory: safetensors weights, a LoRA config, rank and target modules we serve."""
-    if not path.is_dir():
-        raise InvalidAdapterError(f"adapter path {path} is not a directory")
-    if not (path / WEIGHTS_FILE).is_file():
-        pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
-        hint = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
-        raise InvalidAdapterError(f"{path} has no {WEIGHTS_FILE}{hint}")
-    try:
-        cfg = json.loads((path / CONFIG_FILE).read_text())
-    except FileNotFoundError as exc:
-        raise InvalidAdapterError(f"{path} has no {CONFIG_FILE}") from exc
-    except ValueError as exc:
-        raise InvalidAdapterError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from exc
-    if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise InvalidAdapterError(f"{path}: peft_type must be LORA, got {cfg.get('peft_type')!r}")
-    rank = cfg.get("r")
-    if not isinstance(rank, int) or not 0 < rank <= max_rank:
-        raise InvalidAdapterError(f"{path}: LoRA rank r={rank!r} must be an integer in 1..{max_rank}")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+    """Check a PEFT LoRA directory can be stored as a version: one rank throughout, weights of that rank."""
+    cfg = read_peft_config(path, max_rank)
+    # A version records one rank (meta.json, ListAdapters), so per-module patterns are refused here.
+    if cfg.rank_pattern or cfg.alpha_pattern:
         raise InvalidAdapterError(f"{path}: per-module rank_pattern/alpha_pattern are not supported")
-    if cfg.get("use_dora") or cfg.get("modules_to_save"):
-        raise InvalidAdapterError(f"{path}: DoRA and modules_to_save are not supported")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str) and targets == "all-linear":
-        targets = sorted(LORA_TARGETS)
-    if not isinstance(targets, list) or not targets:
-        raise InvalidAdapterError(f"{path}: target_modules must be a non-empty list, got {targets!r}")
-    unknown = sorted(set(targets) - LORA_TARGETS)
-    if unknown:
-        raise InvalidAdapterError(
-            f"{path}: unsupported target_modules {unknown}; allowed {sorted(LORA_TARGETS)}"
-        )
-    shapes = _safetensors_shapes(path / WEIGHTS_FILE)
+    shapes = safetensors_shapes(path / WEIGHTS_FILE)
     lora_a = {k: s for k, s in shapes.items() if "lora_A" in k}
     if not lora_a or len(lora_a) != sum("lora_B" in k for k in shapes):
         raise InvalidAdapterError(f"{path}: {WEIGHTS_FILE} must hold matching lora_A/lora_B tensors")
     for key, shape in lora_a.items():
-        if len(shape) != 2 or shape[0] != rank:
-            raise InvalidAdapterError(f"{path}: {key} has shape {shape}, expected rank {rank} rows")
-    return PeftInfo(
-        rank=rank, alpha=float(cfg.get("lora_alpha", rank)), target_modules=tuple(sorted(targets))
-    )
+        if len(shape) != 2 or shape[0] != cfg.rank:
+            raise InvalidAdapterError(f"{path}: {key} has shape {shape}, expected rank {cfg.rank} rows")
+    return PeftInfo(rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules)
 
 
 def file_sha256(path: Path) -> str:

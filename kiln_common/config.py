@@ -77,8 +77,8 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
-class InferConfig:
-    """Settings of kiln-infer."""
+class ServiceConfig:
+    """What every Kiln server is configured with: state, Redis, the model, where to listen, who may call."""
 
     home: Path
     redis: RedisConfig
@@ -88,6 +88,25 @@ class InferConfig:
     dtype: str = "auto"
     device: str = "auto"
     api_keys_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        _check_dtype_device(self.dtype, self.device)
+        if not self.model.strip():
+            raise ValueError("model must not be empty")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"KILN_API_KEYS file {self.api_keys_file} does not exist")
+
+    @property
+    def address(self) -> str:
+        """host:port the gRPC server binds."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class InferConfig(ServiceConfig):
+    """Settings of kiln-infer."""
+
     max_workers: int = 64  # gRPC threads = most concurrent streams
     max_request_bytes: int = 1 << 20
     max_stop_strings: int = 16
@@ -105,12 +124,7 @@ class InferConfig:
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        _check_port("port", self.port)
-        _check_dtype_device(self.dtype, self.device)
-        if not self.model.strip():
-            raise ValueError("model must not be empty")
-        if self.api_keys_file is not None and not self.api_keys_file.is_file():
-            raise ValueError(f"KILN_API_KEYS file {self.api_keys_file} does not exist")
+        super().__post_init__()
         for name in (
             "max_workers",
             "max_request_bytes",
@@ -132,34 +146,14 @@ class InferConfig:
                 f"drain times must be >= 0, got {self.drain_timeout_s} and {self.drain_notice_s}"
             )
 
-    @property
-    def address(self) -> str:
-        """host:port the gRPC server binds."""
-        return f"{self.host}:{self.port}"
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ServiceConfig):
     """Settings of kiln-train shared with the rest of the stack (its training knobs live in kiln_train)."""
 
-    home: Path
-    redis: RedisConfig
-    model: str = "smollm2"
-    host: str = "127.0.0.1"
     port: int = DEFAULT_TRAIN_PORT
-    dtype: str = "auto"
-    device: str = "auto"
-    api_keys_file: Path | None = None
     infer_address: str = f"127.0.0.1:{DEFAULT_INFER_PORT}"
     extra: Mapping[str, str] = field(default_factory=dict)  # KILN_TRAIN_* variables, for kiln_train to parse
-
-    def __post_init__(self) -> None:
-        _check_port("port", self.port)
-        _check_dtype_device(self.dtype, self.device)
-        if not self.model.strip():
-            raise ValueError("model must not be empty")
-        if self.api_keys_file is not None and not self.api_keys_file.is_file():
-            raise ValueError(f"KILN_API_KEYS file {self.api_keys_file} does not exist")
 
 
 def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from kiln_common.lora_targets import FUSED_GROUPS, TARGET_MODULES
+
 log = logging.getLogger(__name__)
 
 ALIGN = 256
@@ -26,12 +28,7 @@ DEFAULT_BUCKET_BYTES = 1 << 30
 MANIFEST_VERSION = 1
 SHM_PREFIX = "kiln-base-"
 
-# Projections of one layer kept adjacent in memory, in this order (fused q/k/v and gate/up views possible).
-_LAYER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
-# Projections that read the same input and that kiln-infer runs as one matmul over a fused view: a group
-# is never split across buckets, so its tensors lie back to back.
-_FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _STORAGE_CLASSES = {"TypedStorage": torch.TypedStorage, "UntypedStorage": torch.UntypedStorage}
 
 
@@ -86,7 +83,7 @@ def _align(n: int) -> int:
 
 
 def canonical_order(names: list[str]) -> list[str]:
-    """Layer by layer, projections in _LAYER_ORDER; other names keep their place before/after the layers."""
+    """Layer by layer, projections in TARGET_MODULES order; other names keep their place around the layers."""
     seen_layer = False
     keys: dict[str, tuple[int, int, int]] = {}
     for i, name in enumerate(names):
@@ -94,7 +91,7 @@ def canonical_order(names: list[str]) -> list[str]:
         if m:
             seen_layer = True
             leaf = name.rsplit(".", 2)[-2]
-            rank = _LAYER_ORDER.index(leaf) if leaf in _LAYER_ORDER else len(_LAYER_ORDER)
+            rank = TARGET_MODULES.index(leaf) if leaf in TARGET_MODULES else len(TARGET_MODULES)
             keys[name] = (int(m.group(1)), rank, i)
         else:
             keys[name] = ((1 << 30) if seen_layer else -1, 0, i)
@@ -138,7 +135,8 @@ def _view(bucket: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
 
 def _group_bytes(name: str, state: dict[str, torch.Tensor]) -> int:
     """Bytes (aligned) of the fused group that `name` starts, or of `name` alone."""
-    for group in _FUSED_GROUPS:
+    # A fused group (kiln-infer runs it as one matmul over a fused view) never splits across buckets.
+    for group in FUSED_GROUPS:
         if name.endswith(f".{group[0]}.weight"):
             names = [name.replace(f".{group[0]}.", f".{m}.") for m in group]
             if all(n in state for n in names):

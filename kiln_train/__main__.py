@@ -90,9 +90,9 @@ class TrainServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        self.port = server.add_insecure_port(cfg.address)
         if self.port == 0:
-            raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+            raise OSError(f"could not bind {cfg.address}")
         server.start()
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
-
 import grpc
 
 from kiln.v1 import training_pb2, training_pb2_grpc
-from kiln_common.adapter_store import InvalidAdapterError, validate_name
-from kiln_common.auth import Authenticator, AuthError
+from kiln_common.adapter_store import validate_name
+from kiln_common.auth import Authenticator
+from kiln_common.grpc_status import unary_errors
 from kiln_train.daemon import DaemonState, DaemonStatus, TrainingDaemon
 from kiln_train.training_round import RoundRecord
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 _STATES = {
     DaemonState.IDLE: training_pb2.TRAINER_STATE_IDLE,
@@ -26,7 +19,7 @@ _STATES = {
 }
 
 
-def round_to_pb(r: RoundRecord) -> Any:
+def round_to_pb(r: RoundRecord) -> training_pb2.TrainingRound:
     """RoundRecord → TrainingRound."""
     return training_pb2.TrainingRound(
         adapter=r.adapter,
@@ -45,7 +38,7 @@ def round_to_pb(r: RoundRecord) -> Any:
     )
 
 
-def status_to_pb(s: DaemonStatus) -> Any:
+def status_to_pb(s: DaemonStatus) -> training_pb2.GetTrainingStatusResponse:
     """DaemonStatus → GetTrainingStatusResponse."""
     return training_pb2.GetTrainingStatusResponse(
         state=_STATES[s.state],
@@ -70,55 +63,42 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self._daemon = daemon
         self._auth = auth
 
-    def _call(self, context: grpc.ServicerContext, fn: Callable[[str], T]) -> T:
-        """Authenticate, run, and map errors to gRPC statuses (never an unhandled exception)."""
-        try:
-            tenant = self._auth.tenant(context.invocation_metadata())
-            return fn(tenant)
-        except AuthError as exc:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        except InvalidAdapterError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"adapter: {exc}")
-        except grpc.RpcError:
-            raise
-        except Exception:  # noqa: BLE001
-            log.exception("TrainingService call failed")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error (see kiln-train's log)")
-        raise AssertionError("unreachable")
+    def _tenant(self, context: grpc.ServicerContext) -> str:
+        return self._auth.tenant(context.invocation_metadata())
 
-    def GetTrainingStatus(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    @unary_errors
+    def GetTrainingStatus(  # noqa: N802
+        self, request: training_pb2.GetTrainingStatusRequest, context: grpc.ServicerContext
+    ) -> training_pb2.GetTrainingStatusResponse:
         """Daemon state, the tenant's buffers and rounds, drop counters."""
+        tenant = self._tenant(context)
+        if request.adapter:
+            validate_name(request.adapter)
+        return status_to_pb(self._daemon.status(tenant, request.adapter))
 
-        def run(tenant: str) -> Any:
-            if request.adapter:
-                validate_name(request.adapter)
-            return status_to_pb(self._daemon.status(tenant, request.adapter))
-
-        return self._call(context, run)
-
-    def TriggerTraining(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    @unary_errors
+    def TriggerTraining(  # noqa: N802
+        self, request: training_pb2.TriggerTrainingRequest, context: grpc.ServicerContext
+    ) -> training_pb2.TriggerTrainingResponse:
         """Queue a round for an adapter now."""
+        tenant = self._tenant(context)
+        queued, reason = self._daemon.trigger(tenant, validate_name(request.adapter))
+        return training_pb2.TriggerTrainingResponse(queued=queued, reason=reason)
 
-        def run(tenant: str) -> Any:
-            queued, reason = self._daemon.trigger(tenant, validate_name(request.adapter))
-            return training_pb2.TriggerTrainingResponse(queued=queued, reason=reason)
-
-        return self._call(context, run)
-
-    def PauseTraining(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    @unary_errors
+    def PauseTraining(  # noqa: N802
+        self, request: training_pb2.PauseTrainingRequest, context: grpc.ServicerContext
+    ) -> training_pb2.PauseTrainingResponse:
         """Stop starting rounds (the running one stops at its next step)."""
+        self._tenant(context)
+        self._daemon.pause()
+        return training_pb2.PauseTrainingResponse()
 
-        def run(_tenant: str) -> Any:
-            self._daemon.pause()
-            return training_pb2.PauseTrainingResponse()
-
-        return self._call(context, run)
-
-    def ResumeTraining(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    @unary_errors
+    def ResumeTraining(  # noqa: N802
+        self, request: training_pb2.ResumeTrainingRequest, context: grpc.ServicerContext
+    ) -> training_pb2.ResumeTrainingResponse:
         """Let rounds start again."""
-
-        def run(_tenant: str) -> Any:
-            self._daemon.resume()
-            return training_pb2.ResumeTrainingResponse()
-
-        return self._call(context, run)
+        self._tenant(context)
+        self._daemon.resume()
+        return training_pb2.ResumeTrainingResponse()

@@ -4,9 +4,48 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 
 log = logging.getLogger(__name__)
+
+
+def _check_positive(obj: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"KILN_TRAIN_{name.upper()} must be > 0, got {getattr(obj, name)}")
+
+
+def _check_fraction(obj: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not 0.0 <= getattr(obj, name) <= 1.0:
+            raise ValueError(f"KILN_TRAIN_{name.upper()} must be in [0, 1], got {getattr(obj, name)}")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Hyper-parameters of one round; each is also KILN_TRAIN_<NAME upper-cased> (the daemon's defaults)."""
+
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 1e-3
+    max_steps: int = 15
+    batch_size: int = 4  # half new samples, half replay
+    replay_fraction: float = 0.5
+    eval_every: int = 3
+    patience: int = 3
+    seed: int = 0
+    # 0 = replay trains on the parent's greedy answers as labels (sharpens the margins the gate checks);
+    # k > 0 distils the parent's top-k distribution instead (keeps margins as they were, so tiny ones flip).
+    kl_topk: int = 0
+    anchors_per_step: int = 4  # control answers replayed as their own loss term every step
+    anchor_weight: float = 1.0
+    kl_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("rank", "alpha", "max_steps", "batch_size", "eval_every", "patience"))
+        _check_fraction(self, ("replay_fraction",))
+        if self.lr <= 0:
+            raise ValueError(f"KILN_TRAIN_LR must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -34,20 +73,10 @@ class TrainSettings:
     # triggers
     trigger_samples: int = 6  # new buffered samples that start a round
     trigger_interval_s: float = 600.0  # a non-empty buffer older than this starts a round
-    # trainer
-    rank: int = 16
-    alpha: int = 32
-    lr: float = 1e-3
-    max_steps: int = 15
-    batch_size: int = 4  # half new samples, half replay
-    replay_fraction: float = 0.5
-    anchors_per_step: int = 4  # control answers replayed as their own loss term every step
-    kl_topk: int = 0  # 0 = replay the parent's greedy answers as labels; k = distil its top-k distribution
-    eval_every: int = 3
-    patience: int = 3
+    # trainer (its hyper-parameters are KILN_TRAIN_RANK, KILN_TRAIN_MAX_STEPS, ... as well)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     heldout_fraction: float = 0.2
     replay_max_tokens: int = 32
-    seed: int = 0
     reference_dir: str = ""  # cache of each version's replay/control answers; "" = $KILN_HOME/train/reference
     threads: int = 1  # torch CPU threads for training (one core stays free for serving); 0 = torch's default
     # gate
@@ -61,48 +90,46 @@ class TrainSettings:
             "max_completion_tokens",
             "max_prompt_tokens",
             "trigger_samples",
-            "rank",
-            "alpha",
-            "max_steps",
-            "batch_size",
-            "eval_every",
-            "patience",
             "replay_max_tokens",
             "request_index_ttl_s",
         )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"KILN_TRAIN_{name.upper()} must be > 0, got {getattr(self, name)}")
+        _check_positive(self, positive)
         if not -1.0 <= self.min_rating <= 1.0:
             raise ValueError(f"KILN_TRAIN_MIN_RATING must be in [-1, 1], got {self.min_rating}")
-        for name in ("replay_fraction", "heldout_fraction", "near_duplicate_jaccard"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"KILN_TRAIN_{name.upper()} must be in [0, 1], got {getattr(self, name)}")
-        if self.lr <= 0 or self.trigger_interval_s <= 0:
-            raise ValueError("KILN_TRAIN_LR and KILN_TRAIN_TRIGGER_INTERVAL_S must be > 0")
+        _check_fraction(self, ("heldout_fraction", "near_duplicate_jaccard"))
+        if self.trigger_interval_s <= 0:
+            raise ValueError(f"KILN_TRAIN_TRIGGER_INTERVAL_S must be > 0, got {self.trigger_interval_s}")
         if not self.consumer or not self.group:
             raise ValueError("KILN_TRAIN_CONSUMER and KILN_TRAIN_GROUP must not be empty")
 
     @classmethod
     def from_environ(cls, extra: Mapping[str, str]) -> TrainSettings:
         """Parse KILN_TRAIN_* variables (unknown ones are logged, so a typo is visible)."""
-        known = {f"KILN_TRAIN_{f.name.upper()}": f for f in fields(cls)}
+        own = {f"KILN_TRAIN_{f.name.upper()}": f for f in fields(cls) if f.name != "trainer"}
+        trainer = {f"KILN_TRAIN_{f.name.upper()}": f for f in fields(TrainerConfig)}
         values: dict[str, object] = {}
+        trainer_values: dict[str, object] = {}
         for var, raw in extra.items():
-            if var not in known:
-                log.warning("ignoring unknown setting %s; known: %s", var, ", ".join(sorted(known)))
-                continue
-            f = known[var]
-            default = f.default
-            try:
-                if isinstance(default, bool):
-                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-                elif isinstance(default, int):
-                    values[f.name] = int(raw)
-                elif isinstance(default, float):
-                    values[f.name] = float(raw)
-                else:
-                    values[f.name] = raw
-            except ValueError as exc:
-                raise ValueError(f"{var}={raw!r}: {exc}") from exc
-        return cls(**values)  # type: ignore[arg-type]
+            if var in own:
+                values[own[var].name] = _parse(var, own[var], raw)
+            elif var in trainer:
+                trainer_values[trainer[var].name] = _parse(var, trainer[var], raw)
+            else:
+                known = ", ".join(sorted({*own, *trainer}))
+                log.warning("ignoring unknown setting %s; known: %s", var, known)
+        return cls(trainer=TrainerConfig(**trainer_values), **values)  # type: ignore[arg-type]
+
+
+def _parse(var: str, f: Field[object], raw: str) -> object:
+    """A variable's text as its field's type (the type of the field's default)."""
+    default = f.default
+    try:
+        if isinstance(default, bool):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"{var}={raw!r}: {exc}") from exc

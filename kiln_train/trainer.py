@@ -14,11 +14,15 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kiln_common.adapter_store import WEIGHTS_FILE
+from kiln_common.lora_targets import TARGET_MODULES
+from kiln_common.peft_format import WEIGHTS_FILE
+from kiln_common.prompt import chat_text, prompt_token_ids
+from kiln_train.settings import TrainerConfig
+
+__all__ = ["Encoded", "LoraTrainer", "TextPair", "TrainResult", "TrainerConfig", "collate", "encode"]
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100
 
 
@@ -39,27 +43,6 @@ class Encoded:
     labels: list[int]
 
 
-@dataclass(frozen=True)
-class TrainerConfig:
-    """Hyper-parameters of one round."""
-
-    rank: int = 16
-    alpha: int = 32
-    lr: float = 1e-3
-    max_steps: int = 16
-    batch_size: int = 4
-    replay_fraction: float = 0.5
-    eval_every: int = 4
-    patience: int = 2
-    seed: int = 0
-    # 0 = replay trains on the parent's greedy answers as labels (sharpens the margins the gate checks);
-    # k > 0 distils the parent's top-k distribution instead (keeps margins as they were, so tiny ones flip).
-    kl_topk: int = 0
-    anchors_per_step: int = 4
-    anchor_weight: float = 1.0
-    kl_weight: float = 1.0
-
-
 @dataclass
 class TrainResult:
     """What a training run did."""
@@ -73,28 +56,51 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def render_prompt(tok: PreTrainedTokenizerBase, pair: TextPair) -> str:
-    """The prompt text exactly as the server renders it (chat template with the generation prompt)."""
-    if not pair.messages:
-        return pair.prompt
-    msgs = [{"role": r, "content": c} for r, c in pair.messages]
-    return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+@dataclass
+class _Progress:
+    """A run's best checkpoint so far, evaluations since it improved, and the anchors pinned by vetting."""
+
+    best: float  # held-out loss of `state`
+    state: list[torch.Tensor]  # the LoRA parameters at the best step
+    best_step: int = 0
+    bad_evals: int = 0
+    pinned: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+def _optimise(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
+    """One optimiser step on `loss` (gradients clipped to norm 1); returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def _restore(params: list[torch.nn.Parameter], state: list[torch.Tensor]) -> None:
+    """Copy a saved checkpoint back into the parameters."""
+    for p, saved in zip(params, state, strict=True):
+        p.copy_(saved)
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, pair: TextPair) -> list[int]:
+    """The prompt's token ids exactly as the server renders them."""
+    return prompt_token_ids(tok, pair.prompt, pair.messages)
 
 
 def encode(tok: PreTrainedTokenizerBase, pair: TextPair, max_len: int = 1024) -> Encoded:
     """Prompt + completion + end-of-turn tokens, with the prompt masked out of the labels."""
-    prompt_ids = tok(render_prompt(tok, pair), add_special_tokens=False).input_ids
+    prompt = prompt_ids(tok, pair)
+    completion = tok(pair.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    full = prompt + completion
     if pair.messages:
-        msgs = [{"role": r, "content": c} for r, c in pair.messages] + [
-            {"role": "assistant", "content": pair.completion}
-        ]
-        full = tok(str(tok.apply_chat_template(msgs, tokenize=False)), add_special_tokens=False).input_ids
-        if full[: len(prompt_ids)] != prompt_ids:  # template re-renders history differently: append instead
-            full = prompt_ids + tok(pair.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    else:
-        full = prompt_ids + tok(pair.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        turns = (*pair.messages, ("assistant", pair.completion))
+        chat = tok(chat_text(tok, turns, open_assistant_turn=False), add_special_tokens=False).input_ids
+        if chat[: len(prompt)] == prompt:  # else the template re-renders history differently: append instead
+            full = chat
     full = full[:max_len]
-    n = min(len(prompt_ids), len(full))
+    n = min(len(prompt), len(full))
     return Encoded(input_ids=full, labels=[IGNORE] * n + full[n:])
 
 
@@ -127,7 +133,7 @@ class LoraTrainer:
         lora = LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.alpha,
-            target_modules=LORA_TARGETS,
+            target_modules=list(TARGET_MODULES),
             lora_dropout=0.0,
             bias="none",
             task_type="CAUSAL_LM",
@@ -181,10 +187,7 @@ class LoraTrainer:
         out: list[str] = []
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         for i in range(0, len(prompts), batch_size):
-            ids = [
-                self.tok(render_prompt(self.tok, p), add_special_tokens=False).input_ids
-                for p in prompts[i : i + batch_size]
-            ]
+            ids = [prompt_ids(self.tok, p) for p in prompts[i : i + batch_size]]
             width = max(len(x) for x in ids)
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
@@ -255,10 +258,8 @@ class LoraTrainer:
         eval_set = heldout or train
         t0 = time.monotonic()
         targets = self.teacher_targets(replay, cfg.kl_topk) if n_replay and cfg.kl_topk > 0 else None
-        before = best = self.loss(eval_set)
-        best_state = [p.detach().clone() for p in params]
-        best_step, bad_evals, losses = 0, 0, []
-        pinned: list[int] = []
+        before = self.loss(eval_set)
+        progress = _Progress(best=before, state=[p.detach().clone() for p in params])
         pool = [i for i in (anchors or []) if 0 <= i < len(replay)]
         order: list[Encoded] = []
         step = 0
@@ -269,56 +270,75 @@ class LoraTrainer:
                 order += rng.sample(train, len(train))
             batch = [order.pop() for _ in range(n_new)]
             picked = rng.sample(range(len(replay)), min(n_replay, len(replay)))
-            self.model.train()
-            if targets is None:  # plain replay: the parent's greedy answers as ordinary labels
-                batch += [replay[i] for i in picked]
-            tensors = collate(batch, self.tok.pad_token_id or 0, self.device)
-            loss = self.model(**tensors).loss
-            if targets is not None and picked:
-                # Token-weighted like plain replay, so the new samples do not get a larger share of the step.
-                n_tok = int((tensors["labels"][:, 1:] != IGNORE).sum())
-                kl, n_kl = self._distill_loss([replay[i] for i in picked], [targets[i] for i in picked])
-                loss = (loss * n_tok + cfg.kl_weight * kl * n_kl) / (n_tok + n_kl)
             anchored = rng.sample(pool, min(cfg.anchors_per_step, len(pool)))
-            anchored += [i for i in pinned if i not in anchored]
-            if anchored:  # a separate mean, so anchoring does not dilute the new samples' share
-                anchor_batch = collate([replay[i] for i in anchored], self.tok.pad_token_id or 0, self.device)
-                loss = loss + cfg.anchor_weight * self.model(**anchor_batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
+            anchored += [i for i in progress.pinned if i not in anchored]
+            loss = self._step_loss(batch, replay, picked, targets, anchored)
+            progress.losses.append(_optimise(opt, params, loss))
             if on_step is not None:
-                on_step(step, losses[-1])
+                on_step(step, progress.losses[-1])
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                current = self.loss(eval_set)
-                log.info("step %d: train loss %.4f, held-out loss %.4f", step, losses[-1], current)
-                accepted = True
-                if current < best and vet is not None:
-                    accepted, slipped = vet()
-                    pinned += [i for i in slipped if i not in pinned and 0 <= i < len(replay)]
-                if current < best and accepted:
-                    best, best_step, bad_evals = current, step, 0
-                    best_state = [p.detach().clone() for p in params]
-                else:
-                    bad_evals += 1
-                    if bad_evals >= cfg.patience:
-                        log.info("early stop at step %d (best step %d)", step, best_step)
-                        break
-        with torch.no_grad():
-            for p, saved in zip(params, best_state, strict=True):
-                p.copy_(saved)
+                if self._checkpoint(step, eval_set, params, progress, vet, len(replay)):
+                    log.info("early stop at step %d (best step %d)", step, progress.best_step)
+                    break
+        _restore(params, progress.state)
         self.model.eval()
         return TrainResult(
             steps=step,
-            train_loss=losses[-1] if losses else 0.0,
+            train_loss=progress.losses[-1] if progress.losses else 0.0,
             heldout_before=before,
-            heldout_after=best,
-            best_step=best_step,
+            heldout_after=progress.best,
+            best_step=progress.best_step,
             seconds=time.monotonic() - t0,
-            losses=losses,
+            losses=progress.losses,
         )
+
+    def _step_loss(
+        self,
+        batch: list[Encoded],
+        replay: list[Encoded],
+        picked: list[int],
+        targets: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        anchored: list[int],
+    ) -> torch.Tensor:
+        """One step's loss: new samples with replay (as labels, or distilled), plus the anchors' own mean."""
+        cfg = self.cfg
+        self.model.train()
+        if targets is None:  # plain replay: the parent's greedy answers as ordinary labels
+            batch = batch + [replay[i] for i in picked]
+        tensors = collate(batch, self.tok.pad_token_id or 0, self.device)
+        loss = self.model(**tensors).loss
+        if targets is not None and picked:
+            # Token-weighted like plain replay, so the new samples do not get a larger share of the step.
+            n_tok = int((tensors["labels"][:, 1:] != IGNORE).sum())
+            kl, n_kl = self._distill_loss([replay[i] for i in picked], [targets[i] for i in picked])
+            loss = (loss * n_tok + cfg.kl_weight * kl * n_kl) / (n_tok + n_kl)
+        if anchored:  # a separate mean, so anchoring does not dilute the new samples' share
+            anchor_batch = collate([replay[i] for i in anchored], self.tok.pad_token_id or 0, self.device)
+            loss = loss + cfg.anchor_weight * self.model(**anchor_batch).loss
+        return loss  # type: ignore[no-any-return]
+
+    def _checkpoint(
+        self,
+        step: int,
+        eval_set: list[Encoded],
+        params: list[torch.nn.Parameter],
+        progress: _Progress,
+        vet: Callable[[], tuple[bool, list[int]]] | None,
+        n_replay: int,
+    ) -> bool:
+        """Evaluate; keep a better (and vetted) checkpoint; True when patience has run out."""
+        current = self.loss(eval_set)
+        log.info("step %d: train loss %.4f, held-out loss %.4f", step, progress.losses[-1], current)
+        accepted = True
+        if current < progress.best and vet is not None:
+            accepted, slipped = vet()
+            progress.pinned += [i for i in slipped if i not in progress.pinned and 0 <= i < n_replay]
+        if current < progress.best and accepted:
+            progress.best, progress.best_step, progress.bad_evals = current, step, 0
+            progress.state = [p.detach().clone() for p in params]
+            return False
+        progress.bad_evals += 1
+        return progress.bad_evals >= self.cfg.patience
 
     def save(self, out: Path) -> Path:
         """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.registry import EventType, Registry
 from kiln_train.controls import CONTROL_PROMPTS
-from kiln_train.evaluator import ReferenceCache, answer_controls, build_reference, gate
+from kiln_train.evaluator import Reference, ReferenceCache, answer_controls, build_reference, gate
 from kiln_train.pipeline import Example
 from kiln_train.settings import TrainSettings
 from kiln_train.trainer import LoraTrainer, TextPair, TrainerConfig, encode
@@ -65,21 +65,24 @@ def to_pair(e: Example) -> TextPair:
     return TextPair(e.completion, e.messages, e.prompt)
 
 
-def trainer_config(s: TrainSettings) -> TrainerConfig:
-    """Trainer hyper-parameters from the daemon settings."""
-    return TrainerConfig(
-        rank=s.rank,
-        alpha=s.alpha,
-        lr=s.lr,
-        max_steps=s.max_steps,
-        batch_size=s.batch_size,
-        replay_fraction=s.replay_fraction,
-        eval_every=s.eval_every,
-        patience=s.patience,
-        seed=s.seed,
-        kl_topk=s.kl_topk,
-        anchors_per_step=s.anchors_per_step,
-    )
+def controls_vet(
+    trainer: LoraTrainer, reference: Reference, replay_index: dict[str, int]
+) -> Callable[[], tuple[bool, list[int]]]:
+    """A checkpoint vet: controls the parent answered correctly must still be; slipped ones get pinned."""
+    was_correct = reference.control_correct()
+
+    def controls_kept() -> tuple[bool, list[int]]:
+        now = answer_controls(trainer)
+        broken = [
+            (c, a)
+            for c, a, w in zip(CONTROL_PROMPTS, now, was_correct, strict=True)
+            if w and not c.is_correct(a)
+        ]
+        for c, a in broken:
+            log.info("checkpoint refused: %r -> %r (pinned into later batches)", c.prompt, a[:80])
+        return not broken, [replay_index[c.prompt] for c, _ in broken if c.prompt in replay_index]
+
+    return controls_kept
 
 
 class RoundRunner:
@@ -106,17 +109,12 @@ class RoundRunner:
         should_stop: Callable[[], bool],
     ) -> RoundRecord:
         """Train, gate and publish (or reject); fills and returns `record`. InterruptedError if stopped."""
-        s = self.settings
+        s, cfg = self.settings, self.settings.trainer
         tenant, adapter, parent = record.tenant, record.adapter, record.parent_version
         parent_dir = self.registry.store.version_dir(tenant, adapter, parent) if parent > 0 else None
-        cfg = trainer_config(s)
         trainer = LoraTrainer(base, self.tok, cfg, parent_dir)
         try:
-            reference = self.references.get(tenant, adapter, parent)
-            if reference is None:
-                log.info("asking %s/%s@v%d the replay and control prompts", tenant, adapter, parent)
-                reference = build_reference(trainer, s.replay_max_tokens)
-                self.references.put(tenant, adapter, parent, reference)
+            reference = self._reference(trainer, record)
             train_ex, held_ex = split_heldout(examples, s.heldout_fraction)
             record.sample_ids = [e.sample_id for e in train_ex]
             record.heldout_ids = [e.sample_id for e in held_ex]
@@ -130,26 +128,14 @@ class RoundRunner:
                 record.steps, record.train_loss = step, loss
                 on_progress(record)
 
-            was_correct = reference.control_correct()
-
-            def controls_kept() -> tuple[bool, list[int]]:
-                now = answer_controls(trainer)
-                broken = [
-                    (c, a)
-                    for c, a, w in zip(CONTROL_PROMPTS, now, was_correct, strict=True)
-                    if w and not c.is_correct(a)
-                ]
-                for c, a in broken:
-                    log.info("checkpoint refused: %r -> %r (pinned into later batches)", c.prompt, a[:80])
-                return not broken, [replay_index[c.prompt] for c, _ in broken if c.prompt in replay_index]
-
+            vet = controls_vet(trainer, reference, replay_index) if s.vet_checkpoints else None
             result = trainer.train(
                 [encode(self.tok, to_pair(e)) for e in train_ex],
                 [encode(self.tok, to_pair(e)) for e in held_ex],
                 replay,
                 on_step=step_done,
                 should_stop=should_stop,
-                vet=controls_kept if s.vet_checkpoints else None,
+                vet=vet,
                 anchors=[replay_index[c.prompt] for c in CONTROL_PROMPTS if c.prompt in replay_index],
             )
             record.steps, record.train_loss = result.steps, result.train_loss
@@ -160,26 +146,37 @@ class RoundRunner:
                 result.heldout_after,
                 s.min_heldout_improvement,
             )
-            record.eval = {
-                **verdict.scores,
-                "best_step": float(result.best_step),
-                "train_seconds": result.seconds,
-            }
+            record.eval = dict(
+                verdict.scores, best_step=float(result.best_step), train_seconds=result.seconds
+            )
             if should_stop():
                 raise InterruptedError("round stopped")
             if verdict.passed:
                 record.version = self._publish(trainer, record, cfg)
                 record.outcome = "published"
             else:
-                record.outcome, record.reason = "rejected", verdict.reason
-                self.registry.emit(EventType.REJECTED, tenant, adapter, parent, verdict.reason[:500])
-                log.warning(
-                    "round %s for %s/%s rejected: %s", record.round_id, tenant, adapter, verdict.reason
-                )
+                self._reject(record, verdict.reason)
         finally:
             trainer.release()
         record.finished = time.time()
         return record
+
+    def _reference(self, trainer: LoraTrainer, record: RoundRecord) -> Reference:
+        """The parent's answers to the replay and control prompts (cached per version)."""
+        tenant, adapter, parent = record.tenant, record.adapter, record.parent_version
+        reference = self.references.get(tenant, adapter, parent)
+        if reference is None:
+            log.info("asking %s/%s@v%d the replay and control prompts", tenant, adapter, parent)
+            reference = build_reference(trainer, self.settings.replay_max_tokens)
+            self.references.put(tenant, adapter, parent, reference)
+        return reference
+
+    def _reject(self, record: RoundRecord, reason: str) -> None:
+        record.outcome, record.reason = "rejected", reason
+        self.registry.emit(
+            EventType.REJECTED, record.tenant, record.adapter, record.parent_version, reason[:500]
+        )
+        log.warning("round %s for %s/%s rejected: %s", record.round_id, record.tenant, record.adapter, reason)
 
     def _publish(self, trainer: LoraTrainer, record: RoundRecord, cfg: TrainerConfig) -> int:
         with tempfile.TemporaryDirectory(prefix="kiln-round-") as tmp:

@@ -106,7 +106,8 @@ def test_gate_rejects_a_version_that_breaks_a_control(
         for i, (q, a) in enumerate(poison)
     ]
     settings = TrainSettings(
-        max_steps=9, eval_every=3, lr=2e-3, vet_checkpoints=False, replay_fraction=0.0, anchors_per_step=0
+        trainer=TrainerConfig(max_steps=9, eval_every=3, lr=2e-3, replay_fraction=0.0, anchors_per_step=0),
+        vet_checkpoints=False,
     )
     registry = Registry(rds, AdapterStore(tmp_path))
     runner = RoundRunner(registry, tok, settings, references)

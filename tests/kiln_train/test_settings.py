@@ -1,0 +1,29 @@
+"""KILN_TRAIN_* variables: the daemon's settings and the trainer's hyper-parameters, one set of defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln_train.settings import TrainerConfig, TrainSettings
+
+
+def test_trainer_defaults_are_the_daemons() -> None:
+    s = TrainSettings.from_environ({})
+    assert s.trainer == TrainerConfig()
+    assert (s.trainer.max_steps, s.trainer.eval_every, s.trainer.patience) == (15, 3, 3)
+
+
+def test_trainer_variables_reach_the_trainer() -> None:
+    s = TrainSettings.from_environ(
+        {"KILN_TRAIN_MAX_STEPS": "9", "KILN_TRAIN_LR": "0.002", "KILN_TRAIN_BATCH": "8"}
+    )
+    assert s.trainer.max_steps == 9 and s.trainer.lr == 0.002 and s.batch == 8
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("KILN_TRAIN_PATIENCE", "0"), ("KILN_TRAIN_REPLAY_FRACTION", "1.5"), ("KILN_TRAIN_BATCH", "0")],
+)
+def test_bad_values_name_their_variable(var: str, value: str) -> None:
+    with pytest.raises(ValueError, match=var):
+        TrainSettings.from_environ({var: value})
