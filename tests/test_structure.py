@@ -1,4 +1,4 @@
-"""The shape of the tree: imports point one way (no upward arrows, no cycles), files and functions stay small."""
+"""The shape of the tree: imports point one way: no upward arrows, no cycles; files and functions stay small."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_files_and_functions_stay_small(path: Path) -> None:
 
 
 def test_the_rules_can_fail() -> None:
-    """The checks above see a real upward import and a real cycle (guards against a check that passes vacuously)."""
+    """The floors and the graph are real (guards against checks that pass vacuously)."""
     assert _infer_floor("kiln_infer.engine.engine_core") > _infer_floor("kiln_infer.kernels.gemv")
     assert _infer_floor("kiln_infer.server") == INFER_TOP
     graph = _graph()

@@ -16,10 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("kiln_common", "kiln_infer", "kiln_train")
 LORA_HOME = "kiln_common/lora_targets.py"
 STATUS_HOME = "kiln_common/grpc_status.py"
-# TODO(issue 15, kernels/model room): kiln_infer/lora and kiln_infer/engine still hold their own copies of
-# the target modules (peft_loader, layers, llama); the engineer restructuring those rooms switches them to
-# kiln_common.lora_targets, and the lead removes this exclusion when merging.
-LORA_CHECK_EXCLUDED = ("kiln_infer/lora/", "kiln_infer/engine/")
+LORA_CHECK_EXCLUDED: tuple[str, ...] = ()
 
 
 def sources() -> Iterator[tuple[str, ast.Module]]:

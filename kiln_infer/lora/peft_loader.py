@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from kiln_common.errors import InvalidAdapterError
 from kiln_common.lora_targets import MODULE_PARENT, TARGET_MODULES
+from kiln_common.peft_format import WEIGHTS_FILE, PeftConfig, read_peft_config
 from kiln_infer.lora.errors import AdapterLoadError
 
 _PARENTS = "|".join(sorted(set(MODULE_PARENT.values())))  # mlp|self_attn
@@ -42,45 +42,20 @@ def _pattern_value(pattern: dict[str, float], layer: int, module: str, default: 
     return default
 
 
-def _read_config(key: str, path: Path) -> dict[str, Any]:
-    """adapter_config.json of a PEFT LoRA directory with safetensors weights, checked for what we support."""
-    cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not cfg_file.is_file():
-        raise AdapterLoadError(f"adapter {key!r}: {cfg_file} is missing (not a PEFT adapter directory)")
-    if not weights_file.is_file():
-        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" (found {', '.join(pickled)}; pickle weights are never loaded)" if pickled else ""
-        raise AdapterLoadError(f"adapter {key!r}: {weights_file.name} is missing{hint}")
+def _read_config(key: str, path: Path, max_rank: int) -> PeftConfig:
+    """adapter_config.json of a PEFT LoRA directory with safetensors weights, checked by the one PEFT rule."""
     try:
-        cfg: dict[str, Any] = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"adapter {key!r}: unreadable adapter_config.json: {exc}") from exc
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterLoadError(f"adapter {key!r}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    if cfg.get("use_dora"):
-        raise AdapterLoadError(f"adapter {key!r}: DoRA adapters are not supported")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterLoadError(f"adapter {key!r}: LoRA bias={cfg.get('bias')!r} is not supported")
-    if cfg.get("modules_to_save"):
-        raise AdapterLoadError(f"adapter {key!r}: modules_to_save={cfg['modules_to_save']} is not supported")
-    targets = cfg.get("target_modules") or []
-    if isinstance(targets, str):
-        targets = [m for m in TARGET_MODULES if re.fullmatch(targets, m) or re.search(targets, m)]
-    bad = sorted(set(targets) - set(TARGET_MODULES))
-    if bad:
-        raise AdapterLoadError(
-            f"adapter {key!r}: unsupported target modules {bad}; supported: {sorted(TARGET_MODULES)}"
-        )
-    return cfg
+        return read_peft_config(path, max_rank)
+    except InvalidAdapterError as exc:
+        raise AdapterLoadError(f"adapter {key!r}: {exc}") from exc
 
 
 def load_peft_adapter(key: str, path: Path, max_rank: int) -> LoraWeights:
     """Load and validate a PEFT LoRA directory; raises AdapterLoadError naming what is wrong."""
     path = Path(path)
-    cfg = _read_config(key, path)
-    weights_file = path / "adapter_model.safetensors"
-    r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora", False))
+    cfg = _read_config(key, path, max_rank)
+    weights_file = path / WEIGHTS_FILE
+    r_default, alpha_default, rslora = cfg.rank, cfg.alpha, cfg.use_rslora
     try:
         from safetensors.torch import load_file
 
@@ -105,8 +80,8 @@ def load_peft_adapter(key: str, path: Path, max_rank: int) -> LoraWeights:
         if r > max_rank:
             raise AdapterLoadError(f"adapter {key!r}: rank {r} exceeds the server's max_lora_rank {max_rank}")
         rank = max(rank, r)
-        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, *lm, r_default)
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, *lm, alpha_default)
+        r_cfg = _pattern_value(dict(cfg.rank_pattern), *lm, r_default)
+        alpha = _pattern_value(dict(cfg.alpha_pattern), *lm, alpha_default)
         scaling = alpha / math.sqrt(r_cfg) if rslora else alpha / r_cfg
         b[lm] = b[lm] * scaling
     return LoraWeights(key=key, rank=rank, a=a, b=b)
