@@ -110,6 +110,7 @@ def sampling_from_pb(s: inference_pb2.SamplingParams, limits: Limits) -> tuple[S
     for i, stop in enumerate(s.stop):
         if not stop or len(stop) > limits.max_stop_chars:
             raise InvalidArgumentError(f"sampling.stop[{i}]", f"must be 1-{limits.max_stop_chars} characters")
+    presence, frequency = (_openai_penalty(s, name) for name in ("presence_penalty", "frequency_penalty"))
     params = SamplingParams(
         max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
         temperature=float(temperature),
@@ -120,8 +121,18 @@ def sampling_from_pb(s: inference_pb2.SamplingParams, limits: Limits) -> tuple[S
         repetition_penalty=float(penalty),
         logprobs=int(s.logprobs),
         ignore_eos=bool(s.ignore_eos),
+        presence_penalty=presence,
+        frequency_penalty=frequency,
     )
     return params, max_tokens
+
+
+def _openai_penalty(s: inference_pb2.SamplingParams, name: str) -> float:
+    """A presence / frequency penalty: finite, in [-2, 2], 0 when unset."""
+    value = float(getattr(s, name)) if s.HasField(name) else 0.0
+    if not -2.0 <= value <= 2.0:  # also rejects NaN and infinities
+        raise InvalidArgumentError(f"sampling.{name}", f"must be a finite number in [-2, 2], got {value}")
+    return value
 
 
 def request_id_from_pb(request_id: str) -> str:

@@ -167,7 +167,10 @@ class EngineCore:
             and decoder is not None
             and len(batch) <= decoder.max_batch
             and all(
-                item.num_tokens == 1 and item.seq.request.sampling.repetition_penalty == 1.0 for item in batch
+                item.num_tokens == 1
+                and item.seq.request.sampling.repetition_penalty == 1.0
+                and not item.seq.request.sampling.uses_output_penalties
+                for item in batch
             )
         )
 
@@ -191,6 +194,9 @@ class EngineCore:
                 history=[
                     s.token_ids if p.repetition_penalty != 1.0 else []
                     for s, p in zip(seqs, params, strict=True)
+                ],
+                outputs=[
+                    s.output_ids if p.uses_output_penalties else [] for s, p in zip(seqs, params, strict=True)
                 ],
             ),
         )

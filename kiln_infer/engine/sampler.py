@@ -40,6 +40,7 @@ class SamplingBatch:
     seeds: list[int]
     steps: list[int]  # index of the token being sampled (the sequence length): noise position
     history: list[list[int]]  # prompt + generated ids, for the repetition penalty
+    outputs: list[list[int]] | None = None  # generated ids per row, for presence / frequency penalties
 
 
 @dataclass
@@ -59,6 +60,30 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], pen
         idx = torch.tensor(sorted(set(ids)), device=logits.device)
         seen = logits[row, idx]
         logits[row, idx] = torch.where(seen > 0, seen / p, seen * p)
+
+
+@torch.inference_mode()
+def apply_output_penalties(
+    logits: torch.Tensor, outputs: list[list[int]], params: list[SamplingParams]
+) -> None:
+    """OpenAI presence / frequency penalties in place, over each row's generated tokens.
+
+    semantics: logits[b, t] -= frequency_b * count_b[t] + presence_b * (count_b[t] > 0)
+    where count_b[t] is how many times token t was generated in row b.
+    """
+    rows = [i for i, p in enumerate(params) if p.uses_output_penalties and outputs[i]]
+    if not rows:
+        return
+    device = logits.device
+    counts = torch.zeros((len(rows), logits.shape[-1]), dtype=torch.float32)  # [R, vocab] on the host
+    for j, i in enumerate(rows):
+        counts[j].index_add_(0, torch.tensor(outputs[i]), torch.ones(len(outputs[i])))
+    counts = counts.to(device, non_blocking=True)
+    freq = _on(device, [params[i].frequency_penalty for i in rows], torch.float32)[:, None]
+    pres = _on(device, [params[i].presence_penalty for i in rows], torch.float32)[:, None]
+    rows_t = _on(device, rows, torch.int64)
+    penalty = freq * counts + pres * (counts > 0).float()
+    logits[rows_t] = (logits[rows_t].float() - penalty).to(logits.dtype)
 
 
 def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[type-arg]
@@ -165,9 +190,12 @@ def sample_async(logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
     order), and everything else (penalty, temperature, filtering, logprobs) works on an fp32 copy.
     """
     params = batch.params
-    if logits.dtype != torch.float32 and any(p.repetition_penalty != 1.0 for p in params):
+    penalized = any(p.repetition_penalty != 1.0 or p.uses_output_penalties for p in params)
+    if logits.dtype != torch.float32 and penalized:
         logits = logits.float()
     apply_repetition_penalty(logits, batch.history, [p.repetition_penalty for p in params])
+    if batch.outputs is not None and any(p.uses_output_penalties for p in params):
+        apply_output_penalties(logits, batch.outputs, params)
     device = logits.device
     chosen = greedy_tokens(logits)
     # Filtered and unfiltered rows go separately so one top-p row never forces a full sort on the others.

@@ -22,6 +22,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int = 0  # number of top alternatives per token
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens only
+    frequency_penalty: float = 0.0
+
+    @property
+    def uses_output_penalties(self) -> bool:
+        """True when presence or frequency penalty is set (the sampler then needs the generated tokens)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(frozen=True)
