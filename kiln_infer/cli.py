@@ -136,7 +136,7 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     h = sub.add_parser("http", help="OpenAI-style HTTP front over kiln-infer", add_help=False)
     h.add_argument("rest", nargs=argparse.REMAINDER)
     h.set_defaults(
-        func=cmd_module_main("kiln_infer.http_gateway", "kiln http needs kiln_infer/http_gateway.py", True)
+        func=cmd_module_main("kiln_infer.http.server", "kiln http needs kiln_infer/http/server.py", True)
     )
     return parser
 
