@@ -22,7 +22,8 @@ _STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.FAILED_PRECONDITION: (HTTPStatus.CONFLICT, "conflict_error"),
     grpc.StatusCode.ALREADY_EXISTS: (HTTPStatus.CONFLICT, "conflict_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (HTTPStatus.GATEWAY_TIMEOUT, "timeout_error"),
-    grpc.StatusCode.CANCELLED: (499, "cancelled_error"),
+    # The gateway only reads a stream it has not cancelled itself: CANCELLED means the backend went away.
+    grpc.StatusCode.CANCELLED: (HTTPStatus.SERVICE_UNAVAILABLE, "service_unavailable_error"),
     grpc.StatusCode.UNAVAILABLE: (HTTPStatus.SERVICE_UNAVAILABLE, "service_unavailable_error"),
 }
 # gRPC field names (the start of an INVALID_ARGUMENT message) -> the OpenAI parameter they came from.

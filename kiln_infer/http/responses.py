@@ -60,7 +60,7 @@ class ResponseShape:
             )
         else:
             choice["text"] = response.text
-        body = {
+        body: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,

@@ -77,7 +77,7 @@ def sub_requests(body: CompletionRequest | ChatCompletionRequest) -> list[SubReq
     sampling = _sampling(body, grpc_logprobs(body))
     adapter = adapter_of(body.model)
     out = []
-    prompts: list[str | None] = body.prompts() if isinstance(body, CompletionRequest) else [None]
+    prompts: list[str | None] = [*body.prompts()] if isinstance(body, CompletionRequest) else [None]
     for p, prompt in enumerate(prompts):
         for i in range(body.n):
             request = inference_pb2.GenerateRequest(adapter=adapter)
