@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping, Sequence
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kiln_common.metrics_server import start_metrics_server
 
 log = logging.getLogger(__name__)
+
+__all__ = ["EngineMetrics", "InferMetrics", "RequestMetrics", "split_adapter_version", "start_metrics_server"]
 
 _LABELS = ("adapter", "version")
 # vLLM's buckets, cut to what a CPU or one GPU sees.
@@ -109,12 +111,3 @@ class InferMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.requests = RequestMetrics(self.registry)
         self.engine = EngineMetrics(self.registry)
-
-
-def start_metrics_server(
-    port: int, registry: CollectorRegistry, host: str = "127.0.0.1"
-) -> tuple[WSGIServer, threading.Thread]:
-    """Serve `registry` on http://host:port/metrics from a daemon thread; `.shutdown()` the server to stop."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    log.info("Prometheus metrics on http://%s:%d/metrics", host, server.server_port)
-    return server, thread

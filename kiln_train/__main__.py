@@ -15,7 +15,6 @@ from types import FrameType
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from kiln.v1 import training_pb2, training_pb2_grpc
 from kiln_common.adapter_store import AdapterStore
@@ -27,15 +26,18 @@ from kiln_common.config import (
     environ_snapshot,
     train_config_from,
 )
-from kiln_common.logging_setup import setup_logging
+from kiln_common.logging_setup import LOG_FORMATS, setup_logging
+from kiln_common.metrics_server import start_metrics_server
 from kiln_common.model_loader import load_tokenizer, resolve_model
 from kiln_common.redis_server import RedisServer, connect
+from kiln_common.reflection import enable_reflection
 from kiln_common.registry import Registry
 from kiln_train.base_model import SharedBase
 from kiln_train.buffer import TrainingBuffer
 from kiln_train.consumer import SampleConsumer
 from kiln_train.daemon import TrainingDaemon
 from kiln_train.evaluator import ReferenceCache
+from kiln_train.metrics import TrainMetrics
 from kiln_train.pipeline import Pipeline
 from kiln_train.servicer import TrainingServicer
 from kiln_train.settings import TrainSettings
@@ -48,8 +50,10 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 class TrainServer:
     """kiln-train assembled: Redis, tokenizer, shared base, daemon, gRPC."""
 
-    def __init__(self, config: TrainConfig, settings: TrainSettings) -> None:
+    def __init__(self, config: TrainConfig, settings: TrainSettings, metrics_port: int | None = None) -> None:
         self.config = config
+        self.metrics = TrainMetrics()
+        self._metrics_port = metrics_port
         self.settings = settings
         self.port = 0
         self._redis_server = RedisServer(config.redis)
@@ -75,8 +79,13 @@ class TrainServer:
         ref_dir = Path(s.reference_dir).expanduser() if s.reference_dir else cfg.home / "train" / "reference"
         references = ReferenceCache(ref_dir, model_key)
         runner = RoundRunner(registry, tok, s, references)
-        self._daemon = TrainingDaemon(consumer, buffer, SharedBase(client, source.config), runner, s)
+        self._daemon = TrainingDaemon(
+            consumer, buffer, SharedBase(client, source.config), runner, s, metrics=self.metrics
+        )
+        self.metrics.watch(self._daemon.status)
         self._daemon.start()
+        if self._metrics_port is not None:
+            start_metrics_server(self._metrics_port, self.metrics.registry, cfg.host)
 
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kiln-train-grpc"),
@@ -87,9 +96,7 @@ class TrainServer:
         )
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
         self.port = server.add_insecure_port(cfg.address)
         if self.port == 0:
             raise OSError(f"could not bind {cfg.address}")
@@ -122,15 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kiln-train", description="Kiln training daemon (gRPC)")
     add_common_flags(parser, DEFAULT_TRAIN_PORT)
     parser.add_argument("--log-level", default="INFO", help="logging level [INFO]")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="log line format [text]")
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
+    )
     args = parser.parse_args(argv)
-    setup_logging(args.log_level, "kiln-train")
+    setup_logging(args.log_level, "kiln-train", args.log_format)
     environ = environ_snapshot()
     try:
         config = train_config_from(args, environ)
         settings = TrainSettings.from_environ(config.extra)
     except ValueError as exc:
         parser.error(str(exc))
-    server = TrainServer(config, settings)
+    server = TrainServer(config, settings, args.metrics_port)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

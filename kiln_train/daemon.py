@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from kiln_train.base_model import SharedBase
 from kiln_train.buffer import TrainingBuffer
 from kiln_train.consumer import SampleConsumer
+from kiln_train.metrics import TrainMetrics
 from kiln_train.settings import TrainSettings
 from kiln_train.training_round import RoundRecord, RoundRunner, new_round
 
@@ -68,6 +69,7 @@ class TrainingDaemon:
         runner: RoundRunner,
         settings: TrainSettings,
         tick_s: float = 0.5,
+        metrics: TrainMetrics | None = None,
     ) -> None:
         self.consumer = consumer
         self.buffer = buffer
@@ -75,6 +77,7 @@ class TrainingDaemon:
         self.runner = runner
         self.settings = settings
         self._tick_s = tick_s
+        self.metrics = metrics
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._paused = False
@@ -270,6 +273,8 @@ class TrainingDaemon:
             log.exception("round %s failed", record.round_id)
             record.outcome, record.reason = "failed", f"{type(exc).__name__}: {exc}"
         record.finished = time.time()
+        if self.metrics is not None:
+            self.metrics.round_finished(record.outcome, record.finished - record.started)
         if record.outcome == "published":
             self.buffer.finish_round(
                 tenant, adapter, record.sample_ids + record.heldout_ids, record.to_dict()
