@@ -1,9 +1,10 @@
-"""`kiln` command line: generate, adapters, up, bench, demo (terminal output uses print)."""
+"""`kiln` command line: generate, adapters, train, up, http, bench, demo (terminal output uses print)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -13,6 +14,7 @@ import grpc
 
 from kiln_common.config import DEFAULT_INFER_PORT
 from kiln_infer.cli_adapters import add_adapters
+from kiln_infer.cli_train import add_train
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -107,9 +109,33 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     g.set_defaults(func=cmd_generate)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kiln")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+_BAD_INPUT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE)
+
+
+def _rpc_failure(args: argparse.Namespace, exc: grpc.RpcError) -> int:
+    """One line for a failed call: exit 2 when the server says the input was wrong, else 1."""
+    code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+        target = getattr(args, "train_address", None) or args.address
+        print(
+            f"kiln: cannot reach {target} (is it running? see --address / --train-address)", file=sys.stderr
+        )
+        return 1
+    print(f"kiln {args.command}: {code.name}: {details}", file=sys.stderr)
+    return 2 if code in _BAD_INPUT else 1
+
+
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     """The `kiln` argument parser."""
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln: train-while-you-serve LLM server")
+    parser.add_argument("--version", action="version", version=f"kiln {_version()}")
     parser.add_argument(
         "--address",
         default=environ.get("KILN_ADDRESS", f"127.0.0.1:{DEFAULT_INFER_PORT}"),
@@ -120,6 +146,7 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
 
     _add_generate(sub)
     add_adapters(sub)
+    add_train(sub, environ)
 
     u = sub.add_parser("up", help="run Redis, kiln-infer and kiln-train until Ctrl-C")
     u.add_argument("--no-train", action="store_true", help="do not start kiln-train")
@@ -152,10 +179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except grpc.RpcError as exc:
-        print(f"kiln: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
-        return 1
+        return _rpc_failure(args, exc)
     except KeyboardInterrupt:
         return 130
+    except ValueError as exc:  # a malformed argument found while building the request
+        print(f"kiln {args.command}: invalid argument: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kiln {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
