@@ -296,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.write(f"workload: {w}\n{text}")
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+        from benchmarks.plot import plot_results
+
+        sys.stdout.write(f"plot: {plot_results(args.json, args.json.with_suffix('.png'))}\n")
     return 0
 
 
