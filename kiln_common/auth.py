@@ -13,6 +13,7 @@ from kiln_common.adapter_store import validate_name
 log = logging.getLogger(__name__)
 
 DEFAULT_TENANT = "default"
+MIN_KEY_CHARS = 8
 
 
 class AuthError(PermissionError):
@@ -38,10 +39,21 @@ def parse_key_file(text: str) -> dict[str, str]:
                 raise ValueError(f"key file line {n}: expected 'key tenant', got {len(parts)} fields")
             keys[parts[0]] = parts[1]
     for key, tenant in keys.items():
-        if len(key) < 8:
-            raise ValueError(f"API key for tenant {tenant!r} is shorter than 8 characters")
+        if len(key) < MIN_KEY_CHARS:
+            raise ValueError(
+                f"the API key of tenant {tenant!r} is shorter than {MIN_KEY_CHARS} characters "
+                f"({len(key)}); use a longer key"
+            )
         validate_name(tenant, "tenant")
     return keys
+
+
+def load_key_file(path: Path) -> dict[str, str]:
+    """Read and check a key file at configuration time; any problem is one ValueError line naming the file."""
+    try:
+        return parse_key_file(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"KILN_API_KEYS file {path}: {exc}") from None
 
 
 class Authenticator:
@@ -59,7 +71,7 @@ class Authenticator:
         """Load a key file; None means open access as the default tenant."""
         if path is None:
             return cls(None)
-        keys = parse_key_file(path.read_text())
+        keys = load_key_file(path)
         log.info("loaded %d API keys for %d tenants from %s", len(keys), len(set(keys.values())), path)
         return cls(keys)
 

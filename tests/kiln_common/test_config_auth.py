@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln_common.auth import DEFAULT_TENANT, Authenticator, AuthError, parse_key_file
+from kiln_common.auth import DEFAULT_TENANT, Authenticator, AuthError, load_key_file, parse_key_file
 from kiln_common.config import InferConfig, RedisConfig, add_infer_flags, default_home, infer_config_from
 
 
@@ -70,3 +70,12 @@ def test_no_key_file_means_default_tenant_and_a_warning(caplog: pytest.LogCaptur
     auth = Authenticator.from_file(None)
     assert auth.tenant([]) == DEFAULT_TENANT and not auth.enabled
     assert "no API key file" in caplog.text
+
+
+def test_a_short_key_is_one_clear_line_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("k-0123456789 alice\nshort bob\n")
+    with pytest.raises(ValueError) as err:
+        load_key_file(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "'bob'" in message and "8 characters" in message
