@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+import enum
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from kiln_train.daemon import DaemonStatus
+
+class _Buffer(Protocol):
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def adapter(self) -> str: ...
+    @property
+    def pending(self) -> int: ...
+
+
+class DaemonStatus(Protocol):
+    """What the metrics read of the daemon's status (kiln_train.daemon.DaemonStatus; no import: no cycle)."""
+
+    @property
+    def state(self) -> enum.Enum: ...
+    @property
+    def buffers(self) -> Sequence[_Buffer]: ...
+    @property
+    def dropped(self) -> Mapping[str, int]: ...
+    @property
+    def consumed(self) -> int: ...
+    @property
+    def dead_lettered(self) -> int: ...
+
 
 _ROUND_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
 STATES = ("idle", "training", "paused", "waiting_for_base")
