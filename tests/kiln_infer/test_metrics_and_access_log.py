@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kiln_common.logging_setup import make_formatter
 from kiln_infer.access_log import RequestRecord, log_request
+from kiln_infer.engine.types import FinishReason, RequestOutput
 from kiln_infer.metrics import InferMetrics
+from kiln_infer.request_observer import RequestObserver
 
 
 def _samples(metrics: InferMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -65,3 +68,25 @@ def test_access_log_line_text_and_json() -> None:
     entry = json.loads(make_formatter("kiln-infer", "json").format(records[0]))
     assert entry["request_id"] == "req-1" and entry["tenant"] == "alice" and entry["completion_tokens"] == 5
     assert entry["time"][:4].isdigit() and entry["process"] == "kiln-infer"
+
+
+def test_request_observer_feeds_metrics_and_writes_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = InferMetrics()
+    observer = RequestObserver(metrics.requests, "req-9", "bob", "tips@v2", arrived=100.0)
+    observer.output(RequestOutput("e", [5], "a", emitted_at=100.5))
+    observer.output(RequestOutput("e", [6, 7], "bc", emitted_at=100.9))
+    observer.output(
+        RequestOutput(
+            "e", [], "", True, FinishReason.LENGTH, prompt_tokens=4, completion_tokens=3, emitted_at=101
+        )
+    )
+    with caplog.at_level(logging.INFO, logger="kiln.access"):
+        observer.done("OK")
+    s = _samples(metrics)
+    v2 = (("adapter", "tips"), ("version", "v2"))
+    assert s[("kiln:generation_tokens_total", v2)] == 3 and s[("kiln:prompt_tokens_total", v2)] == 4
+    assert s[("kiln:time_to_first_token_seconds_sum", v2)] == pytest.approx(0.5)
+    assert s[("kiln:inter_token_latency_seconds_count", v2)] == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "kiln.access"]
+    assert len(lines) == 1 and "id=req-9 tenant=bob adapter=tips@v2 tokens=4+3" in lines[0]
+    assert "finish=length status=OK" in lines[0]
