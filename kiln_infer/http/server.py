@@ -44,10 +44,18 @@ class HttpServer:
         grpc_target: str,
         registry: CollectorRegistry | None = None,
         metrics: RequestMetrics | None = None,
+        drain_timeout_s: float = 30.0,
     ) -> None:
         app = create_app(grpc_target, registry, metrics)
         config = uvicorn.Config(
-            app, host=host, port=port, backlog=BACKLOG, log_level="warning", access_log=False, lifespan="on"
+            app,
+            host=host,
+            port=port,
+            backlog=BACKLOG,
+            log_level="warning",
+            access_log=False,  # kiln-infer writes its own line per request
+            lifespan="on",
+            timeout_graceful_shutdown=int(drain_timeout_s),  # open streams get this long after stop()
         )
         self._server = _Uvicorn(config)
         self._task: asyncio.Task[None] | None = None
@@ -86,9 +94,10 @@ async def serve_http(
     grpc_target: str,
     registry: CollectorRegistry | None = None,
     metrics: RequestMetrics | None = None,
+    drain_timeout_s: float = 30.0,
 ) -> None:
     """Serve the HTTP front until cancelled (kiln-infer runs this as a task in its asyncio API process)."""
-    server = HttpServer(host, port, grpc_target, registry, metrics)
+    server = HttpServer(host, port, grpc_target, registry, metrics, drain_timeout_s)
     await server.start()
     try:
         await asyncio.Event().wait()
