@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 CPU_MAX_MODEL_LEN = 2048  # on a CPU the KV cache lives in host memory: keep one sequence's share modest
 CPU_KV_SEQUENCES = 8  # the CPU KV cache holds this many full-length sequences
+# Default context on a GPU when the model's own is longer: the decode step's block table is as wide as one
+# sequence of max_model_len, so a 128k default would copy megabytes per step. --max-model-len raises it.
+GPU_DEFAULT_MAX_MODEL_LEN = 8192
 
 
 class EngineSizeError(ValueError):
@@ -51,7 +54,7 @@ def engine_config_for(
     slots = cfg.max_lora_slots or (32 if on_gpu else 8)
     if on_gpu:
         kv_tokens = int(free_bytes * cfg.kv_memory_fraction) // kv_bytes_token
-        max_len = cfg.max_model_len or min(model_context, kv_tokens)
+        max_len = cfg.max_model_len or min(model_context, kv_tokens, GPU_DEFAULT_MAX_MODEL_LEN)
         if max_len > kv_tokens:
             raise EngineSizeError(
                 f"--max-model-len / KILN_MAX_MODEL_LEN: one sequence of {max_len} tokens needs "

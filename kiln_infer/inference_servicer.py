@@ -140,7 +140,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if self.stopping.is_set():
             raise UnavailableError("the server is draining; retry on another replica")
         inp = convert.generate_from_pb(request, self.limits)
-        prompt_ids = self.renderer.token_ids(inp.prompt, inp.messages)
+        prompt_ids = self._prompt_ids(inp)
         sampling = replace(inp.sampling, max_tokens=self._max_tokens(inp, len(prompt_ids)))
         resolved, state = self.view.resolve(tenant, inp.adapter)
         label = resolved.label if resolved else ""
@@ -172,6 +172,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             if not stream.done:  # cancelled, deadline passed, or failed: free the sequence in the engine
                 self.engine.abort(engine_id)
 
+    def _prompt_ids(self, inp: convert.GenerateInput) -> list[int]:
+        if not inp.prompt_token_ids:
+            return self.renderer.token_ids(inp.prompt, inp.messages)
+        bad = next((t for t in inp.prompt_token_ids if not 0 <= t < self.info.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgumentError("prompt_token_ids", f"{bad} is outside [0, {self.info.vocab_size})")
+        return list(inp.prompt_token_ids)
+
     @staticmethod
     def _raise_aborted(context: grpc.aio.ServicerContext, engine_id: str) -> None:
         """An abort the client did not ask for is an error, never a silently short answer."""
@@ -194,6 +202,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         sample_rate: float,
     ) -> None:
         """Log the request for feedback and record it as a sample by the adapter's policy (never raises)."""
+        if inp.prompt_token_ids:  # a pre-tokenized prompt is kept as its text, like any other
+            inp = replace(inp, prompt=str(self.renderer.tokenizer.decode(list(inp.prompt_token_ids))))
         self.requests.put(
             ServedRequest(
                 tenant=tenant,
