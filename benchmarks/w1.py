@@ -158,7 +158,9 @@ def run_hf(
             )
 
     ttft, tpot, total, elapsed = [], [], 0, 0.0
-    generate(torch.tensor(reqs[:batch], device=w.device), 8)  # warm-up at the measured shape (not timed)
+    # warm-up: one full batch of the measured shape (not timed), so kernel selection and allocator growth
+    # for every sequence length are paid before the clock starts
+    generate(torch.tensor(reqs[:batch], device=w.device), w.new_tokens)
     for i in range(0, len(reqs), batch):
         ids = torch.tensor(reqs[i : i + batch], device=w.device)
         clock = StepClock(w.device)
@@ -272,8 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--skip-baselines", action="store_true", help="only our engine")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--server", action="store_true", help="also through kiln-infer over gRPC (benchmarks/server_bench.py)"
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.server:
+        from benchmarks import server_bench
+
+        return server_bench.main(args.home, args.json, args.skip_baselines)
     w = CPU if args.cpu or not torch.cuda.is_available() else GPU
     if w.device == "cpu":
         # transformers' CPU forward meets denormal activations that slow it ~6x on x86; flush them (this
@@ -326,10 +335,11 @@ def run_kiln(
     w: Workload,
     vocab: int,
     refs: list[AdapterRef],
+    overlap_off: bool = True,
 ) -> list[Result]:
-    """Our engine in-process: base (step overlap on and off), batch 1, and each adapter count."""
+    """Our engine in-process: base (step overlap on, and off unless told), batch 1, each adapter count."""
     results: list[Result] = []
-    for overlap in (True, False):
+    for overlap in (True, False) if overlap_off else (True,):
         config = dataclasses.replace(engine_config(w, 1, w.num_requests), overlap_steps=overlap)
         engine = build_engine(source, state, tokenizer, config, w, [None])
         before = dict(engine.core.phase_s)

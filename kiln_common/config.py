@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_INFER_PORT = 50051
 DEFAULT_TRAIN_PORT = 50052
@@ -113,8 +115,18 @@ class InferConfig(ServiceConfig):
     max_stop_chars: int = 256
     max_messages: int = 256
     max_lora_rank: int = 64
-    max_lora_slots: int = 8
+    max_lora_slots: int = 0  # adapters resident on the device at once; 0 = per device (GPU 32, CPU 8)
     max_waiting: int = 256
+    # Engine sizes; 0 = chosen for the device when the engine is built.
+    max_num_seqs: int = 0  # sequences decoded together (GPU 256, CPU 64)
+    max_model_len: int = (
+        0  # prompt + generated tokens per sequence (the model's context, as the KV cache allows)
+    )
+    max_num_batched_tokens: int = 0  # tokens per engine step (GPU 16384, CPU 2048)
+    kv_memory_fraction: float = 0.5  # share of free GPU memory given to the KV cache
+    http_port: int | None = None  # OpenAI-compatible HTTP (and /metrics) on this port; None = off
+    metrics_port: int | None = None  # Prometheus /metrics alone, for gRPC-only deployments
+    log_format: str = "text"  # "text" or "json"
     drain_timeout_s: float = 60.0
     drain_notice_s: float = 1.0  # health says NOT_SERVING this long before the port closes
     sample_queue_size: int = 10_000
@@ -132,7 +144,6 @@ class InferConfig(ServiceConfig):
             "max_stop_chars",
             "max_messages",
             "max_lora_rank",
-            "max_lora_slots",
             "max_waiting",
             "sample_queue_size",
             "samples_maxlen",
@@ -145,6 +156,40 @@ class InferConfig(ServiceConfig):
             raise ValueError(
                 f"drain times must be >= 0, got {self.drain_timeout_s} and {self.drain_notice_s}"
             )
+        self._check_engine_sizes()
+
+    def _check_engine_sizes(self) -> None:
+        for name, limit in ENGINE_SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if not 0 <= value <= limit:
+                flag, var = _flag_and_var(name)
+                raise ValueError(f"{flag} / {var} must be in 0..{limit} (0 = chosen per device), got {value}")
+        if not math.isfinite(self.kv_memory_fraction) or not 0.0 < self.kv_memory_fraction < 1.0:
+            raise ValueError(
+                "--kv-memory-fraction / KILN_KV_MEMORY_FRACTION must be in (0, 1), "
+                f"got {self.kv_memory_fraction}"
+            )
+        for name in ("http_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None:
+                _check_port(name, port)
+        if self.log_format not in ("text", "json"):
+            raise ValueError(
+                f"--log-format / KILN_LOG_FORMAT must be 'text' or 'json', got {self.log_format!r}"
+            )
+
+
+# Upper bounds of the engine sizes (0 = per device): far above any real deployment, low enough to catch typos.
+ENGINE_SIZE_LIMITS = {
+    "max_num_seqs": 4096,
+    "max_model_len": 1 << 20,
+    "max_num_batched_tokens": 1 << 20,
+    "max_lora_slots": 1024,
+}
+
+
+def _flag_and_var(name: str) -> tuple[str, str]:
+    return "--" + name.replace("_", "-"), "KILN_" + name.upper()
 
 
 @dataclass(frozen=True)
@@ -200,7 +245,34 @@ def infer_config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> I
         max_workers=int(_pick(getattr(args, "max_workers", None), environ, "KILN_MAX_WORKERS", "64")),
         drain_timeout_s=float(drain),
         warmup=not getattr(args, "no_warmup", False),
+        **_engine_sizes(args, environ),
     )
+
+
+def _number(args: argparse.Namespace, environ: Mapping[str, str], name: str, kind: type, default: str) -> Any:
+    """A numeric setting from its flag or KILN_* variable; an error names both when it does not parse."""
+    flag, var = _flag_and_var(name)
+    raw = _pick(getattr(args, name, None), environ, var, default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(
+            f"{flag} / {var} must be a{'n integer' if kind is int else ' number'}, got {raw!r}"
+        ) from None
+
+
+def _engine_sizes(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    sizes: dict[str, Any] = {
+        name: _number(args, environ, name, int, "0")
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "max_lora_slots")
+    }
+    sizes["max_lora_rank"] = _number(args, environ, "max_lora_rank", int, "64")
+    sizes["kv_memory_fraction"] = _number(args, environ, "kv_memory_fraction", float, "0.5")
+    for name in ("http_port", "metrics_port"):
+        raw = _pick(getattr(args, name, None), environ, _flag_and_var(name)[1], "")
+        sizes[name] = _number(args, environ, name, int, raw) if raw else None
+    sizes["log_format"] = _pick(getattr(args, "log_format", None), environ, "KILN_LOG_FORMAT", "text")
+    return sizes
 
 
 def add_infer_flags(parser: argparse.ArgumentParser) -> None:
@@ -210,6 +282,36 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, help="seconds SIGTERM waits for streams [60]")
     parser.add_argument(
         "--no-warmup", action="store_true", help="report SERVING without a warm-up generation"
+    )
+    sizes = parser.add_argument_group("engine sizes (0 = chosen for the device)")
+    sizes.add_argument(
+        "--max-num-seqs", type=int, help="sequences per step [KILN_MAX_NUM_SEQS; GPU 256, CPU 64]"
+    )
+    sizes.add_argument(
+        "--max-model-len", type=int, help="tokens per sequence [KILN_MAX_MODEL_LEN; the model's context]"
+    )
+    sizes.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="tokens per engine step [KILN_MAX_NUM_BATCHED_TOKENS; GPU 16384, CPU 2048]",
+    )
+    sizes.add_argument(
+        "--kv-memory-fraction",
+        type=float,
+        help="share of free GPU memory for the KV cache [KILN_KV_MEMORY_FRACTION, 0.5]",
+    )
+    sizes.add_argument(
+        "--max-lora-slots",
+        type=int,
+        help="adapters on the device at once [KILN_MAX_LORA_SLOTS; GPU 32, CPU 8]",
+    )
+    sizes.add_argument("--max-lora-rank", type=int, help="largest adapter rank [KILN_MAX_LORA_RANK, 64]")
+    parser.add_argument(
+        "--http-port", type=int, help="OpenAI-compatible HTTP + /metrics port [KILN_HTTP_PORT; off]"
+    )
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port [KILN_METRICS_PORT; off]")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), help="log line format [KILN_LOG_FORMAT, text]"
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -133,6 +133,29 @@ class StatusMapper:
                 yield from fn(servicer, request, context)
             except Exception as exc:  # noqa: BLE001 - the one place exceptions become statuses
                 self.abort(context, exc)
+
+        return wrapper
+
+
+    async def abort_async(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        """The asyncio form of abort (context.abort raises)."""
+        code, message = self.status_for(exc)
+        if code != grpc.StatusCode.INTERNAL:
+            log.info("%s: %s", code.name, message)
+        await context.abort(code, message)
+
+    def async_stream(
+        self, fn: Callable[[S, R, grpc.aio.ServicerContext], AsyncIterator[T]]
+    ) -> Callable[[S, R, grpc.aio.ServicerContext], AsyncIterator[T]]:
+        """Wrap an asyncio server-streaming RPC method: every exception becomes a status."""
+
+        @functools.wraps(fn)
+        async def wrapper(servicer: S, request: R, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+            try:
+                async for item in fn(servicer, request, context):
+                    yield item
+            except Exception as exc:  # noqa: BLE001 - the one place exceptions become statuses
+                await self.abort_async(context, exc)
 
         return wrapper
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -14,7 +14,8 @@ from kiln_common.adapter_store import validate_name
 from kiln_common.auth import Authenticator
 from kiln_common.registry import AdapterNotFoundError, EventType, Registry
 from kiln_infer import convert
-from kiln_infer.errors import InvalidArgumentError, stream_errors, unary_errors
+from kiln_infer.errors import InvalidArgumentError, UnavailableError, async_stream_errors, unary_errors
+from kiln_infer.event_hub import EventHub
 from kiln_infer.swapper import HotSwapper
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,13 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         swapper: HotSwapper,
         auth: Authenticator,
         stopping: threading.Event,
-        watch_poll_ms: int = 500,
+        events: EventHub | None = None,
     ) -> None:
         self.registry = registry
         self.swapper = swapper
         self.auth = auth
         self.stopping = stopping
-        self.watch_poll_ms = watch_poll_ms
+        self.events = events
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
         return self.auth.tenant(context.invocation_metadata())
@@ -157,13 +158,13 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         self.swapper.view.refresh(tenant, name)
         return adapter_pb2.SetSamplingPolicyResponse(sample_rate=request.sample_rate)
 
-    @stream_errors
-    def WatchEvents(
+    @async_stream_errors
+    async def WatchEvents(
         self,
         request: adapter_pb2.WatchEventsRequest,  # noqa: N802
-        context: grpc.ServicerContext,
-    ) -> Iterator[adapter_pb2.AdapterEvent]:
-        """Stream the tenant's registry events from now on (ends when the server drains)."""
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[adapter_pb2.AdapterEvent]:
+        """Stream the tenant's registry events from now on (ends when the server drains); costs no thread."""
         tenant = self._tenant(context)
         name = self._name(request.adapter) if request.adapter else ""
         if name:
@@ -171,10 +172,11 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
                 self.registry.get(tenant, name)
             except AdapterNotFoundError:
                 raise AdapterNotFoundError(name) from None
-        last_id = self.registry.last_event_id()
-        while context.is_active() and not self.stopping.is_set():
-            events, last_id = self.registry.read_events(last_id, block_ms=self.watch_poll_ms)
-            for event in events:
-                if event.tenant == tenant and (not name or event.adapter == name):
-                    if event.type in EventType:
-                        yield convert.event_to_pb(event)
+        if self.events is None:
+            raise UnavailableError("event watching is not enabled on this server")
+        with self.events.subscribe() as queue:
+            while (batch := await queue.get()) is not None:
+                for event in batch:
+                    if event.tenant == tenant and (not name or event.adapter == name):
+                        if event.type in EventType:
+                            yield convert.event_to_pb(event)

@@ -6,6 +6,7 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from kiln.v1 import adapter_pb2, inference_pb2
 from kiln_common.adapter_store import VersionMeta
@@ -54,6 +55,7 @@ class GenerateInput:
     sampling: SamplingParams
     max_tokens: int | None
     request_id: str
+    prompt_token_ids: tuple[int, ...] = ()  # set instead of prompt / messages
 
 
 def messages_from_pb(
@@ -149,7 +151,15 @@ def generate_from_pb(req: inference_pb2.GenerateRequest, limits: Limits) -> Gene
     size = req.ByteSize()
     if size > limits.max_request_bytes:
         raise InvalidArgumentError("request", f"{size} bytes exceeds the limit of {limits.max_request_bytes}")
-    prompt, messages = prompt_or_messages(req.prompt, req.messages, "", limits)
+    token_ids = tuple(req.prompt_token_ids)
+    if token_ids:
+        if req.prompt or req.messages:
+            raise InvalidArgumentError(
+                "prompt_token_ids", "set exactly one of prompt, messages or prompt_token_ids"
+            )
+        prompt, messages = "", cast(tuple[tuple[str, str], ...], ())
+    else:
+        prompt, messages = prompt_or_messages(req.prompt, req.messages, "", limits)
     sampling, max_tokens = sampling_from_pb(req.sampling, limits)
     return GenerateInput(
         adapter=req.adapter,
@@ -158,6 +168,7 @@ def generate_from_pb(req: inference_pb2.GenerateRequest, limits: Limits) -> Gene
         sampling=sampling,
         max_tokens=max_tokens,
         request_id=request_id_from_pb(req.request_id),
+        prompt_token_ids=token_ids,
     )
 
 

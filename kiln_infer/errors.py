@@ -12,6 +12,7 @@ from kiln_common.errors import (
 )
 from kiln_common.grpc_status import StatusMapper
 from kiln_infer.engine.types import EngineOverloadedError
+from kiln_infer.engine_link import EngineUnavailableError
 from kiln_infer.lora.errors import AdapterLoadError
 
 
@@ -24,11 +25,13 @@ _MAPPER = StatusMapper(
     {
         EngineOverloadedError: ResourceExhaustedError,
         AdapterLoadError: FailedPreconditionError,
+        EngineUnavailableError: UnavailableError,
     }
 )
 status_for = _MAPPER.status_for
 unary_errors = _MAPPER.unary
 stream_errors = _MAPPER.stream
+async_stream_errors = _MAPPER.async_stream
 
 __all__ = [
     "DeadlineExceededError",
@@ -37,6 +40,7 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "UnavailableError",
+    "async_stream_errors",
     "status_for",
     "stream_errors",
     "unary_errors",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
 
@@ -19,7 +21,8 @@ from kiln_common.registry import Registry
 from kiln_common.sample_recorder import SampleRecorder
 from kiln_common.samples import Sample, SampleKind
 from kiln_infer import convert
-from kiln_infer.engine.types import Engine, EngineRequest, FinishReason
+from kiln_infer.engine.types import EngineRequest, FinishReason, RequestOutput
+from kiln_infer.engine_link import EngineClient
 from kiln_infer.errors import (
     DeadlineExceededError,
     EngineAbortedError,
@@ -27,7 +30,7 @@ from kiln_infer.errors import (
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
-    stream_errors,
+    async_stream_errors,
     unary_errors,
 )
 from kiln_infer.prompt_renderer import PromptRenderer
@@ -50,6 +53,27 @@ class ModelInfo:
     max_lora_rank: int
     max_lora_slots: int
     version: str
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    kv_cache_tokens: int = 0
+
+
+def merge_outputs(batch: list[RequestOutput]) -> RequestOutput:
+    """Several increments of one request as one (the last one's finish state, all tokens and text)."""
+    if len(batch) == 1:
+        return batch[0]
+    last = batch[-1]
+    return RequestOutput(
+        last.request_id,
+        [t for out in batch for t in out.token_ids],
+        "".join(out.text for out in batch),
+        last.finished,
+        last.finish_reason,
+        last.prompt_tokens,
+        last.completion_tokens,
+        [lp for out in batch for lp in out.logprobs],
+        batch[0].emitted_at,
+    )
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -58,7 +82,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(
         self,
         *,
-        engine: Engine,
+        engine: EngineClient,
         renderer: PromptRenderer,
         info: ModelInfo,
         limits: convert.Limits,
@@ -101,18 +125,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
         return inp.max_tokens
 
-    @stream_errors
-    def Generate(
+    @async_stream_errors
+    async def Generate(
         self,
         request: inference_pb2.GenerateRequest,  # noqa: N802 - gRPC method name
-        context: grpc.ServicerContext,
-    ) -> Iterator[inference_pb2.GenerateResponse]:
-        """Stream a completion as the engine produces it, pinned to one adapter version."""
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Stream a completion as the engine produces it, pinned to one adapter version.
+
+        Runs on the asyncio loop: an open stream costs no thread. Each response carries every increment
+        that arrived since the last one was sent, so a slow reader gets fewer, larger messages.
+        """
         tenant = self._tenant(context)
         if self.stopping.is_set():
             raise UnavailableError("the server is draining; retry on another replica")
         inp = convert.generate_from_pb(request, self.limits)
-        prompt_ids = self.renderer.token_ids(inp.prompt, inp.messages)
+        prompt_ids = self._prompt_ids(inp)
         sampling = replace(inp.sampling, max_tokens=self._max_tokens(inp, len(prompt_ids)))
         resolved, state = self.view.resolve(tenant, inp.adapter)
         label = resolved.label if resolved else ""
@@ -127,38 +155,42 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 deadline=time.monotonic() + remaining if remaining is not None else None,
             )
         )
-        context.add_callback(lambda: self._abort(engine_id))  # cancellation, deadline, or normal end
         completion: list[str] = []
-        for out in stream:
-            if out.finish_reason == FinishReason.ABORTED:
-                self._raise_aborted(context, engine_id)
-            completion.append(out.text)
-            if out.finished and out.finish_reason != FinishReason.ABORTED:
-                self._remember(
-                    tenant,
-                    inp,
-                    resolved.name if resolved else "",
-                    resolved.version if resolved else 0,
-                    "".join(completion),
-                    state.sample_rate if state else 0.0,
-                )
-            if out.token_ids or out.text or out.finished:
-                yield convert.generate_to_pb(out, inp.request_id, label, self.renderer.decode_one)
+        try:
+            async for batch in stream.batches():
+                out = merge_outputs(batch)
+                if out.finish_reason == FinishReason.ABORTED:
+                    self._raise_aborted(context, engine_id)
+                completion.append(out.text)
+                if out.finished:
+                    served = (resolved.name, resolved.version) if resolved else ("", 0)
+                    rate = state.sample_rate if state else 0.0
+                    self._remember_later(tenant, inp, *served, "".join(completion), rate)
+                if out.token_ids or out.text or out.finished:
+                    yield convert.generate_to_pb(out, inp.request_id, label, self.renderer.decode_one)
+        finally:
+            if not stream.done:  # cancelled, deadline passed, or failed: free the sequence in the engine
+                self.engine.abort(engine_id)
+
+    def _prompt_ids(self, inp: convert.GenerateInput) -> list[int]:
+        if not inp.prompt_token_ids:
+            return self.renderer.token_ids(inp.prompt, inp.messages)
+        bad = next((t for t in inp.prompt_token_ids if not 0 <= t < self.info.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgumentError("prompt_token_ids", f"{bad} is outside [0, {self.info.vocab_size})")
+        return list(inp.prompt_token_ids)
 
     @staticmethod
-    def _raise_aborted(context: grpc.ServicerContext, engine_id: str) -> None:
+    def _raise_aborted(context: grpc.aio.ServicerContext, engine_id: str) -> None:
         """An abort the client did not ask for is an error, never a silently short answer."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0.05:
             raise DeadlineExceededError("deadline exceeded")
-        if context.is_active():
-            raise EngineAbortedError(f"the engine aborted request {engine_id} (server draining or failing)")
+        raise EngineAbortedError(f"the engine aborted request {engine_id} (server draining or failing)")
 
-    def _abort(self, engine_id: str) -> None:
-        try:
-            self.engine.abort(engine_id)
-        except Exception as exc:  # noqa: BLE001 - an abort after the end is harmless
-            log.debug("abort of %s: %s", engine_id, exc)
+    def _remember_later(self, *args: Any) -> None:
+        """Log the request and maybe record it as a sample, off the event loop (it talks to Redis)."""
+        asyncio.get_running_loop().run_in_executor(None, self._remember, *args)
 
     def _remember(
         self,
@@ -170,6 +202,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         sample_rate: float,
     ) -> None:
         """Log the request for feedback and record it as a sample by the adapter's policy (never raises)."""
+        if inp.prompt_token_ids:  # a pre-tokenized prompt is kept as its text, like any other
+            inp = replace(inp, prompt=str(self.renderer.tokenizer.decode(list(inp.prompt_token_ids))))
         self.requests.put(
             ServedRequest(
                 tenant=tenant,
@@ -287,4 +321,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             max_lora_rank=i.max_lora_rank,
             max_lora_slots=i.max_lora_slots,
             version=i.version,
+            max_num_seqs=i.max_num_seqs,
+            max_num_batched_tokens=i.max_num_batched_tokens,
+            kv_cache_tokens=i.kv_cache_tokens,
         )

@@ -6,7 +6,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import redis
 
@@ -19,7 +19,7 @@ from kiln_common.registry import (
     ResolvedAdapter,
     parse_spec,
 )
-from kiln_infer.engine.types import AdapterRef, Engine
+from kiln_infer.engine.types import AdapterRef
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,26 @@ class AdapterView:
             raise AdapterNotFoundError(spec) from None
 
 
+class Preloader(Protocol):
+    """What the swapper needs of the engine: load an adapter version into host memory ahead of use."""
+
+    def preload_adapter(self, adapter: AdapterRef) -> None: ...
+
+
 class HotSwapper:
     """Tails kiln:events: preloads versions before their alias flips in the view, then announces LOADED."""
 
-    def __init__(self, view: AdapterView, engine: Engine, poll_ms: int = 1000, max_preload: int = 8) -> None:
+    def __init__(
+        self, view: AdapterView, engine: Preloader, poll_ms: int = 1000, max_preload: int = 8
+    ) -> None:
         self.view = view
         self.engine = engine
         self.poll_ms = poll_ms
         self.max_preload = max_preload
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kiln-hot-swapper", daemon=True)
+        # Called from the swapper's thread with every batch of events it read (the WatchEvents fan-out).
+        self.listeners: list[Callable[[list[AdapterEvent]], None]] = []
 
     def start(self) -> None:
         """Rebuild the view from the registry, preload what aliases serve, then follow events."""
@@ -189,6 +199,8 @@ class HotSwapper:
             try:
                 events, self._last_id = self.view.registry.read_events(self._last_id, block_ms=self.poll_ms)
                 self.handle(events)
+                for listener in self.listeners if events else ():
+                    listener(events)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("hot swapper: Redis unavailable (%s); retrying", exc)
                 self._stop.wait(1.0)

@@ -7,8 +7,9 @@ import logging
 import queue
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -20,6 +21,12 @@ from kiln_infer.engine.sequence import Sequence
 from kiln_infer.engine.types import AdapterRef, EngineOverloadedError, EngineRequest, RequestOutput
 
 log = logging.getLogger(__name__)
+
+
+class OutputSink(Protocol):
+    """Anything a sequence's outputs can be put into (None marks the end)."""
+
+    def put(self, item: RequestOutput | None) -> None: ...
 
 
 class OutputStream:
@@ -107,11 +114,16 @@ class AsyncEngine:
         self._arrivals = 0
         self._rng = random.Random(config.seed)
         self._stopped = False
+        # Called on the engine thread after every loop turn (an engine-core process flushes its outbox here).
+        self.on_step_end: Callable[[], None] = lambda: None
         self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, request: EngineRequest) -> OutputStream:
-        """Queue a request; raises EngineOverloadedError when full, AdapterLoadError for a bad adapter."""
+    def submit(self, request: EngineRequest, sink: OutputSink | None = None) -> OutputStream:
+        """Queue a request; raises EngineOverloadedError when full, AdapterLoadError for a bad adapter.
+
+        Outputs go to the returned stream, or to `sink` when given (its put() runs on the engine thread).
+        """
         if not request.prompt_token_ids:
             raise ValueError("prompt_token_ids is empty")
         if len(request.prompt_token_ids) >= self.config.max_model_len:
@@ -129,6 +141,8 @@ class AsyncEngine:
                 raise EngineOverloadedError(f"{self._unfinished} requests in flight; try again later")
             seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(62)
             seq = Sequence(request=request, seed=seed, arrival=self._arrivals, lora=lora)
+            if sink is not None:
+                seq.outputs = sink  # type: ignore[assignment]
             self._arrivals += 1
             self._unfinished += 1
             self._inbox.append(seq)
@@ -144,6 +158,16 @@ class AsyncEngine:
     def preload_adapter(self, adapter: AdapterRef) -> None:
         """Load an adapter into the host cache now (raises AdapterLoadError for a bad one)."""
         self.core.adapters.get_host(adapter.key, adapter.path)
+
+    def stats(self) -> dict[str, float]:
+        """Running and waiting sequences and the share of KV blocks in use (a racy but cheap snapshot)."""
+        scheduler, blocks = self.core.scheduler, self.core.blocks
+        return {
+            "running": float(len(scheduler.running)),
+            "waiting": float(sum(len(q) for q in list(scheduler.waiting.values()))),
+            "kv_usage": 1.0 - blocks.num_free / max(1, blocks.num_blocks),
+            "unfinished": float(self._unfinished),
+        }
 
     def num_unfinished(self) -> int:
         """Requests admitted and not yet finished."""
@@ -187,5 +211,6 @@ class AsyncEngine:
                 except Exception:  # noqa: BLE001 - a failed step must not leave clients hanging
                     log.exception("engine step failed; aborting all requests")
                     self.core.fail_all()
+            self.on_step_end()
             if not running:
                 return

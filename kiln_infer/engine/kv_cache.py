@@ -5,10 +5,19 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import PretrainedConfig
 
 from kiln_infer.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
+
+
+def kv_bytes_per_token(model_config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V one token takes over all layers of a model."""
+    heads = int(model_config.num_attention_heads)
+    kv_heads = int(getattr(model_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(model_config, "head_dim", None) or model_config.hidden_size // heads)
+    return 2 * int(model_config.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
 
 
 def num_kv_blocks(
