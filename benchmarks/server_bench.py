@@ -28,7 +28,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks import w1
+from benchmarks import hf_baseline, w1
 from benchmarks.grpc_load import BurstResult, burst, generate_request
 from kiln.v1 import adapter_pb2, adapter_pb2_grpc
 from kiln_infer.lora.random_adapter import write_random_adapter
@@ -231,7 +231,7 @@ def hf_fair(source: Any, w: w1.Workload, reqs: list[list[int]]) -> list[w1.Resul
     model: Any = load_hf_model(source, w.dtype, w.device)
     model.config._attn_implementation = "sdpa"
     best = max(
-        (w1.run_hf(model, w, reqs, b, f"transformers static batch {b}") for b in (64, 256)),
+        (hf_baseline.run_hf(model, w, reqs, b, f"transformers static batch {b}") for b in (64, 256)),
         key=lambda r: r.tokens_per_s,
     )
     ids = torch.tensor(reqs[:1], device=w.device)

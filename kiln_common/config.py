@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln_common.auth import load_key_file
+
 DEFAULT_INFER_PORT = 50051
 DEFAULT_TRAIN_PORT = 50052
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -96,8 +98,8 @@ class ServiceConfig:
         _check_dtype_device(self.dtype, self.device)
         if not self.model.strip():
             raise ValueError("model must not be empty")
-        if self.api_keys_file is not None and not self.api_keys_file.is_file():
-            raise ValueError(f"KILN_API_KEYS file {self.api_keys_file} does not exist")
+        if self.api_keys_file is not None:
+            load_key_file(self.api_keys_file)  # one clear line now, not a traceback after the model loads
 
     @property
     def address(self) -> str:

@@ -17,11 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     add_infer_flags(parser)
     parser.add_argument("--log-level", default="INFO", help="logging level [INFO]")
     args = parser.parse_args(argv)
-    setup_logging(args.log_level, "kiln-infer")
     try:
         config = infer_config_from(args, environ_snapshot())
     except ValueError as exc:
         parser.error(str(exc))
+    setup_logging(args.log_level, "kiln-infer", config.log_format)
     supervisor = Supervisor(config, args.log_level)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)

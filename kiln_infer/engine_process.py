@@ -168,7 +168,7 @@ def engine_main(spec: EngineProcessSpec, ready: Connection) -> None:
     from kiln_infer.engine_build import build_engine
 
     die_with_parent()
-    setup_logging("INFO", "kiln-engine")
+    setup_logging("INFO", "kiln-engine", spec.config.log_format)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides

@@ -31,10 +31,13 @@ from kiln_infer.errors import (
     NotFoundError,
     UnavailableError,
     async_stream_errors,
+    status_for,
     unary_errors,
 )
+from kiln_infer.metrics import RequestMetrics
 from kiln_infer.prompt_renderer import PromptRenderer
 from kiln_infer.request_log import RequestLog, ServedRequest
+from kiln_infer.request_observer import RequestObserver
 from kiln_infer.swapper import AdapterView, engine_ref
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         recorder: SampleRecorder,
         requests: RequestLog,
         stopping: threading.Event,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.renderer = renderer
@@ -103,6 +107,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.recorder = recorder
         self.requests = requests
         self.stopping = stopping
+        self.metrics = metrics
         self._rng = random.Random()
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
@@ -136,6 +141,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         Runs on the asyncio loop: an open stream costs no thread. Each response carries every increment
         that arrived since the last one was sent, so a slow reader gets fewer, larger messages.
         """
+        arrived = time.monotonic()
         tenant = self._tenant(context)
         if self.stopping.is_set():
             raise UnavailableError("the server is draining; retry on another replica")
@@ -155,10 +161,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 deadline=time.monotonic() + remaining if remaining is not None else None,
             )
         )
+        observer = RequestObserver(self.metrics, inp.request_id, tenant, label, arrived)
+        status = "OK"
         completion: list[str] = []
         try:
             async for batch in stream.batches():
                 out = merge_outputs(batch)
+                observer.output(out)
                 if out.finish_reason == FinishReason.ABORTED:
                     self._raise_aborted(context, engine_id)
                 completion.append(out.text)
@@ -168,7 +177,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     self._remember_later(tenant, inp, *served, "".join(completion), rate)
                 if out.token_ids or out.text or out.finished:
                     yield convert.generate_to_pb(out, inp.request_id, label, self.renderer.decode_one)
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except Exception as exc:
+            status = status_for(exc)[0].name
+            raise
         finally:
+            observer.done(status)
             if not stream.done:  # cancelled, deadline passed, or failed: free the sequence in the engine
                 self.engine.abort(engine_id)
 

@@ -19,14 +19,15 @@ from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from kiln.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 from kiln_common.adapter_store import AdapterStore
 from kiln_common.auth import Authenticator
 from kiln_common.config import InferConfig
+from kiln_common.metrics_server import start_metrics_server
 from kiln_common.model_loader import ModelSource, load_tokenizer, resolve_model
 from kiln_common.redis_server import RedisServer, connect
+from kiln_common.reflection import enable_reflection
 from kiln_common.registry import Registry
 from kiln_common.sample_recorder import SampleRecorder
 from kiln_infer.adapter_servicer import AdapterServicer
@@ -35,7 +36,9 @@ from kiln_infer.engine.types import EngineRequest, SamplingParams
 from kiln_infer.engine_link import EngineClient, EngineInfo
 from kiln_infer.engine_process import EngineProcess
 from kiln_infer.event_hub import EventHub
+from kiln_infer.http.server import HttpServer
 from kiln_infer.inference_servicer import InferenceServicer, ModelInfo
+from kiln_infer.metrics import InferMetrics
 from kiln_infer.prompt_renderer import PromptRenderer
 from kiln_infer.request_log import RequestLog
 from kiln_infer.swapper import AdapterView, HotSwapper
@@ -47,6 +50,7 @@ SERVICE_NAMES = (
     adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
 )
 ADMIN_THREADS = 16  # threads for the short unary RPCs; streams never hold one
+STATS_PERIOD_S = 1.0  # how often the engine core's load is read into the metrics
 
 
 def kiln_version() -> str:
@@ -75,6 +79,8 @@ class _Parts:
     grpc_server: grpc.aio.Server
     health: health.aio.HealthServicer
     events: EventHub
+    http: HttpServer | None
+    tasks: list[asyncio.Task[None]]
 
 
 class InferServer:
@@ -96,6 +102,8 @@ class InferServer:
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="kiln-aio", daemon=True)
         self._parts: _Parts | None = None
+        self.metrics = InferMetrics()
+        self.http_port = 0
 
     def start(self) -> int:
         """Bring everything up and listen (NOT_SERVING until start_warm_up is done); returns the port."""
@@ -147,6 +155,7 @@ class InferServer:
                 recorder=recorder,
                 requests=RequestLog(client, cfg.request_record_ttl_s),
                 stopping=self.stopping,
+                metrics=self.metrics.requests,
             ),
             server,
         )
@@ -161,11 +170,43 @@ class InferServer:
         if self.port == 0:
             raise OSError(f"could not bind {cfg.address}")
         await server.start()
-        self._parts = _Parts(engine, swapper, recorder, server, health_servicer, events)
+        http = await self._start_http()
+        tasks = [self._loop.create_task(self._watch_load(engine))]
+        self._parts = _Parts(engine, swapper, recorder, server, health_servicer, events, http, tasks)
         log.info(
             "kiln-infer listening on %s:%d (model %s; %s)", cfg.host, self.port, source.spec, engine.info
         )
         return self.port
+
+    async def _start_http(self) -> HttpServer | None:
+        """The OpenAI-compatible front (and /metrics) on --http-port, over this server's own gRPC port."""
+        cfg = self.config
+        if cfg.metrics_port is not None:
+            start_metrics_server(cfg.metrics_port, self.metrics.registry, cfg.host)
+        if cfg.http_port is None:
+            return None
+        # The servicer records the request metrics; the HTTP front only serves them.
+        http = HttpServer(
+            cfg.host,
+            cfg.http_port,
+            f"127.0.0.1:{self.port}",
+            self.metrics.registry,
+            None,
+            cfg.drain_timeout_s,
+        )
+        await http.start()
+        self.http_port = http.port
+        return http
+
+    async def _watch_load(self, engine: EngineClient) -> None:
+        """Read the engine core's load into the gauges every second."""
+        while engine.alive:
+            try:
+                stats = await self._loop.run_in_executor(None, engine.stats)
+                self.metrics.engine.set_stats(stats)
+            except Exception as exc:  # noqa: BLE001 - metrics must never take the server down
+                log.debug("engine stats: %s", exc)
+            await asyncio.sleep(STATS_PERIOD_S)
 
     @staticmethod
     async def _add_health_and_reflection(server: grpc.aio.Server) -> health.aio.HealthServicer:
@@ -173,9 +214,7 @@ class InferServer:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
         return health_servicer
 
     def _on_engine_lost(self) -> None:
@@ -241,11 +280,15 @@ class InferServer:
         assert parts is not None
         await parts.health.enter_graceful_shutdown()
         parts.events.close()  # watchers end now; generations get the grace period
+        for task in parts.tasks:
+            task.cancel()
         # Keep answering health (NOT_SERVING) a moment so load balancers see it before the port closes.
         await asyncio.sleep(self.config.drain_notice_s)
         log.info(
             "draining: %d requests in flight (grace %.0fs)", self.num_in_flight(), self.config.drain_timeout_s
         )
+        if parts.http is not None:
+            await parts.http.stop()  # its open streams finish over gRPC, which is still up
         await parts.grpc_server.stop(grace=self.config.drain_timeout_s)
         await self._loop.run_in_executor(None, parts.swapper.stop)
         await self._loop.run_in_executor(None, parts.recorder.close)

@@ -48,7 +48,7 @@ def api_main(spec: ApiProcessSpec) -> None:
     from kiln_infer.server import EngineAddress, InferServer
 
     die_with_parent()
-    setup_logging(spec.log_level, "kiln-infer")
+    setup_logging(spec.log_level, "kiln-infer", spec.config.log_format)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into one SIGTERM

@@ -1,4 +1,4 @@
-"""The shape of the tree: imports point one way: no upward arrows, no cycles; files and functions stay small."""
+"""The shape of the tree: imports point down (no cycles); files and functions stay small."""
 
 from __future__ import annotations
 
