@@ -11,6 +11,7 @@ from pathlib import Path
 
 import redis
 
+from kiln_common.child_process import start_child
 from kiln_common.config import RedisConfig
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,9 @@ class RedisServer:
             str(log_path),
         ]
         log.info("starting embedded valkey-server on %s (data in %s)", sock, self.config.data_dir)
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
+        # Dies with the process that started it (never an orphan holding the socket); its own process group.
+        self._proc = start_child(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
