@@ -22,6 +22,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
     parent = os.getpid()
 
     def preexec() -> None:
+        os.setpgid(0, 0)  # its own process group: a terminal's Ctrl-C reaches only the parent
         if sys.platform.startswith("linux"):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
@@ -38,14 +39,12 @@ def start_child(
     stderr: int | IO[Any] | None = None,
     stdin: int | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Popen `cmd` in its own process group (a terminal's Ctrl-C reaches only the parent, which forwards
-    one SIGTERM), dying with its parent."""
+    """Popen `cmd` in its own process group, dying with its parent (see `die_with_parent`)."""
     return subprocess.Popen(
         list(cmd),
         env=dict(env) if env is not None else None,
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
-        process_group=0,
-        preexec_fn=die_with_parent(),  # noqa: PLW1509 - only prctl and getppid run between fork and exec
+        preexec_fn=die_with_parent(),  # only setpgid, prctl and getppid run between fork and exec
     )

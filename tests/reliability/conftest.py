@@ -1,0 +1,174 @@
+"""The real stack as separate processes for fault injection: valkey-server, kiln-infer, kiln-train.
+
+Processes run the tiny dummy model (random weights of a small Llama shape, the embedded tokenizer) so a start
+takes seconds on two CPU cores; every test gets its own KILN_HOME (models/ shared with the conversion cache).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kiln_common.config import RedisConfig
+from kiln_common.redis_server import RedisServer
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "dummy:tiny"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, every_s: float = 0.1) -> bool:
+    """Poll `cond` until it is true or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every_s)
+    return False
+
+
+def serving(address: str, timeout_s: float = 1.0) -> bool:
+    """True when grpc.health.v1 at `address` says SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is `pid`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+@dataclass
+class Service:
+    """One kiln service process with its log file."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        """host:port of its gRPC server."""
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        """What it has logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_serving(self, timeout_s: float = 120.0) -> None:
+        """Block until health is SERVING; fail with its log if it died or took too long."""
+        ok = wait_for(lambda: self.proc.poll() is not None or serving(self.address), timeout_s, 0.2)
+        assert ok and self.proc.poll() is None, f"{self.name} not serving:\n{self.log()[-3000:]}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        """Signal it and wait for the exit code (SIGKILL after `timeout_s`)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+@dataclass
+class Stack:
+    """A KILN_HOME, an embedded Redis URL and the services started in it."""
+
+    home: Path
+    redis_server: RedisServer
+    env: dict[str, str]
+    services: list[Service] = field(default_factory=list)
+
+    def start(self, module: str, port: int | None = None, **extra_env: str) -> Service:
+        """Start `python -m module` with the stack's environment (not waiting for it)."""
+        port = port or free_port()
+        name = module.replace("_", "-")
+        log_path = self.home / f"{name}-{len(self.services)}.log"
+        env = {**self.env, "KILN_PORT": str(port), **extra_env}
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        service = Service(name, port, proc, log_path)
+        self.services.append(service)
+        return service
+
+
+def home_with_models(root: Path, model_cache_home: Path) -> Path:
+    """A fresh KILN_HOME whose models/ is the shared conversion cache."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "models").symlink_to(model_cache_home / "models", target_is_directory=True)
+    return root
+
+
+def base_env(home: Path, redis_url: str, infer_port: int) -> dict[str, str]:
+    """The environment both services read: tiny model on CPU, fast training triggers, one home."""
+    return {
+        **os.environ,
+        "KILN_HOME": str(home),
+        "KILN_REDIS_URL": redis_url,
+        "KILN_MODEL": MODEL,
+        "KILN_DEVICE": "cpu",
+        "KILN_INFER_ADDRESS": f"127.0.0.1:{infer_port}",
+        "KILN_DRAIN_TIMEOUT": "20",
+        "KILN_TRAIN_THREADS": "1",
+        "TORCH_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.fixture
+def stack(tmp_path: Path, model_cache_home: Path, smollm2: object) -> Iterator[Stack]:
+    """A home, a real embedded valkey-server started by the test, and cleanup of every service started."""
+    home = home_with_models(tmp_path / "home", model_cache_home)
+    redis_server = RedisServer(RedisConfig(home=home))
+    url = redis_server.start()
+    s = Stack(home, redis_server, base_env(home, url, free_port()))
+    yield s
+    for service in s.services:
+        service.stop(signal.SIGKILL, 10)
+    redis_server.stop()
