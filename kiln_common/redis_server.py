@@ -66,6 +66,11 @@ class RedisServer:
         return self.config.effective_url
 
     @property
+    def pid(self) -> int | None:
+        """Process id of the server this object launched (None when it reuses one or has not started)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def owned(self) -> bool:
         """True when this object launched the server process."""
         return self._proc is not None

@@ -20,6 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kiln.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 from kiln_common.config import RedisConfig
 from kiln_common.redis_server import RedisServer
 
@@ -172,3 +173,56 @@ def stack(tmp_path: Path, model_cache_home: Path, smollm2: object) -> Iterator[S
     for service in s.services:
         service.stop(signal.SIGKILL, 10)
     redis_server.stop()
+
+
+def generate(
+    channel: grpc.Channel, prompt: str, adapter: str = "", max_tokens: int = 8, timeout_s: float = 60.0
+) -> inference_pb2.GenerateResponse:
+    """One greedy generation to the end; its last response (finish reason and usage set)."""
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    request = inference_pb2.GenerateRequest(
+        adapter=adapter,
+        prompt=prompt,
+        sampling=inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+    )
+    responses = list(stub.Generate(request, timeout=timeout_s))
+    assert responses and responses[-1].finish_reason, "stream ended without a finish reason"
+    return responses[-1]
+
+
+def publish_random_adapter(stack: Stack, channel: grpc.Channel, name: str = "rel") -> None:
+    """Write a random rank-4 PEFT adapter of the tiny model's shape and publish it (promoted, sampled)."""
+    from transformers import LlamaConfig
+
+    from kiln_common.model_loader import DUMMY_SHAPES
+    from kiln_infer.lora.random_adapter import write_random_adapter
+
+    path = write_random_adapter(
+        stack.home / "peft" / name,
+        LlamaConfig(**DUMMY_SHAPES["tiny"]),
+        rank=4,
+        seed=0,  # type: ignore[arg-type]
+    )
+    stub = adapter_pb2_grpc.AdapterServiceStub(channel)
+    stub.PublishVersion(
+        adapter_pb2.PublishVersionRequest(adapter=name, path=str(path), promote=True), timeout=60
+    )
+    wait_for(lambda: _serves(channel, name), 60, 0.5)
+
+
+def _serves(channel: grpc.Channel, adapter: str) -> bool:
+    try:
+        generate(channel, "ping", adapter=adapter, max_tokens=1, timeout_s=10)
+    except grpc.RpcError:
+        return False
+    return True
+
+
+def start_pair(stack: Stack, **train_env: str) -> tuple[Service, Service]:
+    """kiln-infer and kiln-train on the stack, both SERVING."""
+    infer_port = int(stack.env["KILN_INFER_ADDRESS"].rsplit(":", 1)[1])
+    infer = stack.start("kiln_infer", port=infer_port)
+    train = stack.start("kiln_train", **train_env)
+    infer.wait_serving()
+    train.wait_serving()
+    return infer, train
