@@ -6,6 +6,7 @@ takes seconds on two CPU cores; every test gets its own KILN_HOME (models/ share
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -162,17 +163,25 @@ def base_env(home: Path, redis_url: str, infer_port: int) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def stack(tmp_path: Path, model_cache_home: Path, smollm2: object) -> Iterator[Stack]:
-    """A home, a real embedded valkey-server started by the test, and cleanup of every service started."""
-    home = home_with_models(tmp_path / "home", model_cache_home)
+@contextlib.contextmanager
+def running_stack(home: Path) -> Iterator[Stack]:
+    """A real embedded valkey-server for `home`; every service started in it is killed at the end."""
     redis_server = RedisServer(RedisConfig(home=home))
     url = redis_server.start()
     s = Stack(home, redis_server, base_env(home, url, free_port()))
-    yield s
-    for service in s.services:
-        service.stop(signal.SIGKILL, 10)
-    redis_server.stop()
+    try:
+        yield s
+    finally:
+        for service in s.services:
+            service.stop(signal.SIGKILL, 10)
+        redis_server.stop()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, model_cache_home: Path, smollm2: object) -> Iterator[Stack]:
+    """A fresh home with its own Redis for one test."""
+    with running_stack(home_with_models(tmp_path / "home", model_cache_home)) as s:
+        yield s
 
 
 def generate(
