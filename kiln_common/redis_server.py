@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import platform
@@ -81,9 +82,21 @@ class RedisServer:
             if not ping(self.url, timeout_s=2.0):
                 raise RedisStartError(f"KILN_REDIS_URL {self.url} does not answer PING")
             return self.url
-        if ping(self.url):
-            log.info("reusing the embedded Redis already running at %s", self.url)
-            return self.url
+        self.config.home.mkdir(parents=True, exist_ok=True)
+        # Processes starting at the same instant take turns: the first launches, the others find it answering
+        # (without the lock a late one would unlink the first one's socket and start a second server).
+        with open(self.config.home / "redis.start.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                if ping(self.url):
+                    log.info("reusing the embedded Redis already running at %s", self.url)
+                    return self.url
+                return self._launch(timeout_s)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _launch(self, timeout_s: float) -> str:
+        """Start valkey-server on the home's socket and wait until it answers."""
         sock = self.config.socket_path
         sock.unlink(missing_ok=True)  # a stale socket left by a killed server
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
