@@ -82,7 +82,8 @@ def test_kill9_of_kiln_infer_mid_stream(stack: Stack) -> None:
 
 
 def test_kill9_of_kiln_train_mid_consumption(stack: Stack) -> None:
-    """Promise: samples served while kiln-train is killed and restarted all reach it, none twice."""
+    """Promise: samples served while kiln-train is killed and restarted all reach it, none twice; the
+    restarted kiln-train answers malformed request bytes with INVALID_ARGUMENT."""
     infer, train = start_pair(stack)
     url = stack.env["KILN_REDIS_URL"]
     with grpc.insecure_channel(infer.address) as channel:
@@ -94,6 +95,13 @@ def test_kill9_of_kiln_train_mid_consumption(stack: Stack) -> None:
         train.proc.wait(10)
         restarted = stack.start("kiln_train")
         restarted.wait_serving()
+        with grpc.insecure_channel(
+            restarted.address
+        ) as tch:  # and it refuses malformed bytes as the client's
+            call = tch.unary_unary("/kiln.v1.TrainingService/GetTrainingStatus")
+            with pytest.raises(grpc.RpcError) as err:
+                call(b"\x0a\x02\xff\xfe", timeout=10)  # adapter (field 1) holding bytes that are not UTF-8
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
         for i in range(5):
             generate(channel, f"after {i}", adapter="rel", max_tokens=2)
     _exactly_once(url)
