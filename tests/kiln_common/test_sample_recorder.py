@@ -109,7 +109,8 @@ def test_an_outage_is_spooled_to_disk_and_replayed_in_order(tmp_path: Path) -> N
     assert _wait(lambda: len(_ids(client)) == 90)
     assert _ids(client) == [s.sample_id for s in sent]
     counts = rec.counters()
-    assert counts["replayed"] == 50 and counts["spool_bytes"] == 0 and rec.dropped == 0
+    # samples recorded just after Redis returns may still queue behind the spool (its backoff), then replay
+    assert counts["replayed"] == counts["spooled"] >= 50 and counts["spool_bytes"] == 0 and rec.dropped == 0
     rec.close()
     server.stop()
 
