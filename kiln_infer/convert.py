@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Callable, Sequence
@@ -17,6 +18,11 @@ from kiln_infer.errors import InvalidArgumentError
 ROLES = ("system", "user", "assistant")
 MAX_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 256
+# Sane upper bounds on numbers from clients: beyond them a value is a mistake or an attack, never a setting.
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+MAX_TOP_K = 1_000_000
+MAX_MAX_TOKENS = 1_000_000
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 _FINISH = {
@@ -43,6 +49,7 @@ class Limits:
     max_stop_strings: int
     max_stop_chars: int
     max_messages: int
+    vocab_size: int = 0  # top_k may not exceed it; 0 = only MAX_TOP_K applies
 
 
 @dataclass(frozen=True)
@@ -87,22 +94,30 @@ def prompt_or_messages(
     return prompt, ()
 
 
+def _finite_in(field: str, value: float, low: float, high: float, low_open: bool = False) -> float:
+    """`value` when finite and in [low, high] (or (low, high] with low_open); else InvalidArgumentError."""
+    above_low = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above_low and value <= high):
+        bracket = "(" if low_open else "["
+        raise InvalidArgumentError(
+            field, f"must be a finite number in {bracket}{low:g}, {high:g}], got {value}"
+        )
+    return float(value)
+
+
 def sampling_from_pb(s: inference_pb2.SamplingParams, limits: Limits) -> tuple[SamplingParams, int | None]:
     """Validate sampling settings; returns them with max_tokens as given (None when unset)."""
     max_tokens = s.max_tokens if s.HasField("max_tokens") else None
-    if max_tokens is not None and max_tokens <= 0:
-        raise InvalidArgumentError("sampling.max_tokens", f"must be > 0, got {max_tokens}")
+    if max_tokens is not None and not 0 < max_tokens <= MAX_MAX_TOKENS:
+        raise InvalidArgumentError("sampling.max_tokens", f"must be in 1..{MAX_MAX_TOKENS}, got {max_tokens}")
     temperature = s.temperature if s.HasField("temperature") else 1.0
-    if not temperature >= 0.0:  # also rejects NaN
-        raise InvalidArgumentError("sampling.temperature", f"must be >= 0, got {temperature}")
-    top_p = s.top_p if s.HasField("top_p") else 1.0
-    if not 0.0 < top_p <= 1.0:
-        raise InvalidArgumentError("sampling.top_p", f"must be in (0, 1], got {top_p}")
-    if s.top_k < 0:
-        raise InvalidArgumentError("sampling.top_k", f"must be >= 0, got {s.top_k}")
+    temperature = _finite_in("sampling.temperature", temperature, 0.0, MAX_TEMPERATURE)
+    top_p = _finite_in("sampling.top_p", s.top_p if s.HasField("top_p") else 1.0, 0.0, 1.0, low_open=True)
+    max_top_k = min(MAX_TOP_K, limits.vocab_size) if limits.vocab_size > 0 else MAX_TOP_K
+    if not 0 <= s.top_k <= max_top_k:
+        raise InvalidArgumentError("sampling.top_k", f"must be in 0..{max_top_k}, got {s.top_k}")
     penalty = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
-    if not penalty > 0.0:
-        raise InvalidArgumentError("sampling.repetition_penalty", f"must be > 0, got {penalty}")
+    penalty = _finite_in("sampling.repetition_penalty", penalty, 0.0, MAX_REPETITION_PENALTY, low_open=True)
     if not 0 <= s.logprobs <= MAX_LOGPROBS:
         raise InvalidArgumentError("sampling.logprobs", f"must be in 0..{MAX_LOGPROBS}, got {s.logprobs}")
     if len(s.stop) > limits.max_stop_strings:
@@ -242,7 +257,7 @@ def shares_from_pb(shares: Sequence[adapter_pb2.TrafficShare]) -> list[tuple[int
     for i, s in enumerate(shares):
         if s.version < 0:
             raise InvalidArgumentError(f"shares[{i}].version", f"must be >= 0, got {s.version}")
-        if not s.weight > 0:
-            raise InvalidArgumentError(f"shares[{i}].weight", f"must be > 0, got {s.weight}")
+        if not (s.weight > 0 and math.isfinite(s.weight)):
+            raise InvalidArgumentError(f"shares[{i}].weight", f"must be a finite number > 0, got {s.weight}")
         out.append((int(s.version), float(s.weight)))
     return out

@@ -26,6 +26,7 @@ from kiln_common.config import (
     environ_snapshot,
     train_config_from,
 )
+from kiln_common.grpc_decode import DecodeErrorInterceptor
 from kiln_common.logging_setup import LOG_FORMATS, setup_logging
 from kiln_common.metrics_server import start_metrics_server
 from kiln_common.model_loader import load_tokenizer, resolve_model
@@ -90,6 +91,7 @@ class TrainServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kiln-train-grpc"),
             options=[("grpc.so_reuseport", 0)],
+            interceptors=[DecodeErrorInterceptor()],  # malformed request bytes: INVALID_ARGUMENT
         )
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
             TrainingServicer(self._daemon, Authenticator.from_file(cfg.api_keys_file)), server

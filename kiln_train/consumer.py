@@ -17,6 +17,8 @@ from kiln_train.settings import TrainSettings
 log = logging.getLogger(__name__)
 
 Entry = tuple[str, dict[str, str]]
+_MIN_BACKOFF_S = 0.5
+_MAX_BACKOFF_S = 8.0
 
 
 class SampleConsumer:
@@ -94,19 +96,28 @@ class SampleConsumer:
         return self._process_batch(entries, redelivered=False) if entries else 0
 
     def run(self, stop: threading.Event, claim_every_s: float = 5.0) -> None:
-        """Recover, then poll until stopped; claim idle entries periodically; log and retry errors."""
-        self.ensure_group()
-        self.recover()
-        next_claim = 0.0
+        """Recover, then poll until stopped; claim idle entries periodically.
+
+        While Redis is unreachable it retries with exponential backoff (0.5 s up to 8 s); after it returns,
+        the group is ensured and this consumer's pending entries recovered again before polling resumes.
+        """
+        next_claim, backoff, ready = 0.0, _MIN_BACKOFF_S, False
         while not stop.is_set():
             try:
+                if not ready:
+                    self.ensure_group()
+                    self.recover()
+                    ready = True
                 if time.monotonic() >= next_claim:
                     self.claim()
                     next_claim = time.monotonic() + claim_every_s
                 self.poll()
-            except redis.ConnectionError as exc:
-                log.warning("Redis unavailable (%s); retrying", exc)
-                stop.wait(1.0)
+                backoff = _MIN_BACKOFF_S
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unavailable (%s); reconnecting in %.1fs", exc, backoff)
+                ready = False
+                stop.wait(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
             except Exception:  # noqa: BLE001 - keep consuming; the failing entry stays pending
                 log.exception("consumer loop error")
                 stop.wait(0.5)
@@ -133,7 +144,7 @@ class SampleConsumer:
             try:
                 self.process(entry_id, fields, deliveries)
                 done += 1
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 raise
             except Exception:  # noqa: BLE001 - left pending; redelivered later, dead-lettered after N
                 log.exception("sample %s failed (delivery %d); it stays pending", entry_id, deliveries)
