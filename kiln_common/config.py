@@ -111,7 +111,7 @@ class ServiceConfig:
 class InferConfig(ServiceConfig):
     """Settings of kiln-infer."""
 
-    max_workers: int = 64  # gRPC threads = most concurrent streams
+    max_workers: int = 16  # threads for the short admin RPCs (streams run on the event loop, no thread each)
     max_request_bytes: int = 1 << 20
     max_stop_strings: int = 16
     max_stop_chars: int = 256
@@ -244,7 +244,7 @@ def infer_config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> I
     drain = _pick(getattr(args, "drain_timeout", None), environ, "KILN_DRAIN_TIMEOUT", "60")
     return InferConfig(
         **common,  # type: ignore[arg-type]
-        max_workers=int(_pick(getattr(args, "max_workers", None), environ, "KILN_MAX_WORKERS", "64")),
+        max_workers=int(_pick(getattr(args, "max_workers", None), environ, "KILN_MAX_WORKERS", "16")),
         drain_timeout_s=float(drain),
         warmup=not getattr(args, "no_warmup", False),
         **_engine_sizes(args, environ),
@@ -269,6 +269,7 @@ def _engine_sizes(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "max_lora_slots")
     }
     sizes["max_lora_rank"] = _number(args, environ, "max_lora_rank", int, "64")
+    sizes["max_waiting"] = _number(args, environ, "max_waiting", int, "256")
     sizes["kv_memory_fraction"] = _number(args, environ, "kv_memory_fraction", float, "0.5")
     for name in ("http_port", "metrics_port"):
         raw = _pick(getattr(args, name, None), environ, _flag_and_var(name)[1], "")
@@ -280,7 +281,11 @@ def _engine_sizes(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[
 def add_infer_flags(parser: argparse.ArgumentParser) -> None:
     """All kiln-infer flags."""
     add_common_flags(parser, DEFAULT_INFER_PORT)
-    parser.add_argument("--max-workers", type=int, help="gRPC worker threads [KILN_MAX_WORKERS, 64]")
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        help="threads for short admin RPCs; streams need none [KILN_MAX_WORKERS, 16]",
+    )
     parser.add_argument("--drain-timeout", type=float, help="seconds SIGTERM waits for streams [60]")
     parser.add_argument(
         "--no-warmup", action="store_true", help="report SERVING without a warm-up generation"
@@ -306,6 +311,11 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
         "--max-lora-slots",
         type=int,
         help="adapters on the device at once [KILN_MAX_LORA_SLOTS; GPU 32, CPU 8]",
+    )
+    sizes.add_argument(
+        "--max-waiting",
+        type=int,
+        help="requests queued behind the running batch before RESOURCE_EXHAUSTED [KILN_MAX_WAITING, 256]",
     )
     sizes.add_argument("--max-lora-rank", type=int, help="largest adapter rank [KILN_MAX_LORA_RANK, 64]")
     parser.add_argument(

@@ -136,7 +136,6 @@ class StatusMapper:
 
         return wrapper
 
-
     async def abort_async(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         """The asyncio form of abort (context.abort raises)."""
         code, message = self.status_for(exc)

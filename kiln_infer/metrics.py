@@ -104,6 +104,23 @@ class EngineMetrics:
                 gauge.set(float(stats[key]))
 
 
+class RecorderMetrics:
+    """What became of the samples this server recorded: written, spooled in an outage, replayed, dropped."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.events = Gauge(
+            "kiln:sample_recorder_samples",
+            "Samples by outcome since start (recorded, spooled, replayed, dropped_*), and pending.",
+            ["outcome"],
+            registry=registry,
+        )
+
+    def set_counters(self, counters: Mapping[str, int]) -> None:
+        """Copy the recorder's counters into the gauge."""
+        for outcome, value in counters.items():
+            self.events.labels(outcome=outcome).set(float(value))
+
+
 class InferMetrics:
     """All of kiln-infer's metrics in one registry (served on /metrics and --metrics-port)."""
 
@@ -111,3 +128,4 @@ class InferMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.requests = RequestMetrics(self.registry)
         self.engine = EngineMetrics(self.registry)
+        self.recorder = RecorderMetrics(self.registry)

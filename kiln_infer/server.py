@@ -24,6 +24,7 @@ from kiln.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_
 from kiln_common.adapter_store import AdapterStore
 from kiln_common.auth import Authenticator
 from kiln_common.config import InferConfig
+from kiln_common.grpc_decode import AsyncDecodeErrorInterceptor
 from kiln_common.metrics_server import start_metrics_server
 from kiln_common.model_loader import ModelSource, load_tokenizer, resolve_model
 from kiln_common.redis_server import RedisServer, connect
@@ -49,7 +50,6 @@ SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
 )
-ADMIN_THREADS = 16  # threads for the short unary RPCs; streams never hold one
 STATS_PERIOD_S = 1.0  # how often the engine core's load is read into the metrics
 
 
@@ -132,10 +132,18 @@ class InferServer:
         events = EventHub(self._loop)
         swapper.listeners.append(events.publish)
         await self._loop.run_in_executor(None, swapper.start)  # preloads adapters: off the loop
-        recorder = SampleRecorder(client, maxlen=cfg.samples_maxlen, buffer_size=cfg.sample_queue_size)
+        recorder = SampleRecorder(
+            client,
+            maxlen=cfg.samples_maxlen,
+            buffer_size=cfg.sample_queue_size,
+            spool_dir=cfg.home / "spool" / "samples",  # samples served while Redis is down wait here
+        )
         auth = Authenticator.from_file(cfg.api_keys_file)
         server = grpc.aio.server(
-            migration_thread_pool=futures.ThreadPoolExecutor(ADMIN_THREADS, thread_name_prefix="kiln-admin"),
+            migration_thread_pool=futures.ThreadPoolExecutor(
+                cfg.max_workers, thread_name_prefix="kiln-admin"
+            ),
+            interceptors=[AsyncDecodeErrorInterceptor()],  # malformed request bytes: INVALID_ARGUMENT
             options=[
                 ("grpc.max_receive_message_length", 4 * cfg.max_request_bytes),
                 ("grpc.so_reuseport", 0),
@@ -147,7 +155,11 @@ class InferServer:
                 renderer=PromptRenderer(tokenizer),
                 info=model_info(source, engine.info, cfg),
                 limits=Limits(
-                    cfg.max_request_bytes, cfg.max_stop_strings, cfg.max_stop_chars, cfg.max_messages
+                    cfg.max_request_bytes,
+                    cfg.max_stop_strings,
+                    cfg.max_stop_chars,
+                    cfg.max_messages,
+                    int(source.config.vocab_size),
                 ),
                 auth=auth,
                 view=view,
@@ -171,7 +183,7 @@ class InferServer:
             raise OSError(f"could not bind {cfg.address}")
         await server.start()
         http = await self._start_http()
-        tasks = [self._loop.create_task(self._watch_load(engine))]
+        tasks = [self._loop.create_task(self._watch_load(engine, recorder))]
         self._parts = _Parts(engine, swapper, recorder, server, health_servicer, events, http, tasks)
         log.info(
             "kiln-infer listening on %s:%d (model %s; %s)", cfg.host, self.port, source.spec, engine.info
@@ -198,10 +210,11 @@ class InferServer:
         self.http_port = http.port
         return http
 
-    async def _watch_load(self, engine: EngineClient) -> None:
-        """Read the engine core's load into the gauges every second."""
+    async def _watch_load(self, engine: EngineClient, recorder: SampleRecorder) -> None:
+        """Read the engine core's load and the recorder's counters into the gauges every second."""
         while engine.alive:
             try:
+                self.metrics.recorder.set_counters(recorder.counters())
                 stats = await self._loop.run_in_executor(None, engine.stats)
                 self.metrics.engine.set_stats(stats)
             except Exception as exc:  # noqa: BLE001 - metrics must never take the server down

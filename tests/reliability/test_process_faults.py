@@ -147,7 +147,7 @@ def _cancel_wave(stub: inference_pb2_grpc.InferenceServiceStub, n: int) -> int:
 def test_500_cancels_leave_nothing_in_flight(stack: Stack, waves: int) -> None:
     """Promise: after 500 cancelled streams the engine counts 0 in flight (the drain's own count, logged at
     SIGTERM), and the drain ends at once instead of waiting out its grace."""
-    infer: Service = stack.start("kiln_infer", KILN_MAX_WORKERS="64")
+    infer: Service = stack.start("kiln_infer")
     infer.wait_serving()
     with grpc.insecure_channel(infer.address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)

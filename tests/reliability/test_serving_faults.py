@@ -1,4 +1,4 @@
-"""One kiln-infer (capacity KILN_MAX_WORKERS=8) under hostile input, deadlines, overload, idle watches."""
+"""One kiln-infer (capacity 8: 4 running, 4 queued) under hostile input, deadlines, overload, idle watches."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def infer(
     """kiln-infer on the tiny model with its own Redis, SERVING."""
     home = home_with_models(tmp_path_factory.mktemp("serving") / "home", model_cache_home)
     with running_stack(home) as stack:
-        service = stack.start("kiln_infer", KILN_MAX_WORKERS=str(CAPACITY))
+        service = stack.start(
+            "kiln_infer", KILN_MAX_NUM_SEQS=str(CAPACITY // 2), KILN_MAX_WAITING=str(CAPACITY // 2)
+        )
         service.wait_serving()
         yield service
 
