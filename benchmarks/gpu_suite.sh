@@ -31,7 +31,14 @@ step stack python3 -c "import torch, transformers, peft, grpc, google.protobuf a
 print(torch.__version__, transformers.__version__, peft.__version__, grpc.__version__, pb.__version__, \
 torch.cuda.get_device_name())"
 step stubs python3 -c "from kiln.v1 import inference_pb2_grpc, adapter_pb2_grpc, training_pb2_grpc; print('stubs import')"
-step gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests
+# tests/kiln_infer/http needs FastAPI, which the GPU image lacks (and holds no GPU test)
+step gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests --ignore=tests/kiln_infer/http
+# W1 in-process before and after a change, in the same job: .baseline holds the earlier commit's packages
+# (git archive <commit> kiln_common kiln_infer kiln_train | tar -x -C .baseline), carried like .wheels.
+step before bash -c "cd .baseline && PYTHONPATH=\$PWD:/tmp/pyx python3 -m kiln_infer.bench --skip-baselines --json $OUT/before.json"
+step after python3 -m benchmarks.w1 --skip-baselines --json "$OUT/after.json"
+# W1 over gRPC against kiln-infer started by its entry point, beside the in-process engine and transformers
+step server python3 -m benchmarks.w1 --server --json "$OUT/server.json"
 step train_gpu_check python3 -m benchmarks.train_gpu_check --models dummy:llama-3.2-1b,dummy:llama-3.1-8b --home "$KILN_HOME"
 step bench python3 -m benchmarks.w1 --json "$OUT/bench.json"
 # Diagnostics behind the benchmark table (docs/benchmarks.md): batch-1 with and without the folded GEMVs,

@@ -16,6 +16,7 @@ import uuid
 from concurrent import futures
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,12 +38,14 @@ from kiln_infer.engine.types import EngineRequest, SamplingParams
 from kiln_infer.engine_link import EngineClient, EngineInfo
 from kiln_infer.engine_process import EngineProcess
 from kiln_infer.event_hub import EventHub
-from kiln_infer.http.server import HttpServer
 from kiln_infer.inference_servicer import InferenceServicer, ModelInfo
 from kiln_infer.metrics import InferMetrics
 from kiln_infer.prompt_renderer import PromptRenderer
 from kiln_infer.request_log import RequestLog
 from kiln_infer.swapper import AdapterView, HotSwapper
+
+if TYPE_CHECKING:
+    from kiln_infer.http.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +200,8 @@ class InferServer:
             start_metrics_server(cfg.metrics_port, self.metrics.registry, cfg.host)
         if cfg.http_port is None:
             return None
+        from kiln_infer.http.server import HttpServer  # FastAPI and uvicorn load only when HTTP is on
+
         # The servicer records the request metrics; the HTTP front only serves them.
         http = HttpServer(
             cfg.host,
