@@ -68,6 +68,10 @@ def load_peft_adapter(key: str, path: Path, max_rank: int) -> LoraWeights:
         m = _KEY.match(name)
         if m is None or m.group(3) not in TARGET_MODULES:
             raise AdapterLoadError(f"adapter {key!r}: unsupported weight {name!r}")
+        if not tensor.is_floating_point() or tensor.dim() != 2:
+            raise AdapterLoadError(f"adapter {key!r}: {name} must be a 2-d float tensor, got {tensor.dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterLoadError(f"adapter {key!r}: {name} holds NaN or infinite values")
         layer, module = int(m.group(1)), m.group(3)
         (a if m.group(4) == "A" else b)[(layer, module)] = tensor.float()
     if not a or set(a) != set(b):
