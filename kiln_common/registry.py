@@ -159,22 +159,60 @@ class Registry:
         eval_scores: Mapping[str, float] | None = None,
         promote: bool = False,
     ) -> VersionMeta:
-        """Copy a PEFT directory in as the next version (creating the adapter if new); optionally promote."""
-        self.create(tenant, name)
-        state = self.get(tenant, name)
-        version = int(self.redis.hincrby(self._key(tenant, name), "alloc", 1))
-        meta = self.store.write_version(
+        """Copy a PEFT directory in as the next version (creating the adapter if new); optionally promote.
+
+        The copy is checked in full before a version number is taken: a refused adapter leaves no trace.
+        """
+        validate_name(tenant, "tenant")
+        validate_name(name)
+        staged = self.store.stage(src)
+        return self.publish_staged(
             tenant,
             name,
-            version,
-            src,
-            parent=state.current if parent is None else parent,
+            staged,
             origin=origin,
+            parent=parent,
+            sample_ids=sample_ids,
             num_samples=num_samples,
-            sample_ids=tuple(sample_ids),
             hyperparameters=hyperparameters,
             eval_scores=eval_scores,
+            promote=promote,
         )
+
+    def publish_staged(
+        self,
+        tenant: str,
+        name: str,
+        staged: Path,
+        *,
+        origin: str = "published",
+        parent: int | None = None,
+        sample_ids: Sequence[str] = (),
+        num_samples: int = 0,
+        hyperparameters: Mapping[str, object] | None = None,
+        eval_scores: Mapping[str, float] | None = None,
+        promote: bool = False,
+    ) -> VersionMeta:
+        """Number and register a staging directory (from `AdapterStore.stage` or an upload) once it passes."""
+        try:
+            self.store.check(staged, label=name)
+            self.create(tenant, name)
+            state = self.get(tenant, name)
+            version = int(self.redis.hincrby(self._key(tenant, name), "alloc", 1))
+            meta = self.store.commit(
+                staged,
+                tenant,
+                name,
+                version,
+                parent=state.current if parent is None else parent,
+                origin=origin,
+                num_samples=num_samples,
+                sample_ids=tuple(sample_ids),
+                hyperparameters=hyperparameters,
+                eval_scores=eval_scores,
+            )
+        finally:
+            self.store.discard(staged)
         self._register(
             keys=[self._key(tenant, name), self._key(tenant, name) + ":versions", EVENTS_STREAM],
             args=[version, meta.to_json(with_samples=False), tenant, name, time.time(), self.events_maxlen],
