@@ -122,9 +122,18 @@ class InferConfig(ServiceConfig):
     events_maxlen: int = 10_000
     request_record_ttl_s: int = 7 * 24 * 3600
     warmup: bool = True
+    # adapters (issue 9): server paths an admin may import from (None = path import off), upload limit, canary
+    import_root: Path | None = None
+    max_adapter_bytes: int = 512 * 1024 * 1024
+    canary_share: float = 0.1  # traffic a canary gets before it is judged
+    canary_min_requests: int = 100  # requests with feedback on the canary before promote / rollback
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 < self.canary_share < 1.0:
+            raise ValueError(f"canary_share must be in (0, 1), got {self.canary_share}")
+        if self.canary_min_requests <= 0 or self.max_adapter_bytes <= 0:
+            raise ValueError("canary_min_requests and max_adapter_bytes must be > 0")
         for name in (
             "max_workers",
             "max_request_bytes",
@@ -200,6 +209,19 @@ def infer_config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> I
         max_workers=int(_pick(getattr(args, "max_workers", None), environ, "KILN_MAX_WORKERS", "64")),
         drain_timeout_s=float(drain),
         warmup=not getattr(args, "no_warmup", False),
+        **_adapter_settings(args, environ),  # type: ignore[arg-type]
+    )
+
+
+def _adapter_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, object]:
+    """--import-root / KILN_IMPORT_ROOT and the canary settings."""
+    root = _pick(getattr(args, "import_root", None), environ, "KILN_IMPORT_ROOT", "")
+    share = _pick(getattr(args, "canary_share", None), environ, "KILN_CANARY_SHARE", "0.1")
+    requests = _pick(getattr(args, "canary_requests", None), environ, "KILN_CANARY_REQUESTS", "100")
+    return dict(
+        import_root=Path(root).expanduser().resolve() if root else None,
+        canary_share=float(share),
+        canary_min_requests=int(requests),
     )
 
 
@@ -210,6 +232,17 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, help="seconds SIGTERM waits for streams [60]")
     parser.add_argument(
         "--no-warmup", action="store_true", help="report SERVING without a warm-up generation"
+    )
+    parser.add_argument(
+        "--import-root", help="server directory admins may import adapters from [KILN_IMPORT_ROOT]"
+    )
+    parser.add_argument(
+        "--canary-share", type=float, help="traffic share of a canary [KILN_CANARY_SHARE, 0.1]"
+    )
+    parser.add_argument(
+        "--canary-requests",
+        type=int,
+        help="rated requests before a canary is judged [KILN_CANARY_REQUESTS, 100]",
     )
 
 
