@@ -296,7 +296,9 @@ class Registry:
         self.get(tenant, name)
         self.redis.hset(self._key(tenant, name), "sample_rate", rate)
 
-    def resolve(self, tenant: str, spec: str, rng: random.Random) -> ResolvedAdapter | None:
+    def resolve(
+        self, tenant: str, spec: str, rng: random.Random, sticky_key: str = ""
+    ) -> ResolvedAdapter | None:
         """ "" → None (base); "name" → alias/split; "name@vN" → pinned. AdapterNotFoundError otherwise."""
         if not spec:
             return None
@@ -305,12 +307,14 @@ class Registry:
             state = self.get(tenant, name)
         except AdapterNotFoundError:
             raise AdapterNotFoundError(spec) from None
-        return self.pin(state, version, rng)
+        return self.pin(state, version, rng, sticky_key)
 
-    def pin(self, state: AdapterState, version: int | None, rng: random.Random) -> ResolvedAdapter:
+    def pin(
+        self, state: AdapterState, version: int | None, rng: random.Random, sticky_key: str = ""
+    ) -> ResolvedAdapter:
         """Turn a state (and an optional pinned version) into a concrete version with its files."""
         if version is None:
-            version = state.pick_version(rng)
+            version = state.pick_version(rng, sticky_key)
         elif not self.has_version(state.tenant, state.name, version):
             raise AdapterNotFoundError(f"{state.name}@v{version}")
         path = self.store.version_dir(state.tenant, state.name, version) if version > 0 else None
