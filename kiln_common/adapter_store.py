@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -176,6 +177,39 @@ class AdapterStore:
                 if (src / fname).exists() or (src / fname).is_symlink():
                     _copy_no_follow(src / fname, staged / fname, self.max_bytes)
             self.check(staged, label=str(src))
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged
+
+    def receive(self, config_json: str, chunks: Iterable[bytes], size: int, sha256: str = "") -> Path:
+        """Write an upload (config text, then the weights in chunks) into staging and check it in full.
+
+        The declared `size` must be within the limit up front, and the chunks must add up to it exactly (and
+        to `sha256` when given); the staging directory is removed on any failure.
+        """
+        if not 0 < size <= self.max_bytes:
+            raise InvalidAdapterError(f"weights_bytes {size} must be in 1..{self.max_bytes}", "weights_bytes")
+        if len(config_json.encode()) > 1 << 20:
+            raise InvalidAdapterError("adapter_config_json exceeds 1 MiB", "adapter_config_json")
+        staged = self.new_staging()
+        try:
+            (staged / CONFIG_FILE).write_text(config_json)
+            digest, written = hashlib.sha256(), 0
+            with (staged / WEIGHTS_FILE).open("wb") as out:
+                for chunk in chunks:
+                    written += len(chunk)
+                    if written > size:
+                        raise InvalidAdapterError(
+                            f"the weights exceed the declared {size} bytes", "weights_chunk"
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+            if written != size:
+                raise InvalidAdapterError(f"got {written} of {size} weight bytes", "weights_chunk")
+            if sha256 and not hmac.compare_digest(digest.hexdigest(), sha256.lower()):
+                raise InvalidAdapterError("the weights do not match weights_sha256", "weights_sha256")
+            self.check(staged, label="the upload")
         except BaseException:
             self.discard(staged)
             raise

@@ -234,8 +234,16 @@ class Registry:
                 ) from None
             raise
 
-    def promote(self, tenant: str, name: str, version: int) -> tuple[int, int]:
-        """Point the alias at one version (100%); returns (previous, current)."""
+    def promote(
+        self,
+        tenant: str,
+        name: str,
+        version: int,
+        detail: str = "",
+        event: EventType = EventType.PROMOTED,
+    ) -> tuple[int, int]:
+        """Point the alias at one version (100%); returns (previous, current). `event` and `detail` say why
+        (a canary's automatic decision is announced as PROMOTED or ROLLED_BACK with its reason)."""
         if not self.has_version(tenant, name, version):
             raise AdapterNotFoundError(f"{name}@v{version}")
         prev = self._run(
@@ -243,9 +251,19 @@ class Registry:
             tenant,
             name,
             [self._key(tenant, name), EVENTS_STREAM],
-            [version, "", EventType.PROMOTED.value, tenant, name, time.time(), "", self.events_maxlen],
+            [version, "", event.value, tenant, name, time.time(), detail, self.events_maxlen],
         )
         return int(prev), version
+
+    def note(self, tenant: str, name: str, version: int, action: str, reason: str) -> None:
+        """Append to a version's history (canary started, promoted, rolled back) with the reason."""
+        entry = json.dumps({"time": time.time(), "action": action, "reason": reason})
+        self.redis.rpush(f"{self._key(tenant, name)}:history:{version}", entry)
+
+    def history(self, tenant: str, name: str, version: int) -> list[dict[str, Any]]:
+        """A version's history entries ({time, action, reason}), oldest first."""
+        raw = self.redis.lrange(f"{self._key(tenant, name)}:history:{version}", 0, -1)
+        return [json.loads(r) for r in raw]
 
     def rollback(self, tenant: str, name: str) -> tuple[int, int]:
         """Swap the alias back to what it served before the last change; returns (previous, current)."""
