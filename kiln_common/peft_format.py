@@ -41,8 +41,8 @@ class BaseShapes:
         head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
         q, kv = heads * head_dim, kv_heads * head_dim
         # in TARGET_MODULES order: q, k, v, o, gate, up, down
-        sizes = ((hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inter), (hidden, inter))
-        sizes += ((inter, hidden),)
+        sizes = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inter), (hidden, inter)]
+        sizes.append((inter, hidden))
         return cls(int(config.num_hidden_layers), dict(zip(TARGET_MODULES, sizes, strict=True)))
 
 

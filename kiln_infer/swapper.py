@@ -32,6 +32,14 @@ _VERIFY_PREFIX = "verify/"  # engine key of a staged adapter being checked (neve
 _ALIAS_CHANGES = (EventType.PROMOTED, EventType.ROLLED_BACK, EventType.SPLIT)
 
 
+STICKY_KEY_HEADER = "x-kiln-sticky-key"  # gRPC metadata naming the end user: a split keeps it on one version
+
+
+def sticky_key(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    """The request's sticky key from its metadata ("" when it has none)."""
+    return next((str(v) for k, v in metadata if k.lower() == STICKY_KEY_HEADER), "")[:256]
+
+
 def engine_ref(resolved: ResolvedAdapter | None) -> AdapterRef | None:
     """The engine's handle for a resolved version (None for the base model and for version 0)."""
     if resolved is None or resolved.path is None:
