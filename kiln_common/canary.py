@@ -130,6 +130,13 @@ class Canaries:
         log.info("%s/%s: %s", tenant, name, reason)
         return canary
 
+    def cancel(self, tenant: str, name: str, why: str) -> CanaryState | None:
+        """Stop judging the adapter's canary (the alias was changed by hand); returns it if there was one."""
+        canary = self.get(tenant, name)
+        if canary is not None and self.redis.delete(self._key(tenant, name)):
+            self.registry.note(tenant, name, canary.version, "canary_cancelled", why)
+        return canary
+
     def record(self, tenant: str, name: str, version: int, rating: float | None) -> CanaryState | None:
         """Count a rating of a request served by `version`; the rating that completes the canary decides it.
 

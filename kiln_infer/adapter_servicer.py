@@ -207,6 +207,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         previous, current = self.swapper.change(
             tenant, name, [request.version], lambda: self.registry.promote(tenant, name, request.version)
         )
+        self.canaries.cancel(tenant, name, f"promoted v{request.version} by hand")
         return adapter_pb2.PromoteResponse(previous_version=previous, current_version=current)
 
     @unary_errors
@@ -223,6 +224,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         previous, current = self.swapper.change(
             tenant, name, warm, lambda: self.registry.rollback(tenant, name)
         )
+        self.canaries.cancel(tenant, name, "rolled back by hand")
         return adapter_pb2.RollbackResponse(previous_version=previous, current_version=current)
 
     @unary_errors
@@ -240,6 +242,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         split = self.swapper.change(
             tenant, name, [v for v, _ in shares], lambda: self.registry.set_split(tenant, name, shares)
         )
+        self.canaries.cancel(tenant, name, "traffic split set by hand")
         return adapter_pb2.SetTrafficSplitResponse(
             shares=[adapter_pb2.TrafficShare(version=v, weight=w) for v, w in split]
         )
@@ -300,4 +303,3 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
                 if event.tenant == tenant and (not name or event.adapter == name):
                     if event.type in EventType:
                         yield convert.event_to_pb(event)
-

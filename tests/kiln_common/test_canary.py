@@ -61,3 +61,17 @@ def test_good_canary_is_promoted(redis_client: redis.Redis, tmp_path: Path, peft
         canaries.record(tenant, "support", 2, 0.5)
     assert registry.get(tenant, "support").current == 2
     assert registry.history(tenant, "support", 2)[-1]["action"] == "promoted"
+
+
+def test_a_change_by_hand_cancels_the_canary(
+    redis_client: redis.Redis, tmp_path: Path, peft_adapter: Path
+) -> None:
+    registry, tenant = _setup(redis_client, tmp_path, peft_adapter)
+    canaries = Canaries(registry, default_min_requests=2)
+    canaries.start(tenant, "support", 2)
+    registry.promote(tenant, "support", 1)
+    assert canaries.cancel(tenant, "support", "promoted v1 by hand") is not None
+    for _ in range(3):
+        assert canaries.record(tenant, "support", 2, 1.0) is None  # nothing left to judge
+    assert registry.get(tenant, "support").current == 1
+    assert registry.history(tenant, "support", 2)[-1]["action"] == "canary_cancelled"
