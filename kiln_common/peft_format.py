@@ -132,19 +132,6 @@ def read_peft_config(path: Path, max_rank: int) -> PeftConfig:
     )
 
 
-def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header, without loading the tensors."""
-    try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size <= 0 or size > 100 * 1024 * 1024:
-                raise ValueError("implausible header size")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError) as exc:
-        raise InvalidAdapterError(f"{path} is not a readable safetensors file: {exc}") from exc
-    return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-
-
 def check_directory(path: Path, max_bytes: int) -> None:
     """A plain directory of plain files: no symlinks (itself or inside), no pickle files, within max_bytes."""
     if path.is_symlink():
