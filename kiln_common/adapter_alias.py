@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -62,11 +64,12 @@ class AdapterState:
     split: tuple[tuple[int, float], ...]  # (version, normalised weight); empty = `current` alone
     sample_rate: float  # fraction of generations recorded; 0 = off
 
-    def pick_version(self, rng: random.Random) -> int:
-        """The version a new request gets (weighted random over the split)."""
+    def pick_version(self, rng: random.Random, sticky_key: str = "") -> int:
+        """The version a new request gets: by the hash of `sticky_key` when given (one end user sees one
+        version, on every replica), else at random; weighted over the split."""
         if not self.split:
             return self.current
-        x = rng.random()
+        x = split_point(self.tenant, self.name, sticky_key) if sticky_key else rng.random()
         for version, weight in self.split:
             x -= weight
             if x < 0:
@@ -92,6 +95,12 @@ class ResolvedAdapter:
     def key(self) -> str:
         """Unique engine key: "tenant/name@vN"."""
         return f"{self.tenant}/{self.label}"
+
+
+def split_point(tenant: str, name: str, sticky_key: str) -> float:
+    """A caller's fixed point in [0, 1) for one adapter: the same on every replica and every request."""
+    digest = hashlib.sha256(f"{tenant}\0{name}\0{sticky_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
@@ -125,9 +134,9 @@ def normalise_split(shares: Sequence[tuple[int, float]]) -> tuple[tuple[int, flo
     if len(set(versions)) != len(versions):
         raise InvalidAdapterError("shares must name each version once", "shares")
     for v, w in shares:
-        if v < 0 or not w > 0:
+        if v < 0 or not math.isfinite(w) or not w > 0:
             raise InvalidAdapterError(
-                f"shares: version {v} weight {w}: versions must be >= 0 and weights > 0"
+                f"shares: version {v} weight {w}: versions must be >= 0 and weights finite and > 0"
             )
     total = sum(w for _, w in shares)
     return tuple((v, w / total) for v, w in shares)

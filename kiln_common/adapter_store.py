@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kiln_common.errors import InvalidAdapterError, VersionExistsError
-from kiln_common.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_config, safetensors_shapes
+from kiln_common.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseShapes, check_adapter, check_directory
 
 __all__ = [
     "CONFIG_FILE",
@@ -29,13 +30,17 @@ __all__ = [
 ]
 
 META_FILE = "meta.json"
+STAGING_DIR = ".staging"  # under the adapters root: uploads and copies wait here until they pass the check
+DEFAULT_MAX_ADAPTER_BYTES = 512 * 1024 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def validate_name(name: str, what: str = "adapter") -> str:
-    """Return `name` if it is 1-64 of [A-Za-z0-9_.-] and not '.'/'..'; else raise InvalidAdapterError."""
-    if not _NAME.match(name) or name in (".", ".."):
-        raise InvalidAdapterError(f"{what} name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ . -", what)
+    """Return `name` if it is 1-64 of [A-Za-z0-9_.-] not starting with '.'; else raise InvalidAdapterError."""
+    if not _NAME.match(name) or name.startswith("."):
+        raise InvalidAdapterError(
+            f"{what} name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ . - (not starting with '.')", what
+        )
     return name
 
 
@@ -89,20 +94,27 @@ class VersionMeta:
         )
 
 
-def validate_peft_dir(path: Path, max_rank: int) -> PeftInfo:
-    """Check a PEFT LoRA directory can be stored as a version: one rank throughout, weights of that rank."""
-    cfg = read_peft_config(path, max_rank)
-    # A version records one rank (meta.json, ListAdapters), so per-module patterns are refused here.
-    if cfg.rank_pattern or cfg.alpha_pattern:
-        raise InvalidAdapterError(f"{path}: per-module rank_pattern/alpha_pattern are not supported")
-    shapes = safetensors_shapes(path / WEIGHTS_FILE)
-    lora_a = {k: s for k, s in shapes.items() if "lora_A" in k}
-    if not lora_a or len(lora_a) != sum("lora_B" in k for k in shapes):
-        raise InvalidAdapterError(f"{path}: {WEIGHTS_FILE} must hold matching lora_A/lora_B tensors")
-    for key, shape in lora_a.items():
-        if len(shape) != 2 or shape[0] != cfg.rank:
-            raise InvalidAdapterError(f"{path}: {key} has shape {shape}, expected rank {cfg.rank} rows")
+def validate_peft_dir(
+    path: Path, max_rank: int, base: BaseShapes | None = None, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+) -> PeftInfo:
+    """The full check a directory passes before it becomes a version (peft_format.check_adapter)."""
+    cfg = check_adapter(path, max_rank, max_bytes, base)
     return PeftInfo(rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules)
+
+
+def _copy_no_follow(src: Path, dst: Path, max_bytes: int) -> None:
+    """Copy one plain file, refusing a symlink at `src` (O_NOFOLLOW) and files over max_bytes."""
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise InvalidAdapterError(f"cannot read {src.name} from {src.parent}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as fin, dst.open("wb") as fout:
+        copied = 0
+        for chunk in iter(lambda: fin.read(1 << 20), b""):
+            copied += len(chunk)
+            if copied > max_bytes:
+                raise InvalidAdapterError(f"{src.name} exceeds the adapter size limit ({max_bytes} bytes)")
+            fout.write(chunk)
 
 
 def file_sha256(path: Path) -> str:
@@ -115,11 +127,22 @@ def file_sha256(path: Path) -> str:
 
 
 class AdapterStore:
-    """Immutable adapter versions on disk; each is written to a temp dir and renamed into place."""
+    """Immutable adapter versions on disk: staged, checked in full, then renamed into place with meta.json.
 
-    def __init__(self, home: Path, max_rank: int = 64) -> None:
+    `base` (the served model's shapes) makes the check cover layer range and (in, out) features too.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        max_rank: int = 64,
+        base: BaseShapes | None = None,
+        max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+    ) -> None:
         self.root = home / "adapters"
         self.max_rank = max_rank
+        self.base = base
+        self.max_bytes = max_bytes
 
     def adapter_dir(self, tenant: str, name: str) -> Path:
         """Directory holding an adapter's versions."""
@@ -130,6 +153,77 @@ class AdapterStore:
         if version < 1:
             raise InvalidAdapterError(f"version {version} has no files (0 is the base model)")
         return self.adapter_dir(tenant, name) / f"v{version}"
+
+    def new_staging(self) -> Path:
+        """An empty private directory for an upload (remove it with `discard`)."""
+        staging = self.root / STAGING_DIR / uuid.uuid4().hex
+        staging.mkdir(parents=True, mode=0o700)
+        return staging
+
+    def discard(self, staged: Path) -> None:
+        """Remove a staging directory (after a failed check, or once committed)."""
+        if staged.parent == self.root / STAGING_DIR:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def stage(self, src: Path) -> Path:
+        """Copy a PEFT directory's two files (no symlinks, within size) into staging and check them there.
+
+        Checking the copy, not `src`, means what was checked is what gets stored.
+        """
+        check_directory(src, self.max_bytes)
+        staged = self.new_staging()
+        try:
+            for fname in (CONFIG_FILE, WEIGHTS_FILE):
+                if (src / fname).exists() or (src / fname).is_symlink():
+                    _copy_no_follow(src / fname, staged / fname, self.max_bytes)
+            self.check(staged, label=str(src))
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged
+
+    def receive(self, config_json: str, chunks: Iterable[bytes], size: int, sha256: str = "") -> Path:
+        """Write an upload (config text, then the weights in chunks) into staging and check it in full.
+
+        The declared `size` must be within the limit up front, and the chunks must add up to it exactly (and
+        to `sha256` when given); the staging directory is removed on any failure.
+        """
+        if not 0 < size <= self.max_bytes:
+            raise InvalidAdapterError(f"weights_bytes {size} must be in 1..{self.max_bytes}", "weights_bytes")
+        if len(config_json.encode()) > 1 << 20:
+            raise InvalidAdapterError("adapter_config_json exceeds 1 MiB", "adapter_config_json")
+        staged = self.new_staging()
+        try:
+            (staged / CONFIG_FILE).write_text(config_json)
+            digest, written = hashlib.sha256(), 0
+            with (staged / WEIGHTS_FILE).open("wb") as out:
+                for chunk in chunks:
+                    written += len(chunk)
+                    if written > size:
+                        raise InvalidAdapterError(
+                            f"the weights exceed the declared {size} bytes", "weights_chunk"
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+            if written != size:
+                raise InvalidAdapterError(f"got {written} of {size} weight bytes", "weights_chunk")
+            if sha256 and not hmac.compare_digest(digest.hexdigest(), sha256.lower()):
+                raise InvalidAdapterError("the weights do not match weights_sha256", "weights_sha256")
+            self.check(staged, label="the upload")
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged
+
+    def check(self, path: Path, label: str = "adapter") -> PeftInfo:
+        """The full check against this store's limits and base model; InvalidAdapterError naming what fails.
+
+        Messages name the directory as `label`, so a staging path on the server is never shown to callers.
+        """
+        try:
+            return validate_peft_dir(path, self.max_rank, self.base, self.max_bytes)
+        except InvalidAdapterError as exc:
+            raise InvalidAdapterError(str(exc).replace(str(path), label), exc.field) from None
 
     def write_version(
         self,
@@ -145,20 +239,47 @@ class AdapterStore:
         hyperparameters: Mapping[str, object] | None = None,
         eval_scores: Mapping[str, float] | None = None,
     ) -> VersionMeta:
-        """Copy a validated PEFT directory in as version `version` with its meta.json; atomic."""
-        info = validate_peft_dir(src, self.max_rank)
+        """Stage, check and commit a PEFT directory as version `version`; atomic."""
+        staged = self.stage(src)
+        return self.commit(
+            staged,
+            tenant,
+            name,
+            version,
+            parent=parent,
+            origin=origin,
+            num_samples=num_samples,
+            sample_ids=sample_ids,
+            hyperparameters=hyperparameters,
+            eval_scores=eval_scores,
+        )
+
+    def commit(
+        self,
+        staged: Path,
+        tenant: str,
+        name: str,
+        version: int,
+        *,
+        parent: int,
+        origin: str,
+        num_samples: int = 0,
+        sample_ids: tuple[str, ...] = (),
+        hyperparameters: Mapping[str, object] | None = None,
+        eval_scores: Mapping[str, float] | None = None,
+    ) -> VersionMeta:
+        """Rename a checked staging directory into place as version `version` with its meta.json."""
+        info = self.check(staged, label=f"{name}@v{version}")
         final = self.version_dir(tenant, name, version)
         if final.exists():
+            self.discard(staged)
             raise VersionExistsError(f"{final} already exists; versions are immutable")
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=final.parent))
         try:
-            for fname in (CONFIG_FILE, WEIGHTS_FILE):
-                shutil.copyfile(src / fname, tmp / fname)
             meta = VersionMeta(
                 version=version,
                 parent=parent,
-                sha256=file_sha256(tmp / WEIGHTS_FILE),
+                sha256=file_sha256(staged / WEIGHTS_FILE),
                 created=time.time(),
                 origin=origin,
                 rank=info.rank,
@@ -167,15 +288,15 @@ class AdapterStore:
                 hyperparameters=dict(hyperparameters or {}),
                 eval=dict(eval_scores or {}),
             )
-            (tmp / META_FILE).write_text(meta.to_json())
-            for f in tmp.iterdir():
+            (staged / META_FILE).write_text(meta.to_json())
+            for f in staged.iterdir():
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
                 os.chmod(f, 0o444)  # immutable versions: read-only files
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, final)  # fails if `final` appeared meanwhile: never overwrite a version
+            os.chmod(staged, 0o755)
+            os.rename(staged, final)  # fails if `final` appeared meanwhile: never overwrite a version
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.discard(staged)
             if final.exists():
                 raise VersionExistsError(f"{final} already exists; versions are immutable") from exc
             raise

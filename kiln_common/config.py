@@ -136,9 +136,22 @@ class InferConfig(ServiceConfig):
     events_maxlen: int = 10_000
     request_record_ttl_s: int = 7 * 24 * 3600
     warmup: bool = True
+    # adapters (issue 9): server paths an admin may import from (None = path import off), upload limit, canary
+    import_root: Path | None = None
+    max_adapter_bytes: int = 512 * 1024 * 1024
+    canary_share: float = 0.1  # traffic a canary gets before it is judged
+    canary_min_requests: int = 100  # requests with feedback on the canary before promote / rollback
+    # per-tenant limits (0 = off): concurrent Generate streams, Generate calls per second, samples per minute
+    tenant_max_streams: int = 0
+    tenant_requests_per_s: float = 0.0
+    tenant_samples_per_min: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 < self.canary_share < 1.0:
+            raise ValueError(f"canary_share must be in (0, 1), got {self.canary_share}")
+        if self.canary_min_requests <= 0 or self.max_adapter_bytes <= 0:
+            raise ValueError("canary_min_requests and max_adapter_bytes must be > 0")
         for name in (
             "max_workers",
             "max_request_bytes",
@@ -203,20 +216,6 @@ class TrainConfig(ServiceConfig):
     extra: Mapping[str, str] = field(default_factory=dict)  # KILN_TRAIN_* variables, for kiln_train to parse
 
 
-def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
-    """Flags shared by kiln-infer and kiln-train (each defaults from its KILN_* variable)."""
-    parser.add_argument("--home", help="state directory [KILN_HOME, ./.kiln or ~/.kiln]")
-    parser.add_argument(
-        "--model", help="'smollm2', a local HF model directory, or 'dummy:<shape>' [KILN_MODEL]"
-    )
-    parser.add_argument("--host", help="interface to bind [KILN_HOST, 127.0.0.1]")
-    parser.add_argument("--port", type=int, help=f"gRPC port [KILN_PORT, {default_port}]")
-    parser.add_argument("--dtype", choices=DTYPES, help="compute dtype [KILN_DTYPE, auto]")
-    parser.add_argument("--device", help="'auto', 'cpu' or 'cuda[:N]' [KILN_DEVICE, auto]")
-    parser.add_argument("--redis-url", help="external Redis; default embedded valkey-server [KILN_REDIS_URL]")
-    parser.add_argument("--api-keys", help="API key file, JSON or 'key tenant' lines [KILN_API_KEYS]")
-
-
 def _pick(flag: object, environ: Mapping[str, str], var: str, default: str) -> str:
     if flag is not None:
         return str(flag)
@@ -248,6 +247,22 @@ def infer_config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> I
         drain_timeout_s=float(drain),
         warmup=not getattr(args, "no_warmup", False),
         **_engine_sizes(args, environ),
+        **_adapter_settings(args, environ),  # type: ignore[arg-type]
+    )
+
+
+def _adapter_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, object]:
+    """--import-root / KILN_IMPORT_ROOT and the canary settings."""
+    root = _pick(getattr(args, "import_root", None), environ, "KILN_IMPORT_ROOT", "")
+    share = _pick(getattr(args, "canary_share", None), environ, "KILN_CANARY_SHARE", "0.1")
+    requests = _pick(getattr(args, "canary_requests", None), environ, "KILN_CANARY_REQUESTS", "100")
+    return dict(
+        import_root=Path(root).expanduser().resolve() if root else None,
+        canary_share=float(share),
+        canary_min_requests=int(requests),
+        tenant_max_streams=_number(args, environ, "tenant_max_streams", int, "0"),
+        tenant_requests_per_s=_number(args, environ, "tenant_requests_per_s", float, "0"),
+        tenant_samples_per_min=_number(args, environ, "tenant_samples_per_min", float, "0"),
     )
 
 
@@ -276,55 +291,6 @@ def _engine_sizes(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[
         sizes[name] = _number(args, environ, name, int, raw) if raw else None
     sizes["log_format"] = _pick(getattr(args, "log_format", None), environ, "KILN_LOG_FORMAT", "text")
     return sizes
-
-
-def add_infer_flags(parser: argparse.ArgumentParser) -> None:
-    """All kiln-infer flags."""
-    add_common_flags(parser, DEFAULT_INFER_PORT)
-    parser.add_argument(
-        "--max-workers",
-        type=int,
-        help="threads for short admin RPCs; streams need none [KILN_MAX_WORKERS, 16]",
-    )
-    parser.add_argument("--drain-timeout", type=float, help="seconds SIGTERM waits for streams [60]")
-    parser.add_argument(
-        "--no-warmup", action="store_true", help="report SERVING without a warm-up generation"
-    )
-    sizes = parser.add_argument_group("engine sizes (0 = chosen for the device)")
-    sizes.add_argument(
-        "--max-num-seqs", type=int, help="sequences per step [KILN_MAX_NUM_SEQS; GPU 256, CPU 64]"
-    )
-    sizes.add_argument(
-        "--max-model-len", type=int, help="tokens per sequence [KILN_MAX_MODEL_LEN; the model's context]"
-    )
-    sizes.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        help="tokens per engine step [KILN_MAX_NUM_BATCHED_TOKENS; GPU 16384, CPU 2048]",
-    )
-    sizes.add_argument(
-        "--kv-memory-fraction",
-        type=float,
-        help="share of free GPU memory for the KV cache [KILN_KV_MEMORY_FRACTION, 0.5]",
-    )
-    sizes.add_argument(
-        "--max-lora-slots",
-        type=int,
-        help="adapters on the device at once [KILN_MAX_LORA_SLOTS; GPU 32, CPU 8]",
-    )
-    sizes.add_argument(
-        "--max-waiting",
-        type=int,
-        help="requests queued behind the running batch before RESOURCE_EXHAUSTED [KILN_MAX_WAITING, 256]",
-    )
-    sizes.add_argument("--max-lora-rank", type=int, help="largest adapter rank [KILN_MAX_LORA_RANK, 64]")
-    parser.add_argument(
-        "--http-port", type=int, help="OpenAI-compatible HTTP + /metrics port [KILN_HTTP_PORT; off]"
-    )
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port [KILN_METRICS_PORT; off]")
-    parser.add_argument(
-        "--log-format", choices=("text", "json"), help="log line format [KILN_LOG_FORMAT, text]"
-    )
 
 
 def train_config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> TrainConfig:

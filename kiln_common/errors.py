@@ -41,3 +41,7 @@ class ResourceExhaustedError(RuntimeError):
 
 class UnavailableError(RuntimeError):
     """The server is shutting down or a dependency is down; retry later."""
+
+
+class PermissionDeniedError(PermissionError):
+    """The caller is known but its role may not do this (an admin operation; maps to PERMISSION_DENIED)."""

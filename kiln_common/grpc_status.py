@@ -23,6 +23,7 @@ from kiln_common.errors import (
     InvalidAdapterError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnavailableError,
     VersionExistsError,
@@ -68,6 +69,7 @@ _RULES: tuple[_Rule, ...] = (
     _Rule((DeadlineExceededError,), grpc.StatusCode.DEADLINE_EXCEEDED, str),
     _Rule((NotFoundError, AdapterNotFoundError), grpc.StatusCode.NOT_FOUND, _not_found_message),
     _Rule((AuthError,), grpc.StatusCode.UNAUTHENTICATED, str),
+    _Rule((PermissionDeniedError,), grpc.StatusCode.PERMISSION_DENIED, str),
     _Rule((ResourceExhaustedError,), grpc.StatusCode.RESOURCE_EXHAUSTED, _overloaded_message),
     _Rule(
         (NoPreviousVersionError, FailedPreconditionError, VersionExistsError),

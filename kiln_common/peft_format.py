@@ -3,18 +3,55 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kiln_common.errors import InvalidAdapterError
-from kiln_common.lora_targets import TARGET_MODULES
+from kiln_common.lora_targets import MODULE_PARENT, TARGET_MODULES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PARENTS = "|".join(sorted(set(MODULE_PARENT.values())))  # mlp|self_attn
+# PEFT's tensor names: "...layers.<N>.<parent>.<module>.lora_<A|B>[.<adapter name>].weight"
+WEIGHT_NAME = re.compile(rf"(?:.*\.)?layers\.(\d+)\.({_PARENTS})\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class BaseShapes:
+    """What an adapter must fit: the base model's layer count and each target module's (in, out) features."""
+
+    num_layers: int
+    modules: Mapping[str, tuple[int, int]]  # module -> (in_features, out_features)
+
+    @classmethod
+    def from_config(cls, config: Any) -> BaseShapes:
+        """From a transformers Llama-family config: hidden and intermediate size, heads, layers."""
+        hidden, inter = int(config.hidden_size), int(config.intermediate_size)
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        q, kv = heads * head_dim, kv_heads * head_dim
+        # in TARGET_MODULES order: q, k, v, o, gate, up, down
+        sizes = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inter), (hidden, inter)]
+        sizes.append((inter, hidden))
+        return cls(int(config.num_hidden_layers), dict(zip(TARGET_MODULES, sizes, strict=True)))
+
+
+def parse_weight_name(name: str) -> tuple[int, str, str] | None:
+    """PEFT tensor name -> (layer, module, "A" or "B"); None when it is not a LoRA weight of a target."""
+    m = WEIGHT_NAME.match(name)
+    if m is None or m.group(3) not in TARGET_MODULES or MODULE_PARENT[m.group(3)] != m.group(2):
+        return None
+    return int(m.group(1)), m.group(3), m.group(4)
 
 
 @dataclass(frozen=True)
@@ -95,14 +132,81 @@ def read_peft_config(path: Path, max_rank: int) -> PeftConfig:
     )
 
 
-def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header, without loading the tensors."""
+def check_directory(path: Path, max_bytes: int) -> None:
+    """A plain directory of plain files: no symlinks (itself or inside), no pickle files, within max_bytes."""
+    if path.is_symlink():
+        raise InvalidAdapterError(f"{path} is a symlink; adapters are read from plain directories only")
+    if not path.is_dir():
+        raise InvalidAdapterError(f"adapter path {path} is not a directory")
+    total = 0
+    for entry in os.scandir(path):
+        if entry.is_symlink():
+            raise InvalidAdapterError(f"{path}: {entry.name} is a symlink; adapters must hold plain files")
+        if entry.name.endswith(_PICKLE_SUFFIXES):
+            raise InvalidAdapterError(f"{path}: {entry.name} is a pickle file; only safetensors are accepted")
+        if entry.is_file(follow_symlinks=False):
+            total += entry.stat(follow_symlinks=False).st_size
+    if total > max_bytes:
+        raise InvalidAdapterError(f"{path}: {total} bytes exceeds the adapter size limit ({max_bytes} bytes)")
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, expected: tuple[int, int]) -> None:
+    """One LoRA matrix: a 2-d float of the expected shape (-1 = any), every value finite."""
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise InvalidAdapterError(f"{name} has dtype {tensor.dtype}; expected float32, float16 or bfloat16")
+    shape = tuple(tensor.shape)
+    if len(shape) != 2 or any(e >= 0 and s != e for s, e in zip(shape, expected, strict=True)):
+        want = "x".join("?" if e < 0 else str(e) for e in expected)
+        raise InvalidAdapterError(f"{name} has shape {list(shape)}, expected [{want}]")
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidAdapterError(f"{name} holds NaN or infinite values")
+
+
+def check_weights(path: Path, cfg: PeftConfig, base: BaseShapes | None) -> None:
+    """Every tensor of the weights file: a LoRA matrix of a configured target, the config's rank, the base
+    model's layer range and (in, out) features when `base` is known, a float dtype, finite values, A/B paired.
+    """
+    from safetensors import safe_open
+
+    seen: dict[tuple[int, str], set[str]] = {}
     try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size <= 0 or size > 100 * 1024 * 1024:
-                raise ValueError("implausible header size")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError) as exc:
-        raise InvalidAdapterError(f"{path} is not a readable safetensors file: {exc}") from exc
-    return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:  # type: ignore[no-untyped-call]
+            for name in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                parsed = parse_weight_name(name)
+                if parsed is None:
+                    raise InvalidAdapterError(f"{path}: {name} is not a LoRA weight of a supported module")
+                layer, module, side = parsed
+                if module not in cfg.target_modules:
+                    raise InvalidAdapterError(f"{path}: {name}: {module} is not in target_modules")
+                if base is not None and layer >= base.num_layers:
+                    raise InvalidAdapterError(
+                        f"{path}: {name}: layer {layer} is out of range ({base.num_layers} layers)"
+                    )
+                fan_in, fan_out = base.modules[module] if base is not None else (-1, -1)
+                expected = (cfg.rank, fan_in) if side == "A" else (fan_out, cfg.rank)
+                _check_tensor(f"{path}: {name}", weights.get_tensor(name), expected)
+                seen.setdefault((layer, module), set()).add(side)
+    except InvalidAdapterError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a malformed weights file
+        raise InvalidAdapterError(f"{path}: {WEIGHTS_FILE} is not readable safetensors: {exc}") from exc
+    unpaired = sorted(f"layer {lm[0]} {lm[1]}" for lm, sides in seen.items() if sides != {"A", "B"})
+    if not seen or unpaired:
+        raise InvalidAdapterError(f"{path}: lora_A and lora_B weights do not pair up ({unpaired or 'none'})")
+
+
+def check_adapter(path: Path, max_rank: int, max_bytes: int, base: BaseShapes | None = None) -> PeftConfig:
+    """The whole check before an adapter becomes a version: files, config, then every tensor.
+
+    One rank throughout (rank_pattern / alpha_pattern are refused: a version records one rank). Raises
+    InvalidAdapterError naming what is wrong.
+    """
+    path = Path(path)
+    check_directory(path, max_bytes)
+    cfg = read_peft_config(path, max_rank)
+    if cfg.rank_pattern or cfg.alpha_pattern:
+        raise InvalidAdapterError(f"{path}: per-module rank_pattern/alpha_pattern are not supported")
+    if not math.isfinite(cfg.alpha) or cfg.alpha <= 0:
+        raise InvalidAdapterError(f"{path}: lora_alpha={cfg.alpha} must be a finite positive number")
+    check_weights(path, cfg, base)
+    return cfg

@@ -159,22 +159,60 @@ class Registry:
         eval_scores: Mapping[str, float] | None = None,
         promote: bool = False,
     ) -> VersionMeta:
-        """Copy a PEFT directory in as the next version (creating the adapter if new); optionally promote."""
-        self.create(tenant, name)
-        state = self.get(tenant, name)
-        version = int(self.redis.hincrby(self._key(tenant, name), "alloc", 1))
-        meta = self.store.write_version(
+        """Copy a PEFT directory in as the next version (creating the adapter if new); optionally promote.
+
+        The copy is checked in full before a version number is taken: a refused adapter leaves no trace.
+        """
+        validate_name(tenant, "tenant")
+        validate_name(name)
+        staged = self.store.stage(src)
+        return self.publish_staged(
             tenant,
             name,
-            version,
-            src,
-            parent=state.current if parent is None else parent,
+            staged,
             origin=origin,
+            parent=parent,
+            sample_ids=sample_ids,
             num_samples=num_samples,
-            sample_ids=tuple(sample_ids),
             hyperparameters=hyperparameters,
             eval_scores=eval_scores,
+            promote=promote,
         )
+
+    def publish_staged(
+        self,
+        tenant: str,
+        name: str,
+        staged: Path,
+        *,
+        origin: str = "published",
+        parent: int | None = None,
+        sample_ids: Sequence[str] = (),
+        num_samples: int = 0,
+        hyperparameters: Mapping[str, object] | None = None,
+        eval_scores: Mapping[str, float] | None = None,
+        promote: bool = False,
+    ) -> VersionMeta:
+        """Number and register a staging directory (from `AdapterStore.stage` or an upload) once it passes."""
+        try:
+            self.store.check(staged, label=name)
+            self.create(tenant, name)
+            state = self.get(tenant, name)
+            version = int(self.redis.hincrby(self._key(tenant, name), "alloc", 1))
+            meta = self.store.commit(
+                staged,
+                tenant,
+                name,
+                version,
+                parent=state.current if parent is None else parent,
+                origin=origin,
+                num_samples=num_samples,
+                sample_ids=tuple(sample_ids),
+                hyperparameters=hyperparameters,
+                eval_scores=eval_scores,
+            )
+        finally:
+            self.store.discard(staged)
         self._register(
             keys=[self._key(tenant, name), self._key(tenant, name) + ":versions", EVENTS_STREAM],
             args=[version, meta.to_json(with_samples=False), tenant, name, time.time(), self.events_maxlen],
@@ -196,8 +234,16 @@ class Registry:
                 ) from None
             raise
 
-    def promote(self, tenant: str, name: str, version: int) -> tuple[int, int]:
-        """Point the alias at one version (100%); returns (previous, current)."""
+    def promote(
+        self,
+        tenant: str,
+        name: str,
+        version: int,
+        detail: str = "",
+        event: EventType = EventType.PROMOTED,
+    ) -> tuple[int, int]:
+        """Point the alias at one version (100%); returns (previous, current). `event` and `detail` say why
+        (a canary's automatic decision is announced as PROMOTED or ROLLED_BACK with its reason)."""
         if not self.has_version(tenant, name, version):
             raise AdapterNotFoundError(f"{name}@v{version}")
         prev = self._run(
@@ -205,9 +251,19 @@ class Registry:
             tenant,
             name,
             [self._key(tenant, name), EVENTS_STREAM],
-            [version, "", EventType.PROMOTED.value, tenant, name, time.time(), "", self.events_maxlen],
+            [version, "", event.value, tenant, name, time.time(), detail, self.events_maxlen],
         )
         return int(prev), version
+
+    def note(self, tenant: str, name: str, version: int, action: str, reason: str) -> None:
+        """Append to a version's history (canary started, promoted, rolled back) with the reason."""
+        entry = json.dumps({"time": time.time(), "action": action, "reason": reason})
+        self.redis.rpush(f"{self._key(tenant, name)}:history:{version}", entry)
+
+    def history(self, tenant: str, name: str, version: int) -> list[dict[str, Any]]:
+        """A version's history entries ({time, action, reason}), oldest first."""
+        raw = self.redis.lrange(f"{self._key(tenant, name)}:history:{version}", 0, -1)
+        return [json.loads(r) for r in raw]
 
     def rollback(self, tenant: str, name: str) -> tuple[int, int]:
         """Swap the alias back to what it served before the last change; returns (previous, current)."""
@@ -258,7 +314,9 @@ class Registry:
         self.get(tenant, name)
         self.redis.hset(self._key(tenant, name), "sample_rate", rate)
 
-    def resolve(self, tenant: str, spec: str, rng: random.Random) -> ResolvedAdapter | None:
+    def resolve(
+        self, tenant: str, spec: str, rng: random.Random, sticky_key: str = ""
+    ) -> ResolvedAdapter | None:
         """ "" → None (base); "name" → alias/split; "name@vN" → pinned. AdapterNotFoundError otherwise."""
         if not spec:
             return None
@@ -267,12 +325,14 @@ class Registry:
             state = self.get(tenant, name)
         except AdapterNotFoundError:
             raise AdapterNotFoundError(spec) from None
-        return self.pin(state, version, rng)
+        return self.pin(state, version, rng, sticky_key)
 
-    def pin(self, state: AdapterState, version: int | None, rng: random.Random) -> ResolvedAdapter:
+    def pin(
+        self, state: AdapterState, version: int | None, rng: random.Random, sticky_key: str = ""
+    ) -> ResolvedAdapter:
         """Turn a state (and an optional pinned version) into a concrete version with its files."""
         if version is None:
-            version = state.pick_version(rng)
+            version = state.pick_version(rng, sticky_key)
         elif not self.has_version(state.tenant, state.name, version):
             raise AdapterNotFoundError(f"{state.name}@v{version}")
         path = self.store.version_dir(state.tenant, state.name, version) if version > 0 else None

@@ -6,7 +6,8 @@ import argparse
 import signal
 import sys
 
-from kiln_common.config import add_infer_flags, environ_snapshot, infer_config_from
+from kiln_common.config import environ_snapshot, infer_config_from
+from kiln_common.flags import add_infer_flags
 from kiln_common.logging_setup import setup_logging
 from kiln_infer.supervisor import Supervisor
 

@@ -10,19 +10,21 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 import grpc
 
 from kiln.v1 import inference_pb2, inference_pb2_grpc
+from kiln_common.adapter_alias import AdapterState, ResolvedAdapter
 from kiln_common.adapter_store import validate_name
 from kiln_common.auth import Authenticator
+from kiln_common.canary import Canaries
 from kiln_common.registry import Registry
 from kiln_common.sample_recorder import SampleRecorder
 from kiln_common.samples import Sample, SampleKind
+from kiln_common.tenant_limits import LimitSettings, TenantLimits
 from kiln_infer import convert
 from kiln_infer.engine.types import EngineRequest, FinishReason, RequestOutput
-from kiln_infer.engine_link import EngineClient
+from kiln_infer.engine_link import EngineClient, OutputStream
 from kiln_infer.errors import (
     DeadlineExceededError,
     EngineAbortedError,
@@ -38,7 +40,7 @@ from kiln_infer.metrics import RequestMetrics
 from kiln_infer.prompt_renderer import PromptRenderer
 from kiln_infer.request_log import RequestLog, ServedRequest
 from kiln_infer.request_observer import RequestObserver
-from kiln_infer.swapper import AdapterView, engine_ref
+from kiln_infer.swapper import AdapterView, engine_ref, sticky_key
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,21 @@ class ModelInfo:
     max_num_seqs: int = 0
     max_num_batched_tokens: int = 0
     kv_cache_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a Generate was resolved to: tenant, validated input, adapter version and its state."""
+
+    tenant: str
+    inp: convert.GenerateInput
+    resolved: ResolvedAdapter | None
+    state: AdapterState | None
+
+    @property
+    def label(self) -> str:
+        """The served version as responses name it ("" for the base model)."""
+        return self.resolved.label if self.resolved else ""
 
 
 def merge_outputs(batch: list[RequestOutput]) -> RequestOutput:
@@ -96,6 +113,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         requests: RequestLog,
         stopping: threading.Event,
         metrics: RequestMetrics | None = None,
+        canaries: Canaries | None = None,
+        tenant_limits: TenantLimits | None = None,
     ) -> None:
         self.engine = engine
         self.renderer = renderer
@@ -108,6 +127,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.requests = requests
         self.stopping = stopping
         self.metrics = metrics
+        self.canaries = canaries
+        self.tenant_limits = tenant_limits or TenantLimits(LimitSettings())
         self._rng = random.Random()
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
@@ -148,20 +169,34 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         inp = convert.generate_from_pb(request, self.limits)
         prompt_ids = self._prompt_ids(inp)
         sampling = replace(inp.sampling, max_tokens=self._max_tokens(inp, len(prompt_ids)))
-        resolved, state = self.view.resolve(tenant, inp.adapter)
-        label = resolved.label if resolved else ""
+        self.tenant_limits.admit_request(tenant)
+        resolved, state = self.view.resolve(tenant, inp.adapter, sticky_key(context.invocation_metadata()))
         remaining = context.time_remaining()
-        engine_id = uuid.uuid4().hex
-        stream = self.engine.submit(
-            EngineRequest(
-                request_id=engine_id,
-                prompt_token_ids=prompt_ids,
-                sampling=sampling,
-                adapter=engine_ref(resolved),
-                deadline=time.monotonic() + remaining if remaining is not None else None,
-            )
+        engine_request = EngineRequest(
+            request_id=uuid.uuid4().hex,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling,
+            adapter=engine_ref(resolved),
+            deadline=time.monotonic() + remaining if remaining is not None else None,
         )
-        observer = RequestObserver(self.metrics, inp.request_id, tenant, label, arrived)
+        with self.tenant_limits.stream(tenant):
+            stream = self.engine.submit(engine_request)
+            served = Served(tenant, inp, resolved, state)
+            observer = RequestObserver(self.metrics, inp.request_id, tenant, served.label, arrived)
+            async for response in self._responses(
+                stream, engine_request.request_id, served, observer, context
+            ):
+                yield response
+
+    async def _responses(
+        self,
+        stream: OutputStream,
+        engine_id: str,
+        served: Served,
+        observer: RequestObserver,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """The stream's increments as responses; on any early end the engine frees the sequence."""
         status = "OK"
         completion: list[str] = []
         try:
@@ -172,11 +207,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     self._raise_aborted(context, engine_id)
                 completion.append(out.text)
                 if out.finished:
-                    served = (resolved.name, resolved.version) if resolved else ("", 0)
-                    rate = state.sample_rate if state else 0.0
-                    self._remember_later(tenant, inp, *served, "".join(completion), rate)
+                    self._remember_later(served, "".join(completion))
                 if out.token_ids or out.text or out.finished:
-                    yield convert.generate_to_pb(out, inp.request_id, label, self.renderer.decode_one)
+                    yield convert.generate_to_pb(
+                        out, served.inp.request_id, served.label, self.renderer.decode_one
+                    )
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
@@ -204,8 +239,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise DeadlineExceededError("deadline exceeded")
         raise EngineAbortedError(f"the engine aborted request {engine_id} (server draining or failing)")
 
-    def _remember_later(self, *args: Any) -> None:
+    def _remember_later(self, served: Served, completion: str) -> None:
         """Log the request and maybe record it as a sample, off the event loop (it talks to Redis)."""
+        name, version = (served.resolved.name, served.resolved.version) if served.resolved else ("", 0)
+        rate = served.state.sample_rate if served.state else 0.0
+        args = (served.tenant, served.inp, name, version, completion, rate)
         asyncio.get_running_loop().run_in_executor(None, self._remember, *args)
 
     def _remember(
@@ -279,7 +317,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 )
             adapter, version = validate_name(request.adapter), 0
             self.registry.create(tenant, adapter)
-        sample = served.feedback(adapter, version, request.rating if has_rating else None, request.correction)
+        rating = request.rating if has_rating else None
+        self.tenant_limits.admit_samples(tenant, 1)
+        if self.canaries is not None:
+            self.canaries.record(tenant, adapter, version, rating)
+        sample = served.feedback(adapter, version, rating, request.correction)
         return inference_pb2.SubmitFeedbackResponse(sample_id=self.recorder.write([sample])[0])
 
     @unary_errors
@@ -313,6 +355,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     completion=ex.completion,
                 )
             )
+        self.tenant_limits.admit_samples(tenant, len(samples))
         self.registry.create(tenant, name)
         state = self.view.state(tenant, name)
         ids = self.recorder.write([replace(s, adapter_version=state.current) for s in samples])

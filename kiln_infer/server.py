@@ -24,14 +24,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kiln.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 from kiln_common.adapter_store import AdapterStore
 from kiln_common.auth import Authenticator
+from kiln_common.canary import Canaries
 from kiln_common.config import InferConfig
 from kiln_common.grpc_decode import AsyncDecodeErrorInterceptor
 from kiln_common.metrics_server import start_metrics_server
 from kiln_common.model_loader import ModelSource, load_tokenizer, resolve_model
+from kiln_common.peft_format import BaseShapes
 from kiln_common.redis_server import RedisServer, connect
 from kiln_common.reflection import enable_reflection
 from kiln_common.registry import Registry
 from kiln_common.sample_recorder import SampleRecorder
+from kiln_common.tenant_limits import LimitSettings, TenantLimits
 from kiln_infer.adapter_servicer import AdapterServicer
 from kiln_infer.convert import Limits
 from kiln_infer.engine.types import EngineRequest, SamplingParams
@@ -129,7 +132,17 @@ class InferServer:
         client = connect(redis_url)
         source = resolve_model(cfg.model, cfg.home)
         tokenizer = load_tokenizer(source)
-        registry = Registry(client, AdapterStore(cfg.home, cfg.max_lora_rank), cfg.events_maxlen)
+        store = AdapterStore(
+            cfg.home,
+            cfg.max_lora_rank,
+            base=BaseShapes.from_config(source.config),
+            max_bytes=cfg.max_adapter_bytes,
+        )
+        registry = Registry(client, store, cfg.events_maxlen)
+        canaries = Canaries(registry, cfg.canary_share, cfg.canary_min_requests)
+        tenant_limits = TenantLimits(
+            LimitSettings(cfg.tenant_max_streams, cfg.tenant_requests_per_s, cfg.tenant_samples_per_min)
+        )
         view = AdapterView(registry)
         swapper = HotSwapper(view, engine, max_preload=engine.info.max_lora_slots)
         events = EventHub(self._loop)
@@ -171,12 +184,20 @@ class InferServer:
                 requests=RequestLog(client, cfg.request_record_ttl_s),
                 stopping=self.stopping,
                 metrics=self.metrics.requests,
+                canaries=canaries,
+                tenant_limits=tenant_limits,
             ),
             server,
         )
         adapter_pb2_grpc.add_AdapterServiceServicer_to_server(
             AdapterServicer(
-                registry=registry, swapper=swapper, auth=auth, stopping=self.stopping, events=events
+                registry=registry,
+                swapper=swapper,
+                auth=auth,
+                stopping=self.stopping,
+                events=events,
+                import_root=cfg.import_root,
+                canaries=canaries,
             ),
             server,
         )

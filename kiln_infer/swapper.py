@@ -6,10 +6,12 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import redis
 
+from kiln_common.errors import FailedPreconditionError, InvalidAdapterError
 from kiln_common.registry import (
     AdapterEvent,
     AdapterNotFoundError,
@@ -20,12 +22,22 @@ from kiln_common.registry import (
     parse_spec,
 )
 from kiln_infer.engine.types import AdapterRef
+from kiln_infer.lora.errors import AdapterLoadError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_VERIFY_PREFIX = "verify/"  # engine key of a staged adapter being checked (never a tenant name: '/' )
 _ALIAS_CHANGES = (EventType.PROMOTED, EventType.ROLLED_BACK, EventType.SPLIT)
+
+
+STICKY_KEY_HEADER = "x-kiln-sticky-key"  # gRPC metadata naming the end user: a split keeps it on one version
+
+
+def sticky_key(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    """The request's sticky key from its metadata ("" when it has none)."""
+    return next((str(v) for k, v in metadata if k.lower() == STICKY_KEY_HEADER), "")[:256]
 
 
 def engine_ref(resolved: ResolvedAdapter | None) -> AdapterRef | None:
@@ -80,14 +92,20 @@ class AdapterView:
         with self._lock:
             return list(self._states.values())
 
-    def resolve(self, tenant: str, spec: str) -> tuple[ResolvedAdapter | None, AdapterState | None]:
-        """Pin a request's adapter spec to a concrete version ("" = base model)."""
+    def resolve(
+        self, tenant: str, spec: str, sticky_key: str = ""
+    ) -> tuple[ResolvedAdapter | None, AdapterState | None]:
+        """Pin a request's adapter spec to a concrete version ("" = base model).
+
+        With a `sticky_key` (the caller's end-user id) a split picks by its hash: the same version for that
+        key on every request and every replica, for as long as the split stands.
+        """
         if not spec:
             return None, None
         name, version = parse_spec(spec)
         try:
             state = self.state(tenant, name)
-            return self.registry.pin(state, version, self._rng), state
+            return self.registry.pin(state, version, self._rng, sticky_key), state
         except AdapterNotFoundError:
             raise AdapterNotFoundError(spec) from None
 
@@ -138,8 +156,8 @@ class HotSwapper:
         versions = [v for v, _ in state.split] or [state.current]
         return [v for v in versions if v > 0]
 
-    def preload(self, tenant: str, name: str, version: int) -> None:
-        """Load a version into the engine's host cache (no-op for v0); errors are logged, not raised."""
+    def preload(self, tenant: str, name: str, version: int, strict: bool = False) -> None:
+        """Load a version into the engine's host cache (v0: nothing); errors logged, or raised if strict."""
         if version <= 0:
             return
         resolved = ResolvedAdapter(
@@ -154,7 +172,19 @@ class HotSwapper:
         try:
             self.engine.preload_adapter(ref)
         except Exception as exc:  # noqa: BLE001 - a bad version must not stop the swapper
+            if strict:
+                raise FailedPreconditionError(f"{resolved.label} cannot be served: {exc}") from exc
             log.warning("preloading %s failed: %s", resolved.key, exc)
+
+    def verify(self, staged: Path) -> None:
+        """Load a staged adapter through the engine's own loader (the served model's real shapes) before it
+        gets a version number; InvalidAdapterError naming what does not fit."""
+        ref = AdapterRef(key=f"{_VERIFY_PREFIX}{staged.name}", path=staged)
+        try:
+            self.engine.preload_adapter(ref)
+        except AdapterLoadError as exc:
+            message = str(exc).replace(repr(ref.key), "the upload").replace(str(staged), "the upload")
+            raise InvalidAdapterError(message) from None
 
     def flip(self, tenant: str, name: str) -> AdapterState | None:
         """Preload what the registry now serves for an adapter, then let new requests see it."""
@@ -170,10 +200,11 @@ class HotSwapper:
         """The lifecycle ritual: preload `warm` versions, apply `registry_op`, then flip the live view.
 
         Preloading before the registry changes means the first request routed to a new version finds its
-        weights warm; when `registry_op` raises, the view is left as it was.
+        weights warm; a version that fails to load stops the change (FailedPreconditionError) before the
+        alias moves, and when `registry_op` raises, the view is left as it was.
         """
         for version in warm:
-            self.preload(tenant, name, version)
+            self.preload(tenant, name, version, strict=True)
         result = registry_op()
         self.flip(tenant, name)
         return result

@@ -22,14 +22,15 @@ from kiln_common.auth import Authenticator
 from kiln_common.config import (
     DEFAULT_TRAIN_PORT,
     TrainConfig,
-    add_common_flags,
     environ_snapshot,
     train_config_from,
 )
+from kiln_common.flags import add_common_flags
 from kiln_common.grpc_decode import DecodeErrorInterceptor
 from kiln_common.logging_setup import LOG_FORMATS, setup_logging
 from kiln_common.metrics_server import start_metrics_server
 from kiln_common.model_loader import load_tokenizer, resolve_model
+from kiln_common.peft_format import BaseShapes
 from kiln_common.redis_server import RedisServer, connect
 from kiln_common.reflection import enable_reflection
 from kiln_common.registry import Registry
@@ -75,7 +76,7 @@ class TrainServer:
         buffer = TrainingBuffer(client)
         pipeline = Pipeline(s, lambda text: len(tok.encode(text, add_special_tokens=False)), buffer)
         consumer = SampleConsumer(client, buffer, pipeline, s)
-        registry = Registry(client, AdapterStore(cfg.home))
+        registry = Registry(client, AdapterStore(cfg.home, base=BaseShapes.from_config(source.config)))
         model_key = hashlib.sha256(source.spec.encode()).hexdigest()[:12]
         ref_dir = Path(s.reference_dir).expanduser() if s.reference_dir else cfg.home / "train" / "reference"
         references = ReferenceCache(ref_dir, model_key)

@@ -6,9 +6,10 @@ import grpc
 
 from kiln.v1 import training_pb2, training_pb2_grpc
 from kiln_common.adapter_store import validate_name
-from kiln_common.auth import Authenticator
+from kiln_common.auth import Authenticator, Caller
 from kiln_common.grpc_status import unary_errors
 from kiln_train.daemon import DaemonState, DaemonStatus, TrainingDaemon
+from kiln_train.tenant_pauses import TenantPauses
 from kiln_train.training_round import RoundRecord
 
 _STATES = {
@@ -38,67 +39,95 @@ def round_to_pb(r: RoundRecord) -> training_pb2.TrainingRound:
     )
 
 
-def status_to_pb(s: DaemonStatus) -> training_pb2.GetTrainingStatusResponse:
-    """DaemonStatus → GetTrainingStatusResponse."""
+def status_to_pb(
+    s: DaemonStatus, tenant: str, tenant_paused: bool, is_admin: bool
+) -> training_pb2.GetTrainingStatusResponse:
+    """DaemonStatus → GetTrainingStatusResponse, as one tenant sees it (global counters for admins only)."""
+    globally_paused = s.state == DaemonState.PAUSED
+    state = s.state
+    if tenant and (s.current is None or s.current.tenant != tenant) and state == DaemonState.TRAINING:
+        state = DaemonState.IDLE  # another tenant's round is none of this tenant's business
+    if tenant_paused and state != DaemonState.TRAINING:
+        state = DaemonState.PAUSED
     return training_pb2.GetTrainingStatusResponse(
-        state=_STATES[s.state],
+        state=_STATES[state],
         buffers=[
             training_pb2.AdapterBuffer(
                 adapter=b.adapter, pending_samples=b.pending, trained_samples=b.trained
             )
             for b in s.buffers
         ],
-        dropped=s.dropped,
+        dropped=s.dropped if is_admin else {},
         rounds=[round_to_pb(r) for r in s.rounds],
-        consumed=s.consumed,
-        dead_lettered=s.dead_lettered,
+        consumed=s.consumed if is_admin else 0,
+        dead_lettered=s.dead_lettered if is_admin else 0,
         base_generation=s.base_generation,
+        tenant=tenant,
+        tenant_paused=tenant_paused,
+        globally_paused=globally_paused,
     )
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
-    """Status and control of the training daemon, per tenant."""
+    """Status and control of the training daemon, per tenant; global state and control are admin-only."""
 
-    def __init__(self, daemon: TrainingDaemon, auth: Authenticator) -> None:
+    def __init__(
+        self, daemon: TrainingDaemon, auth: Authenticator, pauses: TenantPauses | None = None
+    ) -> None:
         self._daemon = daemon
         self._auth = auth
+        self._pauses = pauses if pauses is not None else TenantPauses(daemon.buffer.redis)
 
-    def _tenant(self, context: grpc.ServicerContext) -> str:
-        return self._auth.tenant(context.invocation_metadata())
+    def _caller(self, context: grpc.ServicerContext) -> Caller:
+        return self._auth.caller(context.invocation_metadata())
 
     @unary_errors
     def GetTrainingStatus(  # noqa: N802
         self, request: training_pb2.GetTrainingStatusRequest, context: grpc.ServicerContext
     ) -> training_pb2.GetTrainingStatusResponse:
-        """Daemon state, the tenant's buffers and rounds, drop counters."""
-        tenant = self._tenant(context)
+        """The caller's state, buffers and rounds; every tenant's and the drop counters for admins."""
+        caller = self._caller(context)
         if request.adapter:
             validate_name(request.adapter)
-        return status_to_pb(self._daemon.status(tenant, request.adapter))
+        if request.all_tenants:
+            caller.require_admin("every tenant's training status (all_tenants)")
+            return status_to_pb(self._daemon.status(None, request.adapter), "", False, True)
+        status = self._daemon.status(caller.tenant, request.adapter)
+        return status_to_pb(status, caller.tenant, self._pauses.is_paused(caller.tenant), caller.is_admin)
 
     @unary_errors
     def TriggerTraining(  # noqa: N802
         self, request: training_pb2.TriggerTrainingRequest, context: grpc.ServicerContext
     ) -> training_pb2.TriggerTrainingResponse:
-        """Queue a round for an adapter now."""
-        tenant = self._tenant(context)
+        """Queue a round for one of the caller's adapters now."""
+        tenant = self._caller(context).tenant
         queued, reason = self._daemon.trigger(tenant, validate_name(request.adapter))
+        if queued and self._pauses.is_paused(tenant):
+            reason = "queued (this tenant's training is paused: it starts on ResumeTraining)"
         return training_pb2.TriggerTrainingResponse(queued=queued, reason=reason)
 
     @unary_errors
     def PauseTraining(  # noqa: N802
         self, request: training_pb2.PauseTrainingRequest, context: grpc.ServicerContext
     ) -> training_pb2.PauseTrainingResponse:
-        """Stop starting rounds (the running one stops at its next step)."""
-        self._tenant(context)
-        self._daemon.pause()
+        """Stop starting the caller's rounds (every tenant's: admin only)."""
+        caller = self._caller(context)
+        if request.all_tenants:
+            caller.require_admin("pausing every tenant's training (all_tenants)")
+            self._daemon.pause()
+        else:
+            self._pauses.pause(caller.tenant)
         return training_pb2.PauseTrainingResponse()
 
     @unary_errors
     def ResumeTraining(  # noqa: N802
         self, request: training_pb2.ResumeTrainingRequest, context: grpc.ServicerContext
     ) -> training_pb2.ResumeTrainingResponse:
-        """Let rounds start again."""
-        self._tenant(context)
-        self._daemon.resume()
+        """Let the caller's rounds start again (every tenant's: admin only)."""
+        caller = self._caller(context)
+        if request.all_tenants:
+            caller.require_admin("resuming every tenant's training (all_tenants)")
+            self._daemon.resume()
+        else:
+            self._pauses.resume(caller.tenant)
         return training_pb2.ResumeTrainingResponse()

@@ -95,28 +95,25 @@ class LoraSlots:
                     b_dst[:, :r].copy_(b_src, non_blocking=True)
         self.ranks[slot] = rank
 
-    def token_mask(self, token_slots: torch.Tensor) -> torch.Tensor:
-        """[T] slot per token (-1 = base) -> [T, S*R] mask selecting that slot's rank columns."""
-        slots = torch.arange(self.num_slots, device=token_slots.device)
-        onehot = (token_slots[:, None] == slots[None, :]).to(self.dtype)  # [T, S]
-        return onehot.repeat_interleave(self.max_rank, dim=1)
-
 
 @dataclass
 class LoraBatch:
     """Per-step LoRA inputs: the slot tensors and each token's slot, in the form the chosen path reads.
 
-    Exactly one of `mask` ([T, S*R], for the dense math) and `segments` (tokens grouped by slot, for the
-    kernels) is set.
+    Exactly one form is set, and in each a token only ever meets its own slot's weights (a bad adapter's
+    NaN cannot reach another row): `segments` (tokens grouped by slot, for the kernels), `rows` (each
+    slot's token indices, grouped on the host, for the eager torch math) or `token_slots` (the graph-safe
+    torch math for CUDA without the kernels: each token gathers its own slot's weights, base tokens zeros).
     """
 
     slots: LoraSlots
-    mask: torch.Tensor | None = None
     segments: SlotSegments | None = None
+    rows: tuple[tuple[int, torch.Tensor], ...] | None = None  # (slot, int64 token indices), slot >= 0
+    token_slots: torch.Tensor | None = None  # [T] slot per token, -1 = base
 
     @classmethod
     def for_tokens(cls, slots: LoraSlots, token_slots: torch.Tensor) -> LoraBatch:
-        """[T] slot per token (-1 = base): the kernels for decode-sized batches on CUDA, else dense math."""
+        """[T] slot per token (-1 = base): the kernels for decode-sized CUDA batches, else the torch math."""
         t = token_slots.shape[0]
         if slots.kernels.triton and token_slots.is_cuda and 0 < t <= MAX_TOKENS:
             return cls.segmented(slots, token_slots)
@@ -124,8 +121,10 @@ class LoraBatch:
 
     @classmethod
     def dense(cls, slots: LoraSlots, token_slots: torch.Tensor) -> LoraBatch:
-        """The dense math's form: a [T, S*R] mask of each token's rank columns."""
-        return cls(slots, mask=slots.token_mask(token_slots))
+        """The torch math's form: per-slot rows from host slots; a per-token gather for device slots."""
+        if token_slots.is_cuda:
+            return cls(slots, token_slots=token_slots)  # no host sync: capturable in a CUDA graph
+        return cls(slots, rows=slot_rows(token_slots))
 
     @classmethod
     def segmented(cls, slots: LoraSlots, token_slots: torch.Tensor) -> LoraBatch:
@@ -176,17 +175,19 @@ def add_lora(
     """Add each token's LoRA delta to the base outputs `outs` of one shrink group's modules, in place.
 
     Kernel path: one shrink, and one expand into the outputs (a single launch when they are column slices of
-    one fused output). Dense path: one masked shrink matmul, then one expand matmul and add per module.
+    one fused output). Torch paths: per slot present, its rows alone (or, graph-safe, a per-token gather).
     """
     slots = lora.slots
     modules = slots.groups[group]
     assert len(outs) == len(modules)
-    if lora.segments is None:
-        assert lora.mask is not None
-        shrunk = lora_shrink(x, slots.a_group[layer][group], lora.mask)  # [T, modules, S*R]
-        for i, (y, m) in enumerate(zip(outs, modules, strict=True)):
-            y.addmm_(shrunk[:, i], slots.b[layer][m].t())  # the add rides in the matmul's epilogue
+    if lora.rows is not None:
+        for slot, rows in lora.rows:
+            _add_slot_rows(x, outs, layer, group, slot, rows, slots)
         return outs
+    if lora.token_slots is not None:
+        _add_gathered(x, outs, layer, group, lora.token_slots, slots)
+        return outs
+    assert lora.segments is not None
     r = slots.max_rank
     seg = lora.segments
     programs = SHRINK_PROGRAMS if seg.split_k else 1  # one program per block and module: no split
@@ -201,31 +202,62 @@ def add_lora(
     return outs
 
 
-def lora_shrink(x: torch.Tensor, a_group: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Rank-space activations of every module in a shrink group: [T, modules, S*R], other slots zeroed.
+def slot_rows(token_slots: torch.Tensor) -> tuple[tuple[int, torch.Tensor], ...]:
+    """[T] slot per token (-1 = base, host tensor) -> (slot, its token indices) for each slot present."""
+    order = torch.argsort(token_slots, stable=True)
+    present, counts = torch.unique_consecutive(token_slots[order], return_counts=True)
+    groups = zip(present.tolist(), order.split(counts.tolist()), strict=True)
+    return tuple((slot, rows) for slot, rows in groups if slot >= 0)
 
-    semantics: out[t, m, s*R:(s+1)*R] = A_{m,s} @ x[t] if slot[t] == s else 0   (A_{m,s}: [R, in])
+
+def _add_slot_rows(
+    x: torch.Tensor,
+    outs: list[torch.Tensor],
+    layer: int,
+    group: str,
+    slot: int,
+    rows: torch.Tensor,
+    slots: LoraSlots,
+) -> None:
+    """Add one slot's delta to its own rows only: the rows are gathered, multiplied by that slot, scattered.
+
+    semantics: out_m[rows] += B_{m,slot} @ (A_{m,slot} @ x[rows])   (A: [R, in], B: [out_m, R])
     """
-    t, sr = x.shape[0], mask.shape[1]
-    return (x @ a_group.t()).view(t, -1, sr) * mask[:, None, :]
+    lo, hi = slot * slots.max_rank, (slot + 1) * slots.max_rank
+    x_rows = x.index_select(0, rows.to(x.device))  # [n, in]
+    for y, m in zip(outs, slots.groups[group], strict=True):
+        shrunk = x_rows @ slots.a[layer][m][lo:hi].t()  # [n, R]
+        y.index_add_(0, rows.to(y.device), shrunk @ slots.b[layer][m][:, lo:hi].t())
 
 
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Batched LoRA for one module: each adapter's A and B are read once for the whole batch.
+def _add_gathered(
+    x: torch.Tensor,
+    outs: list[torch.Tensor],
+    layer: int,
+    group: str,
+    token_slots: torch.Tensor,
+    slots: LoraSlots,
+) -> None:
+    """Graph-safe torch math: each token gathers its own slot's A and B; base tokens get zero matrices.
 
-    semantics:
-        for t in range(T):                       # x: [T, in]
-            s = slot[t]                          # mask[t] = 1 on columns s*R:(s+1)*R, else 0 (-1: all 0)
-            out[t] = B_s @ (A_s @ x[t])          # A_s: [R, in], B_s (scaled): [out, R]
-    computed as ((x @ A.T) * mask) @ B.T with A: [S*R, in], B: [out, S*R].
+    semantics: out_m[t] += B_{m,slot[t]} @ (A_{m,slot[t]} @ x[t]) for slot[t] >= 0, nothing otherwise
     """
-    return ((x @ a.t()) * mask) @ b.t()
+    r, s = slots.max_rank, slots.num_slots
+    own = token_slots >= 0  # [T]
+    index = token_slots.clamp(min=0)
+    for y, m in zip(outs, slots.groups[group], strict=True):
+        a = slots.a[layer][m].view(s, r, -1)[index]  # [T, R, in]
+        a = torch.where(own[:, None, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
+        b = slots.b[layer][m].view(-1, s, r).permute(1, 0, 2)[index]  # [T, out, R]
+        b = torch.where(own[:, None, None], b, torch.zeros((), dtype=b.dtype, device=b.device))
+        shrunk = torch.bmm(a, x[:, :, None])  # [T, R, 1]
+        y.add_(torch.bmm(b, shrunk).squeeze(2))
 
 
 def lora_delta_reference(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor, max_rank: int
 ) -> torch.Tensor:
-    """Slow per-slot loop that the batched `lora_delta` must equal (used in tests)."""
+    """Slow per-slot loop that `add_lora` must equal for one module (used in tests)."""
     out = torch.zeros(x.shape[0], b.shape[0], dtype=x.dtype, device=x.device)
     for s in token_slots.unique().tolist():
         if s < 0:

@@ -10,12 +10,9 @@ from pathlib import Path
 import torch
 
 from kiln_common.errors import InvalidAdapterError
-from kiln_common.lora_targets import MODULE_PARENT, TARGET_MODULES
-from kiln_common.peft_format import WEIGHTS_FILE, PeftConfig, read_peft_config
+from kiln_common.lora_targets import MODULE_PARENT
+from kiln_common.peft_format import WEIGHTS_FILE, PeftConfig, parse_weight_name, read_peft_config
 from kiln_infer.lora.errors import AdapterLoadError
-
-_PARENTS = "|".join(sorted(set(MODULE_PARENT.values())))  # mlp|self_attn
-_KEY = re.compile(rf"(?:.*\.)?layers\.(\d+)\.({_PARENTS})\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
 @dataclass
@@ -65,11 +62,15 @@ def load_peft_adapter(key: str, path: Path, max_rank: int) -> LoraWeights:
     a: dict[tuple[int, str], torch.Tensor] = {}
     b: dict[tuple[int, str], torch.Tensor] = {}
     for name, tensor in tensors.items():
-        m = _KEY.match(name)
-        if m is None or m.group(3) not in TARGET_MODULES:
+        parsed = parse_weight_name(name)
+        if parsed is None or parsed[1] not in cfg.target_modules:
             raise AdapterLoadError(f"adapter {key!r}: unsupported weight {name!r}")
-        layer, module = int(m.group(1)), m.group(3)
-        (a if m.group(4) == "A" else b)[(layer, module)] = tensor.float()
+        if not tensor.is_floating_point() or tensor.dim() != 2:
+            raise AdapterLoadError(f"adapter {key!r}: {name} must be a 2-d float tensor, got {tensor.dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterLoadError(f"adapter {key!r}: {name} holds NaN or infinite values")
+        layer, module, side = parsed
+        (a if side == "A" else b)[(layer, module)] = tensor.float()
     if not a or set(a) != set(b):
         raise AdapterLoadError(f"adapter {key!r}: lora_A and lora_B weights do not pair up")
     rank = 0

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
 
-from kiln_common.auth import DEFAULT_TENANT, Authenticator, AuthError, load_key_file, parse_key_file
-from kiln_common.config import InferConfig, RedisConfig, add_infer_flags, default_home, infer_config_from
+from kiln_common.auth import (
+    DEFAULT_TENANT,
+    Authenticator,
+    AuthError,
+    Caller,
+    Role,
+    hash_key,
+    load_key_file,
+    parse_key_file,
+)
+from kiln_common.config import InferConfig, RedisConfig, default_home, infer_config_from
+from kiln_common.errors import PermissionDeniedError
+from kiln_common.flags import add_infer_flags
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -47,23 +59,40 @@ def test_default_home_and_long_socket_paths(tmp_path: Path) -> None:
     assert len(str(RedisConfig(home=deep).socket_path)) < 108
 
 
-def test_key_files_map_keys_to_tenants(tmp_path: Path) -> None:
-    assert parse_key_file('{"k-0123456789": "alice"}') == {"k-0123456789": "alice"}
+def test_key_files_map_key_hashes_to_tenants_and_roles(tmp_path: Path) -> None:
+    alice, bob = Caller("alice"), Caller("bob")
+    assert parse_key_file('{"k-0123456789": "alice"}') == {hash_key("k-0123456789"): alice}
     assert parse_key_file("# c\nk-0123456789 alice\n\nk-9876543210 bob  # x\n") == {
-        "k-0123456789": "alice",
-        "k-9876543210": "bob",
+        hash_key("k-0123456789"): alice,
+        hash_key("k-9876543210"): bob,
     }
-    with pytest.raises(ValueError, match="shorter"):
-        parse_key_file("short alice")
-    with pytest.raises(ValueError):
-        parse_key_file("k-0123456789 bad/tenant")
+    hashed = hash_key("root-key-0123")
+    assert parse_key_file(f"{hashed} ops admin") == {hashed: Caller("ops", Role.ADMIN)}
+    assert parse_key_file(json.dumps({hashed: {"tenant": "ops", "role": "admin"}})) == {
+        hashed: Caller("ops", Role.ADMIN)
+    }
+    for bad, message in [
+        ("short alice", "shorter"),
+        ("k-0123456789 bad/tenant", "tenant"),
+        ("k-0123456789 alice root", "role must be"),
+        ("sha256:abc alice", "64 lowercase hex"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_key_file(bad)
     path = tmp_path / "keys"
-    path.write_text("k-0123456789 alice\n")
+    path.write_text(f"k-0123456789 alice\n{hashed} ops admin\n")
     auth = Authenticator.from_file(path)
+    assert "k-0123456789" not in repr(vars(auth))  # only hashes are kept
     assert auth.tenant([("authorization", "Bearer k-0123456789")]) == "alice"
     for metadata in ([], [("authorization", "Bearer wrong-key-00")], [("authorization", "k-0123456789")]):
         with pytest.raises(AuthError):
             auth.tenant(metadata)
+    # an admin may act for any tenant; a tenant's x-kiln-tenant is ignored
+    act_as_bob = [("x-kiln-tenant", "bob")]
+    assert auth.caller([("authorization", "Bearer root-key-0123"), *act_as_bob]) == Caller("bob", Role.ADMIN)
+    assert auth.caller([("authorization", "Bearer k-0123456789"), *act_as_bob]) == alice
+    with pytest.raises(PermissionDeniedError, match="admin"):
+        alice.require_admin("importing a server path")
 
 
 def test_no_key_file_means_default_tenant_and_a_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from kiln_common.auth import AuthError
-from kiln_common.errors import InvalidAdapterError, ResourceExhaustedError
+from kiln_common.errors import InvalidAdapterError, PermissionDeniedError, ResourceExhaustedError
 from kiln_common.grpc_status import StatusMapper, status_for
 
 
@@ -20,6 +20,10 @@ def test_shared_errors_map_without_extension() -> None:
         "adapter: bad name",
     )
     assert status_for(QueueFullError("full"))[0] == grpc.StatusCode.INTERNAL
+    assert status_for(PermissionDeniedError("needs an admin API key")) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "needs an admin API key",
+    )
 
 
 def test_a_server_names_its_errors_as_shared_kinds() -> None:

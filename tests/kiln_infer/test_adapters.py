@@ -17,7 +17,7 @@ from kiln.v1 import inference_pb2 as pb
 from kiln_common.model_loader import ModelSource, load_hf_model, load_tokenizer
 from kiln_common.samples import SAMPLES_STREAM, Sample, SampleKind
 from tests.conftest import make_peft_adapter
-from tests.kiln_infer.conftest import Client
+from tests.kiln_infer.conftest import Client, upload
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Three things to do in spring:"]
 GREEDY = pb.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -65,10 +65,7 @@ def _reference(source: ModelSource, adapter_dir: Path | None, prompts: list[str]
 def published(alice: Client, peft_adapter: Path) -> str:
     """A fresh adapter name with the session's PEFT adapter as v1 (promoted)."""
     name = f"parity-{uuid.uuid4().hex[:6]}"
-    r = alice.adapters.PublishVersion(
-        apb.PublishVersionRequest(adapter=name, path=str(peft_adapter), promote=True), metadata=alice.metadata
-    )
-    assert r.version == 1
+    assert upload(alice, name, peft_adapter, promote=True).version == 1
     return name
 
 
@@ -104,10 +101,7 @@ def _publish_promote_rollback_split(alice: Client, name: str, v1: Path, v2: Path
     """Each lifecycle RPC, checking what the alias serves after it."""
     md = alice.metadata
     for version, path in ((1, v1), (2, v2)):
-        r = alice.adapters.PublishVersion(
-            apb.PublishVersionRequest(adapter=name, path=str(path)), metadata=md
-        )
-        assert r.version == version
+        assert upload(alice, name, path).version == version
     assert _tokens(alice, name, PROMPTS[0])[1] == f"{name}@v0"  # publishing alone does not promote
     p = alice.adapters.Promote(apb.PromoteRequest(adapter=name, version=1), metadata=md)
     assert (p.previous_version, p.current_version) == (0, 1)
@@ -193,12 +187,7 @@ def test_request_keeps_its_version_across_a_swap(alice: Client, smollm2: ModelSo
     name = f"swap-{uuid.uuid4().hex[:6]}"
     md = alice.metadata
     for i in (1, 2):
-        alice.adapters.PublishVersion(
-            apb.PublishVersionRequest(
-                adapter=name, path=str(make_peft_adapter(smollm2, tmp_path / f"v{i}", seed=10 + i))
-            ),
-            metadata=md,
-        )
+        upload(alice, name, make_peft_adapter(smollm2, tmp_path / f"v{i}", seed=10 + i))
     alice.adapters.Promote(apb.PromoteRequest(adapter=name, version=1), metadata=md)
     sampling = pb.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     expected_v1, _ = _tokens(alice, f"{name}@v1", PROMPTS[2], sampling)

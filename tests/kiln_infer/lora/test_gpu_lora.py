@@ -186,7 +186,7 @@ def test_add_lora_kernels_equal_dense_path(device: torch.device, dtype: torch.dt
     ts = token_slots(100, 16, device)
     kernels = LoraBatch.segmented(slots, ts)
     dense = LoraBatch.dense(slots, ts)
-    assert kernels.segments is not None and dense.mask is not None
+    assert kernels.segments is not None and dense.token_slots is not None
     x = torch.randn(100, 256, dtype=dtype, device=device)
     fused = torch.randn(100, 344, dtype=dtype, device=device)
     want = add_lora(x, [p.clone() for p in fused.split([200, 72, 72], dim=1)], 1, "qkv", dense)

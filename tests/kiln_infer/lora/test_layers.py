@@ -15,7 +15,6 @@ from kiln_infer.lora.layers import (
     LoraSlots,
     add_lora,
     columns_side_by_side,
-    lora_delta,
     lora_delta_reference,
 )
 from kiln_infer.lora.peft_loader import LoraWeights, load_peft_adapter
@@ -50,7 +49,7 @@ def test_batched_delta_equals_reference_with_mixed_ranks(tmp_path: Path) -> None
     token_slots = torch.tensor([-1, 0, 2, 2, 1, -1, 0, 1])
     x = torch.randn(8, 64)
     a, b = slots.a[1]["down_proj"], slots.b[1]["down_proj"]
-    fast = lora_delta(x, a, b, slots.token_mask(token_slots))
+    fast = add_lora(x, [torch.zeros(8, 32)], 1, "down", LoraBatch.dense(slots, token_slots))[0]
     slow = lora_delta_reference(x, a, b, token_slots, max_rank=8)
     assert torch.allclose(fast, slow, atol=1e-6)
     assert fast[0].abs().max() == 0 and fast[1].abs().max() > 0
@@ -112,8 +111,8 @@ def test_dense_add_lora_into_fused_output(tmp_path: Path) -> None:
     for slot, (rank, seed) in enumerate([(2, 0), (8, 1), (5, 2)]):
         slots.load(slot, adapter(tmp_path, f"a{slot}", rank, seed))
     token_slots = torch.tensor([-1, 0, 2, 2, 1, -1, 0, 1])
-    lora = LoraBatch.for_tokens(slots, token_slots)  # CPU tensors: the dense path even with Triton kernels
-    assert lora.mask is not None and lora.segments is None
+    lora = LoraBatch.for_tokens(slots, token_slots)  # CPU tensors: the torch path even with Triton kernels
+    assert lora.rows is not None and lora.segments is None
     x, base = torch.randn(8, 32), torch.randn(8, 64)
     fused = base.clone()
     parts = add_lora(x, list(fused.split([32, 16, 16], dim=1)), 0, "qkv", lora)
@@ -136,3 +135,31 @@ def test_columns_side_by_side_needs_one_storage() -> None:
     assert columns_side_by_side([torch.randn(1, 16), torch.randn(1, 32)]) is None
     # slices that are not adjacent columns of the same rows
     assert columns_side_by_side([wide[:, :16], wide[:, 32:]]) is None
+
+
+@pytest.mark.parametrize("form", ["rows", "gathered"])
+def test_nan_adapter_never_reaches_other_rows(tmp_path: Path, form: str) -> None:
+    """A slot full of NaN changes only its own tokens: other adapters' and base tokens stay exact."""
+    slots = cpu_slots(3)
+    slots.load(0, adapter(tmp_path, "good", 4, 0))
+    slots.load(2, adapter(tmp_path, "other", 8, 1))
+    for layer in range(2):  # slot 1: a NaN adapter that got in anyway
+        for module in slots.a[layer]:
+            slots.a[layer][module][8:16].fill_(float("nan"))
+            slots.b[layer][module][:, 8:16].fill_(float("nan"))
+    token_slots = torch.tensor([-1, 0, 1, 2, 1, -1, 0])
+    gathered = LoraBatch(slots, token_slots=token_slots)  # the CUDA-graph form, here on CPU
+    lora = LoraBatch.dense(slots, token_slots) if form == "rows" else gathered
+    x, base = torch.randn(7, 32), torch.randn(7, 64)
+    out = torch.cat(add_lora(x, [p.clone() for p in base.split([32, 16, 16], dim=1)], 0, "qkv", lora), dim=1)
+    bad = token_slots == 1
+    assert out[bad].isnan().all() and out[~bad].isfinite().all()
+    want = torch.cat(
+        [
+            lora_delta_reference(x[~bad], slots.a[0][m], slots.b[0][m], token_slots[~bad], max_rank=8)
+            for m in ("q_proj", "k_proj", "v_proj")
+        ],
+        dim=1,
+    )
+    assert torch.allclose(out[~bad], base[~bad] + want, atol=1e-5)
+    assert torch.equal(out[token_slots == -1], base[token_slots == -1])
