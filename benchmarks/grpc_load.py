@@ -29,6 +29,7 @@ class StreamTiming:
     tokens: int = 0
     messages: int = 0
     code: str = "OK"  # gRPC status name
+    details: str = ""  # the status message of a failed stream
 
 
 @dataclass
@@ -48,6 +49,10 @@ class BurstResult:
         if not ok:
             return 0.0
         return sum(s.tokens for s in ok) / (max(s.last for s in ok) - min(s.submitted for s in self.streams))
+
+    def failures(self) -> dict[str, str]:
+        """One status message per failure code (what a failed stream was told)."""
+        return {s.code: s.details for s in self.streams if s.code != "OK"}
 
     def codes(self) -> dict[str, int]:
         """How many streams ended with each status."""
@@ -74,7 +79,7 @@ async def _one(
                 timing.messages += 1
                 timing.last = now
         except grpc.aio.AioRpcError as exc:
-            timing.code = exc.code().name
+            timing.code, timing.details = exc.code().name, (exc.details() or "")[:200]
         return timing
 
 

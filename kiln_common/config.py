@@ -126,6 +126,7 @@ class InferConfig(ServiceConfig):
     )
     max_num_batched_tokens: int = 0  # tokens per engine step (GPU 16384, CPU 2048)
     kv_memory_fraction: float = 0.5  # share of free GPU memory given to the KV cache
+    api_processes: int = 0  # API processes sharing the gRPC port (SO_REUSEPORT); 0 = GPU 4, CPU 1
     http_port: int | None = None  # OpenAI-compatible HTTP (and /metrics) on this port; None = off
     metrics_port: int | None = None  # Prometheus /metrics alone, for gRPC-only deployments
     log_format: str = "text"  # "text" or "json"
@@ -200,6 +201,7 @@ ENGINE_SIZE_LIMITS = {
     "max_model_len": 1 << 20,
     "max_num_batched_tokens": 1 << 20,
     "max_lora_slots": 1024,
+    "api_processes": 64,
 }
 
 
@@ -281,7 +283,13 @@ def _number(args: argparse.Namespace, environ: Mapping[str, str], name: str, kin
 def _engine_sizes(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
     sizes: dict[str, Any] = {
         name: _number(args, environ, name, int, "0")
-        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "max_lora_slots")
+        for name in (
+            "max_num_seqs",
+            "max_model_len",
+            "max_num_batched_tokens",
+            "max_lora_slots",
+            "api_processes",
+        )
     }
     sizes["max_lora_rank"] = _number(args, environ, "max_lora_rank", int, "64")
     sizes["max_waiting"] = _number(args, environ, "max_waiting", int, "256")

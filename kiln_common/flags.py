@@ -33,6 +33,12 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-warmup", action="store_true", help="report SERVING without a warm-up generation"
     )
+    _add_size_flags(parser)
+    _add_serving_flags(parser)
+
+
+def _add_size_flags(parser: argparse.ArgumentParser) -> None:
+    """Engine sizes and the admission queue."""
     sizes = parser.add_argument_group("engine sizes (0 = chosen for the device)")
     sizes.add_argument(
         "--max-num-seqs", type=int, help="sequences per step [KILN_MAX_NUM_SEQS; GPU 256, CPU 64]"
@@ -61,6 +67,15 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
         help="requests queued behind the running batch before RESOURCE_EXHAUSTED [KILN_MAX_WAITING, 256]",
     )
     sizes.add_argument("--max-lora-rank", type=int, help="largest adapter rank [KILN_MAX_LORA_RANK, 64]")
+
+
+def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
+    """API processes, HTTP, metrics, logs, adapter import, canaries and per-tenant limits."""
+    parser.add_argument(
+        "--api-processes",
+        type=int,
+        help="API processes sharing the gRPC port; 0 = 4 on a GPU, 1 on CPU [KILN_API_PROCESSES, 0]",
+    )
     parser.add_argument(
         "--http-port", type=int, help="OpenAI-compatible HTTP + /metrics port [KILN_HTTP_PORT; off]"
     )

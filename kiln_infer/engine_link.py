@@ -10,7 +10,6 @@ tokens arrive finds several increments waiting and sends them as one response.
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import pickle
@@ -79,18 +78,38 @@ class EngineInfo:
     dtype: str
 
 
+def merge_wire(ready: list[WireOutput]) -> RequestOutput:
+    """Every increment that arrived for one request since it was last read, as one RequestOutput."""
+    last = ready[-1]
+    if len(ready) == 1:
+        return from_wire(last)
+    tokens: list[int] = []
+    logprobs: list[tuple[TokenLogprob, list[TokenLogprob]]] = []
+    for w in ready:
+        tokens += w[1]
+        if w[7]:
+            logprobs += w[7]
+    reason = FinishReason(last[4]) if last[4] is not None else None
+    text = "".join(w[2] for w in ready)
+    return RequestOutput(last[0], tokens, text, last[3], reason, last[5], last[6], logprobs, ready[0][8])
+
+
 class OutputStream:
-    """One request's outputs on the asyncio loop; `batches()` yields every increment ready at each wake-up."""
+    """One request's outputs on the asyncio loop; `outputs()` yields what is ready at each wake-up, merged.
+
+    The engine link appends raw wire tuples (cheap: once per request per engine step); the merged output is
+    built once per wake-up of the reader, so a reader that falls behind does less work per token, not more.
+    """
 
     def __init__(self) -> None:
-        self._ready: collections.deque[RequestOutput] = collections.deque()
+        self._ready: list[WireOutput] = []
         self._error: BaseException | None = None
         self._wake = asyncio.Event()
         self.done = False
 
-    def push(self, out: RequestOutput) -> None:
+    def push(self, wire: WireOutput) -> None:
         """Called on the loop: add an increment."""
-        self._ready.append(out)
+        self._ready.append(wire)
         self._wake.set()
 
     def fail(self, exc: BaseException) -> None:
@@ -98,16 +117,16 @@ class OutputStream:
         self._error = exc
         self._wake.set()
 
-    async def batches(self) -> AsyncIterator[list[RequestOutput]]:
-        """Every increment ready at each wake-up, as one list; the last list ends with the finished one."""
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """The increments ready at each wake-up, merged into one; the last one is finished."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             if self._ready:
-                ready = list(self._ready)
-                self._ready.clear()
-                yield ready
-                if ready[-1].finished:
+                ready, self._ready = self._ready, []
+                out = merge_wire(ready)
+                yield out
+                if out.finished:
                     self.done = True
                     return
             if self._error is not None:
@@ -241,13 +260,13 @@ class EngineClient:
     def _deliver(self, message: tuple[Any, ...]) -> None:
         """On the loop: route a step's outputs (or a failed admission) to their streams."""
         if message[0] == "out":
+            streams = self._streams
             for wire in message[1]:
-                stream = self._streams.get(wire[0])
-                if stream is None:
-                    continue
-                stream.push(from_wire(wire))
-                if wire[3]:
-                    self._finish(wire[0])
+                stream = streams.get(wire[0])
+                if stream is not None:
+                    stream.push(wire)
+                    if wire[3]:
+                        self._finish(wire[0])
         elif message[0] == "fail":
             _, request_id, error = message
             stream = self._streams.get(request_id)

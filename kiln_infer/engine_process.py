@@ -16,6 +16,7 @@ import pickle
 import queue
 import secrets
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from kiln_infer.engine_link import EngineInfo, WireOutput, to_wire
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+MAX_SOCKET_PATH = 100
 
 
 def die_with_parent() -> None:
@@ -56,7 +58,7 @@ class _Sink:
 
 
 class EngineHost:
-    """Bridges one connection to the engine: requests in, one output message per step out."""
+    """Bridges API processes to the engine: requests in; per step, one output message per connection out."""
 
     def __init__(self, engine: AsyncEngine, info: EngineInfo) -> None:
         self.engine = engine
@@ -64,8 +66,7 @@ class EngineHost:
         self._outbox: list[WireOutput] = []
         self._sink = _Sink(self._outbox)
         self._send_queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._conn: Connection | None = None
-        self._mine: set[str] = set()  # request ids of the current connection not yet finished
+        self._owner: dict[str, Connection] = {}  # unfinished request id -> the connection that sent it
         engine.on_step_end = self._flush
         threading.Thread(target=self._send_loop, name="kiln-engine-send", daemon=True).start()
 
@@ -77,7 +78,7 @@ class EngineHost:
             self._send_queue.put(("out", batch))
 
     def _send_loop(self) -> None:
-        """Coalesce whatever is queued (several steps if the API process reads slowly) into one message."""
+        """Coalesce what is queued (several steps if an API process is slow): one message a connection."""
         while True:
             first = self._send_queue.get()
             if first is None:
@@ -94,50 +95,61 @@ class EngineHost:
             self._send_many(pending)
 
     def _send_many(self, messages: list[tuple[Any, ...]]) -> None:
-        outputs = [w for m in messages if m[0] == "out" for w in m[1]]
-        others = [m for m in messages if m[0] != "out"]
-        for w in outputs:
-            if w[3]:
-                self._mine.discard(w[0])
-        conn = self._conn
-        if conn is None:
-            return
+        """Route outputs to the connections that own them; replies and failures carry their connection."""
+        owner = self._owner
+        by_conn: dict[Connection, list[WireOutput]] = {}
+        for m in messages:
+            if m[0] != "out":
+                self._send(m[-1], m[:-1])
+                continue
+            for w in m[1]:
+                conn = owner.get(w[0])
+                if conn is not None:
+                    by_conn.setdefault(conn, []).append(w)
+                    if w[3]:
+                        owner.pop(w[0], None)
+        for conn, outputs in by_conn.items():
+            self._send(conn, ("out", outputs))
+
+    @staticmethod
+    def _send(conn: Connection, message: tuple[Any, ...]) -> None:
         try:
-            for m in [*others, *([("out", outputs)] if outputs else [])]:
-                conn.send_bytes(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL))
+            conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
         except (OSError, ValueError):
-            pass  # the API process went away; serve() notices and cleans up
+            pass  # that API process went away; its serve() cleans up
 
     def serve(self, conn: Connection) -> None:
         """Serve one API process until it disconnects, then abort what it left running."""
-        self._conn = conn
         conn.send_bytes(pickle.dumps(("ready", self.info)))
         try:
             while True:
-                self._handle(pickle.loads(conn.recv_bytes()))
+                self._handle(pickle.loads(conn.recv_bytes()), conn)
         except (EOFError, OSError):
-            log.info("API process disconnected; aborting its %d requests", len(self._mine))
+            pass
         finally:
-            self._conn = None
-            for request_id in list(self._mine):
+            mine = [rid for rid, c in list(self._owner.items()) if c is conn]
+            log.info("an API process disconnected; aborting its %d requests", len(mine))
+            for request_id in mine:
+                self._owner.pop(request_id, None)
                 self.engine.abort(request_id)
-            self._mine.clear()
+            conn.close()
 
-    def _handle(self, message: tuple[Any, ...]) -> None:
+    def _handle(self, message: tuple[Any, ...], conn: Connection) -> None:
         kind = message[0]
         if kind == "add":
             request: EngineRequest = message[1]
+            self._owner[request.request_id] = conn  # before submit: its first output may come at once
             try:
                 self.engine.submit(request, sink=self._sink)
-                self._mine.add(request.request_id)
             except Exception as exc:  # noqa: BLE001 - the error travels to the client's stream
-                self._send_queue.put(("fail", request.request_id, exc))
+                self._owner.pop(request.request_id, None)
+                self._send_queue.put(("fail", request.request_id, exc, conn))
         elif kind == "abort":
             self.engine.abort(message[1])
         elif kind == "call":
-            threading.Thread(target=self._call, args=message[1:], daemon=True).start()
+            threading.Thread(target=self._call, args=(*message[1:], conn), daemon=True).start()
 
-    def _call(self, call_id: int, method: str, args: tuple[Any, ...]) -> None:
+    def _call(self, call_id: int, method: str, args: tuple[Any, ...], conn: Connection) -> None:
         result: Any = None
         error: BaseException | None = None
         try:
@@ -149,7 +161,7 @@ class EngineHost:
                 raise ValueError(f"unknown engine call {method!r}")
         except Exception as exc:  # noqa: BLE001 - the error travels to the caller
             error = exc
-        self._send_queue.put(("reply", call_id, result, error))
+        self._send_queue.put(("reply", call_id, result, error, conn))
 
 
 @dataclass(frozen=True)
@@ -199,7 +211,7 @@ def _accept_loop(listener: Listener, host: EngineHost) -> None:
         except Exception as exc:  # noqa: BLE001 - a bad handshake (wrong key) must not kill the listener
             log.warning("refused a connection to the engine core: %s", exc)
             continue
-        host.serve(conn)
+        threading.Thread(target=host.serve, args=(conn,), name="kiln-engine-conn", daemon=True).start()
 
 
 class EngineProcess:
@@ -208,7 +220,10 @@ class EngineProcess:
     def __init__(self, config: InferConfig, redis_url: str) -> None:
         run_dir = config.home / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.address = str(run_dir / f"engine-{os.getpid()}-{secrets.token_hex(4)}.sock")
+        address = run_dir / f"engine-{os.getpid()}-{secrets.token_hex(4)}.sock"
+        if len(str(address)) > MAX_SOCKET_PATH:  # sun_path holds 108 bytes: deep homes get a /tmp socket
+            address = Path(tempfile.gettempdir()) / address.name
+        self.address = str(address)
         self.authkey = secrets.token_bytes(32)
         self._spec = EngineProcessSpec(config, redis_url, self.address, self.authkey)
         self._process: BaseProcess | None = None

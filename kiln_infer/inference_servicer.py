@@ -23,7 +23,7 @@ from kiln_common.sample_recorder import SampleRecorder
 from kiln_common.samples import Sample, SampleKind
 from kiln_common.tenant_limits import LimitSettings, TenantLimits
 from kiln_infer import convert
-from kiln_infer.engine.types import EngineRequest, FinishReason, RequestOutput
+from kiln_infer.engine.types import EngineRequest, FinishReason
 from kiln_infer.engine_link import EngineClient, OutputStream
 from kiln_infer.errors import (
     DeadlineExceededError,
@@ -76,24 +76,6 @@ class Served:
     def label(self) -> str:
         """The served version as responses name it ("" for the base model)."""
         return self.resolved.label if self.resolved else ""
-
-
-def merge_outputs(batch: list[RequestOutput]) -> RequestOutput:
-    """Several increments of one request as one (the last one's finish state, all tokens and text)."""
-    if len(batch) == 1:
-        return batch[0]
-    last = batch[-1]
-    return RequestOutput(
-        last.request_id,
-        [t for out in batch for t in out.token_ids],
-        "".join(out.text for out in batch),
-        last.finished,
-        last.finish_reason,
-        last.prompt_tokens,
-        last.completion_tokens,
-        [lp for out in batch for lp in out.logprobs],
-        batch[0].emitted_at,
-    )
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -200,8 +182,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         status = "OK"
         completion: list[str] = []
         try:
-            async for batch in stream.batches():
-                out = merge_outputs(batch)
+            async for out in stream.outputs():
                 observer.output(out)
                 if out.finish_reason == FinishReason.ABORTED:
                     self._raise_aborted(context, engine_id)

@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kiln.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -96,8 +97,11 @@ class InferServer:
     kiln-infer supervisor the engine core outlives this process, so a restart here does not reload weights.
     """
 
-    def __init__(self, config: InferConfig, engine: EngineAddress | None = None) -> None:
+    def __init__(
+        self, config: InferConfig, engine: EngineAddress | None = None, index: int = 0, count: int = 1
+    ) -> None:
         self.config = config
+        self.index, self.count = index, count  # which of `count` API processes sharing the port this is
         self.stopping = threading.Event()
         self.serving = threading.Event()
         self.engine_lost = threading.Event()
@@ -131,7 +135,6 @@ class InferServer:
         engine.on_lost = self._on_engine_lost
         client = connect(redis_url)
         source = resolve_model(cfg.model, cfg.home)
-        tokenizer = load_tokenizer(source)
         store = AdapterStore(
             cfg.home,
             cfg.max_lora_rank,
@@ -139,22 +142,15 @@ class InferServer:
             max_bytes=cfg.max_adapter_bytes,
         )
         registry = Registry(client, store, cfg.events_maxlen)
-        canaries = Canaries(registry, cfg.canary_share, cfg.canary_min_requests)
-        tenant_limits = TenantLimits(
-            LimitSettings(cfg.tenant_max_streams, cfg.tenant_requests_per_s, cfg.tenant_samples_per_min)
-        )
-        view = AdapterView(registry)
-        swapper = HotSwapper(view, engine, max_preload=engine.info.max_lora_slots)
+        swapper = HotSwapper(AdapterView(registry), engine, max_preload=engine.info.max_lora_slots)
         events = EventHub(self._loop)
         swapper.listeners.append(events.publish)
         await self._loop.run_in_executor(None, swapper.start)  # preloads adapters: off the loop
+        # samples served while Redis is down wait in a spool of this process's own
+        spool = cfg.home / "spool" / f"samples-{self.index}"
         recorder = SampleRecorder(
-            client,
-            maxlen=cfg.samples_maxlen,
-            buffer_size=cfg.sample_queue_size,
-            spool_dir=cfg.home / "spool" / "samples",  # samples served while Redis is down wait here
+            client, maxlen=cfg.samples_maxlen, buffer_size=cfg.sample_queue_size, spool_dir=spool
         )
-        auth = Authenticator.from_file(cfg.api_keys_file)
         server = grpc.aio.server(
             migration_thread_pool=futures.ThreadPoolExecutor(
                 cfg.max_workers, thread_name_prefix="kiln-admin"
@@ -162,45 +158,10 @@ class InferServer:
             interceptors=[AsyncDecodeErrorInterceptor()],  # malformed request bytes: INVALID_ARGUMENT
             options=[
                 ("grpc.max_receive_message_length", 4 * cfg.max_request_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(self.count > 1)),  # several API processes share one port
             ],
         )
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(
-                engine=engine,
-                renderer=PromptRenderer(tokenizer),
-                info=model_info(source, engine.info, cfg),
-                limits=Limits(
-                    cfg.max_request_bytes,
-                    cfg.max_stop_strings,
-                    cfg.max_stop_chars,
-                    cfg.max_messages,
-                    int(source.config.vocab_size),
-                ),
-                auth=auth,
-                view=view,
-                registry=registry,
-                recorder=recorder,
-                requests=RequestLog(client, cfg.request_record_ttl_s),
-                stopping=self.stopping,
-                metrics=self.metrics.requests,
-                canaries=canaries,
-                tenant_limits=tenant_limits,
-            ),
-            server,
-        )
-        adapter_pb2_grpc.add_AdapterServiceServicer_to_server(
-            AdapterServicer(
-                registry=registry,
-                swapper=swapper,
-                auth=auth,
-                stopping=self.stopping,
-                events=events,
-                import_root=cfg.import_root,
-                canaries=canaries,
-            ),
-            server,
-        )
+        self._add_servicers(server, source, engine, registry, swapper, events, recorder, client)
         health_servicer = await self._add_health_and_reflection(server)
         self.port = server.add_insecure_port(cfg.address)
         if self.port == 0:
@@ -214,9 +175,63 @@ class InferServer:
         )
         return self.port
 
+    def _add_servicers(
+        self,
+        server: grpc.aio.Server,
+        source: ModelSource,
+        engine: EngineClient,
+        registry: Registry,
+        swapper: HotSwapper,
+        events: EventHub,
+        recorder: SampleRecorder,
+        client: redis.Redis,
+    ) -> None:
+        """InferenceService and AdapterService over the engine link and the registry."""
+        cfg = self.config
+        auth = Authenticator.from_file(cfg.api_keys_file)
+        canaries = Canaries(registry, cfg.canary_share, cfg.canary_min_requests)
+        limits = Limits(
+            cfg.max_request_bytes,
+            cfg.max_stop_strings,
+            cfg.max_stop_chars,
+            cfg.max_messages,
+            int(source.config.vocab_size),
+        )
+        tenant_limits = TenantLimits(
+            LimitSettings(cfg.tenant_max_streams, cfg.tenant_requests_per_s, cfg.tenant_samples_per_min)
+        )
+        inference = InferenceServicer(
+            engine=engine,
+            renderer=PromptRenderer(load_tokenizer(source)),
+            info=model_info(source, engine.info, cfg),
+            limits=limits,
+            auth=auth,
+            view=swapper.view,
+            registry=registry,
+            recorder=recorder,
+            requests=RequestLog(client, cfg.request_record_ttl_s),
+            stopping=self.stopping,
+            metrics=self.metrics.requests,
+            canaries=canaries,
+            tenant_limits=tenant_limits,
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
+        adapters = AdapterServicer(
+            registry=registry,
+            swapper=swapper,
+            auth=auth,
+            stopping=self.stopping,
+            events=events,
+            import_root=cfg.import_root,
+            canaries=canaries,
+        )
+        adapter_pb2_grpc.add_AdapterServiceServicer_to_server(adapters, server)
+
     async def _start_http(self) -> HttpServer | None:
         """The OpenAI-compatible front (and /metrics) on --http-port, over this server's own gRPC port."""
         cfg = self.config
+        if self.index != 0:  # HTTP and metrics ports are not shared: the first API process serves them
+            return None
         if cfg.metrics_port is not None:
             start_metrics_server(cfg.metrics_port, self.metrics.registry, cfg.host)
         if cfg.http_port is None:
@@ -282,7 +297,7 @@ class InferServer:
                     prompt_token_ids=[1, 2, 3, 4],
                     sampling=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
                 )
-                async for _ in self._parts.engine.submit(request).batches():
+                async for _ in self._parts.engine.submit(request).outputs():
                     pass
             except Exception:  # noqa: BLE001 - a failed warm-up leaves the server NOT_SERVING
                 log.exception("warm-up generation failed; health stays NOT_SERVING")

@@ -1,4 +1,4 @@
-"""kiln-infer as a process tree: a small supervisor, the engine-core process, and the API process.
+"""kiln-infer as a process tree: a small supervisor, the engine-core process, and its API processes.
 
 The supervisor starts Redis (if embedded), then the engine core (which loads the weights once), then the API
 process. If the API process dies it is restarted and finds the weights still loaded. If the engine core dies,
@@ -38,6 +38,8 @@ class ApiProcessSpec:
     engine_address: str
     engine_authkey: bytes
     log_level: str
+    index: int = 0  # which of `count` API processes sharing the gRPC port
+    count: int = 1
 
 
 def api_main(spec: ApiProcessSpec) -> None:
@@ -52,7 +54,8 @@ def api_main(spec: ApiProcessSpec) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into one SIGTERM
-    server = InferServer(spec.config, EngineAddress(spec.engine_address, spec.engine_authkey))
+    address = EngineAddress(spec.engine_address, spec.engine_authkey)
+    server = InferServer(spec.config, address, spec.index, spec.count)
     try:
         server.start()
         server.start_warm_up()
@@ -100,29 +103,44 @@ class Supervisor:
             redis_server.stop()
             log.info("kiln-infer stopped")
 
-    def _start_api(self, engine: EngineProcess) -> BaseProcess:
-        spec = ApiProcessSpec(self.config, engine.address, engine.authkey, self.log_level)
-        process = self._ctx.Process(target=api_main, args=(spec,), name="kiln-infer-api", daemon=False)
+    def api_count(self, engine: EngineProcess) -> int:
+        """How many API processes share the port: as configured, else 4 on a GPU and 1 on a CPU."""
+        if self.config.api_processes:
+            return self.config.api_processes
+        on_gpu = engine.info is not None and engine.info.device.startswith("cuda")
+        return 4 if on_gpu and self.config.port != 0 else 1
+
+    def _start_api(self, engine: EngineProcess, index: int, count: int) -> BaseProcess:
+        spec = ApiProcessSpec(self.config, engine.address, engine.authkey, self.log_level, index, count)
+        process = self._ctx.Process(
+            target=api_main, args=(spec,), name=f"kiln-infer-api-{index}", daemon=False
+        )
         process.start()
         return process
 
     def _supervise(self, engine: EngineProcess) -> int:
-        api = self._start_api(engine)
+        count = self.api_count(engine)
+        if count > 1 and self.config.port == 0:
+            raise ValueError("--api-processes > 1 needs a fixed --port (the processes share it)")
+        apis = [self._start_api(engine, i, count) for i in range(count)]
         while not self._stop.wait(0.5):
             if not engine.is_alive():
                 log.error("the engine core exited (status %s); stopping kiln-infer", engine.exitcode)
-                self._stop_api(api, grace_s=10.0)
+                self._stop_apis(apis, grace_s=10.0)
                 return 1
-            if api.is_alive():
-                continue
-            if api.exitcode == ENGINE_LOST_EXIT or not self._may_restart():
-                log.error("the API process exited (status %s); stopping kiln-infer", api.exitcode)
-                return 1
-            log.warning(
-                "the API process exited (status %s); restarting it (weights stay loaded)", api.exitcode
-            )
-            api = self._start_api(engine)
-        return 0 if self._stop_api(api, grace_s=self.config.drain_timeout_s + 15.0) == 0 else 1
+            for i, api in enumerate(apis):
+                if api.is_alive():
+                    continue
+                if api.exitcode == ENGINE_LOST_EXIT or not self._may_restart():
+                    log.error("API process %d exited (status %s); stopping kiln-infer", i, api.exitcode)
+                    self._stop_apis(apis, grace_s=10.0)
+                    return 1
+                log.warning(
+                    "API process %d exited (status %s); restarting it (weights stay loaded)", i, api.exitcode
+                )
+                apis[i] = self._start_api(engine, i, count)
+        statuses = self._stop_apis(apis, grace_s=self.config.drain_timeout_s + 15.0)
+        return 0 if all(s == 0 for s in statuses) else 1
 
     def _may_restart(self) -> bool:
         now = time.monotonic()
@@ -132,13 +150,16 @@ class Supervisor:
         return len(self._restarts) <= MAX_API_RESTARTS
 
     @staticmethod
-    def _stop_api(api: BaseProcess, grace_s: float) -> int | None:
-        """SIGTERM (the API process drains), wait, then SIGKILL; its exit status."""
-        if api.is_alive():
-            api.terminate()
-            api.join(grace_s)
+    def _stop_apis(apis: list[BaseProcess], grace_s: float) -> list[int | None]:
+        """SIGTERM them all (each drains), wait, then SIGKILL what is left; their exit statuses."""
+        for api in apis:
             if api.is_alive():
-                log.error("the API process did not drain within %.0fs; killing it", grace_s)
+                api.terminate()
+        deadline = time.monotonic() + grace_s
+        for api in apis:
+            api.join(max(0.0, deadline - time.monotonic()))
+            if api.is_alive():
+                log.error("an API process did not drain within %.0fs; killing it", grace_s)
                 api.kill()
                 api.join(5)
-        return api.exitcode
+        return [api.exitcode for api in apis]
