@@ -184,6 +184,7 @@ def many_streams(target: str, w: w1.Workload, vocab: int, pid: int, n: int = 200
     return {
         "streams": n,
         "codes": result.codes(),
+        "failures": result.failures(),
         "rss_before_mib": round(before),
         "rss_after_mib": round(after),
     }
