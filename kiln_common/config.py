@@ -126,6 +126,9 @@ class InferConfig(ServiceConfig):
     )
     max_num_batched_tokens: int = 0  # tokens per engine step (GPU 16384, CPU 2048)
     kv_memory_fraction: float = 0.5  # share of free GPU memory given to the KV cache
+    max_queue_time_s: float = (
+        30.0  # a request not started after this long gets RESOURCE_EXHAUSTED; 0 = no limit
+    )
     api_processes: int = 0  # API processes sharing the gRPC port (SO_REUSEPORT); 0 = GPU 4, CPU 1
     http_port: int | None = None  # OpenAI-compatible HTTP (and /metrics) on this port; None = off
     metrics_port: int | None = None  # Prometheus /metrics alone, for gRPC-only deployments
@@ -189,6 +192,10 @@ class InferConfig(ServiceConfig):
             port = getattr(self, name)
             if port is not None:
                 _check_port(name, port)
+        if not math.isfinite(self.max_queue_time_s) or not 0 <= self.max_queue_time_s <= 3600:
+            raise ValueError(
+                f"--max-queue-time / KILN_MAX_QUEUE_TIME must be in 0..3600 s, got {self.max_queue_time_s}"
+            )
         if self.log_format not in ("text", "json"):
             raise ValueError(
                 f"--log-format / KILN_LOG_FORMAT must be 'text' or 'json', got {self.log_format!r}"
@@ -294,6 +301,11 @@ def _engine_sizes(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[
     sizes["max_lora_rank"] = _number(args, environ, "max_lora_rank", int, "64")
     sizes["max_waiting"] = _number(args, environ, "max_waiting", int, "256")
     sizes["kv_memory_fraction"] = _number(args, environ, "kv_memory_fraction", float, "0.5")
+    raw = _pick(getattr(args, "max_queue_time", None), environ, "KILN_MAX_QUEUE_TIME", "30")
+    try:
+        sizes["max_queue_time_s"] = float(raw)
+    except ValueError:
+        raise ValueError(f"--max-queue-time / KILN_MAX_QUEUE_TIME must be a number, got {raw!r}") from None
     for name in ("http_port", "metrics_port"):
         raw = _pick(getattr(args, name, None), environ, _flag_and_var(name)[1], "")
         sizes[name] = _number(args, environ, name, int, raw) if raw else None

@@ -66,6 +66,11 @@ def _add_size_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="requests queued behind the running batch before RESOURCE_EXHAUSTED [KILN_MAX_WAITING, 256]",
     )
+    sizes.add_argument(
+        "--max-queue-time",
+        type=float,
+        help="seconds a request may wait to start (0 = no limit) [KILN_MAX_QUEUE_TIME, 30]",
+    )
     sizes.add_argument("--max-lora-rank", type=int, help="largest adapter rank [KILN_MAX_LORA_RANK, 64]")
 
 

@@ -84,6 +84,7 @@ def engine_config_for(
         max_lora_rank=cfg.max_lora_rank,
         max_cpu_loras=max(32, slots),
         max_waiting=cfg.max_waiting,
+        max_queue_time_s=cfg.max_queue_time_s or None,
         use_cuda_graphs=on_gpu,
         cuda_graph_batch_sizes=tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_num_seqs)
         + (max_num_seqs,),

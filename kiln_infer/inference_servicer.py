@@ -23,7 +23,7 @@ from kiln_common.sample_recorder import SampleRecorder
 from kiln_common.samples import Sample, SampleKind
 from kiln_common.tenant_limits import LimitSettings, TenantLimits
 from kiln_infer import convert
-from kiln_infer.engine.types import EngineRequest, FinishReason
+from kiln_infer.engine.types import EngineOverloadedError, EngineRequest, FinishReason
 from kiln_infer.engine_link import EngineClient, OutputStream
 from kiln_infer.errors import (
     DeadlineExceededError,
@@ -186,6 +186,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 observer.output(out)
                 if out.finish_reason == FinishReason.ABORTED:
                     self._raise_aborted(context, engine_id)
+                if out.finish_reason == FinishReason.QUEUE_TIMEOUT:
+                    raise EngineOverloadedError(
+                        "the request waited too long for a place in the batch (--max-queue-time)"
+                    )
                 completion.append(out.text)
                 if out.finished:
                     self._remember_later(served, "".join(completion))

@@ -28,6 +28,9 @@ class EngineConfig:
     static_decode: bool | None = None  # padded fixed-shape decode steps; None = on CUDA only (graphs need it)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     seed: int = 0  # generator for requests without their own seed
+    max_queue_time_s: float | None = (
+        None  # a request still waiting to start after this long ends QUEUE_TIMEOUT
+    )
 
     def __post_init__(self) -> None:
         """Reject impossible combinations with a message naming the field."""

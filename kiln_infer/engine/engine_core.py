@@ -117,7 +117,13 @@ class EngineCore:
             OutputProcessor.emit(seq)
 
     def expire(self, now: float) -> None:
-        """Abort every request whose deadline has passed."""
+        """Abort every request whose deadline has passed; end those that waited too long to start."""
+        limit = self.config.max_queue_time_s
+        if limit is not None:
+            for seq in [s for q in self.scheduler.waiting.values() for s in q if now - s.queued_at > limit]:
+                if seq.num_computed_tokens == 0:  # a preempted sequence that already ran keeps its place
+                    self._finish(seq, FinishReason.QUEUE_TIMEOUT)
+                    OutputProcessor.emit(seq)
         if not self.num_deadlines:
             return
         for seq in [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import queue
+import time
 from dataclasses import dataclass, field
 
 from kiln_infer.engine.types import EngineRequest, FinishReason, RequestOutput, TokenLogprob
@@ -25,6 +26,7 @@ class Sequence:
     request: EngineRequest
     seed: int  # sampling noise is a pure function of (seed, position): batch composition cannot change it
     arrival: int  # admission order, lower = older
+    queued_at: float = field(default_factory=time.monotonic)  # when it joined the waiting queue
     lora: LoraWeights | None = None
     token_ids: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0

@@ -46,6 +46,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens reached
     STOP_STRING = "stop_string"
     ABORTED = "aborted"  # cancelled or deadline passed
+    QUEUE_TIMEOUT = "queue_timeout"  # waited longer than the engine's max_queue_time_s before it started
 
 
 @dataclass
