@@ -202,8 +202,7 @@ def test_256_concurrent_streams_have_no_connection_errors(front: Front) -> None:
     results = asyncio.run(_stream_many(front.url, 256))
     connection_errors = [r for r in results if isinstance(r, openai.APIConnectionError)]
     assert connection_errors == []
-    # kiln-infer may shed load (429 with Retry-After); anything else is a failure
-    shed = [r for r in results if isinstance(r, openai.RateLimitError)]
-    unexpected = [r for r in results if isinstance(r, BaseException) and r not in shed]
-    assert unexpected == []
-    assert sum(isinstance(r, str) for r in results) > 0, f"all {len(shed)} shed"
+    # the asyncio server admits them all (64 decode together, the rest queue): every stream completes
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert failures == []
+    assert all(isinstance(r, str) and r for r in results)
