@@ -237,6 +237,7 @@ class EngineProcess:
             target=engine_main, args=(self._spec, child_end), name="kiln-engine", daemon=False
         )
         self._process.start()
+        log.info("engine core process started (pid %s)", self._process.pid)
         child_end.close()
         deadline = time.monotonic() + timeout_s
         while not parent_end.poll(0.5):

@@ -116,6 +116,7 @@ class Supervisor:
             target=api_main, args=(spec,), name=f"kiln-infer-api-{index}", daemon=False
         )
         process.start()
+        log.info("API process %d started (pid %s)", index, process.pid)
         return process
 
     def _supervise(self, engine: EngineProcess) -> int:
