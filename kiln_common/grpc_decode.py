@@ -16,6 +16,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from kiln_common.errors import InvalidArgumentError
+from kiln_common.grpc_status import SHARED
+
 log = logging.getLogger(__name__)
 
 Deserializer = Callable[[bytes], Any]
@@ -24,15 +27,14 @@ Deserializer = Callable[[bytes], Any]
 def _message(deserialize: Deserializer, exc: Exception) -> str:
     owner = getattr(deserialize, "__self__", None)
     kind = getattr(owner, "__name__", "request")
-    return f"request: bytes are not a valid {kind} message ({exc})"
+    return f"bytes are not a valid {kind} message ({exc})"
 
 
 def _parse(deserialize: Deserializer, raw: bytes, context: grpc.ServicerContext) -> Any:
     try:
         return deserialize(raw)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the client's malformed message
-        log.info("INVALID_ARGUMENT: %s", _message(deserialize, exc))
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(deserialize, exc))
+        SHARED.abort(context, InvalidArgumentError("request", _message(deserialize, exc)))
 
 
 def _lenient_sync(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -73,8 +75,7 @@ async def _parse_async(deserialize: Deserializer, raw: bytes, context: grpc.aio.
     try:
         return deserialize(raw)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the client's malformed message
-        log.info("INVALID_ARGUMENT: %s", _message(deserialize, exc))
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(deserialize, exc))
+        await SHARED.abort_async(context, InvalidArgumentError("request", _message(deserialize, exc)))
 
 
 def _lenient_async_unary(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -138,4 +138,4 @@ def test_cli_generate_and_adapters(infer_server: InferServer) -> None:
         timeout=60,
         cwd=REPO,
     )
-    assert proc.returncode == 1 and "NOT_FOUND" in proc.stderr
+    assert proc.returncode == 2 and "NOT_FOUND" in proc.stderr  # bad input: one line, exit 2

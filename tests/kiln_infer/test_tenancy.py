@@ -205,7 +205,7 @@ def _layer(t: dict[str, torch.Tensor]) -> None:
     [
         (_nan, "holds NaN or infinite"),
         (_inf, "holds NaN or infinite"),
-        (_wide, "does not fit"),
+        (_wide, "shape"),  # named by the store's check against the base model's shapes
         (_layer, "layer 99"),
     ],
     ids=["nan", "inf", "wrong-shape", "layer"],

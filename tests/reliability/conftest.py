@@ -157,6 +157,7 @@ def base_env(home: Path, redis_url: str, infer_port: int) -> dict[str, str]:
         "KILN_DEVICE": "cpu",
         "KILN_INFER_ADDRESS": f"127.0.0.1:{infer_port}",
         "KILN_DRAIN_TIMEOUT": "20",
+        "KILN_IMPORT_ROOT": str(home),  # tests publish adapters written under the home by path
         "KILN_TRAIN_THREADS": "1",
         "TORCH_NUM_THREADS": "1",
         "OMP_NUM_THREADS": "1",
