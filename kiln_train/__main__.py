@@ -35,7 +35,8 @@ from kiln_train.base_model import SharedBase
 from kiln_train.buffer import TrainingBuffer
 from kiln_train.consumer import SampleConsumer
 from kiln_train.daemon import TrainingDaemon
-from kiln_train.evaluator import ReferenceCache
+from kiln_train.evaluator import PromptSets, ReferenceCache
+from kiln_train.parent_client import ParentClient, tenant_keys
 from kiln_train.pipeline import Pipeline
 from kiln_train.servicer import TrainingServicer
 from kiln_train.settings import TrainSettings
@@ -73,8 +74,9 @@ class TrainServer:
         registry = Registry(client, AdapterStore(cfg.home))
         model_key = hashlib.sha256(source.spec.encode()).hexdigest()[:12]
         ref_dir = Path(s.reference_dir).expanduser() if s.reference_dir else cfg.home / "train" / "reference"
-        references = ReferenceCache(ref_dir, model_key)
-        runner = RoundRunner(registry, tok, s, references)
+        references = ReferenceCache(ref_dir, model_key, PromptSets.builtin())
+        parent = ParentClient(cfg.infer_address, tenant_keys(cfg.api_keys_file), s.parent_concurrency)
+        runner = RoundRunner(registry, tok, s, references, parent)
         self._daemon = TrainingDaemon(consumer, buffer, SharedBase(client, source.config), runner, s)
         self._daemon.start()
 

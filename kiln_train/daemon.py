@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from kiln_train.base_model import SharedBase
 from kiln_train.buffer import TrainingBuffer
 from kiln_train.consumer import SampleConsumer
+from kiln_train.parent_client import ParentUnavailableError
 from kiln_train.settings import TrainSettings
 from kiln_train.training_round import RoundRecord, RoundRunner, new_round
 
@@ -82,6 +83,7 @@ class TrainingDaemon:
         self._current: RoundRecord | None = None
         self._triggered: set[tuple[str, str]] = set()
         self._rejected_digest: dict[tuple[str, str], str] = {}
+        self._retry_after: dict[tuple[str, str], float] = {}  # rounds waiting for kiln-infer to answer
         self._threads: list[threading.Thread] = []
 
     # --- control ---
@@ -199,6 +201,8 @@ class TrainingDaemon:
             with self._lock:
                 self._triggered.discard(key)
             return False
+        if time.monotonic() < self._retry_after.get(key, 0.0):
+            return False
         if forced:
             return True
         if (
@@ -266,6 +270,11 @@ class TrainingDaemon:
             self.runner.run(model, record, examples, progress, self._interrupted)
         except InterruptedError as exc:
             record.outcome, record.reason = "failed", f"interrupted: {exc}"
+        except ParentUnavailableError as exc:  # no parent answers, no honest round: wait and retry
+            record.outcome, record.reason = "failed", f"waiting for kiln-infer (retry): {exc}"
+            self._retry_after[(tenant, adapter)] = time.monotonic() + self.settings.parent_retry_s
+            with self._lock:
+                self._triggered.add((tenant, adapter))
         except Exception as exc:  # noqa: BLE001 - recorded as a failed round; samples stay buffered
             log.exception("round %s failed", record.round_id)
             record.outcome, record.reason = "failed", f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,30 @@
+"""Normalised exact answer matching: a reference answer counts only as whole words, never as a substring."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_NON_WORD = re.compile(r"[^\w.,+]+")
+_SPACES = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    """NFKC, lower case, punctuation (except inside numbers) turned into spaces, spaces collapsed."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("₂", "2")
+    text = _NON_WORD.sub(" ", text)
+    text = re.sub(r"(?<!\d)[.,+]|[.,+](?!\d)", " ", text)  # keep 3.14, 300,000 and 2+2; drop sentence dots
+    return _SPACES.sub(" ", text).strip()
+
+
+def mentions(answer: str, reference: str) -> bool:
+    """True when the normalised reference occurs in the normalised answer on word boundaries."""
+    ref = normalise(reference)
+    if not ref:
+        return False
+    return re.search(rf"(?<![\w.,]){re.escape(ref)}(?![\w]|[.,]\d)", normalise(answer)) is not None
+
+
+def matches_any(answer: str, references: tuple[str, ...] | list[str]) -> bool:
+    """True when the answer mentions any of the reference answers ("4" does not match "14")."""
+    return any(mentions(answer, r) for r in references)
