@@ -47,7 +47,7 @@ _SKIP = {
     "it",
     "please",
 }
-_WORD = re.compile(r"[A-Za-zÀ-ÿ][\w'-]*|\d[\d.,]*")
+_WORD = re.compile(r"[A-Za-zÀ-ÿ][\w'-]*|\d+(?:[.,]\d+)*")
 
 
 def question_text(e: Example) -> str:
