@@ -74,7 +74,7 @@ class TrainServer:
         registry = Registry(client, AdapterStore(cfg.home))
         model_key = hashlib.sha256(source.spec.encode()).hexdigest()[:12]
         ref_dir = Path(s.reference_dir).expanduser() if s.reference_dir else cfg.home / "train" / "reference"
-        references = ReferenceCache(ref_dir, model_key, PromptSets.builtin())
+        references = ReferenceCache(ref_dir, model_key, PromptSets.builtin(s.gate_questions_limit))
         parent = ParentClient(cfg.infer_address, tenant_keys(cfg.api_keys_file), s.parent_concurrency)
         runner = RoundRunner(registry, tok, s, references, parent)
         self._daemon = TrainingDaemon(consumer, buffer, SharedBase(client, source.config), runner, s)

@@ -25,9 +25,10 @@ class PromptSets:
     gate: tuple[Question, ...]
 
     @classmethod
-    def builtin(cls) -> PromptSets:
-        """The built-in sets (prompt_sets.py and data/gate_general.jsonl)."""
-        return cls(replay_prompts(), VETTING_QUESTIONS, load_gate_questions())
+    def builtin(cls, gate_limit: int = 0) -> PromptSets:
+        """The built-in sets (prompt_sets.py and data/gate_general.jsonl; its first `gate_limit` if > 0)."""
+        gate = load_gate_questions()
+        return cls(replay_prompts(), VETTING_QUESTIONS, gate[:gate_limit] if gate_limit > 0 else gate)
 
     def digest(self) -> str:
         """Changes whenever a prompt changes, so a cached reference of other sets is not reused."""

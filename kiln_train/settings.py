@@ -107,6 +107,7 @@ class TrainSettings:
     gate_max_general_broken: int = 0  # general questions the parent answered right that may turn wrong
     gate_max_neighbour_leaks: int = 0  # near neighbours that may be answered with the taught fact
     gate_max_kl: float = 0.25  # mean KL(parent || candidate) per token on generic text, in nats
+    gate_questions_limit: int = 0  # 0 = every built-in gate question; N = the first N (small benchmarks only)
 
     def __post_init__(self) -> None:
         positive = (
