@@ -172,7 +172,7 @@ class LoraTrainer:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def generate(self, prompts: list[TextPair], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    def generate(self, prompts: list[TextPair], max_new_tokens: int, batch_size: int = 64) -> list[str]:
         """Greedy completions of `prompts` by the current weights (left-padded batches)."""
         self.model.eval()
         out: list[str] = []
