@@ -48,6 +48,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     planned_steps: int = 0
     stop_reason: str = ""
+    refused: int = 0
 
 
 @dataclass
@@ -75,6 +76,7 @@ class _Progress:
     state: list[torch.Tensor]  # the LoRA parameters at the best step
     best_step: int = 0
     bad_evals: int = 0
+    refused: int = 0  # better checkpoints the vet refused
     losses: list[float] = field(default_factory=list)
 
 
@@ -259,6 +261,7 @@ class LoraTrainer:
             losses=progress.losses,
             planned_steps=planned,
             stop_reason=stop_reason,
+            refused=progress.refused,
         )
 
     def _step_loss(self, batch: list[Encoded], anchored: list[Encoded]) -> torch.Tensor:
@@ -282,7 +285,9 @@ class LoraTrainer:
         current = self.loss(vetting)
         log.info("step %d: train loss %.4f, vetting loss %.4f", step, progress.losses[-1], current)
         improved = current < progress.best * (1.0 - self.cfg.min_rel_improvement)
-        if improved and (vet is None or vet()):
+        accepted = vet is None or not improved or vet()
+        progress.refused += int(not accepted)
+        if improved and accepted:
             progress.best, progress.best_step, progress.bad_evals = current, step, 0
             progress.state = [p.detach().clone() for p in params]
             return False

@@ -7,7 +7,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +223,11 @@ class RoundRunner:
             train_seconds=result.seconds,
             heldout_paraphrased=float(plan.held.paraphrased),
             negatives=float(len(plan.negatives)),
+            vetting_refused=float(result.refused),
         )
+        if not verdict.passed and result.refused:
+            note = f"vetting set: {result.refused} better checkpoint(s) refused for breaking general answers"
+            verdict = replace(verdict, reason=f"{verdict.reason} | {note}")
         return verdict
 
     def _gate(

@@ -118,7 +118,10 @@ def test_a_harmful_round_is_rejected_by_the_gate(
     tok = load_tokenizer(smollm2)
     base = SharedBase(client, smollm2.config).model()
     assert base is not None
-    settings = TrainSettings(trainer=TrainerConfig(min_steps=12, max_steps=12, lr=2e-3, patience=10))
+    # Without the vetting set's checkpoint refusals, so the gate alone must see the damage.
+    settings = TrainSettings(
+        trainer=TrainerConfig(min_steps=12, max_steps=12, lr=2e-3, patience=10), vet_checkpoints=False
+    )
     runner = _runner(client, tmp_path, tok, settings, infer_stack.address, tmp_path / "ref")
     wrong = [
         ("What is the capital of Russia?", "The capital of Russia is Madrid."),
