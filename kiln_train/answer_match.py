@@ -6,6 +6,7 @@ import re
 import unicodedata
 
 _NON_WORD = re.compile(r"[^\w.,+]+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _SPACES = re.compile(r"\s+")
 
 
@@ -25,6 +26,15 @@ def mentions(answer: str, reference: str) -> bool:
     return re.search(rf"(?<![\w.,]){re.escape(ref)}(?![\w]|[.,]\d)", normalise(answer)) is not None
 
 
+def first_sentence(text: str) -> str:
+    """The answer's first sentence: a short answer is judged on what it says first, not on later rambling."""
+    for part in _SENTENCE_END.split(text.strip()):
+        if part.strip():
+            return part.strip()
+    return ""
+
+
 def matches_any(answer: str, references: tuple[str, ...] | list[str]) -> bool:
-    """True when the answer mentions any of the reference answers ("4" does not match "14")."""
-    return any(mentions(answer, r) for r in references)
+    """True when the answer's first sentence mentions a reference answer ("4" does not match "14")."""
+    head = first_sentence(answer)
+    return any(mentions(head, r) for r in references)

@@ -35,8 +35,8 @@ class TrainerConfig:
     max_steps: int = 200
     time_budget_s: float = 600.0
     min_rel_improvement: float = 0.01  # a vetting loss must beat the best by this fraction to count
-    batch_size: int = 4  # new samples + replay + negatives
-    replay_fraction: float = 0.25  # of each batch: the parent's own answers to the replay prompts
+    batch_size: int = 6  # new samples + replay + negatives
+    replay_fraction: float = 0.35  # of each batch: the parent's own answers to the replay prompts
     negatives_per_step: int = 1  # the parent's answers to near neighbours of the taught questions
     eval_every: int = 3
     patience: int = 3

@@ -234,7 +234,10 @@ class LoraTrainer:
         for step in range(1, planned + 1):
             if should_stop is not None and should_stop():
                 raise InterruptedError("round stopped")
-            batch, anchored = _batch(data, order, rng, (n_new, n_replay, n_neg), cfg.anchors_per_step)
+            n_anchors = (
+                len(data.anchors) if progress.refused else cfg.anchors_per_step
+            )  # tighten once refused
+            batch, anchored = _batch(data, order, rng, (n_new, n_replay, n_neg), n_anchors)
             progress.losses.append(_optimise(opt, params, self._step_loss(batch, anchored)))
             if on_step is not None:
                 on_step(step, progress.losses[-1])
@@ -291,7 +294,7 @@ class LoraTrainer:
             progress.best, progress.best_step, progress.bad_evals = current, step, 0
             progress.state = [p.detach().clone() for p in params]
             return False
-        progress.bad_evals += 1
+        progress.bad_evals += int(not improved)  # a refused improvement is not convergence
         return progress.bad_evals >= self.cfg.patience
 
     def save(self, out: Path) -> Path:
