@@ -72,11 +72,13 @@ def plan_steps(n_train: int, new_per_step: int, cfg: TrainerConfig) -> int:
 class _Progress:
     """A run's best checkpoint so far and evaluations since it improved."""
 
-    best: float  # held-out loss of `state`
-    state: list[torch.Tensor]  # the LoRA parameters at the best step
+    best: float  # lowest vetting loss so far
+    state: list[torch.Tensor]  # the LoRA parameters at the start (the parent)
+    best_loss_at_start: float
     best_step: int = 0
     bad_evals: int = 0
     refused: int = 0  # better checkpoints the vet refused
+    candidates: list[tuple[float, int, list[torch.Tensor]]] = field(default_factory=list)  # loss, step, state
     losses: list[float] = field(default_factory=list)
 
 
@@ -213,10 +215,11 @@ class LoraTrainer:
     ) -> TrainResult:
         """Optimise LoRA on `data.train` mixed with replay and negatives; keep the best vetted checkpoint.
 
-        Steps follow the data (`plan_steps`); every `eval_every` steps the vetting loss is measured, and a new
-        best is kept only when `vet` (the vetting questions are still answered right) accepts it. Training
-        stops when the vetting loss has not improved for `patience` evaluations, at the planned steps, or when
-        `time_budget_s` is spent. `anchors` (replay indices) get a loss term of their own every step.
+        Steps follow the data (`plan_steps`); every `eval_every` steps the vetting loss is measured and each
+        new best is kept as a candidate. Training stops when the vetting loss has not improved for `patience`
+        evaluations, at the planned steps, or when `time_budget_s` is spent. Then the candidates are vetted
+        lazily, lowest loss first: the first one `vet` accepts is restored (else the parent's weights).
+        `anchors` (replay indices) get a loss term of their own every step.
         """
         cfg = self.cfg
         rng = random.Random(cfg.seed)
@@ -228,31 +231,28 @@ class LoraTrainer:
         planned = plan_steps(len(data.train), n_new, cfg)
         t0 = time.monotonic()
         before = self.loss(data.vetting)
-        progress = _Progress(best=before, state=[p.detach().clone() for p in params])
+        progress = _Progress(before, [p.detach().clone() for p in params], before)
         order: list[Encoded] = []
         step, stop_reason = 0, "planned steps done"
         for step in range(1, planned + 1):
             if should_stop is not None and should_stop():
                 raise InterruptedError("round stopped")
-            n_anchors = (
-                len(data.anchors) if progress.refused else cfg.anchors_per_step
-            )  # tighten once refused
-            batch, anchored = _batch(data, order, rng, (n_new, n_replay, n_neg), n_anchors)
+            batch, anchored = _batch(data, order, rng, (n_new, n_replay, n_neg), cfg.anchors_per_step)
             progress.losses.append(_optimise(opt, params, self._step_loss(batch, anchored)))
             if on_step is not None:
                 on_step(step, progress.losses[-1])
             if step % cfg.eval_every == 0 or step == planned:
-                if self._checkpoint(step, data.vetting, params, progress, vet):
+                if self._checkpoint(step, data.vetting, params, progress):
                     stop_reason = "vetting loss converged"
                     break
             if time.monotonic() - t0 > cfg.time_budget_s:
                 stop_reason = "time budget spent"
-                self._checkpoint(step, data.vetting, params, progress, vet)
+                self._checkpoint(step, data.vetting, params, progress)
                 break
+        self._pick(params, progress, vet)
         log.info(
-            "stopped at step %d of %d (%s; best step %d)", step, planned, stop_reason, progress.best_step
+            "stopped at step %d of %d (%s; kept step %d)", step, planned, stop_reason, progress.best_step
         )
-        _restore(params, progress.state)
         self.model.eval()
         return TrainResult(
             steps=step,
@@ -277,25 +277,30 @@ class LoraTrainer:
         return loss  # type: ignore[no-any-return]
 
     def _checkpoint(
-        self,
-        step: int,
-        vetting: list[Encoded],
-        params: list[torch.nn.Parameter],
-        progress: _Progress,
-        vet: Callable[[], bool] | None,
+        self, step: int, vetting: list[Encoded], params: list[torch.nn.Parameter], progress: _Progress
     ) -> bool:
-        """Evaluate; keep a better (and vetted) checkpoint; True when patience has run out."""
+        """Evaluate; remember a better checkpoint as a candidate; True when the vetting loss has converged."""
         current = self.loss(vetting)
         log.info("step %d: train loss %.4f, vetting loss %.4f", step, progress.losses[-1], current)
-        improved = current < progress.best * (1.0 - self.cfg.min_rel_improvement)
-        accepted = vet is None or not improved or vet()
-        progress.refused += int(not accepted)
-        if improved and accepted:
-            progress.best, progress.best_step, progress.bad_evals = current, step, 0
-            progress.state = [p.detach().clone() for p in params]
+        if current < progress.best * (1.0 - self.cfg.min_rel_improvement):
+            progress.best, progress.bad_evals = current, 0
+            progress.candidates.append((current, step, [p.detach().clone() for p in params]))
             return False
-        progress.bad_evals += int(not improved)  # a refused improvement is not convergence
+        progress.bad_evals += 1
         return progress.bad_evals >= self.cfg.patience
+
+    def _pick(
+        self, params: list[torch.nn.Parameter], progress: _Progress, vet: Callable[[], bool] | None
+    ) -> None:
+        """Restore the lowest-loss candidate the vet accepts (vetted lazily, best first); else the start."""
+        for loss, step, state in sorted(progress.candidates, key=lambda c: c[0]):
+            _restore(params, state)
+            if vet is None or vet():
+                progress.best, progress.best_step = loss, step
+                return
+            progress.refused += 1
+        _restore(params, progress.state)
+        progress.best, progress.best_step = progress.best_loss_at_start, 0
 
     def save(self, out: Path) -> Path:
         """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
