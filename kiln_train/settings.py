@@ -102,7 +102,8 @@ class TrainSettings:
     seen_ttl_s: int = 30 * 24 * 3600  # sample ids remembered for idempotency (a window, not forever)
     fingerprint_ttl_s: int = 30 * 24 * 3600  # trained prompt+completion fingerprints (duplicate check)
     # gate: every threshold is a setting, every score goes into meta.json and GetTrainingStatus
-    vet_checkpoints: bool = True  # a new best checkpoint must keep the vetting questions, or it is refused
+    vet_checkpoints: bool = True  # a kept checkpoint must keep the vetting questions, or it is refused
+    vet_max_slipped: int = 1  # vetting questions the parent answered right that a kept checkpoint may miss
     min_heldout_improvement: float = 0.0  # gate held-out loss must drop by more than this (absolute)
     gate_max_general_broken: int = 0  # general questions the parent answered right that may turn wrong
     gate_max_neighbour_leaks: int = 0  # near neighbours that may be answered with the taught fact
