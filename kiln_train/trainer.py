@@ -96,7 +96,7 @@ def _batch(
 ) -> tuple[list[Encoded], list[Encoded]]:
     """One step's batch (new samples in epoch order + replay + negatives) and its anchor examples."""
     n_new, n_replay, n_neg = sizes
-    if len(order) < n_new:
+    while len(order) < n_new:
         order += rng.sample(data.train, len(data.train))
     batch = [order.pop() for _ in range(n_new)]
     batch += [data.replay[i] for i in rng.sample(range(len(data.replay)), min(n_replay, len(data.replay)))]
