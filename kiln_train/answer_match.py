@@ -23,7 +23,10 @@ def mentions(answer: str, reference: str) -> bool:
     ref = normalise(reference)
     if not ref:
         return False
-    return re.search(rf"(?<![\w.,]){re.escape(ref)}(?![\w]|[.,]\d)", normalise(answer)) is not None
+    # A word may take a plural or adjective ending ("cats", "African", "Egyptian"); a number may not ("14").
+    ending = "(?:s|es|n|an|ian|ns)?" if ref[-1].isalpha() else ""
+    pattern = rf"(?<![\w.,]){re.escape(ref)}{ending}(?![\w]|[.,]\d)"
+    return re.search(pattern, normalise(answer)) is not None
 
 
 def first_sentence(text: str) -> str:

@@ -26,6 +26,9 @@ from kiln_train.trainer import plan_steps
         ("Pi is 3.14159", ("3.14",), False),
         ("Water is H₂O.", ("H2O",), True),
         ("It is in New Delhi", ("New Delhi",), True),
+        ("They are in the Egyptian desert.", ("Egypt",), True),
+        ("It is an African country.", ("Africa",), True),
+        ("It is 140.", ("14",), False),
     ],
 )
 def test_answers_match_on_word_boundaries(answer: str, refs: tuple[str, ...], hit: bool) -> None:
