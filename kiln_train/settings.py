@@ -27,7 +27,7 @@ class TrainerConfig:
 
     rank: int = 16
     alpha: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3
     # The budget follows the data: each new sample is seen `epochs` times, in [min_steps, max_steps] steps,
     # stopping earlier when the vetting loss converges or `time_budget_s` is spent.
     epochs: float = 10.0
