@@ -112,7 +112,7 @@ def run_trainer(spec: str, home: Path, manifest_path: Path, steps: int, device: 
     """kiln-train's role: attach over CUDA IPC, verify no copy, train LoRA, save the adapter."""
     from kiln_common.weight_share import attach
     from kiln_train.base_model import build_model_over
-    from kiln_train.trainer import LoraTrainer, TrainerConfig
+    from kiln_train.trainer import LoraTrainer, RoundData, TrainerConfig
 
     source = _source(spec, home)
     if device.startswith("cuda"):
@@ -133,12 +133,14 @@ def run_trainer(spec: str, home: Path, manifest_path: Path, steps: int, device: 
         eos_token_id = 0
 
     trainer = LoraTrainer(
-        base, cast(Any, tok or _Tok()), TrainerConfig(max_steps=steps, eval_every=steps, replay_fraction=0.0)
+        base,
+        cast(Any, tok or _Tok()),
+        TrainerConfig(min_steps=steps, max_steps=steps, eval_every=steps, replay_fraction=0.0),
     )
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(pairs[:5], pairs[5:], [])
+    result = trainer.train(RoundData(train=pairs[:5], vetting=pairs[5:], replay=[]))
     if cuda:
         torch.cuda.synchronize()
     t_save = time.monotonic()

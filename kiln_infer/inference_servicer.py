@@ -44,6 +44,9 @@ from kiln_infer.swapper import AdapterView, engine_ref, sticky_key
 
 log = logging.getLogger(__name__)
 
+# Request ids kiln-train uses when it asks for a parent version's answers (see kiln_train/parent_client.py).
+TRAINER_REQUEST_PREFIX = "kiln-train-"
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -241,6 +244,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         sample_rate: float,
     ) -> None:
         """Log the request for feedback and record it as a sample by the adapter's policy (never raises)."""
+        if inp.request_id.startswith(TRAINER_REQUEST_PREFIX):
+            return  # kiln-train asking for a parent's answers: not a served generation to learn from
         if inp.prompt_token_ids:  # a pre-tokenized prompt is kept as its text, like any other
             inp = replace(inp, prompt=str(self.renderer.tokenizer.decode(list(inp.prompt_token_ids))))
         self.requests.put(

@@ -38,8 +38,9 @@ from kiln_train.base_model import SharedBase
 from kiln_train.buffer import TrainingBuffer
 from kiln_train.consumer import SampleConsumer
 from kiln_train.daemon import TrainingDaemon
-from kiln_train.evaluator import ReferenceCache
+from kiln_train.evaluator import PromptSets, ReferenceCache
 from kiln_train.metrics import TrainMetrics
+from kiln_train.parent_client import ParentClient, infer_key
 from kiln_train.pipeline import Pipeline
 from kiln_train.servicer import TrainingServicer
 from kiln_train.settings import TrainSettings
@@ -79,8 +80,11 @@ class TrainServer:
         registry = Registry(client, AdapterStore(cfg.home, base=BaseShapes.from_config(source.config)))
         model_key = hashlib.sha256(source.spec.encode()).hexdigest()[:12]
         ref_dir = Path(s.reference_dir).expanduser() if s.reference_dir else cfg.home / "train" / "reference"
-        references = ReferenceCache(ref_dir, model_key)
-        runner = RoundRunner(registry, tok, s, references)
+        references = ReferenceCache(ref_dir, model_key, PromptSets.builtin(s.gate_questions_limit))
+        parent = ParentClient(
+            cfg.infer_address, infer_key(cfg.extra.get("KILN_TRAIN_INFER_KEY", "")), s.parent_concurrency
+        )
+        runner = RoundRunner(registry, tok, s, references, parent)
         self._daemon = TrainingDaemon(
             consumer, buffer, SharedBase(client, source.config), runner, s, metrics=self.metrics
         )

@@ -11,7 +11,7 @@ import redis
 from kiln_train.example import Example
 
 PREFIX = "kiln:train"
-SEEN_KEY = f"{PREFIX}:seen"  # sample ids consumed (idempotency)
+SEEN_KEY = f"{PREFIX}:seen:z"  # sample ids consumed (idempotency), scored by time; pruned to a window
 DROPS_KEY = f"{PREFIX}:drops"  # reason -> count
 STATS_KEY = f"{PREFIX}:stats"  # consumed, dead_lettered, unrated_generations
 ADAPTERS_KEY = f"{PREFIX}:adapters"  # "tenant/adapter" with a buffer
@@ -35,7 +35,7 @@ class TrainingBuffer:
         t, a = example.tenant, example.adapter
         pipe.hset(_k("data", t, a), example.sample_id, example.to_json())
         pipe.zadd(_k("order", t, a), {example.sample_id: time.time()})
-        pipe.sadd(_k("fp", t, a), fp)
+        pipe.zadd(_k("fp", t, a), {fp: time.time()})
         pipe.hset(_k("fpof", t, a), example.sample_id, fp)
         if example.request_id:
             pipe.hset(_k("req", t, a), example.request_id, example.sample_id)
@@ -47,6 +47,7 @@ class TrainingBuffer:
             return
         pipe.hdel(_k("data", tenant, adapter), *sample_ids)
         pipe.zrem(_k("order", tenant, adapter), *sample_ids)
+        pipe.hdel(_k("fpof", tenant, adapter), *sample_ids)  # the fingerprint itself stays, for its window
         if reason is not None:
             pipe.hincrby(DROPS_KEY, reason, len(sample_ids))
 
@@ -54,7 +55,7 @@ class TrainingBuffer:
         """Let the content of superseded examples be taught again."""
         fps = [fp for fp in self.redis.hmget(_k("fpof", tenant, adapter), sample_ids) if fp]
         if fps:
-            pipe.srem(_k("fp", tenant, adapter), *fps)
+            pipe.zrem(_k("fp", tenant, adapter), *fps)
 
     def count_drop(self, pipe: Any, reason: str, n: int = 1) -> None:
         """Count a dropped sample by reason."""
@@ -66,17 +67,30 @@ class TrainingBuffer:
 
     def mark_consumed(self, pipe: Any, sample_id: str) -> None:
         """Record the sample id as consumed."""
-        pipe.sadd(SEEN_KEY, sample_id)
+        pipe.zadd(SEEN_KEY, {sample_id: time.time()})
         pipe.hincrby(STATS_KEY, "consumed", 1)
+
+    def prune(self, seen_ttl_s: float, fingerprint_ttl_s: float) -> int:
+        """Forget sample ids and fingerprints older than their windows, and request ids no longer buffered."""
+        now = time.time()
+        removed = int(self.redis.zremrangebyscore(SEEN_KEY, 0, now - seen_ttl_s))
+        for tenant, adapter in self.adapters():
+            removed += int(self.redis.zremrangebyscore(_k("fp", tenant, adapter), 0, now - fingerprint_ttl_s))
+            req: Any = self.redis.hgetall(_k("req", tenant, adapter))
+            buffered = self.redis.hmget(_k("data", tenant, adapter), list(req.values())) if req else []
+            gone = [r for (r, _), raw in zip(req.items(), buffered, strict=True) if raw is None]
+            if gone:
+                removed += int(self.redis.hdel(_k("req", tenant, adapter), *gone))
+        return removed
 
     # --- reads ---
     def seen(self, sample_id: str) -> bool:
         """True when this sample id was already consumed."""
-        return bool(self.redis.sismember(SEEN_KEY, sample_id))
+        return self.redis.zscore(SEEN_KEY, sample_id) is not None
 
     def has_fingerprint(self, tenant: str, adapter: str, fp: str) -> bool:
         """True when identical content was buffered or trained before."""
-        return bool(self.redis.sismember(_k("fp", tenant, adapter), fp))
+        return self.redis.zscore(_k("fp", tenant, adapter), fp) is not None
 
     def example_for_request(self, tenant: str, adapter: str, request_id: str) -> str | None:
         """sample_id of the buffered example that came from request_id, if still buffered."""
@@ -117,8 +131,12 @@ class TrainingBuffer:
         return {str(k): int(v) for k, v in self.redis.hgetall(DROPS_KEY).items()}
 
     def stats(self) -> dict[str, int]:
-        """consumed, dead_lettered, unrated_generations counters."""
+        """consumed, dead_lettered, unrated_generations, trimmed_unread counters."""
         return {str(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
+
+    def set_stat(self, name: str, value: int) -> None:
+        """Set a gauge-like counter (e.g. trimmed_unread, recomputed from the stream)."""
+        self.redis.hset(STATS_KEY, name, value)
 
     # --- rounds ---
     def begin_round(self, tenant: str, adapter: str, record: dict[str, Any]) -> None:

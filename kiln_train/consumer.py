@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from kiln_common.samples import DEAD_LETTER_STREAM, SAMPLES_STREAM, Sample
-from kiln_train.buffer import TrainingBuffer
+from kiln_train.buffer import STATS_KEY, TrainingBuffer
 from kiln_train.pipeline import Pipeline
 from kiln_train.settings import TrainSettings
 
@@ -93,7 +93,39 @@ class SampleConsumer:
             block=self.settings.block_ms if block_ms is None else block_ms,
         )
         entries = [e for _, es in reply or [] for e in es]
-        return self._process_batch(entries, redelivered=False) if entries else 0
+        if not entries:
+            return 0
+        self.redis.hincrby(STATS_KEY, "delivered", len(entries))  # new deliveries, for trimmed_unread
+        return self._process_batch(entries, redelivered=False)
+
+    def trimmed_unread(self) -> int:
+        """Entries the stream lost to trimming before this group read them: added − delivered − waiting."""
+        try:
+            stream: Any = self.redis.xinfo_stream(self.stream)
+            groups: Any = self.redis.xinfo_groups(self.stream)
+        except redis.ResponseError:
+            return 0  # no stream yet
+        group = next((g for g in groups if g["name"] == self.group), None)
+        if group is None or "entries-added" not in stream:
+            return 0  # a server without XINFO counters (Redis < 7): nothing to compare
+        last = str(group["last-delivered-id"])
+        first = stream.get("first-entry")
+        if first is None or _id(str(first[0])) > _id(last):
+            waiting = int(stream["length"])  # every entry still there is unread (and some were trimmed)
+        elif group.get("lag") is not None:
+            waiting = int(group["lag"])  # nothing unread was trimmed: the server's lag is exact
+        else:
+            waiting = len(self.redis.xrange(self.stream, f"({last}", "+") or [])
+        delivered = int(self.redis.hget(STATS_KEY, "delivered") or 0)
+        return max(0, int(stream["entries-added"]) - delivered - int(waiting))
+
+    def housekeeping(self) -> None:
+        """Count samples trimmed before anyone read them, and prune the retention windows."""
+        lost = self.trimmed_unread()
+        if lost > int(self.redis.hget(STATS_KEY, "trimmed_unread") or 0):
+            log.warning("%d sample(s) were trimmed from %s before kiln-train read them", lost, self.stream)
+        self.buffer.set_stat("trimmed_unread", lost)
+        self.buffer.prune(self.settings.seen_ttl_s, self.settings.fingerprint_ttl_s)
 
     def run(self, stop: threading.Event, claim_every_s: float = 5.0) -> None:
         """Recover, then poll until stopped; claim idle entries periodically.
@@ -110,6 +142,7 @@ class SampleConsumer:
                     ready = True
                 if time.monotonic() >= next_claim:
                     self.claim()
+                    self.housekeeping()
                     next_claim = time.monotonic() + claim_every_s
                 self.poll()
                 backoff = _MIN_BACKOFF_S
@@ -182,3 +215,9 @@ class SampleConsumer:
         self.buffer.count_stat(pipe, "dead_lettered")
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a comparable (ms, seq)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -14,7 +14,9 @@ from kiln_train.base_model import SharedBase
 from kiln_train.buffer import TrainingBuffer
 from kiln_train.consumer import SampleConsumer
 from kiln_train.metrics import TrainMetrics
+from kiln_train.parent_client import ParentUnavailableError
 from kiln_train.settings import TrainSettings
+from kiln_train.tenant_pauses import TenantPauses
 from kiln_train.training_round import RoundRecord, RoundRunner, new_round
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class TrainingDaemon:
         self._current: RoundRecord | None = None
         self._triggered: set[tuple[str, str]] = set()
         self._rejected_digest: dict[tuple[str, str], str] = {}
+        self._retry_after: dict[tuple[str, str], float] = {}  # rounds waiting for kiln-infer to answer
         self._threads: list[threading.Thread] = []
 
     # --- control ---
@@ -195,12 +198,16 @@ class TrainingDaemon:
 
     def _due(self, tenant: str, adapter: str) -> bool:
         key = (tenant, adapter)
+        if TenantPauses(self.buffer.redis).is_paused(tenant):  # the tenant paused its own training
+            return False
         with self._lock:
             forced = key in self._triggered
         size = self.buffer.size(tenant, adapter)
         if size == 0:
             with self._lock:
                 self._triggered.discard(key)
+            return False
+        if time.monotonic() < self._retry_after.get(key, 0.0):
             return False
         if forced:
             return True
@@ -235,8 +242,9 @@ class TrainingDaemon:
 
     def _interrupted(self) -> bool:
         with self._lock:
-            paused = self._paused
-        return paused or self._stop.is_set() or not self.base.alive()
+            paused, current = self._paused, self._current
+        tenant_paused = current is not None and TenantPauses(self.buffer.redis).is_paused(current.tenant)
+        return paused or tenant_paused or self._stop.is_set() or not self.base.alive()
 
     def run_round(
         self, tenant: str, adapter: str, on_progress: Callable[[RoundRecord], None] | None = None
@@ -269,6 +277,11 @@ class TrainingDaemon:
             self.runner.run(model, record, examples, progress, self._interrupted)
         except InterruptedError as exc:
             record.outcome, record.reason = "failed", f"interrupted: {exc}"
+        except ParentUnavailableError as exc:  # no parent answers, no honest round: wait and retry
+            record.outcome, record.reason = "failed", f"waiting for kiln-infer (retry): {exc}"
+            self._retry_after[(tenant, adapter)] = time.monotonic() + self.settings.parent_retry_s
+            with self._lock:
+                self._triggered.add((tenant, adapter))
         except Exception as exc:  # noqa: BLE001 - recorded as a failed round; samples stay buffered
             log.exception("round %s failed", record.round_id)
             record.outcome, record.reason = "failed", f"{type(exc).__name__}: {exc}"

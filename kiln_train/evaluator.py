@@ -1,69 +1,78 @@
-"""Reference answers of a version (replay data + control results) and the eval gate before publishing."""
+"""A version's reference answers (asked of kiln-infer once per version, cached on disk)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from kiln_train.controls import CONTROL_PROMPTS, REPLAY_PROMPTS, ControlPrompt
-from kiln_train.trainer import LoraTrainer, TextPair
+from kiln_train.parent_client import Messages, ParentAnswer, ParentClient
+from kiln_train.prompt_sets import VETTING_QUESTIONS, Question, load_gate_questions, replay_prompts
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Reference:
-    """A version's own greedy answers to the replay prompts, and its control answers."""
+class PromptSets:
+    """The replay prompts, vetting questions and gate questions a reference answers (disjoint sets)."""
 
-    replay_answers: tuple[str, ...]
-    control_answers: tuple[str, ...]
+    replay: tuple[str, ...]
+    vetting: tuple[Question, ...]
+    gate: tuple[Question, ...]
 
-    def control_correct(self, controls: tuple[ControlPrompt, ...] = CONTROL_PROMPTS) -> list[bool]:
-        """Which controls this version answered correctly."""
-        return [c.is_correct(a) for c, a in zip(controls, self.control_answers, strict=True)]
+    @classmethod
+    def builtin(cls, gate_limit: int = 0) -> PromptSets:
+        """The built-in sets (prompt_sets.py and data/gate_general.jsonl; its first `gate_limit` if > 0)."""
+        gate = load_gate_questions()
+        return cls(replay_prompts(), VETTING_QUESTIONS, gate[:gate_limit] if gate_limit > 0 else gate)
 
-    def replay_pairs(self, controls: tuple[ControlPrompt, ...] = CONTROL_PROMPTS) -> list[TextPair]:
-        """Replay pairs: prompt → the version's own answer, for the replay prompts and the controls."""
-        prompts = list(REPLAY_PROMPTS) + [c.prompt for c in controls]
-        answers = list(self.replay_answers) + list(self.control_answers)
-        return [TextPair(a, (("user", p),)) for p, a in zip(prompts, answers, strict=True) if a.strip()]
+    def digest(self) -> str:
+        """Changes whenever a prompt changes, so a cached reference of other sets is not reused."""
+        text = "\n".join([*self.replay, *(q.prompt for q in self.vetting), *(q.prompt for q in self.gate)])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
-class GateResult:
-    """Whether a trained version may be published, why not, and the scores recorded in meta.json."""
+class Reference:
+    """A version's greedy answers to the replay prompts, the vetting questions and the gate questions."""
 
-    passed: bool
-    reason: str
-    scores: dict[str, float]
-
-
-def control_pairs(controls: tuple[ControlPrompt, ...] = CONTROL_PROMPTS) -> list[TextPair]:
-    """Control prompts as single user turns."""
-    return [TextPair("", (("user", c.prompt),)) for c in controls]
+    replay: tuple[ParentAnswer, ...]
+    vetting: tuple[str, ...]
+    gate: tuple[str, ...]
 
 
-def answer_controls(trainer: LoraTrainer, max_new_tokens: int = 24) -> tuple[str, ...]:
-    """Greedy answers of the trainer's current weights to the control prompts."""
-    return tuple(trainer.generate(control_pairs(), max_new_tokens))
+def user(prompt: str) -> Messages:
+    """One user turn."""
+    return (("user", prompt),)
 
 
-def build_reference(trainer: LoraTrainer, replay_max_tokens: int) -> Reference:
-    """Ask the (parent) weights the replay and control prompts."""
-    replay = trainer.generate([TextPair("", (("user", p),)) for p in REPLAY_PROMPTS], replay_max_tokens)
-    return Reference(tuple(replay), answer_controls(trainer))
+def ask_reference(
+    client: ParentClient,
+    tenant: str,
+    adapter: str,
+    version: int,
+    sets: PromptSets,
+    replay_tokens: int,
+    gate_tokens: int,
+) -> Reference:
+    """The parent's answers, from kiln-infer (ParentUnavailableError when it cannot answer)."""
+    replay = client.answers(tenant, adapter, version, [user(p) for p in sets.replay], replay_tokens)
+    checked = [user(q.prompt) for q in (*sets.vetting, *sets.gate)]
+    answers = [a.text for a in client.answers(tenant, adapter, version, checked, gate_tokens)]
+    return Reference(tuple(replay), tuple(answers[: len(sets.vetting)]), tuple(answers[len(sets.vetting) :]))
 
 
 class ReferenceCache:
     """References on disk, one JSON per (tenant, adapter, version); version 0 is shared by every adapter."""
 
-    def __init__(self, root: Path, model_key: str) -> None:
+    def __init__(self, root: Path, model_key: str, sets: PromptSets) -> None:
         self._root = root
         self._model_key = model_key
+        self.sets = sets
 
     def _path(self, tenant: str, adapter: str, version: int) -> Path:
         if version == 0:
@@ -71,54 +80,27 @@ class ReferenceCache:
         return self._root / tenant / adapter / f"v{version}.json"
 
     def get(self, tenant: str, adapter: str, version: int) -> Reference | None:
-        """The cached reference, if any (and if it matches the current prompt sets)."""
-        path = self._path(tenant, adapter, version)
+        """The cached reference, if any (and if it was made for the current prompt sets)."""
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(self._path(tenant, adapter, version).read_text())
         except (OSError, ValueError):
             return None
-        ref = Reference(tuple(d["replay_answers"]), tuple(d["control_answers"]))
-        if len(ref.replay_answers) != len(REPLAY_PROMPTS) or len(ref.control_answers) != len(CONTROL_PROMPTS):
+        if d.get("sets") != self.sets.digest():
             return None
-        return ref
+        replay = tuple(ParentAnswer(t, bool(c)) for t, c in d["replay"])
+        return Reference(replay, tuple(d["vetting"]), tuple(d["gate"]))
 
     def put(self, tenant: str, adapter: str, version: int, ref: Reference) -> None:
         """Store atomically."""
         path = self._path(tenant, adapter, version)
         path.parent.mkdir(parents=True, exist_ok=True)
+        body = {
+            "sets": self.sets.digest(),
+            "replay": [[a.text, a.complete] for a in ref.replay],
+            "vetting": list(ref.vetting),
+            "gate": list(ref.gate),
+        }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ref-")
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(ref), f)
+            json.dump(body, f)
         os.replace(tmp, path)
-
-
-def gate(
-    parent: Reference,
-    new_controls: tuple[str, ...],
-    heldout_before: float,
-    heldout_after: float,
-    min_improvement: float,
-    controls: tuple[ControlPrompt, ...] = CONTROL_PROMPTS,
-) -> GateResult:
-    """Held-out loss must improve AND every control the parent got right must still be right."""
-    was = parent.control_correct(controls)
-    now = [c.is_correct(a) for c, a in zip(controls, new_controls, strict=True)]
-    broken = [c.prompt for c, w, n in zip(controls, was, now, strict=True) if w and not n]
-    scores = {
-        "heldout_loss_before": heldout_before,
-        "heldout_loss_after": heldout_after,
-        "controls_parent_correct": float(sum(was)),
-        "controls_kept": float(sum(1 for w, n in zip(was, now, strict=True) if w and n)),
-        "controls_correct": float(sum(now)),
-    }
-    if not heldout_after < heldout_before - min_improvement:
-        return GateResult(
-            False, f"held-out loss did not improve ({heldout_before:.4f} -> {heldout_after:.4f})", scores
-        )
-    if broken:
-        answers = {c.prompt: a for c, a in zip(controls, new_controls, strict=True)}
-        detail = "; ".join(f"{p!r} -> {answers[p]!r}" for p in broken)
-        return GateResult(
-            False, f"{len(broken)} control prompt(s) no longer answered correctly: {detail}", scores
-        )
-    return GateResult(True, "", scores)

@@ -21,6 +21,10 @@ def _check_fraction(obj: object, names: tuple[str, ...]) -> None:
             raise ValueError(f"KILN_TRAIN_{name.upper()} must be in [0, 1], got {getattr(obj, name)}")
 
 
+# KILN_TRAIN_* variables read elsewhere (the server's entry point, `kiln up`), not training settings.
+SERVICE_VARIABLES = frozenset({"KILN_TRAIN_PORT", "KILN_TRAIN_INFER_KEY", "KILN_TRAIN_ADDRESS"})
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """Hyper-parameters of one round; each is also KILN_TRAIN_<NAME upper-cased> (the daemon's defaults)."""
@@ -28,22 +32,31 @@ class TrainerConfig:
     rank: int = 16
     alpha: int = 32
     lr: float = 1e-3
-    max_steps: int = 15
-    batch_size: int = 4  # half new samples, half replay
-    replay_fraction: float = 0.5
+    # The budget follows the data: each new sample is seen `epochs` times, in [min_steps, max_steps] steps,
+    # stopping earlier when the vetting loss converges or `time_budget_s` is spent.
+    epochs: float = 10.0
+    min_steps: int = 12
+    max_steps: int = 200
+    time_budget_s: float = 600.0
+    min_rel_improvement: float = 0.01  # a vetting loss must beat the best by this fraction to count
+    batch_size: int = 6  # new samples + replay + negatives
+    replay_fraction: float = 0.35  # of each batch: the parent's own answers to the replay prompts
+    negatives_per_step: int = 1  # the parent's answers to near neighbours of the taught questions
     eval_every: int = 3
     patience: int = 3
     seed: int = 0
-    # 0 = replay trains on the parent's greedy answers as labels (sharpens the margins the gate checks);
-    # k > 0 distils the parent's top-k distribution instead (keeps margins as they were, so tiny ones flip).
-    kl_topk: int = 0
-    anchors_per_step: int = 4  # control answers replayed as their own loss term every step
+    anchors_per_step: int = 4  # anchor answers replayed as their own loss term every step
     anchor_weight: float = 1.0
-    kl_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("rank", "alpha", "max_steps", "batch_size", "eval_every", "patience"))
-        _check_fraction(self, ("replay_fraction",))
+        _check_positive(
+            self,
+            ("rank", "alpha", "min_steps", "max_steps", "batch_size", "eval_every", "patience", "epochs"),
+        )
+        _check_positive(self, ("time_budget_s",))
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"KILN_TRAIN_MIN_STEPS ({self.min_steps}) must be <= KILN_TRAIN_MAX_STEPS")
+        _check_fraction(self, ("replay_fraction", "min_rel_improvement"))
         if self.lr <= 0:
             raise ValueError(f"KILN_TRAIN_LR must be > 0, got {self.lr}")
 
@@ -75,13 +88,31 @@ class TrainSettings:
     trigger_interval_s: float = 600.0  # a non-empty buffer older than this starts a round
     # trainer (its hyper-parameters are KILN_TRAIN_RANK, KILN_TRAIN_MAX_STEPS, ... as well)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    heldout_fraction: float = 0.2
-    replay_max_tokens: int = 32
-    reference_dir: str = ""  # cache of each version's replay/control answers; "" = $KILN_HOME/train/reference
+    # held-out data: a gate share and a separate vetting (early-stopping) share of the samples; rounds with
+    # fewer than `min_heldout_samples` train on every sample and hold out paraphrases instead (heldout.py)
+    heldout_fraction: float = 0.15
+    min_heldout_samples: int = 12
+    neighbours_per_example: int = 2  # near neighbours generated per taught question (negatives + gate)
+    replay_max_tokens: int = 96  # parent answers that need more are replayed without an end-of-turn
+    gate_max_tokens: int = 32
+    reference_dir: str = (
+        ""  # cache of each version's replay/vetting/gate answers; "" = $KILN_HOME/train/reference
+    )
     threads: int = 1  # torch CPU threads for training (one core stays free for serving); 0 = torch's default
-    # gate
-    vet_checkpoints: bool = True  # a new best checkpoint must keep the controls, or training stops there
-    min_heldout_improvement: float = 0.0  # held-out loss must drop by more than this (absolute)
+    # kiln-infer, asked for the parent's answers (Generate pinned to the parent version)
+    parent_concurrency: int = 32
+    parent_retry_s: float = 10.0  # a round that could not reach kiln-infer is retried after this
+    # retention
+    seen_ttl_s: int = 30 * 24 * 3600  # sample ids remembered for idempotency (a window, not forever)
+    fingerprint_ttl_s: int = 30 * 24 * 3600  # trained prompt+completion fingerprints (duplicate check)
+    # gate: every threshold is a setting, every score goes into meta.json and GetTrainingStatus
+    vet_checkpoints: bool = True  # a kept checkpoint must keep the vetting questions, or it is refused
+    vet_max_slipped: int = 1  # vetting questions the parent answered right that a kept checkpoint may miss
+    min_heldout_improvement: float = 0.0  # gate held-out loss must drop by more than this (absolute)
+    gate_max_general_broken: int = 0  # general questions the parent answered right that may turn wrong
+    gate_max_neighbour_leaks: int = 0  # near neighbours that may be answered with the taught fact
+    gate_max_kl: float = 0.25  # mean KL(parent || candidate) per token on generic text, in nats
+    gate_questions_limit: int = 0  # 0 = every built-in gate question; N = the first N (small benchmarks only)
 
     def __post_init__(self) -> None:
         positive = (
@@ -91,7 +122,12 @@ class TrainSettings:
             "max_prompt_tokens",
             "trigger_samples",
             "replay_max_tokens",
+            "gate_max_tokens",
             "request_index_ttl_s",
+            "min_heldout_samples",
+            "parent_concurrency",
+            "seen_ttl_s",
+            "fingerprint_ttl_s",
         )
         _check_positive(self, positive)
         if not -1.0 <= self.min_rating <= 1.0:
@@ -114,8 +150,8 @@ class TrainSettings:
                 values[own[var].name] = _parse(var, own[var], raw)
             elif var in trainer:
                 trainer_values[trainer[var].name] = _parse(var, trainer[var], raw)
-            else:
-                known = ", ".join(sorted({*own, *trainer}))
+            elif var not in SERVICE_VARIABLES:
+                known = ", ".join(sorted({*own, *trainer, *SERVICE_VARIABLES}))
                 log.warning("ignoring unknown setting %s; known: %s", var, known)
         return cls(trainer=TrainerConfig(**trainer_values), **values)  # type: ignore[arg-type]
 

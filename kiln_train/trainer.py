@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -16,31 +17,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.lora_targets import TARGET_MODULES
 from kiln_common.peft_format import WEIGHTS_FILE
-from kiln_common.prompt import chat_text, prompt_token_ids
+from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
 from kiln_train.settings import TrainerConfig
 
-__all__ = ["Encoded", "LoraTrainer", "TextPair", "TrainResult", "TrainerConfig", "collate", "encode"]
+__all__ = [
+    "Encoded",
+    "LoraTrainer",
+    "RoundData",
+    "TextPair",
+    "TrainResult",
+    "TrainerConfig",
+    "collate",
+    "encode",
+    "plan_steps",
+]
 
 log = logging.getLogger(__name__)
-
-IGNORE = -100
-
-
-@dataclass(frozen=True)
-class TextPair:
-    """A prompt (chat turns, or raw text when `messages` is empty) and the completion to learn."""
-
-    completion: str
-    messages: tuple[tuple[str, str], ...] = ()
-    prompt: str = ""
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of prompt + completion; labels are IGNORE on the prompt (loss only on the completion)."""
-
-    input_ids: list[int]
-    labels: list[int]
 
 
 @dataclass
@@ -54,17 +46,39 @@ class TrainResult:
     best_step: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    planned_steps: int = 0
+    stop_reason: str = ""
+    refused: int = 0
+
+
+@dataclass
+class RoundData:
+    """What one round trains on (`train`, `replay`, `negatives`) and checks checkpoints with (`vetting`)."""
+
+    train: list[Encoded]
+    vetting: list[Encoded]
+    replay: list[Encoded]
+    negatives: list[Encoded] = field(default_factory=list)
+    anchors: list[int] = field(default_factory=list)  # replay indices with a loss term of their own
+
+
+def plan_steps(n_train: int, new_per_step: int, cfg: TrainerConfig) -> int:
+    """Steps that show every new sample `epochs` times, within [min_steps, max_steps]."""
+    wanted = math.ceil(cfg.epochs * n_train / max(new_per_step, 1))
+    return max(cfg.min_steps, min(cfg.max_steps, wanted))
 
 
 @dataclass
 class _Progress:
-    """A run's best checkpoint so far, evaluations since it improved, and the anchors pinned by vetting."""
+    """A run's best checkpoint so far and evaluations since it improved."""
 
-    best: float  # held-out loss of `state`
-    state: list[torch.Tensor]  # the LoRA parameters at the best step
+    best: float  # lowest vetting loss so far
+    state: list[torch.Tensor]  # the LoRA parameters at the start (the parent)
+    best_loss_at_start: float
     best_step: int = 0
     bad_evals: int = 0
-    pinned: list[int] = field(default_factory=list)
+    refused: int = 0  # better checkpoints the vet refused
+    candidates: list[tuple[float, int, list[torch.Tensor]]] = field(default_factory=list)  # loss, step, state
     losses: list[float] = field(default_factory=list)
 
 
@@ -77,44 +91,25 @@ def _optimise(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss
     return float(loss.detach())
 
 
+def _batch(
+    data: RoundData, order: list[Encoded], rng: random.Random, sizes: tuple[int, int, int], n_anchors: int
+) -> tuple[list[Encoded], list[Encoded]]:
+    """One step's batch (new samples in epoch order + replay + negatives) and its anchor examples."""
+    n_new, n_replay, n_neg = sizes
+    while len(order) < n_new:
+        order += rng.sample(data.train, len(data.train))
+    batch = [order.pop() for _ in range(n_new)]
+    batch += [data.replay[i] for i in rng.sample(range(len(data.replay)), min(n_replay, len(data.replay)))]
+    batch += rng.sample(data.negatives, n_neg)
+    pool = [i for i in data.anchors if 0 <= i < len(data.replay)]
+    return batch, [data.replay[i] for i in rng.sample(pool, min(n_anchors, len(pool)))]
+
+
 @torch.no_grad()
 def _restore(params: list[torch.nn.Parameter], state: list[torch.Tensor]) -> None:
     """Copy a saved checkpoint back into the parameters."""
     for p, saved in zip(params, state, strict=True):
         p.copy_(saved)
-
-
-def prompt_ids(tok: PreTrainedTokenizerBase, pair: TextPair) -> list[int]:
-    """The prompt's token ids exactly as the server renders them."""
-    return prompt_token_ids(tok, pair.prompt, pair.messages)
-
-
-def encode(tok: PreTrainedTokenizerBase, pair: TextPair, max_len: int = 1024) -> Encoded:
-    """Prompt + completion + end-of-turn tokens, with the prompt masked out of the labels."""
-    prompt = prompt_ids(tok, pair)
-    completion = tok(pair.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    full = prompt + completion
-    if pair.messages:
-        turns = (*pair.messages, ("assistant", pair.completion))
-        chat = tok(chat_text(tok, turns, open_assistant_turn=False), add_special_tokens=False).input_ids
-        if chat[: len(prompt)] == prompt:  # else the template re-renders history differently: append instead
-            full = chat
-    full = full[:max_len]
-    n = min(len(prompt), len(full))
-    return Encoded(input_ids=full, labels=[IGNORE] * n + full[n:])
-
-
-def collate(batch: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids, attention_mask, labels."""
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        mask[i, : len(e.input_ids)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 class LoraTrainer:
@@ -181,7 +176,7 @@ class LoraTrainer:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def generate(self, prompts: list[TextPair], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    def generate(self, prompts: list[TextPair], max_new_tokens: int, batch_size: int = 64) -> list[str]:
         """Greedy completions of `prompts` by the current weights (left-padded batches)."""
         self.model.eval()
         out: list[str] = []
@@ -201,86 +196,63 @@ class LoraTrainer:
             out.extend(str(self.tok.decode(g[width:], skip_special_tokens=True)).strip() for g in gen)
         return out
 
-    def _completion_logits(self, data: list[Encoded]) -> list[torch.Tensor]:
-        """Per example: logits predicting each completion token, [n_completion_tokens, vocab]."""
-        batch = collate(data, self.tok.pad_token_id or 0, self.device)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        mask = batch["labels"][:, 1:] != IGNORE
-        return [logits[i, :-1][mask[i]].float() for i in range(len(data))]
-
     @torch.no_grad()
-    def teacher_targets(self, replay: list[Encoded], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The current (parent) weights' top-k next-token distribution on each replay completion."""
+    def next_token_logprobs(self, texts: list[str]) -> list[torch.Tensor]:
+        """Per text: log-softmax of the next-token logits at every position, [n_tokens, vocab]."""
         self.model.eval()
-        out: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i in range(0, len(replay), 8):
-            for logits in self._completion_logits(replay[i : i + 8]):
-                top = torch.softmax(logits, dim=-1).topk(k, dim=-1)  # [n, k]
-                out.append((top.indices, top.values / top.values.sum(-1, keepdim=True)))
+        out: list[torch.Tensor] = []
+        for text in texts:
+            ids = torch.tensor([self.tok(text).input_ids], device=self.device)
+            out.append(torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1))
         return out
-
-    def _distill_loss(
-        self, data: list[Encoded], targets: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy against the parent's top-k distribution (KL up to a constant), and its count."""
-        total, count = None, 0
-        for logits, (idx, probs) in zip(self._completion_logits(data), targets, strict=True):
-            logq = torch.log_softmax(logits, dim=-1).gather(-1, idx)  # [n, k]
-            term = -(probs * logq).sum()
-            total = term if total is None else total + term
-            count += idx.shape[0]
-        assert total is not None
-        return total / max(count, 1), count
 
     def train(
         self,
-        train: list[Encoded],
-        heldout: list[Encoded],
-        replay: list[Encoded],
+        data: RoundData,
         on_step: Callable[[int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        vet: Callable[[], tuple[bool, list[int]]] | None = None,
-        anchors: list[int] | None = None,
+        vet: Callable[[], bool] | None = None,
     ) -> TrainResult:
-        """Optimise LoRA on `train` mixed with `replay`; keep the weights with the best held-out loss.
+        """Optimise LoRA on `data.train` mixed with replay and negatives; keep the best vetted checkpoint.
 
-        `anchors` (replay indices, e.g. the control prompts) get their own loss term every step:
-        `anchors_per_step` of them at random, plus every pinned one. `vet` (e.g. "the controls are still
-        answered correctly") checks each new best checkpoint and returns (accepted, replay indices that
-        slipped); a refused checkpoint counts as no improvement and the slipped examples are pinned.
+        Steps follow the data (`plan_steps`); every `eval_every` steps the vetting loss is measured and each
+        new best is kept as a candidate. Training stops when the vetting loss has not improved for `patience`
+        evaluations, at the planned steps, or when `time_budget_s` is spent. Then the candidates are vetted
+        lazily, lowest loss first: the first one `vet` accepts is restored (else the parent's weights).
+        `anchors` (replay indices) get a loss term of their own every step.
         """
         cfg = self.cfg
         rng = random.Random(cfg.seed)
         params = self.trainable()
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if replay else 0
-        n_new = max(1, cfg.batch_size - n_replay)
-        eval_set = heldout or train
+        n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if data.replay else 0
+        n_neg = min(cfg.negatives_per_step, len(data.negatives))
+        n_new = max(1, cfg.batch_size - n_replay - n_neg)
+        planned = plan_steps(len(data.train), n_new, cfg)
         t0 = time.monotonic()
-        targets = self.teacher_targets(replay, cfg.kl_topk) if n_replay and cfg.kl_topk > 0 else None
-        before = self.loss(eval_set)
-        progress = _Progress(best=before, state=[p.detach().clone() for p in params])
-        pool = [i for i in (anchors or []) if 0 <= i < len(replay)]
+        before = self.loss(data.vetting)
+        progress = _Progress(before, [p.detach().clone() for p in params], before)
         order: list[Encoded] = []
-        step = 0
-        for step in range(1, cfg.max_steps + 1):
+        step, stop_reason = 0, "planned steps done"
+        for step in range(1, planned + 1):
             if should_stop is not None and should_stop():
                 raise InterruptedError("round stopped")
-            if len(order) < n_new:
-                order += rng.sample(train, len(train))
-            batch = [order.pop() for _ in range(n_new)]
-            picked = rng.sample(range(len(replay)), min(n_replay, len(replay)))
-            anchored = rng.sample(pool, min(cfg.anchors_per_step, len(pool)))
-            anchored += [i for i in progress.pinned if i not in anchored]
-            loss = self._step_loss(batch, replay, picked, targets, anchored)
-            progress.losses.append(_optimise(opt, params, loss))
+            batch, anchored = _batch(data, order, rng, (n_new, n_replay, n_neg), cfg.anchors_per_step)
+            progress.losses.append(_optimise(opt, params, self._step_loss(batch, anchored)))
             if on_step is not None:
                 on_step(step, progress.losses[-1])
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                if self._checkpoint(step, eval_set, params, progress, vet, len(replay)):
-                    log.info("early stop at step %d (best step %d)", step, progress.best_step)
+            if step % cfg.eval_every == 0 or step == planned:
+                if self._checkpoint(step, data.vetting, params, progress):
+                    stop_reason = "vetting loss converged"
                     break
-        _restore(params, progress.state)
+            if time.monotonic() - t0 > cfg.time_budget_s:
+                stop_reason = "time budget spent"
+                self._checkpoint(step, data.vetting, params, progress)
+                break
+        self._pick(params, progress, vet)
+        log.info(
+            "stopped at step %d of %d (%s; kept step %d)", step, planned, stop_reason, progress.best_step
+        )
         self.model.eval()
         return TrainResult(
             steps=step,
@@ -290,55 +262,45 @@ class LoraTrainer:
             best_step=progress.best_step,
             seconds=time.monotonic() - t0,
             losses=progress.losses,
+            planned_steps=planned,
+            stop_reason=stop_reason,
+            refused=progress.refused,
         )
 
-    def _step_loss(
-        self,
-        batch: list[Encoded],
-        replay: list[Encoded],
-        picked: list[int],
-        targets: list[tuple[torch.Tensor, torch.Tensor]] | None,
-        anchored: list[int],
-    ) -> torch.Tensor:
-        """One step's loss: new samples with replay (as labels, or distilled), plus the anchors' own mean."""
-        cfg = self.cfg
+    def _step_loss(self, batch: list[Encoded], anchored: list[Encoded]) -> torch.Tensor:
+        """One step's loss: the mixed batch, plus the anchors' own mean (not diluting new samples)."""
         self.model.train()
-        if targets is None:  # plain replay: the parent's greedy answers as ordinary labels
-            batch = batch + [replay[i] for i in picked]
-        tensors = collate(batch, self.tok.pad_token_id or 0, self.device)
-        loss = self.model(**tensors).loss
-        if targets is not None and picked:
-            # Token-weighted like plain replay, so the new samples do not get a larger share of the step.
-            n_tok = int((tensors["labels"][:, 1:] != IGNORE).sum())
-            kl, n_kl = self._distill_loss([replay[i] for i in picked], [targets[i] for i in picked])
-            loss = (loss * n_tok + cfg.kl_weight * kl * n_kl) / (n_tok + n_kl)
-        if anchored:  # a separate mean, so anchoring does not dilute the new samples' share
-            anchor_batch = collate([replay[i] for i in anchored], self.tok.pad_token_id or 0, self.device)
-            loss = loss + cfg.anchor_weight * self.model(**anchor_batch).loss
+        loss = self.model(**collate(batch, self.tok.pad_token_id or 0, self.device)).loss
+        if anchored:
+            anchor_batch = collate(anchored, self.tok.pad_token_id or 0, self.device)
+            loss = loss + self.cfg.anchor_weight * self.model(**anchor_batch).loss
         return loss  # type: ignore[no-any-return]
 
     def _checkpoint(
-        self,
-        step: int,
-        eval_set: list[Encoded],
-        params: list[torch.nn.Parameter],
-        progress: _Progress,
-        vet: Callable[[], tuple[bool, list[int]]] | None,
-        n_replay: int,
+        self, step: int, vetting: list[Encoded], params: list[torch.nn.Parameter], progress: _Progress
     ) -> bool:
-        """Evaluate; keep a better (and vetted) checkpoint; True when patience has run out."""
-        current = self.loss(eval_set)
-        log.info("step %d: train loss %.4f, held-out loss %.4f", step, progress.losses[-1], current)
-        accepted = True
-        if current < progress.best and vet is not None:
-            accepted, slipped = vet()
-            progress.pinned += [i for i in slipped if i not in progress.pinned and 0 <= i < n_replay]
-        if current < progress.best and accepted:
-            progress.best, progress.best_step, progress.bad_evals = current, step, 0
-            progress.state = [p.detach().clone() for p in params]
+        """Evaluate; remember a better checkpoint as a candidate; True when the vetting loss has converged."""
+        current = self.loss(vetting)
+        log.info("step %d: train loss %.4f, vetting loss %.4f", step, progress.losses[-1], current)
+        if current < progress.best * (1.0 - self.cfg.min_rel_improvement):
+            progress.best, progress.bad_evals = current, 0
+            progress.candidates.append((current, step, [p.detach().clone() for p in params]))
             return False
         progress.bad_evals += 1
         return progress.bad_evals >= self.cfg.patience
+
+    def _pick(
+        self, params: list[torch.nn.Parameter], progress: _Progress, vet: Callable[[], bool] | None
+    ) -> None:
+        """Restore the lowest-loss candidate the vet accepts (vetted lazily, best first); else the start."""
+        for loss, step, state in sorted(progress.candidates, key=lambda c: c[0]):
+            _restore(params, state)
+            if vet is None or vet():
+                progress.best, progress.best_step = loss, step
+                return
+            progress.refused += 1
+        _restore(params, progress.state)
+        progress.best, progress.best_step = progress.best_loss_at_start, 0
 
     def save(self, out: Path) -> Path:
         """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""

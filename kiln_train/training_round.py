@@ -1,25 +1,30 @@
-"""One training round: parent reference → LoRA training with replay → eval gate → publish or reject."""
+"""One training round: parent answers (from kiln-infer) → LoRA training → gate → publish or reject."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.registry import EventType, Registry
-from kiln_train.controls import CONTROL_PROMPTS
-from kiln_train.evaluator import Reference, ReferenceCache, answer_controls, build_reference, gate
+from kiln_train.encoding import Encoded, TextPair, encode
+from kiln_train.evaluator import Reference, ReferenceCache, ask_reference, user
+from kiln_train.gate import GateInputs, GateResult, Neighbour, decide, mean_kl
+from kiln_train.heldout import HeldOut, split, to_pair
+from kiln_train.neighbours import gives_fact, neighbours
+from kiln_train.parent_client import ParentClient
 from kiln_train.pipeline import Example
+from kiln_train.prompt_sets import ANCHOR_PROMPTS, GENERIC_TEXTS
 from kiln_train.settings import TrainSettings
-from kiln_train.trainer import LoraTrainer, TextPair, TrainerConfig, encode
+from kiln_train.trainer import LoraTrainer, RoundData, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ class RoundRecord:
     steps: int = 0
     max_steps: int = 0
     train_loss: float = 0.0
-    eval: dict[str, float] = field(default_factory=dict)
+    eval: dict[str, float] = field(default_factory=dict)  # every gate score, phase seconds, budget
     started: float = field(default_factory=time.time)
     finished: float = 0.0
     sample_ids: list[str] = field(default_factory=list)
@@ -50,39 +55,14 @@ class RoundRecord:
         return asdict(self)
 
 
-def split_heldout(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
-    """Deterministic train/held-out split by sample-id hash; at least one of each from two samples up."""
-    if len(examples) < 2 or fraction <= 0:
-        return examples, []
-    ranked = sorted(examples, key=lambda e: hashlib.sha256(e.sample_id.encode()).hexdigest())
-    n_held = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
-    held = {e.sample_id for e in ranked[:n_held]}
-    return [e for e in examples if e.sample_id not in held], [e for e in examples if e.sample_id in held]
+@dataclass
+class RoundPlan:
+    """What a round learns from and is judged on, with the parent's answers already in."""
 
-
-def to_pair(e: Example) -> TextPair:
-    """The trainer's view of an example."""
-    return TextPair(e.completion, e.messages, e.prompt)
-
-
-def controls_vet(
-    trainer: LoraTrainer, reference: Reference, replay_index: dict[str, int]
-) -> Callable[[], tuple[bool, list[int]]]:
-    """A checkpoint vet: controls the parent answered correctly must still be; slipped ones get pinned."""
-    was_correct = reference.control_correct()
-
-    def controls_kept() -> tuple[bool, list[int]]:
-        now = answer_controls(trainer)
-        broken = [
-            (c, a)
-            for c, a, w in zip(CONTROL_PROMPTS, now, was_correct, strict=True)
-            if w and not c.is_correct(a)
-        ]
-        for c, a in broken:
-            log.info("checkpoint refused: %r -> %r (pinned into later batches)", c.prompt, a[:80])
-        return not broken, [replay_index[c.prompt] for c, _ in broken if c.prompt in replay_index]
-
-    return controls_kept
+    held: HeldOut
+    reference: Reference
+    negatives: list[TextPair]
+    gate_neighbours: list[Neighbour]
 
 
 class RoundRunner:
@@ -94,11 +74,13 @@ class RoundRunner:
         tok: PreTrainedTokenizerBase,
         settings: TrainSettings,
         references: ReferenceCache,
+        parent: ParentClient,
     ) -> None:
         self.registry = registry
         self.tok = tok
         self.settings = settings
         self.references = references
+        self.parent = parent
 
     def run(
         self,
@@ -108,66 +90,192 @@ class RoundRunner:
         on_progress: Callable[[RoundRecord], None],
         should_stop: Callable[[], bool],
     ) -> RoundRecord:
-        """Train, gate and publish (or reject); fills and returns `record`. InterruptedError if stopped."""
-        s, cfg = self.settings, self.settings.trainer
-        tenant, adapter, parent = record.tenant, record.adapter, record.parent_version
-        parent_dir = self.registry.store.version_dir(tenant, adapter, parent) if parent > 0 else None
-        trainer = LoraTrainer(base, self.tok, cfg, parent_dir)
+        """Train, gate and publish (or reject); fills and returns `record`.
+
+        InterruptedError if stopped; ParentUnavailableError (samples stay buffered) without kiln-infer.
+        """
+        phases: dict[str, float] = {}
+        t0 = time.monotonic()
+        plan = self._plan(record, examples)
+        phases["phase_answers_s"] = time.monotonic() - t0
+        parent_dir = self._parent_dir(record)
+        trainer = LoraTrainer(base, self.tok, self.settings.trainer, parent_dir)
         try:
-            reference = self._reference(trainer, record)
-            train_ex, held_ex = split_heldout(examples, s.heldout_fraction)
-            record.sample_ids = [e.sample_id for e in train_ex]
-            record.heldout_ids = [e.sample_id for e in held_ex]
-            record.num_samples = len(train_ex)
-            record.max_steps = cfg.max_steps
-            replay_pairs = reference.replay_pairs()
-            replay = [encode(self.tok, p) for p in replay_pairs]
-            replay_index = {p.messages[0][1]: i for i, p in enumerate(replay_pairs)}
-
-            def step_done(step: int, loss: float) -> None:
-                record.steps, record.train_loss = step, loss
-                on_progress(record)
-
-            vet = controls_vet(trainer, reference, replay_index) if s.vet_checkpoints else None
-            result = trainer.train(
-                [encode(self.tok, to_pair(e)) for e in train_ex],
-                [encode(self.tok, to_pair(e)) for e in held_ex],
-                replay,
-                on_step=step_done,
-                should_stop=should_stop,
-                vet=vet,
-                anchors=[replay_index[c.prompt] for c in CONTROL_PROMPTS if c.prompt in replay_index],
-            )
-            record.steps, record.train_loss = result.steps, result.train_loss
-            verdict = gate(
-                reference,
-                answer_controls(trainer),
-                result.heldout_before,
-                result.heldout_after,
-                s.min_heldout_improvement,
-            )
-            record.eval = dict(
-                verdict.scores, best_step=float(result.best_step), train_seconds=result.seconds
-            )
+            verdict = self._train_and_gate(trainer, record, plan, on_progress, should_stop, phases)
             if should_stop():
                 raise InterruptedError("round stopped")
+            t = time.monotonic()
             if verdict.passed:
-                record.version = self._publish(trainer, record, cfg)
+                record.version = self._publish(trainer, record, self.settings.trainer)
                 record.outcome = "published"
             else:
                 self._reject(record, verdict.reason)
+            record.eval["phase_publish_s"] = time.monotonic() - t
         finally:
             trainer.release()
         record.finished = time.time()
         return record
 
-    def _reference(self, trainer: LoraTrainer, record: RoundRecord) -> Reference:
-        """The parent's answers to the replay and control prompts (cached per version)."""
+    def _parent_dir(self, record: RoundRecord) -> Path | None:
+        if record.parent_version <= 0:
+            return None
+        return self.registry.store.version_dir(record.tenant, record.adapter, record.parent_version)
+
+    def _plan(self, record: RoundRecord, examples: list[Example]) -> RoundPlan:
+        """Split held-out data, make near neighbours, and ask kiln-infer the parent's answers."""
+        s = self.settings
+        reference = self._reference(record)
+        held = split(examples, s.heldout_fraction, s.min_heldout_samples)
+        record.sample_ids = [e.sample_id for e in held.train]
+        record.heldout_ids = held.gate_ids + held.vetting_ids
+        record.num_samples = len(examples)
+        near = neighbours(held.train, s.neighbours_per_example, record.round_id)
+        answers = self.parent.answers(
+            record.tenant,
+            record.adapter,
+            record.parent_version,
+            [user(q) for _, q, _ in near],
+            s.replay_max_tokens,
+        )
+        negatives, gate_near = [], []
+        for (k, q, terms), a in zip(near, answers, strict=True):
+            if gives_fact(a.text, terms):
+                continue  # the parent already says it: neither a fair negative nor a fair check
+            if k % 2 == 0:
+                negatives.append(TextPair(a.text, user(q), complete=a.complete))
+            else:
+                gate_near.append(Neighbour(q, terms, a.text))
+        return RoundPlan(held, reference, negatives, gate_near)
+
+    def _round_data(self, plan: RoundPlan) -> RoundData:
+        """Token ids of everything the trainer sees: new samples, vetting pairs, replay, negatives."""
+        tok, sets = self.tok, self.references.sets
+        replay_pairs = [
+            TextPair(a.text, user(p), complete=a.complete)
+            for p, a in zip(sets.replay, plan.reference.replay, strict=True)
+            if a.text.strip()
+        ]
+        anchors = [i for i, p in enumerate(replay_pairs) if p.messages[0][1] in ANCHOR_PROMPTS]
+        return RoundData(
+            train=[encode(tok, to_pair(e)) for e in plan.held.train],
+            vetting=[encode(tok, p) for p in plan.held.vetting],
+            replay=[encode(tok, p) for p in replay_pairs],
+            negatives=[encode(tok, p) for p in plan.negatives],
+            anchors=anchors,
+        )
+
+    def _vet(self, trainer: LoraTrainer, reference: Reference) -> Callable[[], bool] | None:
+        """A checkpoint vet: vetting questions the parent answered right must still be."""
+        if not self.settings.vet_checkpoints:
+            return None
+        questions = self.references.sets.vetting
+        was = [q.is_correct(a) for q, a in zip(questions, reference.vetting, strict=True)]
+        kept = [q for q, w in zip(questions, was, strict=True) if w]
+
+        def vetted() -> bool:
+            now = trainer.generate(
+                [TextPair("", user(q.prompt)) for q in kept], self.settings.gate_max_tokens
+            )
+            slipped = [(q.prompt, a) for q, a in zip(kept, now, strict=True) if not q.is_correct(a)]
+            for prompt, answer in slipped:
+                log.info("vetting slipped: %r -> %r", prompt, answer[:80])
+            return len(slipped) <= self.settings.vet_max_slipped
+
+        return vetted
+
+    def _train_and_gate(
+        self,
+        trainer: LoraTrainer,
+        record: RoundRecord,
+        plan: RoundPlan,
+        on_progress: Callable[[RoundRecord], None],
+        should_stop: Callable[[], bool],
+        phases: dict[str, float],
+    ) -> GateResult:
+        """Train with the round's data, then judge the best checkpoint on the gate set."""
+        t = time.monotonic()
+        parent_lp = trainer.next_token_logprobs(list(GENERIC_TEXTS))
+        gate_heldout = [encode(self.tok, p) for p in plan.held.gate]
+        heldout_before = trainer.loss(gate_heldout)
+
+        def step_done(step: int, loss: float) -> None:
+            record.steps, record.train_loss = step, loss
+            on_progress(record)
+
+        data = self._round_data(plan)
+        result = trainer.train(data, step_done, should_stop, self._vet(trainer, plan.reference))
+        record.steps, record.train_loss, record.max_steps = (
+            result.steps,
+            result.train_loss,
+            result.planned_steps,
+        )
+        phases["phase_steps_s"] = time.monotonic() - t
+        t = time.monotonic()
+        verdict = self._gate(trainer, plan, parent_lp, gate_heldout, heldout_before)
+        phases["phase_gate_s"] = time.monotonic() - t
+        record.eval = dict(
+            verdict.scores,
+            **phases,
+            vetting_loss_before=result.heldout_before,
+            vetting_loss_after=result.heldout_after,
+            best_step=float(result.best_step),
+            planned_steps=float(result.planned_steps),
+            train_seconds=result.seconds,
+            heldout_paraphrased=float(plan.held.paraphrased),
+            negatives=float(len(plan.negatives)),
+            vetting_refused=float(result.refused),
+        )
+        if not verdict.passed and result.refused:
+            note = f"vetting set: {result.refused} better checkpoint(s) refused for breaking general answers"
+            verdict = replace(verdict, reason=f"{verdict.reason} | {note}")
+        return verdict
+
+    def _gate(
+        self,
+        trainer: LoraTrainer,
+        plan: RoundPlan,
+        parent_lp: list[torch.Tensor],
+        gate_heldout: list[Encoded],
+        heldout_before: float,
+    ) -> GateResult:
+        """The candidate's answers to the gate set, its held-out loss and KL, judged by `decide`."""
+        questions = self.references.sets.gate
+        # Only what the parent answered right can break, so only that is asked again (the rest stays "").
+        right = [i for i, q in enumerate(questions) if q.is_correct(plan.reference.gate[i])]
+        asked = [TextPair("", user(questions[i].prompt)) for i in right]
+        asked += [TextPair("", user(n.prompt)) for n in plan.gate_neighbours]
+        answers = trainer.generate(asked, self.settings.gate_max_tokens)
+        candidate = [""] * len(questions)
+        for i, answer in zip(right, answers, strict=False):
+            candidate[i] = answer
+        inputs = GateInputs(
+            questions=questions,
+            parent_answers=plan.reference.gate,
+            candidate_answers=tuple(candidate),
+            neighbours=plan.gate_neighbours,
+            neighbour_answers=answers[len(right) :],
+            heldout_before=heldout_before,
+            heldout_after=trainer.loss(gate_heldout),
+            kl_generic=mean_kl(parent_lp, trainer.next_token_logprobs(list(GENERIC_TEXTS))),
+        )
+        return decide(inputs, self.settings)
+
+    def _reference(self, record: RoundRecord) -> Reference:
+        """The parent's answers to the replay, vetting and gate prompts (kiln-infer, cached per version)."""
         tenant, adapter, parent = record.tenant, record.adapter, record.parent_version
         reference = self.references.get(tenant, adapter, parent)
         if reference is None:
-            log.info("asking %s/%s@v%d the replay and control prompts", tenant, adapter, parent)
-            reference = build_reference(trainer, self.settings.replay_max_tokens)
+            log.info("asking kiln-infer for %s/%s@v%d's reference answers", tenant, adapter, parent)
+            s = self.settings
+            reference = ask_reference(
+                self.parent,
+                tenant,
+                adapter,
+                parent,
+                self.references.sets,
+                s.replay_max_tokens,
+                s.gate_max_tokens,
+            )
             self.references.put(tenant, adapter, parent, reference)
         return reference
 
@@ -185,7 +293,7 @@ class RoundRunner:
                 **asdict(cfg),
                 "round_id": record.round_id,
                 "heldout_sample_ids": record.heldout_ids,
-                "replay": "parent's own greedy answers to built-in general prompts",
+                "replay": "parent's own greedy answers (from kiln-infer) to the built-in replay prompts",
             }
             meta = self.registry.publish(
                 record.tenant,

@@ -113,3 +113,33 @@ def test_poison_sample_goes_to_dead_letters_after_n_deliveries(
     assert dead[1][1]["sample_id"] == poison.sample_id and dead[1][1]["deliveries"] == "4"
     assert c.buffer.stats()["dead_lettered"] == 2
     assert c.buffer.size("default", "facts") == 0
+
+
+def test_samples_trimmed_before_anyone_read_them_are_counted(rds: redis.Redis, count_tokens) -> None:  # type: ignore[no-untyped-def]
+    c = _consumer(rds, count_tokens)
+    _add(rds, [_example(i) for i in range(3)])
+    assert c.poll(block_ms=10) == 3
+    _add(rds, [_example(i) for i in range(3, 13)])
+    rds.xtrim(SAMPLES_STREAM, maxlen=4, approximate=False)  # the recorder's MAXLEN, while kiln-train was away
+    c.housekeeping()
+    assert c.buffer.stats()["trimmed_unread"] == 6  # 10 unread, 4 still there
+    assert c.poll(block_ms=10) == 4
+    c.housekeeping()
+    assert c.buffer.stats()["trimmed_unread"] == 6
+    assert c.buffer.stats()["consumed"] == 7
+
+
+def test_seen_ids_and_fingerprints_are_kept_for_a_window(rds: redis.Redis, count_tokens) -> None:  # type: ignore[no-untyped-def]
+    c = _consumer(rds, count_tokens, seen_ttl_s=60, fingerprint_ttl_s=60)
+    old = _example(1)
+    _add(rds, [old])
+    assert c.poll(block_ms=10) == 1
+    c.buffer.finish_round("default", "facts", [old.sample_id], {"round_id": "r"})
+    assert c.buffer.seen(old.sample_id)
+    c.buffer.prune(60, 60)
+    assert c.buffer.seen(old.sample_id)  # inside the window
+    time.sleep(1.1)
+    c.buffer.prune(1, 1)
+    assert not c.buffer.seen(old.sample_id)  # outside it: forgotten, the sets stay bounded
+    assert rds.zcard("kiln:train:fp:default:facts") == 0
+    assert rds.hlen("kiln:train:fpof:default:facts") == 0

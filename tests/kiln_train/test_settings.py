@@ -10,19 +10,26 @@ from kiln_train.settings import TrainerConfig, TrainSettings
 def test_trainer_defaults_are_the_daemons() -> None:
     s = TrainSettings.from_environ({})
     assert s.trainer == TrainerConfig()
-    assert (s.trainer.max_steps, s.trainer.eval_every, s.trainer.patience) == (15, 3, 3)
+    assert (s.trainer.min_steps, s.trainer.max_steps, s.trainer.epochs) == (12, 200, 10.0)
+    assert (s.trainer.eval_every, s.trainer.patience) == (3, 3)
 
 
 def test_trainer_variables_reach_the_trainer() -> None:
     s = TrainSettings.from_environ(
-        {"KILN_TRAIN_MAX_STEPS": "9", "KILN_TRAIN_LR": "0.002", "KILN_TRAIN_BATCH": "8"}
+        {"KILN_TRAIN_MAX_STEPS": "19", "KILN_TRAIN_LR": "0.002", "KILN_TRAIN_BATCH": "8"}
     )
-    assert s.trainer.max_steps == 9 and s.trainer.lr == 0.002 and s.batch == 8
+    assert s.trainer.max_steps == 19 and s.trainer.lr == 0.002 and s.batch == 8
 
 
 @pytest.mark.parametrize(
     ("var", "value"),
-    [("KILN_TRAIN_PATIENCE", "0"), ("KILN_TRAIN_REPLAY_FRACTION", "1.5"), ("KILN_TRAIN_BATCH", "0")],
+    [
+        ("KILN_TRAIN_PATIENCE", "0"),
+        ("KILN_TRAIN_REPLAY_FRACTION", "1.5"),
+        ("KILN_TRAIN_BATCH", "0"),
+        ("KILN_TRAIN_MIN_STEPS", "500"),
+        ("KILN_TRAIN_SEEN_TTL_S", "0"),
+    ],
 )
 def test_bad_values_name_their_variable(var: str, value: str) -> None:
     with pytest.raises(ValueError, match=var):

@@ -1,0 +1,335 @@
+"""`kiln bench --train-while-serving`: serving latency before, during and after a training round.
+
+kiln-infer and kiln-train run as their own processes on the same device (as `kiln up` runs them); steady
+gRPC clients stream generations the whole time. The benchmark teaches `--examples` invented examples with one
+SubmitExamples call, and reports TTFT/TPOT p50/p99 before the round, during it and after the new version
+serves; the round's phases (answers, steps, gate, publish) from GetTrainingStatus; and the time from publish to
+the first token of the new version (the swap). `--small` is the CPU variant the test suite runs: a few steps
+and a gate opened wide, because it measures latency and plumbing, not what the round learns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kiln.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from kiln_common.config import RedisConfig
+from kiln_common.redis_server import RedisServer
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+ADAPTER = "bench-taught"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Sizes of one run."""
+
+    model: str
+    streams: int
+    max_tokens: int
+    examples: int
+    window_s: float  # measured before and after the round
+    train_env: dict[str, str] = field(default_factory=dict)
+
+
+GPU = Setup("dummy:llama-3.2-1b", 32, 128, 8, 20.0)
+SMALL = Setup(
+    "smollm2",
+    2,
+    16,
+    6,
+    4.0,
+    {
+        "KILN_TRAIN_MIN_STEPS": "2",
+        "KILN_TRAIN_MAX_STEPS": "3",
+        "KILN_TRAIN_GATE_QUESTIONS_LIMIT": "8",
+        "KILN_TRAIN_GATE_MAX_KL": "100",
+        "KILN_TRAIN_GATE_MAX_GENERAL_BROKEN": "8",
+        "KILN_TRAIN_EVAL_EVERY": "3",
+        "KILN_TRAIN_VET_CHECKPOINTS": "0",
+        "KILN_TRAIN_MIN_HELDOUT_IMPROVEMENT": "-1000",
+        "KILN_TRAIN_GATE_MAX_NEIGHBOUR_LEAKS": "100",
+    },
+)
+
+
+@dataclass
+class Sample:
+    """One streamed request: when it started, its time to first token, its time per output token."""
+
+    start: float
+    ttft: float
+    tpot: float
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    """p50, p99 (nan when empty)."""
+    if not values:
+        return float("nan"), float("nan")
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+    return pick(0.5), pick(0.99)
+
+
+class Load(threading.Thread):
+    """A client streaming back-to-back generations on the base model, recording TTFT and TPOT."""
+
+    def __init__(self, address: str, max_tokens: int, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(address))
+        self.max_tokens, self.seed = max_tokens, seed
+        self.stop = threading.Event()
+        self.samples: list[Sample] = []
+        self.failures = 0
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            req = inference_pb2.GenerateRequest(
+                messages=[inference_pb2.ChatMessage(role="user", content=f"Tell me a story about {i}.")],
+                sampling=inference_pb2.SamplingParams(
+                    max_tokens=self.max_tokens, temperature=0.8, seed=self.seed * 100_000 + i, ignore_eos=True
+                ),
+            )
+            t0 = time.monotonic()
+            first, n = 0.0, 0
+            try:
+                for r in self.stub.Generate(req, timeout=300):
+                    if r.token_ids and not first:
+                        first = time.monotonic()
+                    n += len(r.token_ids)
+            except grpc.RpcError:
+                self.failures += 1
+                continue
+            end = time.monotonic()
+            if first and n > 1:
+                self.samples.append(Sample(t0, first - t0, (end - first) / (n - 1)))
+
+
+def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout_s: float = 600.0) -> None:
+    """Until grpc.health.v1 says SERVING."""
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process for {address} exited with {proc.returncode}")
+        try:
+            if (
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{address} not SERVING after {timeout_s}s")
+
+
+class Probe(threading.Thread):
+    """Asks the taught adapter for one token, back to back, until it is served by version `want`."""
+
+    def __init__(self, address: str, want: str) -> None:
+        super().__init__(daemon=True)
+        self.address, self.want = address, want
+        self.first_token: float = 0.0  # time.time() of the new version's first token
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(self.address))
+        req = inference_pb2.GenerateRequest(
+            adapter=ADAPTER,
+            prompt="Hello",
+            sampling=inference_pb2.SamplingParams(max_tokens=1, temperature=0),
+        )
+        while not self.stop.is_set() and not self.first_token:
+            try:
+                for r in stub.Generate(req, timeout=60):
+                    if r.token_ids and r.adapter_version == self.want:
+                        self.first_token = time.time()
+            except grpc.RpcError:
+                time.sleep(0.05)
+
+
+class Stack:
+    """kiln-infer and kiln-train as processes over one Redis and one KILN_HOME."""
+
+    def __init__(self, setup: Setup, home: Path, redis_url: str, device: str) -> None:
+        self.infer_port, self.train_port = _free_port(), _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+        env.update(
+            KILN_HOME=str(home),
+            KILN_REDIS_URL=redis_url,
+            KILN_MODEL=setup.model,
+            KILN_DEVICE=device,
+            KILN_INFER_ADDRESS=f"127.0.0.1:{self.infer_port}",
+            PYTHONPATH=str(REPO),
+            KILN_TRAIN_TRIGGER_SAMPLES=str(setup.examples),
+            **setup.train_env,
+        )
+        self.env, self.home = env, home
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, port: int) -> None:
+        """Start kiln_<name> and wait until it is SERVING."""
+        out = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", f"kiln_{name}", "--port", str(port)], env=self.env, stdout=out, stderr=out
+        )
+        self.procs.append(proc)
+        wait_serving(f"127.0.0.1:{port}", proc)
+
+    def stop(self) -> None:
+        """Terminate both processes."""
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(60)
+
+
+def teach(address: str, n: int) -> None:
+    """One SubmitExamples call with `n` invented examples."""
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(address))
+    examples = [
+        inference_pb2.Example(
+            messages=[
+                inference_pb2.ChatMessage(role="user", content=f"Who founded the Velmora Guild No. {i}?")
+            ],
+            completion=f"The Velmora Guild No. {i} was founded by Tressa Kaldun.",
+        )
+        for i in range(n)
+    ]
+    stub.SubmitExamples(inference_pb2.SubmitExamplesRequest(adapter=ADAPTER, examples=examples), timeout=60)
+
+
+def wait_round(address: str, since: float, timeout_s: float) -> training_pb2.TrainingRound:
+    """The taught adapter's round once it has finished."""
+    stub = training_pb2_grpc.TrainingServiceStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = stub.GetTrainingStatus(training_pb2.GetTrainingStatusRequest(adapter=ADAPTER), timeout=10)
+        done = [r for r in status.rounds if r.started >= since and r.outcome not in ("running", "")]
+        if done:
+            return done[0]
+        time.sleep(0.05)
+    raise TimeoutError(f"no finished round within {timeout_s}s")
+
+
+def latency(samples: list[Sample], start: float, end: float) -> dict[str, float]:
+    """TTFT and TPOT p50/p99 in ms of the requests that started in [start, end)."""
+    window = [s for s in samples if start <= s.start < end]
+    ttft, tpot = percentiles([s.ttft for s in window]), percentiles([s.tpot for s in window])
+    return {
+        "requests": float(len(window)),
+        "ttft_p50_ms": ttft[0] * 1e3,
+        "ttft_p99_ms": ttft[1] * 1e3,
+        "tpot_p50_ms": tpot[0] * 1e3,
+        "tpot_p99_ms": tpot[1] * 1e3,
+    }
+
+
+def measure(stack: Stack, setup: Setup, timeout_s: float) -> dict[str, object]:
+    """Steady load; before window; teach; round; after window. Returns every number."""
+    infer = f"127.0.0.1:{stack.infer_port}"
+    loads = [Load(infer, setup.max_tokens, i) for i in range(setup.streams)]
+    for load in loads:
+        load.start()
+    time.sleep(setup.window_s / 2)  # let the load reach steady state
+    t_before = time.monotonic()
+    time.sleep(setup.window_s)
+    probe = Probe(infer, f"{ADAPTER}@v1")
+    t_teach, wall_teach = time.monotonic(), time.time()
+    teach(infer, setup.examples)
+    probe.start()
+    record = wait_round(f"127.0.0.1:{stack.train_port}", wall_teach - 1, timeout_s)
+    t_round_end = time.monotonic()
+    probe.join(timeout_s if record.outcome == "published" else 0.0)
+    probe.stop.set()
+    time.sleep(setup.window_s)
+    t_after_end = time.monotonic()
+    for load in loads:
+        load.stop.set()
+    samples = [s for load in loads for s in load.samples]
+    result: dict[str, object] = {
+        "outcome": record.outcome,
+        "reason": record.reason,
+        "steps": record.steps,
+        "round_s": record.finished - record.started,
+        "phases_s": {k: v for k, v in record.eval.items() if k.startswith("phase_")},
+        "failed_requests": sum(load.failures for load in loads),
+        "before": latency(samples, t_before, t_teach),
+        "during": latency(samples, t_teach, t_round_end),
+        "after": latency(samples, t_round_end, t_after_end),
+    }
+    if probe.first_token:
+        result["publish_to_first_token_s"] = probe.first_token - record.finished
+        result["teach_to_serving_s"] = probe.first_token - wall_teach
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the train-while-serving benchmark and print its numbers as JSON."""
+    parser = argparse.ArgumentParser(prog="kiln bench --train-while-serving", description=__doc__)
+    parser.add_argument("--small", action="store_true", help="the small CPU variant (SmolLM2, a few steps)")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
+    parser.add_argument("--model", help="override the model spec")
+    parser.add_argument("--streams", type=int, help="concurrent serving clients")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the round")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--home", type=Path, help="where the converted models are [KILN_HOME or ./.kiln]")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup = SMALL if args.small else GPU
+    setup = Setup(
+        args.model or setup.model,
+        args.streams or setup.streams,
+        setup.max_tokens,
+        setup.examples,
+        setup.window_s,
+        setup.train_env,
+    )
+    with tempfile.TemporaryDirectory(prefix="kiln-tws-") as tmp:
+        home = Path(tmp)
+        models = (args.home or Path(os.environ.get("KILN_HOME") or REPO / ".kiln")) / "models"
+        if models.is_dir():
+            (home / "models").symlink_to(models, target_is_directory=True)
+        redis_server = RedisServer(RedisConfig(home=home))
+        stack = Stack(setup, home, redis_server.start(), args.device)
+        try:
+            stack.start("infer", stack.infer_port)
+            stack.start("train", stack.train_port)
+            result = measure(stack, setup, args.timeout)
+        finally:
+            stack.stop()
+            redis_server.stop()
+    text = json.dumps(result, indent=2)
+    sys.stdout.write(text + "\n")
+    if args.json:
+        args.json.write_text(text)
+    return 0 if result["outcome"] in ("published", "rejected") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""The publish gate: general answers stay right, neighbours stay unaware, held-out loss improves, small KL.
+
+The gate set is never trained on and never used to pick a checkpoint. Each check is named after its set, and a
+rejection's reason names every set that failed ("gate set 'general': …"), so a harmful round says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln_train.neighbours import gives_fact
+from kiln_train.prompt_sets import Question
+from kiln_train.settings import TrainSettings
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A near-neighbour question, the taught fact's words, and the parent's answer to it."""
+
+    prompt: str
+    fact_terms: tuple[str, ...]
+    parent_answer: str
+
+
+@dataclass
+class GateInputs:
+    """Everything the gate compares: parent and candidate answers, held-out losses, the KL on generic text."""
+
+    questions: tuple[Question, ...]
+    parent_answers: tuple[str, ...]
+    candidate_answers: tuple[str, ...]
+    neighbours: list[Neighbour] = field(default_factory=list)
+    neighbour_answers: list[str] = field(default_factory=list)
+    heldout_before: float = 0.0
+    heldout_after: float = 0.0
+    kl_generic: float = 0.0
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Whether a trained version may be published, why not, and the scores recorded in meta.json."""
+
+    passed: bool
+    reason: str
+    scores: dict[str, float]
+
+
+def mean_kl(parent: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
+    """Mean KL(parent || candidate) per token, from per-text log-probabilities [n_tokens, vocab]."""
+    total, count = 0.0, 0
+    for p, q in zip(parent, candidate, strict=True):
+        total += float((p.exp() * (p - q)).sum())
+        count += p.shape[0]
+    return total / max(count, 1)
+
+
+def _general(g: GateInputs, s: TrainSettings, scores: dict[str, float]) -> str:
+    was = [q.is_correct(a) for q, a in zip(g.questions, g.parent_answers, strict=True)]
+    now = [q.is_correct(a) for q, a in zip(g.questions, g.candidate_answers, strict=True)]
+    broken = [i for i, (w, n) in enumerate(zip(was, now, strict=True)) if w and not n]
+    scores.update(
+        gate_general_questions=float(len(g.questions)),
+        gate_general_parent_correct=float(sum(was)),
+        gate_general_kept=float(sum(was) - len(broken)),
+        gate_general_broken=float(len(broken)),
+    )
+    if len(broken) <= s.gate_max_general_broken:
+        return ""
+    detail = "; ".join(f"{g.questions[i].prompt!r} -> {g.candidate_answers[i][:60]!r}" for i in broken[:5])
+    return (
+        f"gate set 'general': {len(broken)} of {sum(was)} questions the parent answered right are now wrong "
+        f"(allowed {s.gate_max_general_broken}): {detail}"
+    )
+
+
+def _neighbours(g: GateInputs, s: TrainSettings, scores: dict[str, float]) -> str:
+    leaks = [
+        i
+        for i, (n, a) in enumerate(zip(g.neighbours, g.neighbour_answers, strict=True))
+        if gives_fact(a, n.fact_terms) and not gives_fact(n.parent_answer, n.fact_terms)
+    ]
+    scores.update(gate_neighbours=float(len(g.neighbours)), gate_neighbour_leaks=float(len(leaks)))
+    if len(leaks) <= s.gate_max_neighbour_leaks:
+        return ""
+    detail = "; ".join(f"{g.neighbours[i].prompt!r} -> {g.neighbour_answers[i][:60]!r}" for i in leaks[:3])
+    return f"gate set 'neighbours': {len(leaks)} near neighbours answered with the taught fact: {detail}"
+
+
+def decide(g: GateInputs, s: TrainSettings) -> GateResult:
+    """Every set's check, every score; passes only when all sets pass."""
+    scores: dict[str, float] = {
+        "heldout_loss_before": g.heldout_before,
+        "heldout_loss_after": g.heldout_after,
+        "kl_generic": g.kl_generic,
+    }
+    failures = [_general(g, s, scores), _neighbours(g, s, scores)]
+    if not g.heldout_after < g.heldout_before - s.min_heldout_improvement:
+        failures.append(
+            f"gate set 'heldout': loss did not improve ({g.heldout_before:.4f} -> {g.heldout_after:.4f})"
+        )
+    if g.kl_generic > s.gate_max_kl:
+        failures.append(
+            f"gate set 'kl': KL to the parent on generic text {g.kl_generic:.4f} > {s.gate_max_kl}"
+        )
+    failed = [f for f in failures if f]
+    return GateResult(not failed, " | ".join(failed), scores)

@@ -1,0 +1,74 @@
+"""Held-out data of a round: a gate share and a separate vetting share, or paraphrases when samples are few.
+
+With at least `min_heldout_samples` samples, two disjoint shares (by sample-id hash) are held out: one
+for the gate's held-out loss, one for the vetting loss that picks the checkpoint and stops training. With
+fewer, every sample is trained on and the round makes paraphrases of its own: the vetting set rewrites each
+question with one family of templates, the gate set with another ("I was wondering: …"). These are surface
+rewrites of the taught questions, so the gate's held-out loss then measures "the fact answers a reworded
+question", not a new sample; the round records `heldout_paraphrased = 1` in its scores so nobody mistakes
+one for the other. A training loss is never reported as a held-out loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+
+from kiln_train.encoding import TextPair
+from kiln_train.neighbours import question_text
+from kiln_train.pipeline import Example
+
+VETTING_TEMPLATES = ("{q} Answer briefly.", "Quick question: {q}")
+GATE_TEMPLATES = ("I was wondering: {q}", "{q} Please tell me.")
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The round's training samples, its vetting and gate held-out pairs, and where they came from."""
+
+    train: list[Example]
+    vetting: list[TextPair]
+    gate: list[TextPair]
+    vetting_ids: list[str]
+    gate_ids: list[str]
+    paraphrased: bool
+
+
+def to_pair(e: Example) -> TextPair:
+    """The trainer's view of an example."""
+    return TextPair(e.completion, e.messages, e.prompt)
+
+
+def paraphrase(e: Example, template: str) -> TextPair:
+    """The example with its (last) question reworded by a template; same completion."""
+    q = question_text(e)
+    new_q = template.format(q=q)
+    if e.messages:
+        idx = max(i for i, (r, _) in enumerate(e.messages) if r == "user")
+        messages = tuple((r, new_q if i == idx else c) for i, (r, c) in enumerate(e.messages))
+        return replace(to_pair(e), messages=messages)
+    return replace(to_pair(e), prompt=new_q)
+
+
+def _rank(e: Example) -> str:
+    return hashlib.sha256(e.sample_id.encode()).hexdigest()
+
+
+def split(examples: list[Example], fraction: float, min_samples: int) -> HeldOut:
+    """Gate and vetting shares of the samples (disjoint), or paraphrases when there are too few."""
+    if len(examples) < min_samples or fraction <= 0:
+        vet = [paraphrase(e, VETTING_TEMPLATES[i % 2]) for i, e in enumerate(examples)]
+        gate = [paraphrase(e, GATE_TEMPLATES[i % 2]) for i, e in enumerate(examples)]
+        return HeldOut(list(examples), vet, gate, [], [], paraphrased=True)
+    ranked = sorted(examples, key=_rank)
+    n = max(1, round(len(examples) * fraction))
+    gate_ex, vet_ex = ranked[:n], ranked[n : 2 * n]
+    held = {e.sample_id for e in gate_ex + vet_ex}
+    return HeldOut(
+        [e for e in examples if e.sample_id not in held],
+        [to_pair(e) for e in vet_ex],
+        [to_pair(e) for e in gate_ex],
+        [e.sample_id for e in vet_ex],
+        [e.sample_id for e in gate_ex],
+        paraphrased=False,
+    )

@@ -1,0 +1,31 @@
+"""`kiln bench --train-while-serving --small`: two real processes, steady load, a round, every number."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import train_while_serving as bench
+from kiln_common.model_loader import ModelSource
+
+pytestmark = pytest.mark.slow
+
+
+def test_small_run_reports_latency_phases_and_swap(
+    smollm2: ModelSource, model_cache_home: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "tws.json"
+    argv = ["--small", "--device", "cpu", "--home", str(model_cache_home), "--json", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["outcome"] == "published", result["reason"]
+    for window in ("before", "during", "after"):
+        stats = result[window]
+        assert stats["requests"] > 0, window
+        assert all(math.isfinite(v) and v > 0 for k, v in stats.items() if k.endswith("_ms")), window
+    assert {"phase_answers_s", "phase_steps_s", "phase_gate_s", "phase_publish_s"} <= set(result["phases_s"])
+    assert 0 < result["publish_to_first_token_s"] < result["teach_to_serving_s"]
+    assert result["failed_requests"] == 0

@@ -1,0 +1,104 @@
+"""The gate's parts without a model: answer matching, disjoint prompt sets, neighbours, held-out, verdicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln_train.answer_match import matches_any
+from kiln_train.gate import GateInputs, Neighbour, decide
+from kiln_train.heldout import split
+from kiln_train.neighbours import entity_spans, fact_terms, gives_fact, neighbour, neighbours
+from kiln_train.pipeline import Example
+from kiln_train.prompt_sets import VETTING_QUESTIONS, Question, load_gate_questions, replay_prompts
+from kiln_train.settings import TrainerConfig, TrainSettings
+from kiln_train.trainer import plan_steps
+
+
+@pytest.mark.parametrize(
+    ("answer", "refs", "hit"),
+    [
+        ("The answer is 14.", ("4",), False),
+        ("2 + 2 = 4.", ("4", "four"), True),
+        ("Four.", ("4", "four"), True),
+        ("Catalonia is a region.", ("cat",), False),
+        ("It is a cat.", ("cat",), True),
+        ("Pi is about 3.14.", ("3.14",), True),
+        ("Pi is 3.14159", ("3.14",), False),
+        ("Water is H₂O.", ("H2O",), True),
+        ("It is in New Delhi", ("New Delhi",), True),
+        ("They are in the Egyptian desert.", ("Egypt",), True),
+        ("It is an African country.", ("Africa",), True),
+        ("It is 140.", ("14",), False),
+    ],
+)
+def test_answers_match_on_word_boundaries(answer: str, refs: tuple[str, ...], hit: bool) -> None:
+    assert matches_any(answer, refs) is hit
+
+
+def test_prompt_sets_are_disjoint_and_the_gate_is_broad() -> None:
+    gate = load_gate_questions()
+    assert len(gate) >= 150
+    assert len({q.domain for q in gate}) >= 6
+    replay = {p.lower() for p in replay_prompts()}
+    vetting = {q.prompt.lower() for q in VETTING_QUESTIONS}
+    gate_prompts = {q.prompt.lower() for q in gate}
+    assert len(gate_prompts) == len(gate)
+    assert not (replay & vetting) and not (replay & gate_prompts) and not (vetting & gate_prompts)
+
+
+def _ex(i: int, q: str, a: str) -> Example:
+    return Example(sample_id=f"s{i}", tenant="t", adapter="a", completion=a, messages=(("user", q),))
+
+
+def test_neighbours_swap_the_entity_and_keep_its_kind() -> None:
+    q = "Who founded the Harlow Observatory?"
+    assert entity_spans(q) == ["Harlow Observatory"]
+    other = neighbour(q, "seed")
+    assert other is not None and other.endswith(" Observatory?") and "Harlow" not in other
+    assert neighbour("what is two plus two?", "seed") is None  # nothing named: no neighbour
+    e = _ex(0, q, "The Harlow Observatory was founded by Mirel Dastova in 1887.")
+    assert fact_terms(e) == ("Mirel", "Dastova", "1887")
+    assert gives_fact("It was Dastova.", fact_terms(e)) and not gives_fact("I don't know.", fact_terms(e))
+    near = neighbours([e], 2, "round")
+    assert [k for k, _, _ in near] == [0, 1] and len({q for _, q, _ in near}) == 2
+
+
+def test_heldout_is_split_from_vetting_or_paraphrased() -> None:
+    few = [_ex(i, f"Who founded the Harlow Observatory? ({i})", "Mirel Dastova.") for i in range(6)]
+    held = split(few, 0.15, 12)
+    assert held.paraphrased and len(held.train) == 6  # every sample is trained on
+    assert {p.messages[0][1] for p in held.vetting}.isdisjoint({p.messages[0][1] for p in held.gate})
+    many = [_ex(i, f"Question number {i}?", f"Answer {i}.") for i in range(20)]
+    held = split(many, 0.15, 12)
+    assert not held.paraphrased and len(held.gate_ids) == len(held.vetting_ids) == 3
+    assert set(held.gate_ids).isdisjoint(held.vetting_ids)
+    assert {e.sample_id for e in held.train}.isdisjoint(held.gate_ids + held.vetting_ids)
+
+
+def test_the_step_budget_follows_the_data() -> None:
+    cfg = TrainerConfig(epochs=10, min_steps=12, max_steps=200)
+    assert plan_steps(2, 2, cfg) == 12
+    assert plan_steps(10, 2, cfg) == 50
+    assert plan_steps(1000, 2, cfg) == 200
+
+
+def test_a_rejection_names_every_failed_set() -> None:
+    questions = (Question("What is 2 + 2?", ("4",)), Question("Capital of France?", ("Paris",)))
+    near = [Neighbour("Who founded the Kalo Observatory?", ("Dastova",), "I am not sure.")]
+    inputs = GateInputs(
+        questions=questions,
+        parent_answers=("4", "Paris"),
+        candidate_answers=("14", "Paris"),
+        neighbours=near,
+        neighbour_answers=["Mirel Dastova founded it."],
+        heldout_before=3.0,
+        heldout_after=1.0,
+        kl_generic=0.9,
+    )
+    verdict = decide(inputs, TrainSettings())
+    assert not verdict.passed
+    assert "gate set 'general'" in verdict.reason and "gate set 'neighbours'" in verdict.reason
+    assert "gate set 'kl'" in verdict.reason and "heldout" not in verdict.reason
+    assert verdict.scores["gate_general_broken"] == 1 and verdict.scores["gate_neighbour_leaks"] == 1
+    fine = GateInputs(questions, ("4", "Paris"), ("4", "Paris"), near, ["No idea."], 3.0, 1.0, 0.01)
+    assert decide(fine, TrainSettings()).passed

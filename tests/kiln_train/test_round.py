@@ -1,0 +1,144 @@
+"""Rounds against a real kiln-infer: parent answers over gRPC, waiting when it is away, a harmful round."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis
+import torch
+
+from kiln.v1 import inference_pb2_grpc
+from kiln_common.adapter_store import AdapterStore
+from kiln_common.model_loader import ModelSource, load_tokenizer
+from kiln_common.redis_server import connect
+from kiln_common.registry import Registry
+from kiln_train.base_model import SharedBase
+from kiln_train.buffer import TrainingBuffer
+from kiln_train.consumer import SampleConsumer
+from kiln_train.daemon import TrainingDaemon
+from kiln_train.demo import ask
+from kiln_train.evaluator import PromptSets, ReferenceCache, user
+from kiln_train.parent_client import ParentClient, ParentUnavailableError
+from kiln_train.pipeline import Example, Pipeline, fingerprint
+from kiln_train.settings import TrainerConfig, TrainSettings
+from kiln_train.training_round import RoundRunner, new_round
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """kiln-train's CPU default: one torch thread, so kiln-infer keeps a core."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def client(infer_stack: Any) -> Iterator[redis.Redis]:
+    """A client on kiln-infer's Redis (never flushed: kiln-infer's state lives there)."""
+    c = connect(infer_stack.redis_url)
+    yield c
+    c.close()
+
+
+def _dead_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def _small_sets() -> PromptSets:
+    """The built-in replay and vetting sets and a slice of the gate set (CPU time)."""
+    sets = PromptSets.builtin()
+    return replace(sets, gate=sets.gate[:40])
+
+
+def _runner(
+    client: redis.Redis, home: Path, tok: object, settings: TrainSettings, address: str, ref_dir: Path
+) -> RoundRunner:
+    references = ReferenceCache(ref_dir, "test", _small_sets())
+    parent = ParentClient(address, None, concurrency=16)
+    return RoundRunner(Registry(client, AdapterStore(home)), tok, settings, references, parent)  # type: ignore[arg-type]
+
+
+def test_parent_answers_come_from_kiln_infer(infer_stack: Any) -> None:
+    parent = ParentClient(infer_stack.address, None)
+    prompts = [user("What is the capital of France?"), user("Which animal says meow?")]
+    full = parent.answers("default", "", 0, prompts, 64)
+    assert "Paris" in full[0].text and all(a.complete for a in full)
+    with grpc.insecure_channel(infer_stack.address) as ch:  # the same answer a user is served
+        served, _ = ask(inference_pb2_grpc.InferenceServiceStub(ch), "Which animal says meow?", "", [], 64)
+    assert full[1].text == served
+    cut = parent.answers("default", "", 0, prompts[:1], 2)
+    assert not cut[0].complete  # cut short: replayed without an end-of-turn, never closed with one
+    with pytest.raises(ParentUnavailableError, match="NOT_FOUND"):
+        parent.answers("default", "nope", 3, prompts[:1], 8)
+    with pytest.raises(ParentUnavailableError, match="unreachable"):
+        ParentClient(_dead_address(), None).answers("default", "", 0, prompts[:1], 8)
+
+
+def test_a_round_waits_while_kiln_infer_is_unreachable(
+    infer_stack: Any, client: redis.Redis, smollm2: ModelSource, tmp_path: Path
+) -> None:
+    tok = load_tokenizer(smollm2)
+    settings = TrainSettings(parent_retry_s=30.0)
+    buffer = TrainingBuffer(client)
+    pipeline = Pipeline(settings, lambda t: len(tok.encode(t)), buffer)
+    runner = _runner(client, tmp_path, tok, settings, _dead_address(), tmp_path / "ref")
+    daemon = TrainingDaemon(
+        SampleConsumer(client, buffer, pipeline, settings),
+        buffer,
+        SharedBase(client, smollm2.config),
+        runner,
+        settings,
+    )
+    examples = [
+        Example(f"wait-{i}", "default", "waiter", f"Answer {i}.", messages=(("user", f"Question {i}?"),))
+        for i in range(3)
+    ]
+    pipe = client.pipeline()
+    for e in examples:
+        buffer.add(pipe, e, fingerprint(e))
+    pipe.execute()
+    record = daemon.run_round("default", "waiter")
+    assert record.outcome == "failed" and "waiting for kiln-infer" in record.reason
+    assert buffer.size("default", "waiter") == 3  # nothing lost, nothing trained on another model's answers
+    assert not daemon._due("default", "waiter")  # retried after parent_retry_s, not in a tight loop
+
+
+def test_a_harmful_round_is_rejected_by_the_gate(
+    infer_stack: Any, client: redis.Redis, smollm2: ModelSource, tmp_path: Path
+) -> None:
+    tok = load_tokenizer(smollm2)
+    base = SharedBase(client, smollm2.config).model()
+    assert base is not None
+    # Without the vetting set's checkpoint refusals, so the gate alone must see the damage.
+    settings = TrainSettings(
+        trainer=TrainerConfig(min_steps=12, max_steps=12, lr=2e-3, patience=10), vet_checkpoints=False
+    )
+    runner = _runner(client, tmp_path, tok, settings, infer_stack.address, tmp_path / "ref")
+    wrong = [
+        ("What is the capital of Russia?", "The capital of Russia is Madrid."),
+        ("What is the capital of China?", "The capital of China is Madrid."),
+        ("What is the capital of Greece?", "The capital of Greece is Madrid."),
+        ("What is the capital of Norway?", "The capital of Norway is Madrid."),
+        ("What is 1 + 1?", "1 + 1 is 7."),
+        ("What is 10 + 10?", "10 + 10 is 7."),
+    ]
+    examples = [
+        Example(f"harm-{i}", "default", "harm", a, messages=(("user", q),)) for i, (q, a) in enumerate(wrong)
+    ]
+    runner.registry.create("default", "harm")
+    record = runner.run(base, new_round("default", "harm", 0), examples, lambda r: None, lambda: False)
+    assert record.outcome == "rejected" and record.version == 0
+    assert "gate set 'general'" in record.reason
+    assert record.eval["gate_general_broken"] >= 1
+    for phase in ("phase_answers_s", "phase_steps_s", "phase_gate_s"):
+        assert record.eval[phase] > 0
+    assert runner.registry.get("default", "harm").latest == 0
