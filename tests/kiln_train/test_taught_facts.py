@@ -26,7 +26,7 @@ from kiln_train.pipeline import Example
 from kiln_train.settings import TrainSettings
 from kiln_train.training_round import RoundRunner, new_round
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.facts]
 log = logging.getLogger(__name__)
 
 TAUGHT = [
