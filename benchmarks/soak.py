@@ -34,10 +34,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def rss_kib(pid: int) -> int:
-    """Resident set size of a process, KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+    """Resident set size of a process and all its descendants (kiln-infer is a process tree), KiB."""
+    total, pending = 0, [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            pending += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            continue
+    return total
     return 0
 
 
