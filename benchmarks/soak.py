@@ -46,7 +46,6 @@ def rss_kib(pid: int) -> int:
         except OSError:
             continue
     return total
-    return 0
 
 
 def health_latency_s(channel: grpc.Channel) -> float:
