@@ -185,7 +185,7 @@ class Stack:
             KILN_MODEL=setup.model,
             KILN_DEVICE=device,
             KILN_INFER_ADDRESS=f"127.0.0.1:{self.infer_port}",
-            PYTHONPATH=str(REPO),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
             KILN_TRAIN_TRIGGER_SAMPLES=str(setup.examples),
             **setup.train_env,
         )
