@@ -40,7 +40,7 @@ step after python3 -m benchmarks.w1 --skip-baselines --json "$OUT/after.json"
 # W1 over gRPC against kiln-infer started by its entry point, beside the in-process engine and transformers
 step server python3 -m benchmarks.w1 --server --json "$OUT/server.json"
 # a training round on the same GPU under steady serving load (kiln bench --train-while-serving)
-step train_while_serving python3 -m benchmarks.train_while_serving --device cuda --window 8 --timeout 240 \
+step train_while_serving python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 \
   --json "$OUT/train_while_serving.json"
 step train_gpu_check python3 -m benchmarks.train_gpu_check --models dummy:llama-3.2-1b,dummy:llama-3.1-8b --home "$KILN_HOME"
 step bench python3 -m benchmarks.w1 --json "$OUT/bench.json"
