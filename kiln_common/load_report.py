@@ -1,10 +1,10 @@
 """kiln-infer's load, published often and cheaply in Redis for kiln-train's governor to read.
 
-Each kiln-infer API process writes one hash `kiln:load:<host>:<pid>` every ~0.5 s with a short TTL: the engine's
-running and waiting requests and KV-cache usage, its `--kv-memory-fraction`, and TTFT / TPOT p50 and p99 over a
-sliding window of recent requests (`LoadWindow`). A reporter that dies simply expires. `read_load` aggregates
-every live reporter: the worst percentile and the largest queue (the API processes of one engine all read the same
-engine, so queues are not summed).
+Each kiln-infer API process writes one hash `kiln:load:<host>:<pid>` every ~0.5 s with a short TTL: the
+engine's running and waiting requests and KV-cache usage, its `--kv-memory-fraction`, and TTFT / TPOT p50 and
+p99 over a sliding window of recent requests (`LoadWindow`). A reporter that dies simply expires. `read_load`
+aggregates every live reporter: the worst percentile and the largest queue (the API processes of one engine
+all read the same engine, so queues are not summed).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class LoadPublisher:
         self._ttl_ms = int(ttl_s * 1000)
 
     def publish(self, stats: dict[str, float], window: LoadWindow, kv_memory_fraction: float) -> None:
-        """One report: the engine's stats ({"running","waiting","kv_usage",...}) and the window's latencies."""
+        """One report: the engine's stats ({"running", "waiting", "kv_usage"}) and the window's latencies."""
         latency = window.percentiles()
         mapping = {
             "running": int(stats.get("running", 0)),

@@ -28,7 +28,7 @@ class RequestObserver:
         tenant: str,
         adapter_version: str,
         arrived: float | None = None,  # time.monotonic() at arrival
-        load_window: LoadWindow | None = None,  # recent TTFT / TPOT for the load report (kiln-train's governor)
+        load_window: LoadWindow | None = None,  # recent TTFT / TPOT for the load report kiln-train reads
     ) -> None:
         self.metrics = metrics
         self.load_window = load_window

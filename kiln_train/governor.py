@@ -9,8 +9,9 @@ serving is saturated and returns the micro-batch size for the step:
 - TPOT p99 over the budget: halve the micro-batch and sleep between steps in proportion to the overshoot;
 - under the budget: the pause between steps decays; the micro-batch is restored when serving goes idle.
 
-The budget is `KILN_TRAIN_TPOT_P99_BUDGET_MS` when set, else the idle baseline times `1 + KILN_TRAIN_TPOT_P99_SLACK`
-(the baseline is the TPOT p99 reported while no training step has run for a whole load window).
+The budget is `KILN_TRAIN_TPOT_P99_BUDGET_MS` when set, else the idle baseline times
+`1 + KILN_TRAIN_TPOT_P99_SLACK` (the baseline is the TPOT p99 reported while no training step has run for a
+whole load window).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class Governor:
         self._pace(load)
 
     def _pace(self, load: LoadReport) -> None:
-        """Over budget: halve the micro-batch and lengthen the pause in proportion; under: let the pause decay."""
+        """Over budget: halve the micro-batch, lengthen the pause in proportion; under: the pause decays."""
         budget = self.budget_ms
         over = load.tpot_p99_ms / budget - 1 if budget > 0 and load.tpot_samples > 0 else 0.0
         if over > 0:

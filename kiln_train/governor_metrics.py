@@ -20,7 +20,9 @@ class GovernorCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """One snapshot per scrape."""
         s = self._state()
-        mode = GaugeMetricFamily("kiln:train_governor_mode", "The governor's mode (1 = current).", labels=["mode"])
+        mode = GaugeMetricFamily(
+            "kiln:train_governor_mode", "The governor's mode (1 = current).", labels=["mode"]
+        )
         for m in GovernorMode:
             mode.add_metric([m.value], 1.0 if s["mode"] == m.value else 0.0)
         yield mode

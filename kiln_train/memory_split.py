@@ -1,9 +1,10 @@
 """kiln-train's share of GPU memory, checked against kiln-infer's KV cache before training starts.
 
-kiln-infer holds the base weights (kiln-train maps the same memory) and gives `--kv-memory-fraction` of the memory
-left free after them to its KV cache. kiln-train caps its own allocator (activations, LoRA, optimizer state) at
-`KILN_TRAIN_MEMORY_FRACTION` of the device with `torch.cuda.set_per_process_memory_fraction`, so a large round
-runs out of memory in kiln-train, never in serving. The two must fit together, with headroom for both CUDA contexts.
+kiln-infer holds the base weights (kiln-train maps the same memory) and gives `--kv-memory-fraction` of the
+memory left free after them to its KV cache. kiln-train caps its own allocator (activations, LoRA, optimizer
+state) at `KILN_TRAIN_MEMORY_FRACTION` of the device with `torch.cuda.set_per_process_memory_fraction`, so a
+large round runs out of memory in kiln-train, never in serving. The two must fit together, with headroom for
+both CUDA contexts.
 """
 
 from __future__ import annotations
@@ -49,18 +50,18 @@ class MemorySplit:
         return int(self.total_bytes * self.train_memory_fraction)
 
     def check(self) -> None:
-        """Raise MemorySplitError naming both settings when weights + KV + training + headroom exceed the device."""
+        """MemorySplitError, naming both settings, when weights + KV + training + headroom exceed it."""
         need = self.base_bytes + self.kv_bytes + self.train_bytes + self.headroom_bytes
         if need <= self.total_bytes:
             return
         room = self.total_bytes - self.base_bytes - self.kv_bytes - self.headroom_bytes
         most = max(room, 0) / self.total_bytes
         raise MemorySplitError(
-            f"{TRAIN_SETTING}={self.train_memory_fraction} ({self.train_bytes / GIB:.1f} GiB) does not fit beside "
-            f"{INFER_SETTING}={self.kv_memory_fraction} ({self.kv_bytes / GIB:.1f} GiB of KV cache) on a "
-            f"{self.total_bytes / GIB:.1f} GiB device with {self.base_bytes / GIB:.1f} GiB of base weights and "
-            f"{self.headroom_bytes / GIB:.1f} GiB of headroom: lower {TRAIN_SETTING} to at most {most:.2f} "
-            f"or lower --kv-memory-fraction"
+            f"{TRAIN_SETTING}={self.train_memory_fraction} ({self.train_bytes / GIB:.1f} GiB) does not fit "
+            f"beside {INFER_SETTING}={self.kv_memory_fraction} ({self.kv_bytes / GIB:.1f} GiB of KV cache) "
+            f"on a {self.total_bytes / GIB:.1f} GiB device with {self.base_bytes / GIB:.1f} GiB of base "
+            f"weights and {self.headroom_bytes / GIB:.1f} GiB of headroom: lower {TRAIN_SETTING} to at most "
+            f"{most:.2f} or lower --kv-memory-fraction"
         )
 
 
@@ -76,14 +77,16 @@ def enforce_memory_split(
 ) -> MemorySplit | None:
     """At start (once the base is attached): check the split against what kiln-infer published, then cap.
 
-    Returns None when there is nothing to enforce (no cap configured, not CUDA, or kiln-infer not publishing its
-    KV fraction yet). Raises MemorySplitError when the two settings cannot fit.
+    Returns None when there is nothing to enforce (no cap configured, or not CUDA); without kiln-infer's
+    published KV fraction the cap is applied unchecked. Raises MemorySplitError when the two cannot fit.
     """
     if train_memory_fraction <= 0 or device.type != "cuda":
         return None
     load = read_load(redis)
     if load is None or load.kv_memory_fraction <= 0:
-        log.warning("kiln-infer publishes no --kv-memory-fraction yet: %s is applied unchecked", TRAIN_SETTING)
+        log.warning(
+            "kiln-infer publishes no --kv-memory-fraction yet: %s is applied unchecked", TRAIN_SETTING
+        )
         kv_fraction = 0.0
     else:
         kv_fraction = load.kv_memory_fraction

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from kiln_common.load_report import LoadPublisher, LoadReport, LoadWindow, read_load
+from kiln_common.load_report import LoadPublisher, LoadWindow, read_load
 from kiln_train.governor import Governor, GovernorMode, GovernorSettings
 
 
