@@ -141,6 +141,21 @@ class Governor:
         self._step_ended = self._clock()
         return self.micro_batch
 
+    def gate(self, should_stop: Callable[[], bool]) -> Callable[[], bool]:
+        """`should_stop` with the governor folded in, for step loops that ask it once at the top of each step.
+
+        LoraTrainer.train asks its `should_stop` exactly there, so `governor.gate(stop)` in place of `stop`
+        makes every step wait out saturation and pacing; a paused governor still lets a stop through.
+        """
+
+        def governed() -> bool:
+            if should_stop():
+                return True
+            self.before_step(should_stop)
+            return should_stop()
+
+        return governed
+
     def finished(self) -> None:
         """The round is over: the next step's duration is not measured from this one."""
         self._step_ended = None

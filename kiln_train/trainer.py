@@ -241,7 +241,6 @@ class LoraTrainer:
         should_stop: Callable[[], bool] | None = None,
         vet: Callable[[], tuple[bool, list[int]]] | None = None,
         anchors: list[int] | None = None,
-        before_step: Callable[[], object] | None = None,
     ) -> TrainResult:
         """Optimise LoRA on `train` mixed with `replay`; keep the weights with the best held-out loss.
 
@@ -267,8 +266,6 @@ class LoraTrainer:
         for step in range(1, cfg.max_steps + 1):
             if should_stop is not None and should_stop():
                 raise InterruptedError("round stopped")
-            if before_step is not None:  # the governor: waits while serving is saturated, paces the steps
-                before_step()
             if len(order) < n_new:
                 order += rng.sample(train, len(train))
             batch = [order.pop() for _ in range(n_new)]

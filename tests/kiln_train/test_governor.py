@@ -160,3 +160,22 @@ def test_settings_from_environment_leave_the_rest() -> None:
         GovernorSettings.from_environ({"KILN_TRAIN_MEMORY_FRACTION": "1.5"})
     with pytest.raises(ValueError, match="KILN_TRAIN_TPOT_P99_SLACK"):
         GovernorSettings(tpot_p99_slack=0.0)
+
+
+def test_gate_folds_the_governor_into_a_stop_check(rds: redis.Redis) -> None:
+    t = FakeTime()
+    serving = Serving(rds)
+    serving.report(running=32, waiting=4)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, saturated_s=0.0, poll_s=1.0)
+    calls = 0
+
+    def stop_after_a_while() -> bool:  # e.g. PauseTraining arrives while the governor waits
+        nonlocal calls
+        calls += 1
+        return calls > 3
+
+    assert gov.gate(stop_after_a_while)() is True and gov.mode is GovernorMode.PAUSED
+    assert t.slept == 2.0  # two polls, then the stop came through
+    serving.report(running=0)
+    t.now += 1.0
+    assert gov.gate(lambda: False)() is False and gov.mode is GovernorMode.FULL
