@@ -179,3 +179,19 @@ def test_gate_folds_the_governor_into_a_stop_check(rds: redis.Redis) -> None:
     serving.report(running=0)
     t.now += 1.0
     assert gov.gate(lambda: False)() is False and gov.mode is GovernorMode.FULL
+
+
+def test_state_as_prometheus_gauges(rds: redis.Redis) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kiln_train.governor_metrics import GovernorCollector
+
+    t = FakeTime()
+    Serving(rds).report(running=4, tpot_ms=30.0)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0)
+    gov.before_step()
+    registry = CollectorRegistry()
+    registry.register(GovernorCollector(gov.state))
+    text = generate_latest(registry).decode()
+    assert 'kiln:train_governor_mode{mode="paced"} 1.0' in text
+    assert "kiln:train_governor_micro_batch 4.0" in text and "kiln:train_serving_tpot_p99_ms 30.0" in text
