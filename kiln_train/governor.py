@@ -157,7 +157,9 @@ class Governor:
         return governed
 
     def finished(self) -> None:
-        """The round is over: the next step's duration is not measured from this one."""
+        """The round is over: the next round's first step is not timed from here; idle windows count from now."""
+        if self._step_ended is not None:
+            self._last_trained = self._clock()
         self._step_ended = None
 
     def _decide(self, now: float, force: bool = False) -> None:

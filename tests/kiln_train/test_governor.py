@@ -195,3 +195,20 @@ def test_state_as_prometheus_gauges(rds: redis.Redis) -> None:
     text = generate_latest(registry).decode()
     assert 'kiln:train_governor_mode{mode="paced"} 1.0' in text
     assert "kiln:train_governor_micro_batch 4.0" in text and "kiln:train_serving_tpot_p99_ms 30.0" in text
+
+
+def test_a_new_round_takes_a_fresh_baseline_after_an_idle_window(rds: redis.Redis) -> None:
+    t = FakeTime()
+    serving = Serving(rds)
+    gov = governor(rds, t, tpot_p99_slack=0.15)
+    serving.report(running=16, tpot_ms=20.0)
+    steps(gov, t, 4)
+    gov.finished()
+    serving.report(running=16, tpot_ms=30.0)  # heavier serving load since
+    t.now += 2.0  # a short gap: the window still holds the last round's steps
+    gov.before_step()
+    assert gov.baseline_tpot_p99_ms == pytest.approx(20.0)
+    gov.finished()
+    t.now += 6.0  # longer than the 5 s window
+    gov.before_step()
+    assert gov.baseline_tpot_p99_ms == pytest.approx(30.0) and gov.mode is GovernorMode.STEADY
