@@ -157,7 +157,7 @@ class Governor:
         return governed
 
     def finished(self) -> None:
-        """The round is over: the next round's first step is not timed from here; idle time counts from now."""
+        """The round is over: the next step is not timed from the last one; idle time counts from now."""
         if self._step_ended is not None:
             self._last_trained = self._clock()
         self._step_ended = None
