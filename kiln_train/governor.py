@@ -22,7 +22,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kiln_common.load_report import DEFAULT_WINDOW_S, LoadReport
+import torch
+
+from kiln_common.load_report import DEFAULT_WINDOW_S, LoadReport, read_load
+from kiln_train.memory_split import enforce_memory_split
 
 PREFIX = "KILN_TRAIN_"
 
@@ -197,3 +200,13 @@ class Governor:
             return
         self.pace_ms = self.pace_ms / 2 if self.pace_ms >= 1.0 else 0.0
         self.mode = GovernorMode.PACED if self.pace_ms > 0 else GovernorMode.STEADY
+
+
+def start_governor(redis: Any, settings: GovernorSettings, full_micro_batch: int) -> Governor:
+    """kiln-train's governor over kiln-infer's load report, once the memory split is checked and applied."""
+    # MemorySplitError (naming KILN_TRAIN_MEMORY_FRACTION and --kv-memory-fraction) when they cannot fit
+    if torch.cuda.is_available():
+        enforce_memory_split(
+            redis, torch.device("cuda"), settings.memory_fraction, settings.memory_headroom_gib
+        )
+    return Governor(settings, lambda: read_load(redis), full_micro_batch)

@@ -212,3 +212,11 @@ def test_a_new_round_takes_a_fresh_baseline_after_an_idle_window(rds: redis.Redi
     t.now += 6.0  # longer than the 5 s window
     gov.before_step()
     assert gov.baseline_tpot_p99_ms == pytest.approx(30.0) and gov.budget_ms == pytest.approx(34.5)
+
+
+def test_start_governor_reads_the_published_load(rds: redis.Redis) -> None:
+    from kiln_train.governor import start_governor
+
+    Serving(rds).report(running=3, tpot_ms=12.0)
+    gov = start_governor(rds, GovernorSettings(tpot_p99_budget_ms=20.0, memory_fraction=0.3), 4)
+    assert gov.before_step() == 4 and gov.state()["load"]["running"] == 3.0
