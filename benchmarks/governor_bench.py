@@ -167,7 +167,9 @@ def run_model(spec: str, home: Path, plan: Plan, cpu: bool) -> dict[str, Any]:
     try:
         cap = capacity(target, w, vocab)
         standalone = train_alone(spec, home, plan, governor=False)
+        log.info("%s standalone: %s", spec, standalone)
         idle = train_alone(spec, home, plan, governor=True)
+        log.info("%s governed, no traffic: %s", spec, idle)
         loads = []
         for i, fraction in enumerate(plan.loads):
             rate = fraction * cap
@@ -178,6 +180,7 @@ def run_model(spec: str, home: Path, plan: Plan, cpu: bool) -> dict[str, Any]:
             entry["governed"] = serve_beside(target, spec, home, plan, reqs, rate, governor=True)
             if plan.ungoverned:
                 entry["ungoverned"] = serve_beside(target, spec, home, plan, reqs, rate, governor=False)
+            log.info("%s at %.2f of capacity: %s", spec, fraction, json.dumps(entry))
             loads.append(entry)
     finally:
         stop(proc)
