@@ -46,6 +46,7 @@ class Plan:
     kv_memory_fraction: float
     train_memory_fraction: float
     ungoverned: bool
+    budget_factor: float = 1.10  # the governor's TPOT p99 budget: serving alone's p99 x this
 
 
 def workload(spec: str, cpu: bool) -> w1.Workload:
@@ -86,13 +87,14 @@ def steps_per_s(report: dict[str, Any], since: float | None = None, until: float
 class Trainer:
     """One benchmarks.governor_trainer process: started, ready, told to go, then its report."""
 
-    def __init__(self, spec: str, home: Path, plan: Plan, governor: bool) -> None:
+    def __init__(self, spec: str, home: Path, plan: Plan, governor: bool, budget_ms: float = 0.0) -> None:
         cmd = [
             sys.executable, "-m", "benchmarks.governor_trainer", "--model", spec, "--home", str(home),
             "--steps", str(plan.steps), "--batch", str(plan.batch), "--seq-len", str(plan.seq_len),
             "--governor", "on" if governor else "off", "--memory-fraction", str(plan.train_memory_fraction),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, "KILN_TRAIN_TPOT_P99_BUDGET_MS": str(budget_ms)} if budget_ms > 0 else None
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
@@ -122,10 +124,20 @@ def train_alone(spec: str, home: Path, plan: Plan, governor: bool) -> dict[str, 
 
 
 def serve_beside(
-    target: str, spec: str, home: Path, plan: Plan, reqs: list[dict[str, Any]], rate: float, governor: bool
+    target: str,
+    spec: str,
+    home: Path,
+    plan: Plan,
+    reqs: list[dict[str, Any]],
+    rate: float,
+    budget_ms: float = 0.0,
 ) -> dict[str, Any]:
-    """Serving at `rate` while a round trains; latencies of the requests submitted during the round."""
-    trainer = Trainer(spec, home, plan, governor)
+    """Serving at `rate` while a round trains; latencies of the requests submitted during the round.
+
+    `budget_ms` > 0 runs the governor with that TPOT p99 budget; 0 trains without a governor.
+    """
+    governor = budget_ms > 0
+    trainer = Trainer(spec, home, plan, governor, budget_ms)
     trainer.go()
     result = burst(target, reqs, len(reqs), CLIENT_PROCESSES, rate=rate)
     report = trainer.report()
@@ -177,9 +189,13 @@ def run_model(spec: str, home: Path, plan: Plan, cpu: bool) -> dict[str, Any]:
             reqs = requests(w, vocab, n, seed=100 + i)
             entry: dict[str, Any] = {"load": fraction, "rate_rps": rate, "requests": n}
             entry["alone"] = latency(burst(target, reqs, n, CLIENT_PROCESSES, rate=rate))
-            entry["governed"] = serve_beside(target, spec, home, plan, reqs, rate, governor=True)
+            # The round starts while serving is busy, so a relative budget would see no idle window: give the
+            # governor serving's own TPOT p99 (measured just now) with a margin under the judged +15%.
+            budget = entry["alone"]["tpot_ms"][1] * plan.budget_factor
+            entry["budget_ms"] = budget
+            entry["governed"] = serve_beside(target, spec, home, plan, reqs, rate, budget)
             if plan.ungoverned:
-                entry["ungoverned"] = serve_beside(target, spec, home, plan, reqs, rate, governor=False)
+                entry["ungoverned"] = serve_beside(target, spec, home, plan, reqs, rate)
             log.info("%s at %.2f of capacity: %s", spec, fraction, json.dumps(entry))
             loads.append(entry)
     finally:
@@ -205,15 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ungoverned", action="store_true", help="also train without the governor")
     parser.add_argument("--kv-memory-fraction", type=float, default=0.4)
     parser.add_argument("--train-memory-fraction", type=float, default=0.35)
+    parser.add_argument("--budget-factor", type=float, default=1.10, help="budget: alone's TPOT p99 x this")
     parser.add_argument("--home", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("governor"), help="writes OUT.json and OUT.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     plan = Plan(args.steps, args.batch, args.seq_len, tuple(float(x) for x in args.loads.split(",")),
-                args.kv_memory_fraction, args.train_memory_fraction, args.ungoverned)  # fmt: skip
+                args.kv_memory_fraction, args.train_memory_fraction, args.ungoverned, args.budget_factor)  # fmt: skip
     models = ["smollm2"] if args.cpu else args.models.split(",")
     if args.cpu:
-        plan = Plan(args.steps if args.steps != 200 else 3, 2, 64, plan.loads, 0.5, 0.0, args.ungoverned)
+        steps = args.steps if args.steps != 200 else 3
+        plan = Plan(steps, 2, 64, plan.loads, 0.5, 0.0, args.ungoverned, args.budget_factor)
     home = args.home or Path(os.environ.get("KILN_HOME") or tempfile.mkdtemp(prefix="kiln-governor-"))
     results = [run_model(spec, home, plan, args.cpu) for spec in models]
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
