@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         {**env, "KILN_TRAIN_MEMORY_FRACTION": str(args.memory_fraction)}
     )
     enforce_memory_split(client, device, settings.memory_fraction, settings.memory_headroom_gib)
-    trainer = LoraTrainer(base, cast(Any, _PadOnly()), TrainerConfig(max_steps=args.steps))
+    trainer = LoraTrainer(base, cast(Any, _PadOnly()), TrainerConfig())  # r=16 on every projection
     governor = Governor(settings, lambda: read_load(client), args.batch) if args.governor == "on" else None
     warm = synthetic_batch(int(config.vocab_size), 1, args.seq_len, 99, device)
     accumulate_backward(trainer.model, warm, 1)  # kernels and allocator warm before the clock starts

@@ -35,7 +35,7 @@ def tiny_base() -> LlamaForCausalLM:
 
 
 def test_trainer_role_trains_in_the_governors_micro_batches() -> None:
-    trainer = LoraTrainer(tiny_base(), cast(Any, _PadOnly()), TrainerConfig(max_steps=4, rank=4, alpha=8))
+    trainer = LoraTrainer(tiny_base(), cast(Any, _PadOnly()), TrainerConfig(rank=4, alpha=8))
     busy = LoadReport(running=8, tpot_p99_ms=40.0, tpot_samples=100)
     gov = Governor(GovernorSettings(tpot_p99_budget_ms=20.0, max_pace_ms=1.0), lambda: busy, 4)
     before = [p.detach().clone() for p in trainer.trainable()]
