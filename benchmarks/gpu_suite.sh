@@ -51,4 +51,7 @@ step bench_lora python3 -m benchmarks.bench_lora
 step gemv_probe python3 -m benchmarks.gemv_probe
 step bursts bash -c "python3 -m benchmarks.profile_w1 --home $KILN_HOME --bursts 4 && \
 python3 -m benchmarks.profile_w1 --home $KILN_HOME --bursts 4 --adapters 16"
+# Issue 10: serving at half capacity beside a 200-step round (batch 8, 1k tokens), governed and not; one model a step
+step governor python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --ungoverned --home "$KILN_HOME" --out "$OUT/governor-1b"
+step governor_8b python3 -m benchmarks.governor_bench --models dummy:llama-3.1-8b --ungoverned --home "$KILN_HOME" --out "$OUT/governor-8b"
 exit $status

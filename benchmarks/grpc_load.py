@@ -67,7 +67,9 @@ async def _one(
     request: inference_pb2.GenerateRequest,
     metadata: list[tuple[str, str]],
     gate: asyncio.Semaphore,
+    at: float = 0.0,  # time.monotonic() before which the stream is not opened (a fixed request rate)
 ) -> StreamTiming:
+    await asyncio.sleep(max(0.0, at - time.monotonic()))
     async with gate:
         timing = StreamTiming(time.monotonic())
         try:
@@ -84,7 +86,13 @@ async def _one(
 
 
 async def _client(
-    target: str, requests: list[dict[str, Any]], concurrency: int, ready: Any, start: Event, api_key: str
+    target: str,
+    requests: list[dict[str, Any]],
+    concurrency: int,
+    ready: Any,
+    start: Event,
+    api_key: str,
+    offsets: list[float],
 ) -> list[StreamTiming]:
     options = [("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
@@ -96,7 +104,13 @@ async def _client(
         while not start.is_set():
             await asyncio.sleep(0.001)
         gate = asyncio.Semaphore(concurrency)
-        return list(await asyncio.gather(*(_one(stub, r, metadata, gate) for r in built)))
+        t0 = time.monotonic()
+        ats = [t0 + o for o in offsets] if offsets else [0.0] * len(built)
+        return list(
+            await asyncio.gather(
+                *(_one(stub, r, metadata, gate, at) for r, at in zip(built, ats, strict=True))
+            )
+        )
 
 
 def _client_main(
@@ -107,8 +121,9 @@ def _client_main(
     start: Event,
     out: Any,
     api_key: str,
+    offsets: list[float],
 ) -> None:
-    out.put(asyncio.run(_client(target, requests, concurrency, ready, start, api_key)))
+    out.put(asyncio.run(_client(target, requests, concurrency, ready, start, api_key, offsets)))
 
 
 def generate_request(
@@ -125,16 +140,30 @@ def generate_request(
 
 
 def burst(
-    target: str, requests: list[dict[str, Any]], concurrency: int, processes: int = 4, api_key: str = ""
+    target: str,
+    requests: list[dict[str, Any]],
+    concurrency: int,
+    processes: int = 4,
+    api_key: str = "",
+    rate: float = 0.0,
 ) -> BurstResult:
-    """Run `requests` from `processes` client processes, at most `concurrency` streams open in all."""
+    """Run `requests` from `processes` client processes, at most `concurrency` streams open in all.
+
+    With `rate` > 0 request i is opened i / rate seconds after the start (open loop: a fixed request rate).
+    """
     ctx = multiprocessing.get_context("spawn")
     ready, out, start = ctx.Queue(), ctx.Queue(), ctx.Event()
     shares = [requests[i::processes] for i in range(processes)]
+    offsets = [
+        [(k * processes + i) / rate for k in range(len(shares[i]))] if rate > 0 else []
+        for i in range(processes)
+    ]
     per_process = max(1, concurrency // processes)
     procs = [
-        ctx.Process(target=_client_main, args=(target, share, per_process, ready, start, out, api_key))
-        for share in shares
+        ctx.Process(
+            target=_client_main, args=(target, share, per_process, ready, start, out, api_key, offsets[i])
+        )
+        for i, share in enumerate(shares)
         if share
     ]
     for p in procs:

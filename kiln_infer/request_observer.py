@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from kiln_common.load_report import LoadWindow
 from kiln_infer.access_log import RequestRecord, log_request
 from kiln_infer.engine.types import FinishReason, RequestOutput
 from kiln_infer.metrics import RequestMetrics
@@ -27,8 +28,10 @@ class RequestObserver:
         tenant: str,
         adapter_version: str,
         arrived: float | None = None,  # time.monotonic() at arrival
+        load_window: LoadWindow | None = None,  # recent TTFT / TPOT for the load report kiln-train reads
     ) -> None:
         self.metrics = metrics
+        self.load_window = load_window
         self.request_id, self.tenant, self.adapter_version = request_id, tenant, adapter_version
         self.arrived = time.monotonic() if arrived is None else arrived
         self.first: float | None = None
@@ -43,8 +46,12 @@ class RequestObserver:
         if n and self.first is None:
             self.first = at
             self.gaps.extend([0.0] * (n - 1))
+            if self.load_window is not None:
+                self.load_window.add_ttft(at - self.arrived)
         elif n:
             self.gaps.extend([(at - self.last) / n] * n)
+            if self.load_window is not None:
+                self.load_window.add_gaps(self.gaps[-n:])
         if n:
             self.last = at
         if out.finished:

@@ -1,0 +1,244 @@
+"""`python -m benchmarks.governor_bench`: serving at a fixed request rate beside a substantial training round (issue 10).
+
+Per model: kiln-infer started by its entry point (a process tree of its own), its capacity measured with closed-loop
+bursts; then, each in a fresh trainer process attached to kiln-infer's base weights (benchmarks.governor_trainer):
+training standalone (governor off, no traffic), training with the governor and no traffic, and for each serving
+load (a fraction of capacity, open loop at a fixed request rate): serving alone, serving beside governed training,
+and (with --ungoverned) beside ungoverned training. Latencies during training count only the requests submitted
+while the round was running; training throughput counts only the steps that ended inside the serving window.
+
+Judged (issue 10): TPOT p99 within +15% and TTFT p99 within +25% of serving alone; training >= 50% of standalone
+at half capacity; >= 90% with no traffic; no request fails. Prints a table; writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import w1
+from benchmarks.governor_report import judge, plot, table
+from benchmarks.grpc_load import BurstResult, burst, generate_request
+from benchmarks.server_bench import CLIENT_PROCESSES, free_port, start_kiln_infer, stop
+
+log = logging.getLogger("benchmarks.governor_bench")
+GPU_MODELS = "dummy:llama-3.2-1b,dummy:llama-3.1-8b"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run (the issue's on a GPU, tiny ones with --cpu)."""
+
+    steps: int
+    batch: int
+    seq_len: int
+    loads: tuple[float, ...]  # serving request rates, as fractions of the measured capacity
+    kv_memory_fraction: float
+    train_memory_fraction: float
+    ungoverned: bool
+    budget_factor: float = 1.10  # the governor's TPOT p99 budget: serving alone's p99 x this
+
+
+def workload(spec: str, cpu: bool) -> w1.Workload:
+    """W1's shape for the model (256 streams, 256-token prompts, 128 new tokens), or the CPU variant."""
+    if cpu:
+        return w1.CPU
+    return w1.Workload(spec, torch.bfloat16, "cuda", 256, 256, 128, 64, 64, (4,))
+
+
+def requests(w: w1.Workload, vocab: int, n: int, seed: int) -> list[dict[str, Any]]:
+    """n W1 requests on the base model (random prompts, ignore_eos: every request decodes all its tokens)."""
+    return [generate_request(p, w.new_tokens) for p in w1.prompts(w, vocab, n, seed=seed)]
+
+
+def latency(result: BurstResult, since: float = 0.0, until: float = float("inf")) -> dict[str, Any]:
+    """TTFT / TPOT p50, p99 (ms) of the streams submitted in [since, until]; failures of all."""
+    ok = [s for s in result.ok if since <= s.submitted <= until]
+    ttft = [s.first - s.submitted for s in ok]
+    tpot = [(s.last - s.first) / (s.tokens - 1) for s in ok if s.tokens > 1]
+    return {
+        "requests": len(ok),
+        "failed": len(result.streams) - len(result.ok),
+        "codes": result.codes(),
+        "ttft_ms": list(w1.percentiles(ttft)) if ttft else [0.0, 0.0],
+        "tpot_ms": list(w1.percentiles(tpot)) if tpot else [0.0, 0.0],
+    }
+
+
+def steps_per_s(report: dict[str, Any], since: float | None = None, until: float | None = None) -> float:
+    """Optimizer steps per second, over the whole round or the steps that ended inside [since, until]."""
+    ends = report["step_ends"]
+    a = report["started"] if since is None else max(since, report["started"])
+    b = ends[-1] if until is None else min(until, ends[-1])
+    inside = [t for t in ends if a < t <= b]
+    return len(inside) / (b - a) if b > a else 0.0
+
+
+class Trainer:
+    """One benchmarks.governor_trainer process: started, ready, told to go, then its report."""
+
+    def __init__(self, spec: str, home: Path, plan: Plan, governor: bool, budget_ms: float = 0.0) -> None:
+        cmd = [
+            sys.executable, "-m", "benchmarks.governor_trainer", "--model", spec, "--home", str(home),
+            "--steps", str(plan.steps), "--batch", str(plan.batch), "--seq-len", str(plan.seq_len),
+            "--governor", "on" if governor else "off", "--memory-fraction", str(plan.train_memory_fraction),
+        ]  # fmt: skip
+        env = {**os.environ, "KILN_TRAIN_TPOT_P99_BUDGET_MS": str(budget_ms)} if budget_ms > 0 else None
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"trainer exited with {self.proc.wait()} before it was ready")
+
+    def go(self) -> None:
+        """Start the round."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def report(self, timeout_s: float = 3600.0) -> dict[str, Any]:
+        """Wait for the round to end; its report."""
+        out, _ = self.proc.communicate(timeout=timeout_s)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"trainer failed with {self.proc.returncode}")
+        report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return report
+
+
+def train_alone(spec: str, home: Path, plan: Plan, governor: bool) -> dict[str, Any]:
+    """A round with no serving traffic."""
+    trainer = Trainer(spec, home, plan, governor)
+    trainer.go()
+    report = trainer.report()
+    return {"steps_per_s": steps_per_s(report), "seconds": report["step_ends"][-1] - report["started"]}
+
+
+def serve_beside(
+    target: str,
+    spec: str,
+    home: Path,
+    plan: Plan,
+    reqs: list[dict[str, Any]],
+    rate: float,
+    budget_ms: float = 0.0,
+) -> dict[str, Any]:
+    """Serving at `rate` while a round trains; latencies of the requests submitted during the round.
+
+    `budget_ms` > 0 runs the governor with that TPOT p99 budget; 0 trains without a governor.
+    """
+    governor = budget_ms > 0
+    trainer = Trainer(spec, home, plan, governor, budget_ms)
+    trainer.go()
+    result = burst(target, reqs, len(reqs), CLIENT_PROCESSES, rate=rate)
+    report = trainer.report()
+    start = min(s.submitted for s in result.streams)
+    end = max((s.last for s in result.ok), default=start)
+    out = latency(result, report["started"], report["step_ends"][-1])
+    out["train_steps_per_s"] = steps_per_s(report, start, end)
+    out["governor"] = report["governor"]
+    out["micro_batch_mean"] = sum(report["micro_batch"]) / len(report["micro_batch"])
+    if governor and not (report["governor"] or {}).get("load"):
+        log.warning(
+            "the governor saw no load report: is kiln-infer publishing kiln:load:* (issue 10 wiring)?"
+        )
+    return out
+
+
+def capacity(target: str, w: w1.Workload, vocab: int) -> float:
+    """Completed requests per second with W1's streams all open (closed loop); the second of two bursts."""
+    rps = 0.0
+    for seed in (11, 12):
+        result = burst(target, requests(w, vocab, 2 * w.num_requests, seed), w.num_requests, CLIENT_PROCESSES)
+        ok = result.ok
+        wall = max(s.last for s in ok) - min(s.submitted for s in result.streams)
+        rps = len(ok) / wall
+    log.info("capacity: %.1f requests/s", rps)
+    return rps
+
+
+def run_model(spec: str, home: Path, plan: Plan, cpu: bool) -> dict[str, Any]:
+    """Every scenario for one model against one kiln-infer."""
+    w = workload(spec, cpu)
+    os.environ["KILN_KV_MEMORY_FRACTION"] = str(plan.kv_memory_fraction)
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = start_kiln_infer(w, home, port, home)
+    from benchmarks.governor_trainer import model_config
+
+    vocab = int(model_config(spec, home).vocab_size)
+    try:
+        cap = capacity(target, w, vocab)
+        standalone = train_alone(spec, home, plan, governor=False)
+        log.info("%s standalone: %s", spec, standalone)
+        idle = train_alone(spec, home, plan, governor=True)
+        log.info("%s governed, no traffic: %s", spec, idle)
+        loads = []
+        for i, fraction in enumerate(plan.loads):
+            rate = fraction * cap
+            n = max(8, int(rate * standalone["seconds"] * 1.2))  # long enough to cover the round
+            reqs = requests(w, vocab, n, seed=100 + i)
+            entry: dict[str, Any] = {"load": fraction, "rate_rps": rate, "requests": n}
+            entry["alone"] = latency(burst(target, reqs, n, CLIENT_PROCESSES, rate=rate))
+            # The round starts while serving is busy, so a relative budget would see no idle window: give the
+            # governor serving's own TPOT p99 (measured just now) with a margin under the judged +15%.
+            budget = entry["alone"]["tpot_ms"][1] * plan.budget_factor
+            entry["budget_ms"] = budget
+            entry["governed"] = serve_beside(target, spec, home, plan, reqs, rate, budget)
+            if plan.ungoverned:
+                entry["ungoverned"] = serve_beside(target, spec, home, plan, reqs, rate)
+            log.info("%s at %.2f of capacity: %s", spec, fraction, json.dumps(entry))
+            loads.append(entry)
+    finally:
+        stop(proc)
+    return {
+        "model": spec,
+        "capacity_rps": cap,
+        "standalone": standalone,
+        "idle_governed": idle,
+        "loads": loads,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark for each model; print the table, write JSON and the PNG."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.governor_bench", description=__doc__)
+    parser.add_argument("--cpu", action="store_true", help="tiny run on CPU (SmolLM2, a few short steps)")
+    parser.add_argument("--models", default=GPU_MODELS)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--loads", default="0.5", help="serving rates as fractions of capacity [0.5]")
+    parser.add_argument("--ungoverned", action="store_true", help="also train without the governor")
+    parser.add_argument("--kv-memory-fraction", type=float, default=0.4)
+    parser.add_argument("--train-memory-fraction", type=float, default=0.35)
+    parser.add_argument("--budget-factor", type=float, default=1.10, help="budget: alone's TPOT p99 x this")
+    parser.add_argument("--home", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("governor"), help="writes OUT.json and OUT.png")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    plan = Plan(args.steps, args.batch, args.seq_len, tuple(float(x) for x in args.loads.split(",")),
+                args.kv_memory_fraction, args.train_memory_fraction, args.ungoverned, args.budget_factor)  # fmt: skip
+    models = ["smollm2"] if args.cpu else args.models.split(",")
+    if args.cpu:
+        steps = args.steps if args.steps != 200 else 3
+        plan = Plan(steps, 2, 64, plan.loads, 0.5, 0.0, args.ungoverned, args.budget_factor)
+    home = args.home or Path(os.environ.get("KILN_HOME") or tempfile.mkdtemp(prefix="kiln-governor-"))
+    results = [run_model(spec, home, plan, args.cpu) for spec in models]
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+    plot(results, args.out.with_suffix(".png"))
+    return 0 if all(v["pass"] for r in results for v in judge(r)) or args.cpu else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The training side of the governor benchmark: kiln-train's role in a process of its own.
+
+It attaches to the base weights kiln-infer announced in Redis (CUDA IPC on a GPU, shared memory on CPU), caps its
+memory share (KILN_TRAIN_MEMORY_FRACTION, checked against kiln-infer's published --kv-memory-fraction), then trains
+a LoRA on synthetic sequences: `steps` optimizer steps of `batch` rows of `seq_len` tokens, each step's gradient
+accumulated over the micro-batch the governor chose (or the whole batch with the governor off). It prints one
+`ready` line, waits for a line on stdin, trains, and prints its report (step end times on CLOCK_MONOTONIC, which
+the serving clients share) as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from kiln_common.config import RedisConfig
+from kiln_common.load_report import read_load
+from kiln_common.model_loader import DUMMY_PREFIX, DUMMY_SHAPES, ModelNotFoundError, resolve_model
+from kiln_common.redis_server import connect
+from kiln_train.base_model import SharedBase
+from kiln_train.governor import Governor, GovernorSettings
+from kiln_train.memory_split import enforce_memory_split
+from kiln_train.micro_batch import IGNORE, accumulate_backward
+from kiln_train.trainer import LoraTrainer, TrainerConfig
+
+log = logging.getLogger("benchmarks.governor_trainer")
+PROMPT_TOKENS = 128  # the loss covers the rest of each sequence, as a completion
+
+
+class _PadOnly:
+    """The trainer's tokenizer needs are pad/eos ids only: sequences are synthetic."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+
+def model_config(spec: str, home: Path) -> Any:
+    """The model's transformers config (a dummy shape needs no files)."""
+    try:
+        return resolve_model(spec, home).config
+    except ModelNotFoundError:
+        if not spec.startswith(DUMMY_PREFIX):
+            raise
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**DUMMY_SHAPES[spec[len(DUMMY_PREFIX) :].lower()])  # type: ignore[arg-type]
+
+
+def attach_base(client: Any, config: Any, timeout_s: float = 600.0) -> tuple[SharedBase, Any]:
+    """The frozen base over kiln-infer's shared weights, once they are announced."""
+    base = SharedBase(client, config)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        model = base.model()
+        if model is not None:
+            return base, model
+        time.sleep(1.0)
+    raise RuntimeError("kiln-infer announced no base weights in time")
+
+
+def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, device: torch.device) -> dict[str, Any]:
+    """`batch` random sequences of `seq_len` tokens; the first PROMPT_TOKENS are prompt (no loss)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, vocab, (batch, seq_len), generator=gen)
+    labels = ids.clone()
+    labels[:, : min(PROMPT_TOKENS, seq_len // 2)] = IGNORE
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": labels.to(device),
+    }
+
+
+def train_steps(trainer: LoraTrainer, args: argparse.Namespace, governor: Governor | None) -> dict[str, Any]:
+    """The round: `steps` optimizer steps; per step its end time, micro-batch and the governor's mode."""
+    params = trainer.trainable()
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    vocab = int(trainer.model.config.vocab_size)
+    cuda = trainer.device.type == "cuda"
+    trainer.model.train()
+    ends, micro, modes, pace = [], [], [], []
+    t0 = time.monotonic()
+    for step in range(args.steps):
+        size = governor.before_step() if governor is not None else args.batch
+        tensors = synthetic_batch(vocab, args.batch, args.seq_len, step, trainer.device)
+        opt.zero_grad(set_to_none=True)
+        accumulate_backward(trainer.model, tensors, size)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        ends.append(time.monotonic())
+        micro.append(size)
+        modes.append(governor.mode.value if governor is not None else "off")
+        pace.append(governor.pace_ms if governor is not None else 0.0)
+    if governor is not None:
+        governor.finished()
+    return {
+        "started": t0,
+        "step_ends": ends,
+        "micro_batch": micro,
+        "modes": modes,
+        "pace_ms": pace,
+        "tokens_per_step": args.batch * args.seq_len,
+        "governor": governor.state() if governor is not None else None,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Attach, cap memory, report ready, wait for the go line, train, report."""
+    home = Path(args.home)
+    client = connect(RedisConfig(home=home).effective_url)
+    config = model_config(args.model, home)
+    shared, base = attach_base(client, config)  # `shared` keeps the mappings of kiln-infer's memory alive
+    device = next(base.parameters()).device
+    env = {k: v for k, v in os.environ.items() if k.startswith("KILN_TRAIN_")}  # e.g. the TPOT budget
+    settings, _ = GovernorSettings.from_environ(
+        {**env, "KILN_TRAIN_MEMORY_FRACTION": str(args.memory_fraction)}
+    )
+    enforce_memory_split(client, device, settings.memory_fraction, settings.memory_headroom_gib)
+    trainer = LoraTrainer(base, cast(Any, _PadOnly()), TrainerConfig())  # r=16 on every projection
+    governor = Governor(settings, lambda: read_load(client), args.batch) if args.governor == "on" else None
+    warm = synthetic_batch(int(config.vocab_size), 1, args.seq_len, 99, device)
+    accumulate_backward(trainer.model, warm, 1)  # kernels and allocator warm before the clock starts
+    trainer.model.zero_grad(set_to_none=True)
+    print(json.dumps({"ready": True, "device": str(device)}), flush=True)
+    sys.stdin.readline()
+    report = train_steps(trainer, args, governor)
+    report["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    print(json.dumps(report), flush=True)
+    trainer.release()
+    shared.detach()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The trainer role's flags (the bench passes them)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.governor_trainer", description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--home", required=True)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--governor", choices=("on", "off"), default="on")
+    p.add_argument("--memory-fraction", type=float, default=0.0)
+    return p
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    sys.exit(run(parser().parse_args()))

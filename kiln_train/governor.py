@@ -1,0 +1,212 @@
+"""Training yields to serving: before each step, read kiln-infer's load and pause, pace or shrink the step.
+
+One GPU is time-sliced between the two processes, so the only lever kiln-train has is how much work it puts in
+front of serving's decode steps. `Governor.before_step()` is the one call the step loop makes; it blocks while
+serving is saturated and returns the micro-batch size for the step:
+
+- idle (nothing running or waiting, or no kiln-infer publishing): full speed, full micro-batch, no pacing;
+- saturated (requests waiting for `saturated_s` in a row): pause until the queue is empty;
+- TPOT p99 over the budget: halve the micro-batch and sleep between steps in proportion to the overshoot;
+- under the budget: the pause between steps decays; the micro-batch is restored when serving goes idle.
+
+The budget is `KILN_TRAIN_TPOT_P99_BUDGET_MS` when set, else the idle baseline times
+`1 + KILN_TRAIN_TPOT_P99_SLACK` (the baseline is the TPOT p99 reported while no training step has run for a
+whole load window).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from kiln_common.load_report import DEFAULT_WINDOW_S, LoadReport, read_load
+from kiln_train.memory_split import enforce_memory_split
+
+PREFIX = "KILN_TRAIN_"
+
+
+class GovernorMode(enum.Enum):
+    """What the governor let the last step do."""
+
+    FULL = "full"  # serving idle or absent: no restraint
+    STEADY = "steady"  # serving busy, latency inside the budget
+    PACED = "paced"  # latency over the budget: smaller steps, pauses between them
+    PAUSED = "paused"  # serving saturated: no steps
+
+
+@dataclass(frozen=True)
+class GovernorSettings:
+    """The governor's knobs; each is KILN_TRAIN_<NAME upper-cased>."""
+
+    tpot_p99_budget_ms: float = 0.0  # absolute TPOT p99 budget; 0 = relative to the idle baseline
+    tpot_p99_slack: float = 0.15  # relative budget: idle-baseline TPOT p99 x (1 + slack)
+    saturated_s: float = 2.0  # requests waiting this long in a row = saturated: pause
+    adjust_every_s: float = 1.0  # act on a new report at most this often (kiln-infer publishes every ~0.5 s)
+    max_pace_ms: float = 5000.0  # the longest sleep between two steps
+    poll_s: float = 0.25  # how often a paused governor looks again
+    memory_fraction: float = 0.0  # share of the GPU's memory kiln-train may allocate; 0 = no cap
+    memory_headroom_gib: float = 2.0  # CUDA contexts and allocator slack of both processes
+
+    def __post_init__(self) -> None:
+        for name in ("tpot_p99_budget_ms", "tpot_p99_slack", "saturated_s", "max_pace_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
+        if self.tpot_p99_budget_ms == 0 and self.tpot_p99_slack <= 0:
+            raise ValueError(f"{PREFIX}TPOT_P99_SLACK must be > 0 when {PREFIX}TPOT_P99_BUDGET_MS is 0")
+        if self.poll_s <= 0 or self.adjust_every_s <= 0:
+            raise ValueError(f"{PREFIX}POLL_S and {PREFIX}ADJUST_EVERY_S must be > 0")
+        if not 0.0 <= self.memory_fraction < 1.0:
+            raise ValueError(f"{PREFIX}MEMORY_FRACTION must be in [0, 1), got {self.memory_fraction}")
+
+    @classmethod
+    def from_environ(cls, extra: Mapping[str, str]) -> tuple[GovernorSettings, dict[str, str]]:
+        """The governor's KILN_TRAIN_* variables parsed, and the rest (for TrainSettings.from_environ)."""
+        own = {f"{PREFIX}{f.name.upper()}": f.name for f in fields(cls)}
+        values: dict[str, float] = {}
+        rest: dict[str, str] = {}
+        for var, raw in extra.items():
+            if var not in own:
+                rest[var] = raw
+                continue
+            try:
+                values[own[var]] = float(raw)
+            except ValueError as exc:
+                raise ValueError(f"{var}={raw!r}: {exc}") from exc
+        return cls(**values), rest  # type: ignore[arg-type]
+
+
+class Governor:
+    """Decides, before each training step, whether and how hard training may use the GPU."""
+
+    def __init__(
+        self,
+        settings: GovernorSettings,
+        read_load: Callable[[], LoadReport | None],
+        full_micro_batch: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        window_s: float = DEFAULT_WINDOW_S,
+    ) -> None:
+        self.settings = settings
+        self.full_micro_batch = full_micro_batch
+        self._read, self._clock, self._sleep, self._window_s = read_load, clock, sleep, window_s
+        self.mode = GovernorMode.FULL
+        self.micro_batch = full_micro_batch
+        self.pace_ms = 0.0
+        self.baseline_tpot_p99_ms = 0.0
+        self.load: LoadReport | None = None
+        self.paused_s = 0.0  # total time spent paused
+        self._waiting_since: float | None = None
+        self._last_adjust = -float("inf")
+        self._step_ended: float | None = None  # when the previous step handed control back
+        self._step_ms = 0.0  # duration of the last step (its own work, not the pacing)
+        self._last_trained = -float("inf")
+
+    @property
+    def budget_ms(self) -> float:
+        """The TPOT p99 budget in force (0 = unknown yet: no idle baseline seen)."""
+        s = self.settings
+        if s.tpot_p99_budget_ms > 0:
+            return s.tpot_p99_budget_ms
+        return self.baseline_tpot_p99_ms * (1 + s.tpot_p99_slack)
+
+    def state(self) -> dict[str, Any]:
+        """A plain snapshot for GetTrainingStatus and metrics."""
+        return {
+            "mode": self.mode.value,
+            "pace_ms": round(self.pace_ms, 1),
+            "micro_batch": self.micro_batch,
+            "full_micro_batch": self.full_micro_batch,
+            "budget_ms": round(self.budget_ms, 3),
+            "baseline_tpot_p99_ms": round(self.baseline_tpot_p99_ms, 3),
+            "paused_s": round(self.paused_s, 3),
+            "load": self.load.to_dict() if self.load is not None else {},
+        }
+
+    def before_step(self, should_stop: Callable[[], bool] | None = None) -> int:
+        """Wait out saturation and pacing; returns the micro-batch size for the coming step."""
+        now = self._clock()
+        if self._step_ended is not None:
+            self._step_ms = (now - self._step_ended) * 1000
+            self._last_trained = now
+        self._decide(now)
+        while self.mode is GovernorMode.PAUSED and not (should_stop is not None and should_stop()):
+            self._sleep(self.settings.poll_s)
+            self.paused_s += self.settings.poll_s
+            self._decide(self._clock(), force=True)
+        if self.pace_ms > 0:
+            self._sleep(self.pace_ms / 1000)
+        self._step_ended = self._clock()
+        return self.micro_batch
+
+    def gate(self, should_stop: Callable[[], bool]) -> Callable[[], bool]:
+        """`should_stop` with the governor folded in, for step loops that ask it once at the top of each step.
+
+        LoraTrainer.train asks its `should_stop` exactly there, so `governor.gate(stop)` in place of `stop`
+        makes every step wait out saturation and pacing; a paused governor still lets a stop through.
+        """
+
+        def governed() -> bool:
+            if should_stop():
+                return True
+            self.before_step(should_stop)
+            return should_stop()
+
+        return governed
+
+    def finished(self) -> None:
+        """The round is over: the next step is not timed from the last one; idle time counts from now."""
+        if self._step_ended is not None:
+            self._last_trained = self._clock()
+        self._step_ended = None
+
+    def _decide(self, now: float, force: bool = False) -> None:
+        """Read the load (at most every adjust_every_s unless forced) and set mode, pace and micro-batch."""
+        if not force and now - self._last_adjust < self.settings.adjust_every_s:
+            return
+        self._last_adjust = now
+        load = self._read()
+        self.load = load
+        if load is None or load.idle:
+            self._waiting_since = None
+            self.mode, self.pace_ms, self.micro_batch = GovernorMode.FULL, 0.0, self.full_micro_batch
+            return
+        if now - self._last_trained >= self._window_s and load.tpot_samples > 0:
+            self.baseline_tpot_p99_ms = load.tpot_p99_ms  # this window saw no training: serving's own p99
+        if load.waiting > 0:
+            self._waiting_since = now if self._waiting_since is None else self._waiting_since
+            if now - self._waiting_since >= self.settings.saturated_s:
+                self.mode = GovernorMode.PAUSED
+                return
+        else:
+            self._waiting_since = None
+        self._pace(load)
+
+    def _pace(self, load: LoadReport) -> None:
+        """Over budget: halve the micro-batch, lengthen the pause in proportion; under: the pause decays."""
+        budget = self.budget_ms
+        over = load.tpot_p99_ms / budget - 1 if budget > 0 and load.tpot_samples > 0 else 0.0
+        if over > 0:
+            self.micro_batch = max(1, self.micro_batch // 2)
+            slack = self.settings.tpot_p99_slack or 0.15
+            step_ms = max(self._step_ms, 1.0)
+            self.pace_ms = min(self.settings.max_pace_ms, self.pace_ms + step_ms * over / slack)
+            self.mode = GovernorMode.PACED
+            return
+        self.pace_ms = self.pace_ms / 2 if self.pace_ms >= 1.0 else 0.0
+        self.mode = GovernorMode.PACED if self.pace_ms > 0 else GovernorMode.STEADY
+
+
+def start_governor(redis: Any, settings: GovernorSettings, full_micro_batch: int) -> Governor:
+    """kiln-train's governor over kiln-infer's load report, once the memory split is checked and applied."""
+    # MemorySplitError (naming KILN_TRAIN_MEMORY_FRACTION and --kv-memory-fraction) when they cannot fit
+    if torch.cuda.is_available():
+        enforce_memory_split(
+            redis, torch.device("cuda"), settings.memory_fraction, settings.memory_headroom_gib
+        )
+    return Governor(settings, lambda: read_load(redis), full_micro_batch)

@@ -1,0 +1,31 @@
+"""One optimizer step's gradients computed in micro-batches: shorter kernels, the same gradient.
+
+The governor shrinks the micro-batch when serving's latency is over budget; the step's batch (and so the
+optimisation) is unchanged, only split into row chunks whose token-weighted losses add up to the full batch's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+def accumulate_backward(model: torch.nn.Module, tensors: dict[str, torch.Tensor], micro_batch: int) -> float:
+    """Backward of the batch's mean completion-token loss, `micro_batch` rows at a time; returns the loss."""
+    labels = tensors["labels"]  # [batch, width]
+    rows = labels.shape[0]
+    step = max(1, min(micro_batch, rows))
+    total_tokens = int((labels[:, 1:] != IGNORE).sum())
+    if total_tokens == 0:
+        return 0.0
+    loss_sum = 0.0
+    for start in range(0, rows, step):
+        chunk = {k: v[start : start + step] for k, v in tensors.items()}
+        n_tokens = int((chunk["labels"][:, 1:] != IGNORE).sum())
+        if n_tokens == 0:
+            continue
+        loss = model(**chunk).loss * (n_tokens / total_tokens)  # the chunk's share of the batch mean
+        loss.backward()
+        loss_sum += float(loss.detach())
+    return loss_sum

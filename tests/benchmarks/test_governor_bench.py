@@ -1,0 +1,114 @@
+"""The governor benchmark's pieces on CPU: the trainer role on a small real Llama, the numbers, the table.
+
+The whole run (`python -m benchmarks.governor_bench --cpu`) starts kiln-infer and four trainer processes,
+which takes minutes on two cores; these tests cover each piece it is made of.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks.governor_bench import latency, steps_per_s
+from benchmarks.governor_report import judge, plot, table
+from benchmarks.governor_trainer import _PadOnly, synthetic_batch, train_steps
+from benchmarks.grpc_load import BurstResult, StreamTiming
+from kiln_common.load_report import LoadReport
+from kiln_train.governor import Governor, GovernorSettings
+from kiln_train.trainer import LoraTrainer, TrainerConfig
+
+
+def tiny_base() -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def test_trainer_role_trains_in_the_governors_micro_batches() -> None:
+    trainer = LoraTrainer(tiny_base(), cast(Any, _PadOnly()), TrainerConfig(rank=4, alpha=8))
+    busy = LoadReport(running=8, tpot_p99_ms=40.0, tpot_samples=100)
+    gov = Governor(GovernorSettings(tpot_p99_budget_ms=20.0, max_pace_ms=1.0), lambda: busy, 4)
+    before = [p.detach().clone() for p in trainer.trainable()]
+    args = argparse.Namespace(steps=4, batch=4, seq_len=32)
+    report = train_steps(trainer, args, gov)
+    assert report["micro_batch"][0] == 2 and len(report["step_ends"]) == 4  # halved: over budget
+    assert set(report["modes"]) == {"paced"} and report["governor"]["load"]["running"] == 8.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable(), strict=True))
+    assert steps_per_s(report) > 0
+    ungoverned = train_steps(trainer, args, None)
+    assert ungoverned["micro_batch"] == [4] * 4 and ungoverned["governor"] is None
+
+
+def test_synthetic_batch_masks_the_prompt() -> None:
+    batch = synthetic_batch(100, 2, 300, 0, torch.device("cpu"))
+    assert batch["input_ids"].shape == (2, 300) and (batch["labels"][:, :128] == -100).all()
+
+
+def test_latency_counts_only_the_window_and_every_failure() -> None:
+    result = BurstResult(
+        [
+            StreamTiming(submitted=0.0, first=0.1, last=1.1, tokens=11),
+            StreamTiming(submitted=5.0, first=5.2, last=5.7, tokens=11),
+            StreamTiming(submitted=6.0, code="UNAVAILABLE"),
+        ]
+    )
+    stats = latency(result, since=4.0)
+    assert stats["requests"] == 1 and stats["failed"] == 1
+    assert abs(stats["ttft_ms"][1] - 200.0) < 1e-6 and abs(stats["tpot_ms"][0] - 50.0) < 1e-6
+
+
+def sample_results() -> list[dict[str, Any]]:
+    serving = {"requests": 10, "failed": 0, "codes": {"OK": 10}}
+    return [
+        {
+            "model": "dummy:llama-3.2-1b",
+            "capacity_rps": 40.0,
+            "standalone": {"steps_per_s": 2.0, "seconds": 100.0},
+            "idle_governed": {"steps_per_s": 1.9},
+            "loads": [
+                {
+                    "load": 0.5, "rate_rps": 20.0, "requests": 2400,
+                    "alone": {**serving, "ttft_ms": [30.0, 60.0], "tpot_ms": [10.0, 20.0]},
+                    "governed": {
+                        **serving, "ttft_ms": [32.0, 70.0], "tpot_ms": [10.5, 22.0],
+                        "train_steps_per_s": 1.2, "micro_batch_mean": 5.5, "governor": {},
+                    },
+                    "ungoverned": {
+                        **serving, "ttft_ms": [40.0, 120.0], "tpot_ms": [14.0, 35.0],
+                        "train_steps_per_s": 1.9, "micro_batch_mean": 8.0, "governor": None,
+                    },
+                }
+            ],
+        }
+    ]  # fmt: skip
+
+
+def test_verdicts_table_and_plot(tmp_path: Path) -> None:
+    results = sample_results()
+    verdicts = {v["check"]: v["pass"] for v in judge(results[0])}
+    assert verdicts == {
+        "train, no traffic": True,  # 0.95
+        "TPOT p99 @0.5": True,  # 1.10
+        "TTFT p99 @0.5": True,  # 1.17
+        "failed requests @0.5": True,
+        "train @0.5": True,  # 0.60
+    }
+    text = table(results)
+    assert (
+        "| dummy:llama-3.2-1b | 0.5 | 20.0 | 60.0 / 70.0 / 120.0 | 20.0 / 22.0 / 35.0 | 1.20 (0.60x) |"
+        in text
+    )
+    png = plot(results, tmp_path / "governor.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results[0]["loads"][0]["governed"]["tpot_ms"][1] = 30.0
+    assert not {v["check"]: v["pass"] for v in judge(results[0])}["TPOT p99 @0.5"]

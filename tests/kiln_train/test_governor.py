@@ -1,0 +1,222 @@
+"""The governor: full speed when serving is idle, paused when saturated, paced and shrunk when over budget.
+
+Reports go through real Redis (kiln-infer's publisher, the governor's reader); time is a fake clock that the
+governor's own sleeps advance, so a pause of seconds costs no real time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from kiln_common.load_report import LoadPublisher, LoadWindow, read_load
+from kiln_train.governor import Governor, GovernorMode, GovernorSettings
+
+
+class FakeTime:
+    """A clock and a sleep that advances it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.slept += seconds
+
+
+class Serving:
+    """kiln-infer's side: one API process publishing its load into Redis."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        client.delete(*client.keys("kiln:load:*") or ["-"])
+        self.publisher = LoadPublisher(client, "test:1", ttl_s=60)
+
+    def report(self, running: int, waiting: int = 0, tpot_ms: float = 10.0) -> None:
+        window = LoadWindow()
+        if running:
+            window.add_gaps([tpot_ms / 1000] * 100)
+        self.publisher.publish({"running": running, "waiting": waiting, "kv_usage": 0.1}, window, 0.5)
+
+
+def governor(client: redis.Redis, t: FakeTime, **settings: float) -> Governor:
+    cfg = GovernorSettings(**{"saturated_s": 2.0, "adjust_every_s": 1.0, **settings})  # type: ignore[arg-type]
+    return Governor(cfg, lambda: read_load(client), 8, clock=t.clock, sleep=t.sleep, window_s=5.0)
+
+
+def steps(gov: Governor, t: FakeTime, n: int, step_s: float = 0.5) -> list[int]:
+    """Run n steps of step_s each; the micro-batch sizes the governor chose."""
+    sizes = []
+    for _ in range(n):
+        sizes.append(gov.before_step())
+        t.now += step_s
+    return sizes
+
+
+def test_full_speed_when_serving_is_idle_or_absent(rds: redis.Redis) -> None:
+    t = FakeTime()
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0)
+    assert steps(gov, t, 3) == [8, 8, 8] and gov.mode is GovernorMode.FULL  # nobody publishing
+    Serving(rds).report(running=0)
+    assert steps(gov, t, 3) == [8, 8, 8]
+    assert gov.mode is GovernorMode.FULL and t.slept == 0.0 and gov.state()["load"]["running"] == 0.0
+
+
+def test_pauses_while_saturated_then_resumes(rds: redis.Redis) -> None:
+    t = FakeTime()
+    serving = Serving(rds)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, poll_s=0.5)
+    serving.report(running=32, waiting=4)
+    steps(gov, t, 2, step_s=1.0)  # waiting, but not yet for saturated_s
+    assert gov.mode is GovernorMode.STEADY and t.slept == 0.0
+
+    polls = 0
+
+    def drain_queue() -> bool:  # serving catches up after a few polls of the paused governor
+        nonlocal polls
+        polls += 1
+        if polls == 4:
+            serving.report(running=32, waiting=0)
+        return False
+
+    assert gov.before_step(should_stop=drain_queue) == 8
+    assert polls == 4 and gov.mode is GovernorMode.STEADY
+    assert gov.state()["paused_s"] == pytest.approx(2.0)
+
+
+def test_paused_governor_lets_a_stop_through(rds: redis.Redis) -> None:
+    t = FakeTime()
+    Serving(rds).report(running=32, waiting=4)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, saturated_s=0.0)
+    gov.before_step(should_stop=lambda: True)
+    assert gov.mode is GovernorMode.PAUSED and t.slept == 0.0
+
+
+def test_paces_and_halves_over_budget_then_restores_when_idle(rds: redis.Redis) -> None:
+    t = FakeTime()
+    serving = Serving(rds)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, tpot_p99_slack=0.15)
+    serving.report(running=32, tpot_ms=15.0)
+    steps(gov, t, 3)
+    assert gov.mode is GovernorMode.STEADY and gov.micro_batch == 8 and gov.pace_ms == 0.0
+
+    serving.report(running=32, tpot_ms=26.0)  # 30% over budget
+    t.now += 0.5  # the last step took 1 s
+    assert gov.before_step() == 4 and gov.mode is GovernorMode.PACED
+    assert gov.pace_ms == pytest.approx(1000 * 0.3 / 0.15)  # two step-lengths of pause per step
+    t.now += 1.0
+    assert gov.before_step() == 2 and gov.pace_ms > 1000  # still over: smaller again, longer pause
+    t.now += 1.0
+    assert gov.before_step() == 1
+    assert gov.state()["micro_batch"] == 1
+
+    serving.report(running=32, tpot_ms=18.0)  # back inside: the pause decays, the micro-batch stays small
+    pace = gov.pace_ms
+    t.now += 1.0
+    gov.before_step()
+    assert gov.pace_ms == pytest.approx(pace / 2) and gov.micro_batch == 1
+
+    serving.report(running=0)  # idle: everything back
+    t.now += 1.0
+    assert gov.before_step() == 8 and gov.pace_ms == 0.0 and gov.mode is GovernorMode.FULL
+
+
+def test_relative_budget_from_the_idle_baseline(rds: redis.Redis) -> None:
+    t = FakeTime()
+    serving = Serving(rds)
+    gov = governor(rds, t, tpot_p99_slack=0.15)
+    serving.report(running=16, tpot_ms=20.0)
+    gov.before_step()  # no training yet this window: serving's own p99 is the baseline
+    assert gov.baseline_tpot_p99_ms == pytest.approx(20.0) and gov.budget_ms == pytest.approx(23.0)
+    t.now += 1.0
+    serving.report(running=16, tpot_ms=22.0)  # inside +15%; training ran, so not a new baseline
+    gov.before_step()
+    assert gov.mode is GovernorMode.STEADY and gov.baseline_tpot_p99_ms == pytest.approx(20.0)
+    t.now += 1.0
+    serving.report(running=16, tpot_ms=25.0)
+    assert gov.before_step() == 4 and gov.mode is GovernorMode.PACED
+
+
+def test_state_is_plain_data(rds: redis.Redis) -> None:
+    t = FakeTime()
+    Serving(rds).report(running=2, tpot_ms=12.0)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0)
+    gov.before_step()
+    state = gov.state()
+    assert state["mode"] == "steady" and state["budget_ms"] == 20.0 and state["load"]["tpot_p99_ms"] == 12.0
+    assert set(state) >= {"mode", "pace_ms", "micro_batch", "full_micro_batch", "paused_s", "load"}
+
+
+def test_settings_from_environment_leave_the_rest() -> None:
+    settings, rest = GovernorSettings.from_environ(
+        {"KILN_TRAIN_TPOT_P99_BUDGET_MS": "25", "KILN_TRAIN_MEMORY_FRACTION": "0.3", "KILN_TRAIN_RANK": "8"}
+    )
+    assert settings.tpot_p99_budget_ms == 25.0 and settings.memory_fraction == 0.3
+    assert rest == {"KILN_TRAIN_RANK": "8"}
+    with pytest.raises(ValueError, match="KILN_TRAIN_MEMORY_FRACTION"):
+        GovernorSettings.from_environ({"KILN_TRAIN_MEMORY_FRACTION": "1.5"})
+    with pytest.raises(ValueError, match="KILN_TRAIN_TPOT_P99_SLACK"):
+        GovernorSettings(tpot_p99_slack=0.0)
+
+
+def test_gate_folds_the_governor_into_a_stop_check(rds: redis.Redis) -> None:
+    t = FakeTime()
+    serving = Serving(rds)
+    serving.report(running=32, waiting=4)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, saturated_s=0.0, poll_s=1.0)
+    calls = 0
+
+    def stop_after_a_while() -> bool:  # e.g. PauseTraining arrives while the governor waits
+        nonlocal calls
+        calls += 1
+        return calls > 3
+
+    assert gov.gate(stop_after_a_while)() is True and gov.mode is GovernorMode.PAUSED
+    assert t.slept == 2.0  # two polls, then the stop came through
+    serving.report(running=0)
+    t.now += 1.0
+    assert gov.gate(lambda: False)() is False and gov.mode is GovernorMode.FULL
+
+
+def test_state_as_prometheus_gauges(rds: redis.Redis) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kiln_train.governor_metrics import GovernorCollector
+
+    t = FakeTime()
+    Serving(rds).report(running=4, tpot_ms=30.0)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0)
+    gov.before_step()
+    registry = CollectorRegistry()
+    registry.register(GovernorCollector(gov.state))
+    text = generate_latest(registry).decode()
+    assert 'kiln:train_governor_mode{mode="paced"} 1.0' in text
+    assert "kiln:train_governor_micro_batch 4.0" in text and "kiln:train_serving_tpot_p99_ms 30.0" in text
+
+
+def test_a_new_round_takes_a_fresh_baseline_after_an_idle_window(rds: redis.Redis) -> None:
+    t = FakeTime()
+    serving = Serving(rds)
+    gov = governor(rds, t, tpot_p99_slack=0.15)
+    serving.report(running=16, tpot_ms=20.0)
+    steps(gov, t, 4)
+    gov.finished()
+    serving.report(running=16, tpot_ms=30.0)  # heavier serving load since
+    t.now += 2.0  # a short gap: the window still holds the last round's steps
+    gov.before_step()
+    assert gov.baseline_tpot_p99_ms == pytest.approx(20.0)
+    gov.finished()
+    t.now += 6.0  # longer than the 5 s window
+    gov.before_step()
+    assert gov.baseline_tpot_p99_ms == pytest.approx(30.0) and gov.budget_ms == pytest.approx(34.5)
+
+
+def test_start_governor_reads_the_published_load(rds: redis.Redis) -> None:
+    from kiln_train.governor import start_governor
+
+    Serving(rds).report(running=3, tpot_ms=12.0)
+    gov = start_governor(rds, GovernorSettings(tpot_p99_budget_ms=20.0, memory_fraction=0.3), 4)
+    assert gov.before_step() == 4 and gov.state()["load"]["running"] == 3.0
