@@ -18,6 +18,7 @@ from kiln_common.adapter_alias import AdapterState, ResolvedAdapter
 from kiln_common.adapter_store import validate_name
 from kiln_common.auth import Authenticator
 from kiln_common.canary import Canaries
+from kiln_common.load_report import LoadWindow
 from kiln_common.registry import Registry
 from kiln_common.sample_recorder import SampleRecorder
 from kiln_common.samples import Sample, SampleKind
@@ -100,6 +101,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         metrics: RequestMetrics | None = None,
         canaries: Canaries | None = None,
         tenant_limits: TenantLimits | None = None,
+        load_window: LoadWindow | None = None,
     ) -> None:
         self.engine = engine
         self.renderer = renderer
@@ -114,6 +116,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.metrics = metrics
         self.canaries = canaries
         self.tenant_limits = tenant_limits or TenantLimits(LimitSettings())
+        self.load_window = load_window
         self._rng = random.Random()
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
@@ -167,7 +170,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         with self.tenant_limits.stream(tenant):
             stream = self.engine.submit(engine_request)
             served = Served(tenant, inp, resolved, state)
-            observer = RequestObserver(self.metrics, inp.request_id, tenant, served.label, arrived)
+            observer = RequestObserver(
+                self.metrics, inp.request_id, tenant, served.label, arrived, self.load_window
+            )
             async for response in self._responses(
                 stream, engine_request.request_id, served, observer, context
             ):

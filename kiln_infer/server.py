@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -28,6 +30,7 @@ from kiln_common.auth import Authenticator
 from kiln_common.canary import Canaries
 from kiln_common.config import InferConfig
 from kiln_common.grpc_decode import AsyncDecodeErrorInterceptor
+from kiln_common.load_report import LoadPublisher, LoadWindow
 from kiln_common.metrics_server import start_metrics_server
 from kiln_common.model_loader import ModelSource, load_tokenizer, resolve_model
 from kiln_common.peft_format import BaseShapes
@@ -57,7 +60,7 @@ SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
 )
-STATS_PERIOD_S = 1.0  # how often the engine core's load is read into the metrics
+STATS_PERIOD_S = 0.5  # how often the engine core's load is read into the metrics
 
 
 def kiln_version() -> str:
@@ -113,6 +116,7 @@ class InferServer:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="kiln-aio", daemon=True)
         self._parts: _Parts | None = None
         self.metrics = InferMetrics()
+        self.load_window = LoadWindow()  # recent TTFT / TPOT, published for kiln-train's governor
         self.http_port = 0
 
     def start(self) -> int:
@@ -168,7 +172,8 @@ class InferServer:
             raise OSError(f"could not bind {cfg.address}")
         await server.start()
         http = await self._start_http()
-        tasks = [self._loop.create_task(self._watch_load(engine, recorder))]
+        publisher = LoadPublisher(client, f"{socket.gethostname()}:{os.getpid()}")
+        tasks = [self._loop.create_task(self._watch_load(engine, recorder, publisher))]
         self._parts = _Parts(engine, swapper, recorder, server, health_servicer, events, http, tasks)
         log.info(
             "kiln-infer listening on %s:%d (model %s; %s)", cfg.host, self.port, source.spec, engine.info
@@ -214,6 +219,7 @@ class InferServer:
             metrics=self.metrics.requests,
             canaries=canaries,
             tenant_limits=tenant_limits,
+            load_window=self.load_window,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
         adapters = AdapterServicer(
@@ -251,13 +257,19 @@ class InferServer:
         self.http_port = http.port
         return http
 
-    async def _watch_load(self, engine: EngineClient, recorder: SampleRecorder) -> None:
+    async def _watch_load(
+        self, engine: EngineClient, recorder: SampleRecorder, publisher: LoadPublisher
+    ) -> None:
         """Read the engine core's load and the recorder's counters into the gauges every second."""
         while engine.alive:
             try:
                 self.metrics.recorder.set_counters(recorder.counters())
                 stats = await self._loop.run_in_executor(None, engine.stats)
                 self.metrics.engine.set_stats(stats)
+                kv_fraction = self.config.kv_memory_fraction
+                await self._loop.run_in_executor(
+                    None, publisher.publish, stats, self.load_window, kv_fraction
+                )
             except Exception as exc:  # noqa: BLE001 - metrics must never take the server down
                 log.debug("engine stats: %s", exc)
             await asyncio.sleep(STATS_PERIOD_S)

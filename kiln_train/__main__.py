@@ -39,6 +39,8 @@ from kiln_train.buffer import TrainingBuffer
 from kiln_train.consumer import SampleConsumer
 from kiln_train.daemon import TrainingDaemon
 from kiln_train.evaluator import PromptSets, ReferenceCache
+from kiln_train.governor import GovernorSettings, start_governor
+from kiln_train.governor_metrics import GovernorCollector
 from kiln_train.metrics import TrainMetrics
 from kiln_train.parent_client import ParentClient, infer_key
 from kiln_train.pipeline import Pipeline
@@ -53,8 +55,15 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 class TrainServer:
     """kiln-train assembled: Redis, tokenizer, shared base, daemon, gRPC."""
 
-    def __init__(self, config: TrainConfig, settings: TrainSettings, metrics_port: int | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        settings: TrainSettings,
+        metrics_port: int | None = None,
+        governor: GovernorSettings | None = None,
+    ) -> None:
         self.config = config
+        self.governor_settings = governor or GovernorSettings()
         self.metrics = TrainMetrics()
         self._metrics_port = metrics_port
         self.settings = settings
@@ -85,8 +94,11 @@ class TrainServer:
             cfg.infer_address, infer_key(cfg.extra.get("KILN_TRAIN_INFER_KEY", "")), s.parent_concurrency
         )
         runner = RoundRunner(registry, tok, s, references, parent)
+        governor = start_governor(client, self.governor_settings, s.trainer.batch_size)
+        self.metrics.registry.register(GovernorCollector(governor.state))
+        base = SharedBase(client, source.config)
         self._daemon = TrainingDaemon(
-            consumer, buffer, SharedBase(client, source.config), runner, s, metrics=self.metrics
+            consumer, buffer, base, runner, s, metrics=self.metrics, governor=governor
         )
         self.metrics.watch(self._daemon.status)
         self._daemon.start()
@@ -145,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     environ = environ_snapshot()
     try:
         config = train_config_from(args, environ)
-        settings = TrainSettings.from_environ(config.extra)
+        governor, rest = GovernorSettings.from_environ(config.extra)
+        settings = TrainSettings.from_environ(rest)
     except ValueError as exc:
         parser.error(str(exc))
-    server = TrainServer(config, settings, args.metrics_port)
+    server = TrainServer(config, settings, args.metrics_port, governor)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -9,10 +9,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from kiln_train.base_model import SharedBase
 from kiln_train.buffer import TrainingBuffer
 from kiln_train.consumer import SampleConsumer
+from kiln_train.governor import Governor
 from kiln_train.metrics import TrainMetrics
 from kiln_train.parent_client import ParentUnavailableError
 from kiln_train.settings import TrainSettings
@@ -54,6 +56,7 @@ class DaemonStatus:
     base_generation: str = ""
     current: RoundRecord | None = None
     extra: dict[str, int] = field(default_factory=dict)
+    governor: dict[str, Any] = field(default_factory=dict)  # mode, pace, micro-batch, the load it last saw
 
 
 def _ids_digest(ids: list[str]) -> str:
@@ -72,7 +75,9 @@ class TrainingDaemon:
         settings: TrainSettings,
         tick_s: float = 0.5,
         metrics: TrainMetrics | None = None,
+        governor: Governor | None = None,
     ) -> None:
+        self.governor = governor
         self.consumer = consumer
         self.buffer = buffer
         self.base = base
@@ -163,6 +168,7 @@ class TrainingDaemon:
             base_generation=self.base.generation or "",
             current=current,
             extra=stats,
+            governor=self.governor.state() if self.governor is not None else {},
         )
 
     # --- scheduling ---
@@ -274,7 +280,8 @@ class TrainingDaemon:
         try:
             if model is None:
                 raise InterruptedError("base weights unavailable (waiting for kiln-infer)")
-            self.runner.run(model, record, examples, progress, self._interrupted)
+            stop = self.governor.gate(self._interrupted) if self.governor is not None else self._interrupted
+            self.runner.run(model, record, examples, progress, stop)
         except InterruptedError as exc:
             record.outcome, record.reason = "failed", f"interrupted: {exc}"
         except ParentUnavailableError as exc:  # no parent answers, no honest round: wait and retry
@@ -285,6 +292,8 @@ class TrainingDaemon:
         except Exception as exc:  # noqa: BLE001 - recorded as a failed round; samples stay buffered
             log.exception("round %s failed", record.round_id)
             record.outcome, record.reason = "failed", f"{type(exc).__name__}: {exc}"
+        if self.governor is not None:
+            self.governor.finished()
         record.finished = time.time()
         if self.metrics is not None:
             self.metrics.round_finished(record.outcome, record.finished - record.started)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from kiln.v1 import training_pb2, training_pb2_grpc
@@ -65,6 +67,24 @@ def status_to_pb(
         tenant=tenant,
         tenant_paused=tenant_paused,
         globally_paused=globally_paused,
+        governor=_governor_to_pb(s.governor) if is_admin else None,
+        trimmed_unread=int(s.extra.get("trimmed_unread", 0)) if is_admin else 0,
+    )
+
+
+def _governor_to_pb(g: dict[str, Any]) -> training_pb2.GovernorStatus | None:
+    """The governor's state dict as the status message (None when no governor runs)."""
+    if not g:
+        return None
+    load = g.get("load") or {}
+    return training_pb2.GovernorStatus(
+        mode=str(g.get("mode", "")),
+        pace_ms=float(g.get("pace_ms", 0.0)),
+        micro_batch=int(g.get("micro_batch", 0)),
+        budget_ms=float(g.get("budget_ms") or 0.0),
+        paused_s=float(g.get("paused_s", 0.0)),
+        serving_tpot_p99_ms=float(load.get("tpot_p99_ms") or 0.0),
+        serving_waiting=int(load.get("waiting") or 0),
     )
 
 
