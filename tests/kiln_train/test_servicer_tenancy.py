@@ -20,7 +20,8 @@ from kiln_train.base_model import SharedBase
 from kiln_train.buffer import TrainingBuffer
 from kiln_train.consumer import SampleConsumer
 from kiln_train.daemon import TrainingDaemon
-from kiln_train.evaluator import ReferenceCache
+from kiln_train.evaluator import PromptSets, ReferenceCache
+from kiln_train.parent_client import ParentClient
 from kiln_train.pipeline import Pipeline
 from kiln_train.servicer import TrainingServicer
 from kiln_train.settings import TrainSettings
@@ -46,7 +47,9 @@ def stub(
     settings = TrainSettings(trigger_samples=100, block_ms=50)
     buffer = TrainingBuffer(rds)
     consumer = SampleConsumer(rds, buffer, Pipeline(settings, lambda t: len(tok.encode(t)), buffer), settings)
-    runner = RoundRunner(Registry(rds, AdapterStore(tmp_path)), tok, settings, ReferenceCache(tmp_path, "t"))
+    references = ReferenceCache(tmp_path, "t", PromptSets.builtin())
+    parent = ParentClient("127.0.0.1:1", None)  # never asked: no round runs without a shared base
+    runner = RoundRunner(Registry(rds, AdapterStore(tmp_path)), tok, settings, references, parent)
     daemon = TrainingDaemon(consumer, buffer, SharedBase(rds, smollm2.config), runner, settings, tick_s=0.05)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     servicer = TrainingServicer(daemon, Authenticator(parse_key_file(KEYS)))
