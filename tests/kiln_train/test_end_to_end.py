@@ -27,9 +27,9 @@ from kiln_train.demo import ask
 from kiln_train.facts import Fact, invent_fact
 
 REPO = Path(__file__).resolve().parents[2]
-# It asserts a published round that answers the taught fact: with the stricter gate the current training recipe
-# is rejected on SmolLM2 (issue 13, docs/training.md), so it runs with the taught-facts test (KILN_TEST_FACTS=1).
-# The kill -9 and restart promises are also covered, without training, by tests/reliability/.
+# It asserts a published round that answers the taught fact: with the stricter gate the current training
+# recipe is rejected on SmolLM2 (issue 13, docs/training.md), so it runs with the taught-facts test
+# (KILN_TEST_FACTS=1). Its kill -9 and restart promises are covered without training by tests/reliability/.
 pytestmark = [pytest.mark.slow, pytest.mark.facts]
 
 
