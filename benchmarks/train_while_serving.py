@@ -297,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="override the model spec")
     parser.add_argument("--streams", type=int, help="concurrent serving clients")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the round")
-    parser.add_argument("--window", type=float, help="seconds of steady load measured before and after the round")
+    parser.add_argument(
+        "--window", type=float, help="seconds of steady load measured before and after the round"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--home", type=Path, help="where the converted models are [KILN_HOME or ./.kiln]")
     args = parser.parse_args(argv)
