@@ -225,35 +225,6 @@ class AdapterStore:
         except InvalidAdapterError as exc:
             raise InvalidAdapterError(str(exc).replace(str(path), label), exc.field) from None
 
-    def write_version(
-        self,
-        tenant: str,
-        name: str,
-        version: int,
-        src: Path,
-        *,
-        parent: int,
-        origin: str,
-        num_samples: int = 0,
-        sample_ids: tuple[str, ...] = (),
-        hyperparameters: Mapping[str, object] | None = None,
-        eval_scores: Mapping[str, float] | None = None,
-    ) -> VersionMeta:
-        """Stage, check and commit a PEFT directory as version `version`; atomic."""
-        staged = self.stage(src)
-        return self.commit(
-            staged,
-            tenant,
-            name,
-            version,
-            parent=parent,
-            origin=origin,
-            num_samples=num_samples,
-            sample_ids=sample_ids,
-            hyperparameters=hyperparameters,
-            eval_scores=eval_scores,
-        )
-
     def commit(
         self,
         staged: Path,
