@@ -92,12 +92,20 @@ class StatusMapper:
         # error -> ResourceExhaustedError.
         self._kinds = dict(kinds or {})
 
+    def _rule(self, exc: BaseException) -> _Rule | None:
+        kind = next((k for t, k in self._kinds.items() if isinstance(exc, t)), type(exc))
+        return next((rule for rule in _RULES if issubclass(kind, rule.kinds)), None)
+
+    def code_for(self, exc: BaseException) -> grpc.StatusCode:
+        """The status code `exc` maps to, without logging anything (for access logs and metrics)."""
+        rule = self._rule(exc)
+        return rule.code if rule is not None else grpc.StatusCode.INTERNAL
+
     def status_for(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         """The status code and message a client gets for an exception raised inside an RPC."""
-        kind = next((k for t, k in self._kinds.items() if isinstance(exc, t)), type(exc))
-        for rule in _RULES:
-            if issubclass(kind, rule.kinds):
-                return rule.code, rule.message(exc)
+        rule = self._rule(exc)
+        if rule is not None:
+            return rule.code, rule.message(exc)
         incident = uuid.uuid4().hex[:12]
         log.error("internal error %s: %r", incident, exc, exc_info=exc)
         return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}, see the server log)"

@@ -29,6 +29,7 @@ _MAPPER = StatusMapper(
     }
 )
 status_for = _MAPPER.status_for
+code_for = _MAPPER.code_for
 unary_errors = _MAPPER.unary
 stream_errors = _MAPPER.stream
 async_stream_errors = _MAPPER.async_stream
@@ -41,6 +42,7 @@ __all__ = [
     "NotFoundError",
     "UnavailableError",
     "async_stream_errors",
+    "code_for",
     "status_for",
     "stream_errors",
     "unary_errors",

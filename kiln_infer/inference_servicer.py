@@ -34,7 +34,7 @@ from kiln_infer.errors import (
     NotFoundError,
     UnavailableError,
     async_stream_errors,
-    status_for,
+    code_for,
     unary_errors,
 )
 from kiln_infer.metrics import RequestMetrics
@@ -209,7 +209,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             status = "CANCELLED"
             raise
         except Exception as exc:
-            status = status_for(exc)[0].name
+            status = code_for(exc).name  # the wrapper logs the incident once, when it aborts
             raise
         finally:
             observer.done(status)
