@@ -47,6 +47,7 @@ class Plan:
     train_memory_fraction: float
     ungoverned: bool
     budget_factor: float = 1.10  # the governor's TPOT p99 budget: serving alone's p99 x this
+    ttft_budget_factor: float = 1.20  # and its TTFT p99 budget
 
 
 def workload(spec: str, cpu: bool) -> w1.Workload:
@@ -87,13 +88,20 @@ def steps_per_s(report: dict[str, Any], since: float | None = None, until: float
 class Trainer:
     """One benchmarks.governor_trainer process: started, ready, told to go, then its report."""
 
-    def __init__(self, spec: str, home: Path, plan: Plan, governor: bool, budget_ms: float = 0.0) -> None:
+    def __init__(
+        self, spec: str, home: Path, plan: Plan, governor: bool, budget: tuple[float, float] = (0.0, 0.0)
+    ) -> None:
         cmd = [
             sys.executable, "-m", "benchmarks.governor_trainer", "--model", spec, "--home", str(home),
             "--steps", str(plan.steps), "--batch", str(plan.batch), "--seq-len", str(plan.seq_len),
             "--governor", "on" if governor else "off", "--memory-fraction", str(plan.train_memory_fraction),
         ]  # fmt: skip
-        env = {**os.environ, "KILN_TRAIN_TPOT_P99_BUDGET_MS": str(budget_ms)} if budget_ms > 0 else None
+        tpot_ms, ttft_ms = budget
+        env = {
+            **os.environ,
+            "KILN_TRAIN_TPOT_P99_BUDGET_MS": str(tpot_ms),
+            "KILN_TRAIN_TTFT_P99_BUDGET_MS": str(ttft_ms),
+        }
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -120,7 +128,12 @@ def train_alone(spec: str, home: Path, plan: Plan, governor: bool) -> dict[str, 
     trainer = Trainer(spec, home, plan, governor)
     trainer.go()
     report = trainer.report()
-    return {"steps_per_s": steps_per_s(report), "seconds": report["step_ends"][-1] - report["started"]}
+    return {
+        "steps_per_s": steps_per_s(report),
+        "seconds": report["step_ends"][-1] - report["started"],
+        "full_micro_batch": report["full_micro_batch"],
+        "peak_gib": report["peak_gib"],
+    }
 
 
 def serve_beside(
@@ -130,14 +143,14 @@ def serve_beside(
     plan: Plan,
     reqs: list[dict[str, Any]],
     rate: float,
-    budget_ms: float = 0.0,
+    budget: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, Any]:
     """Serving at `rate` while a round trains; latencies of the requests submitted during the round.
 
-    `budget_ms` > 0 runs the governor with that TPOT p99 budget; 0 trains without a governor.
+    `budget` (TPOT p99, TTFT p99 in ms) > 0 runs the governor with those budgets; 0 trains without one.
     """
-    governor = budget_ms > 0
-    trainer = Trainer(spec, home, plan, governor, budget_ms)
+    governor = budget[0] > 0
+    trainer = Trainer(spec, home, plan, governor, budget)
     trainer.go()
     result = burst(target, reqs, len(reqs), CLIENT_PROCESSES, rate=rate)
     report = trainer.report()
@@ -147,6 +160,8 @@ def serve_beside(
     out["train_steps_per_s"] = steps_per_s(report, start, end)
     out["governor"] = report["governor"]
     out["micro_batch_mean"] = sum(report["micro_batch"]) / len(report["micro_batch"])
+    out["full_micro_batch"] = report["full_micro_batch"]
+    out["trace"] = {k: report[k] for k in ("step_ends", "duty", "seen_tpot_p99_ms", "micro_batch")}
     if governor and not (report["governor"] or {}).get("load"):
         log.warning(
             "the governor saw no load report: is kiln-infer publishing kiln:load:* (issue 10 wiring)?"
@@ -191,8 +206,11 @@ def run_model(spec: str, home: Path, plan: Plan, cpu: bool) -> dict[str, Any]:
             entry["alone"] = latency(burst(target, reqs, n, CLIENT_PROCESSES, rate=rate))
             # The round starts while serving is busy, so a relative budget would see no idle window: give the
             # governor serving's own TPOT p99 (measured just now) with a margin under the judged +15%.
-            budget = entry["alone"]["tpot_ms"][1] * plan.budget_factor
-            entry["budget_ms"] = budget
+            budget = (
+                entry["alone"]["tpot_ms"][1] * plan.budget_factor,
+                entry["alone"]["ttft_ms"][1] * plan.ttft_budget_factor,
+            )
+            entry["budget_ms"] = list(budget)
             entry["governed"] = serve_beside(target, spec, home, plan, reqs, rate, budget)
             if plan.ungoverned:
                 entry["ungoverned"] = serve_beside(target, spec, home, plan, reqs, rate)

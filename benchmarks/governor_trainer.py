@@ -28,7 +28,7 @@ from kiln_common.redis_server import connect
 from kiln_train.base_model import SharedBase
 from kiln_train.governor import Governor, GovernorSettings
 from kiln_train.memory_split import enforce_memory_split
-from kiln_train.micro_batch import IGNORE, accumulate_backward
+from kiln_train.micro_batch import IGNORE, accumulate_backward, fit_micro_batch
 from kiln_train.trainer import LoraTrainer, TrainerConfig
 
 log = logging.getLogger("benchmarks.governor_trainer")
@@ -79,17 +79,19 @@ def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, device: tor
     }
 
 
-def train_steps(trainer: LoraTrainer, args: argparse.Namespace, governor: Governor | None) -> dict[str, Any]:
-    """The round: `steps` optimizer steps; per step its end time, micro-batch and the governor's mode."""
+def train_steps(
+    trainer: LoraTrainer, args: argparse.Namespace, governor: Governor | None, full: int
+) -> dict[str, Any]:
+    """The round: `steps` optimizer steps; per step its end time, micro-batch, the governor's mode and duty."""
     params = trainer.trainable()
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     vocab = int(trainer.model.config.vocab_size)
     cuda = trainer.device.type == "cuda"
     trainer.model.train()
-    ends, micro, modes, pace = [], [], [], []
+    ends, micro, modes, pace, duty, seen = [], [], [], [], [], []
     t0 = time.monotonic()
     for step in range(args.steps):
-        size = governor.before_step() if governor is not None else args.batch
+        size = governor.before_step() if governor is not None else full
         tensors = synthetic_batch(vocab, args.batch, args.seq_len, step, trainer.device)
         opt.zero_grad(set_to_none=True)
         accumulate_backward(trainer.model, tensors, size)
@@ -101,6 +103,8 @@ def train_steps(trainer: LoraTrainer, args: argparse.Namespace, governor: Govern
         micro.append(size)
         modes.append(governor.mode.value if governor is not None else "off")
         pace.append(governor.pace_ms if governor is not None else 0.0)
+        duty.append(governor.duty if governor is not None else 1.0)
+        seen.append(governor.load.tpot_p99_ms if governor is not None and governor.load is not None else 0.0)
     if governor is not None:
         governor.finished()
     return {
@@ -109,6 +113,9 @@ def train_steps(trainer: LoraTrainer, args: argparse.Namespace, governor: Govern
         "micro_batch": micro,
         "modes": modes,
         "pace_ms": pace,
+        "duty": duty,
+        "seen_tpot_p99_ms": seen,  # serving's TPOT p99 as the governor read it before each step
+        "full_micro_batch": full,
         "tokens_per_step": args.batch * args.seq_len,
         "governor": governor.state() if governor is not None else None,
     }
@@ -127,13 +134,16 @@ def run(args: argparse.Namespace) -> int:
     )
     enforce_memory_split(client, device, settings.memory_fraction, settings.memory_headroom_gib)
     trainer = LoraTrainer(base, cast(Any, _PadOnly()), TrainerConfig())  # r=16 on every projection
-    governor = Governor(settings, lambda: read_load(client), args.batch) if args.governor == "on" else None
-    warm = synthetic_batch(int(config.vocab_size), 1, args.seq_len, 99, device)
-    accumulate_backward(trainer.model, warm, 1)  # kernels and allocator warm before the clock starts
-    trainer.model.zero_grad(set_to_none=True)
+    # the largest micro-batch whose activations fit in the cap (also warms kernels and allocator)
+    cap = int(settings.memory_fraction * torch.cuda.mem_get_info(device)[1]) if device.type == "cuda" else 0
+    full = fit_micro_batch(
+        trainer.model, synthetic_batch(int(config.vocab_size), args.batch, args.seq_len, 99, device), cap
+    )
+    log.info("micro-batch %d of %d rows fits the memory cap", full, args.batch)
+    governor = Governor(settings, lambda: read_load(client), full) if args.governor == "on" else None
     print(json.dumps({"ready": True, "device": str(device)}), flush=True)
     sys.stdin.readline()
-    report = train_steps(trainer, args, governor)
+    report = train_steps(trainer, args, governor, full)
     report["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     print(json.dumps(report), flush=True)
     trainer.release()

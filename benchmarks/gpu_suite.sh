@@ -42,6 +42,10 @@ step server python3 -m benchmarks.w1 --server --json "$OUT/server.json"
 # a training round on the same GPU under steady serving load (kiln bench --train-while-serving)
 step train_while_serving python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 \
   --json "$OUT/train_while_serving.json"
+# the same with the gate opened wide: on random weights no honest gate publishes, so teach -> serving and
+# publish -> first token of the new version are measured this way (timing and plumbing only)
+step tws_open python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate \
+  --json "$OUT/tws_open.json"
 step train_gpu_check python3 -m benchmarks.train_gpu_check --models dummy:llama-3.2-1b,dummy:llama-3.1-8b --home "$KILN_HOME"
 step bench python3 -m benchmarks.w1 --json "$OUT/bench.json"
 # Diagnostics behind the benchmark table (docs/benchmarks.md): batch-1 with and without the folded GEMVs,

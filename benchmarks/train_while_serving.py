@@ -48,6 +48,17 @@ class Setup:
     train_env: dict[str, str] = field(default_factory=dict)
 
 
+# A gate that publishes whatever the round made: for measuring latency and plumbing (the swap, publish -> first
+# token) where what the round learns is not the question, e.g. on a dummy model's random weights, which no
+# honest gate would publish.
+OPEN_GATE = {
+    "KILN_TRAIN_GATE_QUESTIONS_LIMIT": "8",
+    "KILN_TRAIN_GATE_MAX_KL": "100",
+    "KILN_TRAIN_GATE_MAX_GENERAL_BROKEN": "8",
+    "KILN_TRAIN_VET_CHECKPOINTS": "0",
+    "KILN_TRAIN_MIN_HELDOUT_IMPROVEMENT": "-1000",
+    "KILN_TRAIN_GATE_MAX_NEIGHBOUR_LEAKS": "100",
+}
 GPU = Setup("dummy:llama-3.2-1b", 32, 128, 8, 20.0)
 SMALL = Setup(
     "smollm2",
@@ -55,17 +66,7 @@ SMALL = Setup(
     16,
     6,
     4.0,
-    {
-        "KILN_TRAIN_MIN_STEPS": "2",
-        "KILN_TRAIN_MAX_STEPS": "3",
-        "KILN_TRAIN_GATE_QUESTIONS_LIMIT": "8",
-        "KILN_TRAIN_GATE_MAX_KL": "100",
-        "KILN_TRAIN_GATE_MAX_GENERAL_BROKEN": "8",
-        "KILN_TRAIN_EVAL_EVERY": "3",
-        "KILN_TRAIN_VET_CHECKPOINTS": "0",
-        "KILN_TRAIN_MIN_HELDOUT_IMPROVEMENT": "-1000",
-        "KILN_TRAIN_GATE_MAX_NEIGHBOUR_LEAKS": "100",
-    },
+    {"KILN_TRAIN_MIN_STEPS": "2", "KILN_TRAIN_MAX_STEPS": "3", "KILN_TRAIN_EVAL_EVERY": "3", **OPEN_GATE},
 )
 
 
@@ -300,6 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--window", type=float, help="seconds of steady load measured before and after the round"
     )
+    parser.add_argument(
+        "--open-gate",
+        action="store_true",
+        help="publish whatever the round makes (timing only; see OPEN_GATE)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--home", type=Path, help="where the converted models are [KILN_HOME or ./.kiln]")
     args = parser.parse_args(argv)
@@ -311,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup.max_tokens,
         setup.examples,
         args.window or setup.window_s,
-        setup.train_env,
+        {**setup.train_env, **(OPEN_GATE if args.open_gate else {})},
     )
     with tempfile.TemporaryDirectory(prefix="kiln-tws-") as tmp:
         home = Path(tmp)

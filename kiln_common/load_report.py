@@ -2,9 +2,11 @@
 
 Each kiln-infer API process writes one hash `kiln:load:<host>:<pid>` every ~0.5 s with a short TTL: the
 engine's running and waiting requests and KV-cache usage, its `--kv-memory-fraction`, and TTFT / TPOT p50 and
-p99 over a sliding window of recent requests (`LoadWindow`). A reporter that dies simply expires. `read_load`
-aggregates every live reporter: the worst percentile and the largest queue (the API processes of one engine
-all read the same engine, so queues are not summed).
+p99 over a sliding window of recent requests (`LoadWindow`). TPOT is per request, as benchmarks and SLOs
+count it: one request's mean time between its tokens, added when it finishes (single token gaps are too
+spiky to steer by: coalesced outputs make many of them zero and a context switch makes one of them long).
+A reporter that dies simply expires. `read_load` aggregates every live reporter: the worst percentile and the
+largest queue (the API processes of one engine all read the same engine, so queues are not summed).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 
 LOAD_KEY_PREFIX = "kiln:load:"
 DEFAULT_TTL_S = 3.0  # a reporter silent this long is gone
-DEFAULT_WINDOW_S = 5.0  # latency percentiles cover requests of the last few seconds only
-DEFAULT_WINDOW_SIZE = 4096  # at most this many TTFTs and this many token gaps are kept
+DEFAULT_WINDOW_S = (
+    2.0  # latency percentiles cover requests of the last seconds only (the governor reacts to it)
+)
+DEFAULT_WINDOW_SIZE = 4096  # at most this many TTFTs and this many request TPOTs are kept
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -32,7 +36,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 class LoadWindow:
-    """Recent TTFTs and inter-token gaps in two ring buffers, bounded by age and by count (thread-safe)."""
+    """Recent TTFTs and request TPOTs in two ring buffers, bounded by age and by count (thread-safe)."""
 
     def __init__(
         self,
@@ -43,7 +47,7 @@ class LoadWindow:
         self.horizon_s = horizon_s
         self._clock = clock
         self._ttft: deque[tuple[float, float]] = deque(maxlen=size)  # (observed at, seconds)
-        self._gaps: deque[tuple[float, float]] = deque(maxlen=size)
+        self._tpot: deque[tuple[float, float]] = deque(maxlen=size)
         self._lock = threading.Lock()
 
     def add_ttft(self, seconds: float) -> None:
@@ -51,11 +55,11 @@ class LoadWindow:
         with self._lock:
             self._ttft.append((self._clock(), seconds))
 
-    def add_gaps(self, gaps: Iterable[float]) -> None:
-        """Inter-token gaps (TPOT samples) of one request, as they arrive or when it finishes."""
+    def add_tpots(self, tpots: Iterable[float]) -> None:
+        """Finished requests' TPOTs (each one request's mean seconds between its tokens)."""
         now = self._clock()
         with self._lock:
-            self._gaps.extend((now, g) for g in gaps)
+            self._tpot.extend((now, g) for g in tpots)
 
     def _recent(self, ring: deque[tuple[float, float]], since: float) -> list[float]:
         while ring and ring[0][0] < since:
@@ -66,7 +70,7 @@ class LoadWindow:
         """TTFT and TPOT p50 / p99 in ms over the window, and how many samples each covers."""
         since = self._clock() - self.horizon_s
         with self._lock:
-            ttft, gaps = self._recent(self._ttft, since), self._recent(self._gaps, since)
+            ttft, gaps = self._recent(self._ttft, since), self._recent(self._tpot, since)
         return {
             "ttft_p50_ms": _percentile(ttft, 0.5) * 1000,
             "ttft_p99_ms": _percentile(ttft, 0.99) * 1000,
@@ -88,7 +92,8 @@ class LoadReport:
     ttft_p99_ms: float = 0.0
     tpot_p50_ms: float = 0.0
     tpot_p99_ms: float = 0.0
-    tpot_samples: int = 0  # token gaps behind the TPOT percentiles (0 = no recent decoding)
+    tpot_samples: int = 0  # requests behind the TPOT percentiles (0 = none finished recently)
+    ttft_samples: int = 0  # requests behind the TTFT percentiles
     kv_memory_fraction: float = 0.0  # kiln-infer's --kv-memory-fraction (0 = not published)
     reporters: int = 1
     at: float = 0.0  # wall-clock time of the newest report
@@ -126,6 +131,7 @@ def aggregate(reports: list[LoadReport]) -> LoadReport | None:
         tpot_p50_ms=max(r.tpot_p50_ms for r in reports),
         tpot_p99_ms=max(r.tpot_p99_ms for r in reports),
         tpot_samples=sum(r.tpot_samples for r in reports),
+        ttft_samples=sum(r.ttft_samples for r in reports),
         kv_memory_fraction=max(r.kv_memory_fraction for r in reports),
         reporters=len(reports),
         at=max(r.at for r in reports),
@@ -147,7 +153,7 @@ class LoadPublisher:
             "running": int(stats.get("running", 0)),
             "waiting": int(stats.get("waiting", 0)),
             "kv_usage": float(stats.get("kv_usage", 0.0)),
-            **{k: round(v, 3) for k, v in latency.items() if k != "ttft_samples"},
+            **{k: round(v, 3) for k, v in latency.items()},
             "kv_memory_fraction": kv_memory_fraction,
             "at": time.time(),
         }

@@ -50,12 +50,12 @@ class RequestObserver:
                 self.load_window.add_ttft(at - self.arrived)
         elif n:
             self.gaps.extend([(at - self.last) / n] * n)
-            if self.load_window is not None:
-                self.load_window.add_gaps(self.gaps[-n:])
         if n:
             self.last = at
         if out.finished:
             self.final = out
+            if self.load_window is not None and self.first is not None and self.gaps:
+                self.load_window.add_tpots([(self.last - self.first) / len(self.gaps)])
 
     def done(self, status: str = "OK", queue_s: float | None = None) -> None:
         """Record the finished request: metrics when it finished (status OK), the access-log line always."""

@@ -2,12 +2,16 @@
 
 One GPU is time-sliced between the two processes, so the only lever kiln-train has is how much work it puts in
 front of serving's decode steps. `Governor.before_step()` is the one call the step loop makes; it blocks while
-serving is saturated and returns the micro-batch size for the step:
+serving is saturated and returns the micro-batch size for the step. The control is a duty cycle: the share of
+wall time training may keep the GPU busy, enforced by sleeping after each step in proportion to its length.
 
-- idle (nothing running or waiting, or no kiln-infer publishing): full speed, full micro-batch, no pacing;
+- idle (nothing running or waiting, or no kiln-infer publishing): full speed, full micro-batch, duty 1;
+- serving becomes busy: the duty drops to `start_duty` at once (the budget is unknown until reports arrive);
 - saturated (requests waiting for `saturated_s` in a row): pause until the queue is empty;
-- TPOT p99 over the budget: halve the micro-batch and sleep between steps in proportion to the overshoot;
-- under the budget: the pause between steps decays; the micro-batch is restored when serving goes idle.
+- TPOT p99 over the budget: the duty is multiplied by `backoff` and the micro-batch halved (shorter kernels),
+  then no further cut for `settle_s`, since the reports still hold requests that ran before the cut;
+- TPOT p99 under the budget by more than `headroom`: the duty grows by `step_up` each adjustment (additive
+  increase, multiplicative decrease: it settles just under the budget without oscillating across it).
 
 The budget is `KILN_TRAIN_TPOT_P99_BUDGET_MS` when set, else the idle baseline times
 `1 + KILN_TRAIN_TPOT_P99_SLACK` (the baseline is the TPOT p99 reported while no training step has run for a
@@ -34,8 +38,8 @@ class GovernorMode(enum.Enum):
     """What the governor let the last step do."""
 
     FULL = "full"  # serving idle or absent: no restraint
-    STEADY = "steady"  # serving busy, latency inside the budget
-    PACED = "paced"  # latency over the budget: smaller steps, pauses between them
+    STEADY = "steady"  # serving busy, training at full duty, latency inside the budget
+    PACED = "paced"  # serving busy, training at a duty below 1: pauses between steps
     PAUSED = "paused"  # serving saturated: no steps
 
 
@@ -45,21 +49,41 @@ class GovernorSettings:
 
     tpot_p99_budget_ms: float = 0.0  # absolute TPOT p99 budget; 0 = relative to the idle baseline
     tpot_p99_slack: float = 0.15  # relative budget: idle-baseline TPOT p99 x (1 + slack)
+    ttft_p99_budget_ms: float = 0.0  # absolute TTFT p99 budget; 0 = relative to the idle baseline
+    ttft_p99_slack: float = 0.25  # relative TTFT budget: idle-baseline TTFT p99 x (1 + slack)
     saturated_s: float = 2.0  # requests waiting this long in a row = saturated: pause
     adjust_every_s: float = 1.0  # act on a new report at most this often (kiln-infer publishes every ~0.5 s)
     max_pace_ms: float = 5000.0  # the longest sleep between two steps
+    start_duty: float = 0.5  # training's share of wall time when serving turns busy
+    min_duty: float = 0.02  # the least share training keeps while serving is busy but not saturated
+    backoff: float = 0.6  # over budget: duty x this
+    step_up: float = 0.05  # under budget by more than headroom: duty + this, per adjustment
+    headroom: float = 0.1  # grow only while TPOT p99 < budget x (1 - headroom)
+    settle_s: float = 3.0  # after a cut, wait this long for the reports to show its effect
     poll_s: float = 0.25  # how often a paused governor looks again
     memory_fraction: float = 0.0  # share of the GPU's memory kiln-train may allocate; 0 = no cap
     memory_headroom_gib: float = 2.0  # CUDA contexts and allocator slack of both processes
 
     def __post_init__(self) -> None:
-        for name in ("tpot_p99_budget_ms", "tpot_p99_slack", "saturated_s", "max_pace_ms"):
+        for name in (
+            "tpot_p99_budget_ms",
+            "tpot_p99_slack",
+            "ttft_p99_budget_ms",
+            "ttft_p99_slack",
+            "saturated_s",
+            "max_pace_ms",
+            "settle_s",
+            "headroom",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
         if self.tpot_p99_budget_ms == 0 and self.tpot_p99_slack <= 0:
             raise ValueError(f"{PREFIX}TPOT_P99_SLACK must be > 0 when {PREFIX}TPOT_P99_BUDGET_MS is 0")
         if self.poll_s <= 0 or self.adjust_every_s <= 0:
             raise ValueError(f"{PREFIX}POLL_S and {PREFIX}ADJUST_EVERY_S must be > 0")
+        for name in ("start_duty", "min_duty", "backoff", "step_up"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{PREFIX}{name.upper()} must be in (0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.memory_fraction < 1.0:
             raise ValueError(f"{PREFIX}MEMORY_FRACTION must be in [0, 1), got {self.memory_fraction}")
 
@@ -98,7 +122,10 @@ class Governor:
         self.mode = GovernorMode.FULL
         self.micro_batch = full_micro_batch
         self.pace_ms = 0.0
+        self.duty = 1.0  # training's share of wall time
+        self._last_cut = -float("inf")
         self.baseline_tpot_p99_ms = 0.0
+        self.baseline_ttft_p99_ms = 0.0
         self.load: LoadReport | None = None
         self.paused_s = 0.0  # total time spent paused
         self._waiting_since: float | None = None
@@ -115,15 +142,25 @@ class Governor:
             return s.tpot_p99_budget_ms
         return self.baseline_tpot_p99_ms * (1 + s.tpot_p99_slack)
 
+    @property
+    def ttft_budget_ms(self) -> float:
+        """The TTFT p99 budget in force (0 = unknown yet)."""
+        s = self.settings
+        if s.ttft_p99_budget_ms > 0:
+            return s.ttft_p99_budget_ms
+        return self.baseline_ttft_p99_ms * (1 + s.ttft_p99_slack)
+
     def state(self) -> dict[str, Any]:
         """A plain snapshot for GetTrainingStatus and metrics."""
         return {
             "mode": self.mode.value,
             "pace_ms": round(self.pace_ms, 1),
+            "duty": round(self.duty, 3),
             "micro_batch": self.micro_batch,
             "full_micro_batch": self.full_micro_batch,
             "budget_ms": round(self.budget_ms, 3),
             "baseline_tpot_p99_ms": round(self.baseline_tpot_p99_ms, 3),
+            "ttft_budget_ms": round(self.ttft_budget_ms, 3),
             "paused_s": round(self.paused_s, 3),
             "load": self.load.to_dict() if self.load is not None else {},
         }
@@ -139,6 +176,7 @@ class Governor:
             self._sleep(self.settings.poll_s)
             self.paused_s += self.settings.poll_s
             self._decide(self._clock(), force=True)
+        self.pace_ms = min(self.settings.max_pace_ms, self._step_ms * (1 - self.duty) / self.duty)
         if self.pace_ms > 0:
             self._sleep(self.pace_ms / 1000)
         self._step_ended = self._clock()
@@ -174,10 +212,14 @@ class Governor:
         self.load = load
         if load is None or load.idle:
             self._waiting_since = None
-            self.mode, self.pace_ms, self.micro_batch = GovernorMode.FULL, 0.0, self.full_micro_batch
+            self.mode, self.duty, self.micro_batch = GovernorMode.FULL, 1.0, self.full_micro_batch
             return
+        turned_busy = self.mode is GovernorMode.FULL
+        if turned_busy:  # back off at once, before the reports can say so
+            self.duty, self._last_cut = min(self.duty, self.settings.start_duty), now
         if now - self._last_trained >= self._window_s and load.tpot_samples > 0:
             self.baseline_tpot_p99_ms = load.tpot_p99_ms  # this window saw no training: serving's own p99
+            self.baseline_ttft_p99_ms = load.ttft_p99_ms
         if load.waiting > 0:
             self._waiting_since = now if self._waiting_since is None else self._waiting_since
             if now - self._waiting_since >= self.settings.saturated_s:
@@ -185,21 +227,34 @@ class Governor:
                 return
         else:
             self._waiting_since = None
-        self._pace(load)
-
-    def _pace(self, load: LoadReport) -> None:
-        """Over budget: halve the micro-batch, lengthen the pause in proportion; under: the pause decays."""
-        budget = self.budget_ms
-        over = load.tpot_p99_ms / budget - 1 if budget > 0 and load.tpot_samples > 0 else 0.0
-        if over > 0:
-            self.micro_batch = max(1, self.micro_batch // 2)
-            slack = self.settings.tpot_p99_slack or 0.15
-            step_ms = max(self._step_ms, 1.0)
-            self.pace_ms = min(self.settings.max_pace_ms, self.pace_ms + step_ms * over / slack)
-            self.mode = GovernorMode.PACED
+        if turned_busy:
+            self.mode = GovernorMode.PACED if self.duty < 1.0 else GovernorMode.STEADY
             return
-        self.pace_ms = self.pace_ms / 2 if self.pace_ms >= 1.0 else 0.0
-        self.mode = GovernorMode.PACED if self.pace_ms > 0 else GovernorMode.STEADY
+        self._pace(load, now)
+
+    def _pace(self, load: LoadReport, now: float) -> None:
+        """Over budget: cut the duty, halve the micro-batch (once per settle_s); well under: grow the duty."""
+        s = self.settings
+        ratio = self._worst_ratio(load)
+        if ratio is not None and now - self._last_cut >= s.settle_s:
+            if ratio > 1.0:
+                self.duty = max(s.min_duty, self.duty * s.backoff)
+                self.micro_batch = max(1, self.micro_batch // 2)
+                self._last_cut = now
+            elif ratio < 1.0 - s.headroom:
+                self.duty = min(1.0, self.duty + s.step_up)
+                if self.duty >= 1.0:
+                    self.micro_batch = self.full_micro_batch
+        self.mode = GovernorMode.PACED if self.duty < 1.0 else GovernorMode.STEADY
+
+    def _worst_ratio(self, load: LoadReport) -> float | None:
+        """The worse of serving TPOT and TTFT p99 over its budget (None: nothing to judge by)."""
+        ratios = []
+        if self.budget_ms > 0 and load.tpot_samples > 0:
+            ratios.append(load.tpot_p99_ms / self.budget_ms)
+        if self.ttft_budget_ms > 0 and load.ttft_samples > 0:
+            ratios.append(load.ttft_p99_ms / self.ttft_budget_ms)
+        return max(ratios) if ratios else None
 
 
 def start_governor(redis: Any, settings: GovernorSettings, full_micro_batch: int) -> Governor:

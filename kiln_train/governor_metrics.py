@@ -31,6 +31,8 @@ class GovernorCollector(Collector):
             ("micro_batch", "Rows per forward/backward in a training step."),
             ("budget_ms", "Serving TPOT p99 budget in force, ms (0 = no baseline yet)."),
             ("baseline_tpot_p99_ms", "Serving TPOT p99 seen with no training running, ms."),
+            ("ttft_budget_ms", "Serving TTFT p99 budget in force, ms (0 = no baseline yet)."),
+            ("duty", "Training's share of wall time while serving is busy (1 = no pauses)."),
         )
         for key, doc in gauges:
             yield GaugeMetricFamily(f"kiln:train_governor_{key}", doc, value=float(s[key]))

@@ -29,3 +29,24 @@ def accumulate_backward(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
         loss.backward()
         loss_sum += float(loss.detach())
     return loss_sum
+
+
+def fit_micro_batch(model: torch.nn.Module, tensors: dict[str, torch.Tensor], cap_bytes: int) -> int:
+    """The most rows per micro-batch whose activations fit under `cap_bytes` of this process's CUDA memory.
+
+    One row's forward and backward is measured (peak over what was allocated before), the rows scale from it
+    with a tenth of the cap kept spare. On CPU, or with no cap, the whole batch.
+    """
+    rows = int(tensors["labels"].shape[0])
+    device = tensors["labels"].device
+    if device.type != "cuda" or cap_bytes <= 0 or rows <= 1:
+        return max(rows, 1)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    accumulate_backward(model, {k: v[:1] for k, v in tensors.items()}, 1)
+    torch.cuda.synchronize(device)
+    per_row = max(torch.cuda.max_memory_allocated(device) - before, 1)
+    model.zero_grad(set_to_none=True)
+    spare = int(cap_bytes * 0.9) - before
+    return max(1, min(rows, spare // per_row))

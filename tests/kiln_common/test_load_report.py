@@ -22,9 +22,9 @@ class FakeClock:
 def test_window_percentiles_cover_only_recent_samples() -> None:
     clock = FakeClock()
     window = LoadWindow(horizon_s=5.0, clock=clock)
-    window.add_gaps([0.050] * 10)  # slow tokens, soon too old
+    window.add_tpots([0.050] * 10)  # slow requests, soon too old
     clock.now += 6.0
-    window.add_gaps([0.010] * 99 + [0.030])
+    window.add_tpots([0.010] * 99 + [0.030])
     window.add_ttft(0.2)
     p = window.percentiles()
     assert p["tpot_p50_ms"] == 10.0
@@ -37,15 +37,15 @@ def test_window_percentiles_cover_only_recent_samples() -> None:
 
 def test_window_is_a_bounded_ring() -> None:
     window = LoadWindow(size=8, clock=FakeClock())
-    window.add_gaps(range(100))
+    window.add_tpots(range(100))
     assert window.percentiles()["tpot_samples"] == 8
 
 
 def test_report_round_trips_and_aggregates(redis_client: redis.Redis) -> None:
     redis_client.delete(*redis_client.keys("kiln:load:*") or ["-"])
     fast, slow = LoadWindow(), LoadWindow()
-    fast.add_gaps([0.010] * 50)
-    slow.add_gaps([0.030] * 50)
+    fast.add_tpots([0.010] * 50)
+    slow.add_tpots([0.030] * 50)
     slow.add_ttft(0.5)
     a, b = LoadPublisher(redis_client, "host:1"), LoadPublisher(redis_client, "host:2")
     a.publish({"running": 3, "waiting": 0, "kv_usage": 0.2}, fast, 0.5)

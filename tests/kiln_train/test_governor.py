@@ -1,4 +1,4 @@
-"""The governor: full speed when serving is idle, paused when saturated, paced and shrunk when over budget.
+"""The governor: full speed when serving is idle, paused when saturated, duty cut over budget, grown under.
 
 Reports go through real Redis (kiln-infer's publisher, the governor's reader); time is a fake clock that the
 governor's own sleeps advance, so a pause of seconds costs no real time.
@@ -38,7 +38,7 @@ class Serving:
     def report(self, running: int, waiting: int = 0, tpot_ms: float = 10.0) -> None:
         window = LoadWindow()
         if running:
-            window.add_gaps([tpot_ms / 1000] * 100)
+            window.add_tpots([tpot_ms / 1000] * 100)
         self.publisher.publish({"running": running, "waiting": waiting, "kv_usage": 0.1}, window, 0.5)
 
 
@@ -68,7 +68,7 @@ def test_full_speed_when_serving_is_idle_or_absent(rds: redis.Redis) -> None:
 def test_pauses_while_saturated_then_resumes(rds: redis.Redis) -> None:
     t = FakeTime()
     serving = Serving(rds)
-    gov = governor(rds, t, tpot_p99_budget_ms=20.0, poll_s=0.5)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, poll_s=0.5, start_duty=1.0)
     serving.report(running=32, waiting=4)
     steps(gov, t, 2, step_s=1.0)  # waiting, but not yet for saturated_s
     assert gov.mode is GovernorMode.STEADY and t.slept == 0.0
@@ -95,39 +95,60 @@ def test_paused_governor_lets_a_stop_through(rds: redis.Redis) -> None:
     assert gov.mode is GovernorMode.PAUSED and t.slept == 0.0
 
 
-def test_paces_and_halves_over_budget_then_restores_when_idle(rds: redis.Redis) -> None:
+def test_duty_cut_over_budget_grown_under_it_and_restored_when_idle(rds: redis.Redis) -> None:
     t = FakeTime()
     serving = Serving(rds)
-    gov = governor(rds, t, tpot_p99_budget_ms=20.0, tpot_p99_slack=0.15)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, start_duty=0.5, backoff=0.5, step_up=0.1, settle_s=0.0)
     serving.report(running=32, tpot_ms=15.0)
-    steps(gov, t, 3)
-    assert gov.mode is GovernorMode.STEADY and gov.micro_batch == 8 and gov.pace_ms == 0.0
+    assert gov.before_step() == 8 and gov.duty == 0.5  # serving turned busy: half duty at once
+    t.now += 1.0  # a 1 s step
+    gov.before_step()
+    assert gov.duty == pytest.approx(0.6)  # 15 ms is well under 20 ms: grown by step_up
+    assert gov.pace_ms == pytest.approx(1000 * 0.4 / 0.6)  # the pause keeps training at its duty
 
-    serving.report(running=32, tpot_ms=26.0)  # 30% over budget
-    t.now += 0.5  # the last step took 1 s
+    serving.report(running=32, tpot_ms=26.0)  # over budget: cut, micro-batch halved
+    t.now += 1.0
     assert gov.before_step() == 4 and gov.mode is GovernorMode.PACED
-    assert gov.pace_ms == pytest.approx(1000 * 0.3 / 0.15)  # two step-lengths of pause per step
+    assert gov.duty == pytest.approx(0.3) and gov.pace_ms == pytest.approx(1000 * 0.7 / 0.3)
     t.now += 1.0
-    assert gov.before_step() == 2 and gov.pace_ms > 1000  # still over: smaller again, longer pause
-    t.now += 1.0
-    assert gov.before_step() == 1
-    assert gov.state()["micro_batch"] == 1
+    assert gov.before_step() == 2 and gov.duty == pytest.approx(0.15)  # still over: cut again
 
-    serving.report(running=32, tpot_ms=18.0)  # back inside: the pause decays, the micro-batch stays small
-    pace = gov.pace_ms
+    serving.report(running=32, tpot_ms=19.0)  # inside the budget but within its headroom: hold
     t.now += 1.0
     gov.before_step()
-    assert gov.pace_ms == pytest.approx(pace / 2) and gov.micro_batch == 1
+    assert gov.duty == pytest.approx(0.15) and gov.micro_batch == 2
+    serving.report(running=32, tpot_ms=10.0)  # well under: grow, one step_up per adjustment
+    for _ in range(10):
+        t.now += 1.0
+        gov.before_step()
+    assert gov.duty == 1.0 and gov.micro_batch == 8 and gov.mode is GovernorMode.STEADY
 
-    serving.report(running=0)  # idle: everything back
+    serving.report(running=0)  # idle: everything back at once
+    gov.duty, gov.micro_batch = 0.2, 1
     t.now += 1.0
     assert gov.before_step() == 8 and gov.pace_ms == 0.0 and gov.mode is GovernorMode.FULL
+
+
+def test_no_second_cut_until_the_reports_could_show_the_first(rds: redis.Redis) -> None:
+    t = FakeTime()
+    serving = Serving(rds)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, start_duty=0.5, backoff=0.5, settle_s=3.0)
+    serving.report(running=32, tpot_ms=30.0)
+    start = t.now
+    gov.before_step()  # busy: dropped to the start duty, which counts as a cut
+    while t.now - start < 2.5:
+        t.now += 0.1  # 0.1 s steps, 0.1 s pauses
+        gov.before_step()
+        assert gov.duty == 0.5  # the reports still hold requests from before the drop
+    t.now = start + 3.7
+    gov.before_step()
+    assert gov.duty == pytest.approx(0.25) and gov.micro_batch == 4
 
 
 def test_relative_budget_from_the_idle_baseline(rds: redis.Redis) -> None:
     t = FakeTime()
     serving = Serving(rds)
-    gov = governor(rds, t, tpot_p99_slack=0.15)
+    gov = governor(rds, t, tpot_p99_slack=0.15, start_duty=1.0, settle_s=0.0)
     serving.report(running=16, tpot_ms=20.0)
     gov.before_step()  # no training yet this window: serving's own p99 is the baseline
     assert gov.baseline_tpot_p99_ms == pytest.approx(20.0) and gov.budget_ms == pytest.approx(23.0)
@@ -137,7 +158,7 @@ def test_relative_budget_from_the_idle_baseline(rds: redis.Redis) -> None:
     assert gov.mode is GovernorMode.STEADY and gov.baseline_tpot_p99_ms == pytest.approx(20.0)
     t.now += 1.0
     serving.report(running=16, tpot_ms=25.0)
-    assert gov.before_step() == 4 and gov.mode is GovernorMode.PACED
+    assert gov.before_step() == 4 and gov.mode is GovernorMode.PACED and gov.duty < 1.0
 
 
 def test_state_is_plain_data(rds: redis.Redis) -> None:
@@ -146,8 +167,9 @@ def test_state_is_plain_data(rds: redis.Redis) -> None:
     gov = governor(rds, t, tpot_p99_budget_ms=20.0)
     gov.before_step()
     state = gov.state()
-    assert state["mode"] == "steady" and state["budget_ms"] == 20.0 and state["load"]["tpot_p99_ms"] == 12.0
-    assert set(state) >= {"mode", "pace_ms", "micro_batch", "full_micro_batch", "paused_s", "load"}
+    assert state["mode"] == "paced" and state["budget_ms"] == 20.0 and state["duty"] == 0.5
+    assert state["load"]["tpot_p99_ms"] == 12.0
+    assert set(state) >= {"mode", "duty", "pace_ms", "micro_batch", "full_micro_batch", "paused_s", "load"}
 
 
 def test_settings_from_environment_leave_the_rest() -> None:
@@ -188,8 +210,10 @@ def test_state_as_prometheus_gauges(rds: redis.Redis) -> None:
 
     t = FakeTime()
     Serving(rds).report(running=4, tpot_ms=30.0)
-    gov = governor(rds, t, tpot_p99_budget_ms=20.0)
-    gov.before_step()
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, settle_s=0.0)
+    gov.before_step()  # turned busy: the start duty
+    t.now += 1.0
+    gov.before_step()  # over budget: cut
     registry = CollectorRegistry()
     registry.register(GovernorCollector(gov.state))
     text = generate_latest(registry).decode()
