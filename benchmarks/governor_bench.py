@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,9 @@ class Plan:
     budget_factor: float = 1.10  # the governor's TPOT p99 budget: serving alone's p99 x this
     ttft_budget_factor: float = 1.20  # and its TTFT p99 budget
     probe_s: float = 8.0  # seconds of each open-loop capacity probe
+    reuse: dict[str, Any] = field(
+        default_factory=dict
+    )  # capacity / standalone / idle_governed measured before
 
 
 def workload(spec: str, cpu: bool) -> w1.Workload:
@@ -195,8 +198,8 @@ def capacity(target: str, w: w1.Workload, vocab: int, probe_s: float) -> dict[st
     return {"rps": rate, "closed_loop_rps": closed, "probes": probes}
 
 
-def run_model(spec: str, home: Path, plan: Plan, cpu: bool) -> dict[str, Any]:
-    """Every scenario for one model against one kiln-infer."""
+def run_model(spec: str, home: Path, plan: Plan, cpu: bool, out: Path) -> dict[str, Any]:
+    """Every scenario for one model against one kiln-infer; `out` holds the results so far after each one."""
     w = workload(spec, cpu)
     os.environ["KILN_KV_MEMORY_FRACTION"] = str(plan.kv_memory_fraction)
     port = free_port()
@@ -205,20 +208,27 @@ def run_model(spec: str, home: Path, plan: Plan, cpu: bool) -> dict[str, Any]:
     from benchmarks.governor_trainer import model_config
 
     vocab = int(model_config(spec, home).vocab_size)
+    result: dict[str, Any] = {"model": spec, **plan.reuse}
     try:
-        found = capacity(target, w, vocab, plan.probe_s)
-        cap = found["rps"]
-        standalone = train_alone(spec, home, plan, governor=False)
-        log.info("%s standalone: %s", spec, standalone)
-        idle = train_alone(spec, home, plan, governor=True)
-        log.info("%s governed, no traffic: %s", spec, idle)
-        loads = []
+        if "capacity" not in result:
+            result["capacity"] = capacity(target, w, vocab, plan.probe_s)
+        result["capacity_rps"] = cap = result["capacity"]["rps"]
+        if "standalone" not in result:
+            result["standalone"] = train_alone(spec, home, plan, governor=False)
+            log.info("%s standalone: %s", spec, result["standalone"])
+            result["idle_governed"] = train_alone(spec, home, plan, governor=True)
+            log.info("%s governed, no traffic: %s", spec, result["idle_governed"])
+        standalone = result["standalone"]
+        result["loads"] = loads = []
         for i, fraction in enumerate(plan.loads):
             rate = fraction * cap
             n = max(8, int(rate * standalone["seconds"] * 1.2))  # long enough to cover the round
             reqs = requests(w, vocab, n, seed=100 + i)
             entry: dict[str, Any] = {"load": fraction, "rate_rps": rate, "requests": n}
+            loads.append(entry)
             entry["alone"] = latency(burst(target, reqs, n, CLIENT_PROCESSES, rate=rate))
+            log.info("%s at %.2f of capacity, alone: %s", spec, fraction, json.dumps(entry["alone"]))
+            out.write_text(json.dumps([result], indent=1))
             # The round starts while serving is busy, so a relative budget would see no idle window: give the
             # governor serving's own TPOT p99 (measured just now) with a margin under the judged +15%.
             budget = (
@@ -227,20 +237,19 @@ def run_model(spec: str, home: Path, plan: Plan, cpu: bool) -> dict[str, Any]:
             )
             entry["budget_ms"] = list(budget)
             entry["governed"] = serve_beside(target, spec, home, plan, reqs, rate, budget)
+            log.info(
+                "%s governed: %s",
+                spec,
+                json.dumps({k: v for k, v in entry["governed"].items() if k != "trace"}),
+            )
+            out.write_text(json.dumps([result], indent=1))
             if plan.ungoverned:
                 entry["ungoverned"] = serve_beside(target, spec, home, plan, reqs, rate)
-            log.info("%s at %.2f of capacity: %s", spec, fraction, json.dumps(entry))
-            loads.append(entry)
+                log.info("%s ungoverned: %s", spec, json.dumps(entry["ungoverned"]))
+                out.write_text(json.dumps([result], indent=1))
     finally:
         stop(proc)
-    return {
-        "model": spec,
-        "capacity_rps": cap,
-        "capacity": found,
-        "standalone": standalone,
-        "idle_governed": idle,
-        "loads": loads,
-    }
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-memory-fraction", type=float, default=0.35)
     parser.add_argument("--budget-factor", type=float, default=1.10, help="budget: alone's TPOT p99 x this")
     parser.add_argument("--home", type=Path, default=None)
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        help="JSON with capacity, standalone and idle_governed of an earlier run of the same model, machine "
+        "and commit: skips those scenarios (for a device-time budget)",
+    )
     parser.add_argument("--out", type=Path, default=Path("governor"), help="writes OUT.json and OUT.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -267,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps != 200 else 3
         plan = Plan(steps, 2, 64, plan.loads, 0.5, 0.0, args.ungoverned, args.budget_factor)
     home = args.home or Path(os.environ.get("KILN_HOME") or tempfile.mkdtemp(prefix="kiln-governor-"))
-    results = [run_model(spec, home, plan, args.cpu) for spec in models]
+    if args.reuse:
+        plan = replace(plan, reuse=json.loads(args.reuse.read_text()))
+    results = [run_model(spec, home, plan, args.cpu, args.out.with_suffix(".json")) for spec in models]
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     print(table(results))
     plot(results, args.out.with_suffix(".png"))
