@@ -155,8 +155,8 @@ def serve_beside(
     """
     governor = budget[0] > 0
     trainer = Trainer(spec, home, plan, governor, budget)
-    trainer.go()
-    result = burst(target, reqs, len(reqs), CLIENT_PROCESSES, rate=rate)
+    # the round starts once the clients are sending (they take seconds to start): the load covers the round
+    result = burst(target, reqs, len(reqs), CLIENT_PROCESSES, rate=rate, on_start=trainer.go)
     report = trainer.report()
     start = min(s.submitted for s in result.streams)
     end = max((s.last for s in result.ok), default=start)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event
 from typing import Any
@@ -146,10 +147,13 @@ def burst(
     processes: int = 4,
     api_key: str = "",
     rate: float = 0.0,
+    on_start: Callable[[], None] | None = None,
 ) -> BurstResult:
     """Run `requests` from `processes` client processes, at most `concurrency` streams open in all.
 
     With `rate` > 0 request i is opened i / rate seconds after the start (open loop: a fixed request rate).
+    `on_start` is called the moment every client is connected and told to go (client processes take seconds
+    to start, so whatever must overlap the load starts there, not before the call).
     """
     ctx = multiprocessing.get_context("spawn")
     ready, out, start = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -171,6 +175,8 @@ def burst(
     for _ in procs:
         ready.get(timeout=120)
     start.set()
+    if on_start is not None:
+        on_start()
     result = BurstResult()
     for _ in procs:
         result.streams += out.get(timeout=600)
