@@ -1,4 +1,4 @@
-"""The request observer feeds the load window the governor reads: a TTFT per request, every token gap."""
+"""The request observer feeds the load window the governor reads: a TTFT per request, a TPOT per request."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from kiln_infer.engine.types import FinishReason, RequestOutput
 from kiln_infer.request_observer import RequestObserver
 
 
-def test_observer_feeds_ttft_and_token_gaps_as_they_arrive() -> None:
+def test_observer_feeds_ttft_at_the_first_token_and_tpot_when_the_request_ends() -> None:
     window = LoadWindow()
     now = time.monotonic()
     observer = RequestObserver(None, "r1", "t", "", arrived=now - 0.3, load_window=window)
@@ -20,8 +20,8 @@ def test_observer_feeds_ttft_and_token_gaps_as_they_arrive() -> None:
         RequestOutput("r1", [4], "d", True, FinishReason.LENGTH, 4, 4, emitted_at=now - 0.02)
     )  # 40 ms
     p = window.percentiles()
-    assert p["tpot_samples"] == 3
-    assert abs(p["tpot_p50_ms"] - 20.0) < 1e-6 and abs(p["tpot_p99_ms"] - 40.0) < 1e-6
+    assert p["tpot_samples"] == 1  # one request: its mean time between tokens, 80 ms over 3 gaps
+    assert abs(p["tpot_p50_ms"] - 80.0 / 3) < 1e-6 and abs(p["tpot_p99_ms"] - 80.0 / 3) < 1e-6
     observer.done()
 
 
