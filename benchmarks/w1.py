@@ -102,7 +102,13 @@ REPEATS = 3  # measured bursts per engine scenario; the median one is reported
 
 
 def measure(
-    engine: AsyncEngine, w: Workload, vocab: int, n: int, adapters: list[AdapterRef | None], name: str
+    engine: AsyncEngine,
+    w: Workload,
+    vocab: int,
+    n: int,
+    adapters: list[AdapterRef | None],
+    name: str,
+    repeats: int = REPEATS,
 ) -> Result:
     """The median (by tokens/s) of REPEATS bursts of `n` requests, each on fresh prompts.
 
@@ -112,10 +118,10 @@ def measure(
     """
     runs = [
         run_engine(engine, w, prompts(w, vocab, n, seed=1000 * (i + 1)), adapters, name)
-        for i in range(REPEATS)
+        for i in range(repeats)
     ]
     log.info("%s: bursts at %s tokens/s, the median is reported", name, [round(r.tokens_per_s) for r in runs])
-    return sorted(runs, key=lambda r: r.tokens_per_s)[REPEATS // 2]
+    return sorted(runs, key=lambda r: r.tokens_per_s)[repeats // 2]
 
 
 def engine_config(w: Workload, num_slots: int, batch: int) -> EngineConfig:
@@ -221,6 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="KILN_HOME holding the embedded model [$KILN_HOME, else ./.kiln]",
     )
     parser.add_argument("--skip-baselines", action="store_true", help="only our engine")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=REPEATS,
+        help=f"measured bursts per scenario, median reported [{REPEATS}]",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--server", action="store_true", help="also through kiln-infer over gRPC (benchmarks/server_bench.py)"
@@ -244,7 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         AdapterRef(f"bench/a{i}@v1", write_random_adapter(tmp / f"a{i}", source.config, w.rank, seed=i))
         for i in range(max(w.adapter_counts))
     ]
-    results = run_kiln(source, tokenizer, state, w, vocab, refs)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    results = run_kiln(source, tokenizer, state, w, vocab, refs, repeats=args.repeats)
     baseline = None
     if not args.skip_baselines:
         from benchmarks import hf_baseline  # imports this module: loaded only when needed
@@ -286,6 +300,7 @@ def run_kiln(
     vocab: int,
     refs: list[AdapterRef],
     overlap_off: bool = True,
+    repeats: int = REPEATS,
 ) -> list[Result]:
     """Our engine in-process: base (step overlap on, and off unless told), batch 1, each adapter count."""
     results: list[Result] = []
@@ -294,7 +309,7 @@ def run_kiln(
         engine = build_engine(source, state, tokenizer, config, w, [None])
         before = dict(engine.core.phase_s)
         name = "kiln base" + ("" if overlap else " (no overlap)")
-        results.append(measure(engine, w, vocab, w.num_requests, [None], name))
+        results.append(measure(engine, w, vocab, w.num_requests, [None], name, repeats))
         phases = {k: round(v - before[k], 3) for k, v in engine.core.phase_s.items()}
         log.info(
             "%s: %.0f tok/s (median burst), engine-thread seconds by phase over all bursts %s",
@@ -311,12 +326,13 @@ def run_kiln(
             )
         free(engine)
     engine = build_engine(source, state, tokenizer, engine_config(w, 1, 1), w, [None])
-    results.append(measure(engine, w, vocab, 1, [None], "kiln batch-1"))
+    results.append(measure(engine, w, vocab, 1, [None], "kiln batch-1", repeats))
     free(engine)
     for n in w.adapter_counts:
         chosen: list[AdapterRef | None] = list(refs[:n])
         engine = build_engine(source, state, tokenizer, engine_config(w, n, w.num_requests), w, chosen)
-        results.append(measure(engine, w, vocab, w.num_requests, chosen, f"kiln {n} adapters (r={w.rank})"))
+        name = f"kiln {n} adapters (r={w.rank})"
+        results.append(measure(engine, w, vocab, w.num_requests, chosen, name, repeats))
         if w.device == "cuda":
             log.info(
                 "decode graph replay alone with %d LoRA slots: batch 256 %.2f ms",
