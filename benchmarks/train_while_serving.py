@@ -66,7 +66,14 @@ SMALL = Setup(
     16,
     6,
     4.0,
-    {"KILN_TRAIN_MIN_STEPS": "2", "KILN_TRAIN_MAX_STEPS": "3", "KILN_TRAIN_EVAL_EVERY": "3", **OPEN_GATE},
+    {
+        "KILN_TRAIN_MIN_STEPS": "2",
+        "KILN_TRAIN_MAX_STEPS": "3",
+        "KILN_TRAIN_EVAL_EVERY": "3",
+        "KILN_TRAIN_REPLAY_MAX_TOKENS": "24",  # short parent answers: the CPU round is about plumbing
+        "KILN_TRAIN_GATE_MAX_TOKENS": "16",
+        **OPEN_GATE,
+    },
 )
 
 
