@@ -85,6 +85,9 @@ def _governor_to_pb(g: dict[str, Any]) -> training_pb2.GovernorStatus | None:
         paused_s=float(g.get("paused_s", 0.0)),
         serving_tpot_p99_ms=float(load.get("tpot_p99_ms") or 0.0),
         serving_waiting=int(load.get("waiting") or 0),
+        duty=float(g.get("duty", 1.0)),
+        ttft_budget_ms=float(g.get("ttft_budget_ms") or 0.0),
+        serving_ttft_p99_ms=float(load.get("ttft_p99_ms") or 0.0),
     )
 
 

@@ -244,3 +244,19 @@ def test_start_governor_reads_the_published_load(rds: redis.Redis) -> None:
     Serving(rds).report(running=3, tpot_ms=12.0)
     gov = start_governor(rds, GovernorSettings(tpot_p99_budget_ms=20.0, memory_fraction=0.3), 4)
     assert gov.before_step() == 4 and gov.state()["load"]["running"] == 3.0
+
+
+def test_state_reaches_the_training_status_message(rds: redis.Redis) -> None:
+    from kiln_train.servicer import _governor_to_pb
+
+    t = FakeTime()
+    Serving(rds).report(running=4, tpot_ms=30.0)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, ttft_p99_budget_ms=300.0, settle_s=0.0)
+    gov.before_step()
+    t.now += 1.0
+    gov.before_step()  # over the TPOT budget: cut
+    status = _governor_to_pb(gov.state())
+    assert status is not None and status.mode == "paced" and status.micro_batch == 4
+    assert status.duty == pytest.approx(0.3) and status.budget_ms == 20.0 and status.ttft_budget_ms == 300.0
+    assert status.serving_tpot_p99_ms == 30.0 and status.serving_waiting == 0
+    assert _governor_to_pb({}) is None  # no governor running
