@@ -3,12 +3,13 @@
 Replaying the parent's greedy answers (cross-entropy on one token per position) pins only the argmax; the
 rest of the distribution drifts, and that drift is what later turns a right answer wrong. So the parent's
 top-k distribution at every completion position of the replayed answers is kept at the start of a round,
-and each step adds the candidate's divergence from it to the loss (semantics, per example with n completion
-tokens):
+and each step adds the candidate's divergence from it to the loss: the KL divergence over k + 1 outcomes,
+the parent's top k tokens and "any other token" (semantics, per example with n completion tokens):
 
-    p = softmax(parent_topk_logp)                          # [n, k], renormalised over the parent's top k
-    q = log_softmax(candidate_logits)[pos].gather(ids)     # [n, k]
-    divergence = mean_n( sum_k p * (log p - q) )           # >= 0; 0 when the candidate matches the parent
+    p = exp(parent_topk_logp);  p_rest = 1 - sum_k p                       # [n, k], [n]
+    q = exp(log_softmax(candidate_logits)[pos].gather(ids));  q_rest = 1 - sum_k q
+    divergence = mean_n( sum_k p * log(p / q) + p_rest * log(p_rest / q_rest) )
+                                                     # >= 0; 0 when the candidate matches the parent
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def parent_targets(
     return out
 
 
+def _rest(log_p: torch.Tensor) -> torch.Tensor:
+    """Probability of every token outside the k given ones, [n] (kept above 0 for the logarithm)."""
+    return (1.0 - log_p.exp().sum(-1)).clamp(min=1e-6)
+
+
 def divergence(
     logits: torch.Tensor, labels: torch.Tensor, targets: list[ParentTargets | None]
 ) -> torch.Tensor | None:
@@ -66,7 +72,9 @@ def divergence(
         n = min(len(pos), target.ids.shape[0])
         if n == 0:
             continue
-        q = torch.log_softmax(row[pos[:n]].float(), dim=-1).gather(-1, target.ids[:n])  # [n, k]
-        p = torch.softmax(target.logp[:n], dim=-1)
-        terms.append((p * (p.log() - q)).sum(-1).mean())
+        log_q = torch.log_softmax(row[pos[:n]].float(), dim=-1).gather(-1, target.ids[:n])  # [n, k]
+        log_p = target.logp[:n]
+        p_rest = _rest(log_p)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - _rest(log_q).log())
+        terms.append(kl.mean())
     return torch.stack(terms).mean() if terms else None
