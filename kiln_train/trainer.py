@@ -270,10 +270,8 @@ class LoraTrainer:
         rng = random.Random(cfg.seed)
         params = self.trainable()
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if data.replay else 0
-        n_neg = min(cfg.negatives_per_step, len(data.negatives))
-        n_new = max(1, cfg.batch_size - n_replay - n_neg)
-        planned = plan_steps(len(data.train), n_new, cfg)
+        sizes = self._sizes(data)
+        planned = plan_steps(len(data.train), sizes[0], cfg)
         t0 = time.monotonic()
         before = self.loss(data.vetting)
         progress = _Progress(before, [p.detach().clone() for p in params], before)
@@ -283,7 +281,6 @@ class LoraTrainer:
         for step in range(1, planned + 1):
             if should_stop is not None and should_stop():
                 raise InterruptedError("round stopped")
-            sizes = (n_new, n_replay, n_neg, cfg.anchors_per_step)
             batch, anchored = _batch(data, order, rng, sizes, targets)
             progress.losses.append(_optimise(opt, params, self._step_loss(batch, anchored)))
             if on_step is not None:
@@ -313,6 +310,13 @@ class LoraTrainer:
             stop_reason=stop_reason,
             refused=progress.refused,
         )
+
+    def _sizes(self, data: RoundData) -> tuple[int, int, int, int]:
+        """Rows per step: new samples, replay, negatives (one batch), and anchors (their own term)."""
+        cfg = self.cfg
+        n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if data.replay else 0
+        n_neg = min(cfg.negatives_per_step, len(data.negatives))
+        return max(1, cfg.batch_size - n_replay - n_neg), n_replay, n_neg, cfg.anchors_per_step
 
     def _parent_targets(self, data: RoundData) -> tuple[list[ParentTargets], list[ParentTargets]]:
         """The parent's (the start's) top-k distributions on the replay and negative answers, if used."""
