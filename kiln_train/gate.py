@@ -36,6 +36,10 @@ class GateInputs:
     heldout_before: float = 0.0
     heldout_after: float = 0.0
     kl_generic: float = 0.0
+    # gate_general_scoring = "loglik": the mean log-likelihood of the parent's answer to each general
+    # question, by the parent (before training) and by the candidate; exact-match answers are not needed
+    parent_logliks: tuple[float, ...] = ()
+    candidate_logliks: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,22 +60,42 @@ def mean_kl(parent: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
     return total / max(count, 1)
 
 
-def _general(g: GateInputs, s: TrainSettings, scores: dict[str, float]) -> str:
+def _broken_exact(g: GateInputs) -> tuple[list[int], int]:
+    """Questions the parent answered right and the candidate does not; and how many the parent had right."""
     was = [q.is_correct(a) for q, a in zip(g.questions, g.parent_answers, strict=True)]
     now = [q.is_correct(a) for q, a in zip(g.questions, g.candidate_answers, strict=True)]
-    broken = [i for i, (w, n) in enumerate(zip(was, now, strict=True)) if w and not n]
+    return [i for i, (w, n) in enumerate(zip(was, now, strict=True)) if w and not n], sum(was)
+
+
+def _broken_loglik(g: GateInputs, tolerance: float) -> list[int]:
+    """Questions whose parent answer the candidate finds less likely than the parent did, by > `tolerance`."""
+    pairs = zip(g.parent_logliks, g.candidate_logliks, strict=True)
+    return [i for i, (before, after) in enumerate(pairs) if after < before - tolerance]
+
+
+def _general(g: GateInputs, s: TrainSettings, scores: dict[str, float]) -> str:
+    if s.gate_general_scoring == "loglik":
+        broken, judged = _broken_loglik(g, s.gate_loglik_tolerance), len(g.parent_logliks)
+        drops = [b - a for b, a in zip(g.parent_logliks, g.candidate_logliks, strict=True)]
+        scores["gate_general_loglik_drop_max"] = max(drops, default=0.0)
+        tol = s.gate_loglik_tolerance
+        what = f"answers the candidate finds less likely than the parent (by > {tol} nats per token)"
+        shown = [f"{g.questions[i].prompt!r} ({drops[i]:.2f})" for i in broken[:5]]
+    else:
+        broken, judged = _broken_exact(g)
+        what = "questions the parent answered right are now wrong"
+        shown = [f"{g.questions[i].prompt!r} -> {g.candidate_answers[i][:60]!r}" for i in broken[:5]]
     scores.update(
         gate_general_questions=float(len(g.questions)),
-        gate_general_parent_correct=float(sum(was)),
-        gate_general_kept=float(sum(was) - len(broken)),
+        gate_general_parent_correct=float(judged),
+        gate_general_kept=float(judged - len(broken)),
         gate_general_broken=float(len(broken)),
     )
     if len(broken) <= s.gate_max_general_broken:
         return ""
-    detail = "; ".join(f"{g.questions[i].prompt!r} -> {g.candidate_answers[i][:60]!r}" for i in broken[:5])
     return (
-        f"gate set 'general': {len(broken)} of {sum(was)} questions the parent answered right are now wrong "
-        f"(allowed {s.gate_max_general_broken}): {detail}"
+        f"gate set 'general': {len(broken)} of {judged} {what} "
+        f"(allowed {s.gate_max_general_broken}): {'; '.join(shown)}"
     )
 
 

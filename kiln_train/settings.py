@@ -6,6 +6,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
 
+from kiln_common.lora_targets import TARGET_MODULES
+
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +33,8 @@ class TrainerConfig:
 
     rank: int = 16
     alpha: int = 32
+    # the projections the adapter trains, comma-separated (fewer modules: less that can drift)
+    target_modules: str = ",".join(TARGET_MODULES)
     lr: float = 1e-3
     # The budget follows the data: each new sample is seen `epochs` times, in [min_steps, max_steps] steps,
     # stopping earlier when the vetting loss converges or `time_budget_s` is spent.
@@ -47,18 +51,34 @@ class TrainerConfig:
     seed: int = 0
     anchors_per_step: int = 4  # anchor answers replayed as their own loss term every step
     anchor_weight: float = 1.0
+    # Replayed and negative answers also pull the candidate's whole next-token distribution towards the
+    # parent's (its top `kl_top_k` tokens), weighted by `kl_weight` (0 = cross-entropy on the answers only).
+    kl_weight: float = 1.0
+    kl_top_k: int = 16
 
     def __post_init__(self) -> None:
         _check_positive(
             self,
             ("rank", "alpha", "min_steps", "max_steps", "batch_size", "eval_every", "patience", "epochs"),
         )
-        _check_positive(self, ("time_budget_s",))
+        _check_positive(self, ("time_budget_s", "kl_top_k"))
         if self.min_steps > self.max_steps:
             raise ValueError(f"KILN_TRAIN_MIN_STEPS ({self.min_steps}) must be <= KILN_TRAIN_MAX_STEPS")
         _check_fraction(self, ("replay_fraction", "min_rel_improvement"))
+        unknown = set(self.targets()) - set(TARGET_MODULES)
+        if unknown or not self.targets():
+            raise ValueError(
+                f"KILN_TRAIN_TARGET_MODULES must name some of {', '.join(TARGET_MODULES)}, "
+                f"got {self.target_modules!r}"
+            )
+        if self.kl_weight < 0:
+            raise ValueError(f"KILN_TRAIN_KL_WEIGHT must be >= 0, got {self.kl_weight}")
         if self.lr <= 0:
             raise ValueError(f"KILN_TRAIN_LR must be > 0, got {self.lr}")
+
+    def targets(self) -> tuple[str, ...]:
+        """`target_modules` as a tuple of module names."""
+        return tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
 
 
 @dataclass(frozen=True)
@@ -110,6 +130,11 @@ class TrainSettings:
     vet_max_slipped: int = 1  # vetting questions the parent answered right that a kept checkpoint may miss
     min_heldout_improvement: float = 0.0  # gate held-out loss must drop by more than this (absolute)
     gate_max_general_broken: int = 0  # general questions the parent answered right that may turn wrong
+    # "exact": a general question is kept when the parent's right answer stays right (normalised exact match);
+    # "loglik": when the candidate's mean log-likelihood of the parent's answer is within the tolerance of the
+    # parent's own (nats per token), for every general question, right or wrong
+    gate_general_scoring: str = "exact"
+    gate_loglik_tolerance: float = 0.5
     gate_max_neighbour_leaks: int = 0  # near neighbours that may be answered with the taught fact
     gate_max_kl: float = 0.25  # mean KL(parent || candidate) per token on generic text, in nats
     gate_questions_limit: int = 0  # 0 = every built-in gate question; N = the first N (small benchmarks only)
@@ -135,6 +160,12 @@ class TrainSettings:
         _check_fraction(self, ("heldout_fraction", "near_duplicate_jaccard"))
         if self.trigger_interval_s <= 0:
             raise ValueError(f"KILN_TRAIN_TRIGGER_INTERVAL_S must be > 0, got {self.trigger_interval_s}")
+        if self.gate_general_scoring not in ("exact", "loglik"):
+            got = self.gate_general_scoring
+            raise ValueError(f"KILN_TRAIN_GATE_GENERAL_SCORING must be 'exact' or 'loglik', got {got!r}")
+        if self.gate_loglik_tolerance < 0:
+            got_tol = self.gate_loglik_tolerance
+            raise ValueError(f"KILN_TRAIN_GATE_LOGLIK_TOLERANCE must be >= 0, got {got_tol}")
         if not self.consumer or not self.group:
             raise ValueError("KILN_TRAIN_CONSUMER and KILN_TRAIN_GROUP must not be empty")
 

@@ -15,8 +15,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kiln_common.lora_targets import TARGET_MODULES
-from kiln_common.peft_format import WEIGHTS_FILE
+from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
+from kiln_train.distillation import ParentTargets, divergence, parent_targets
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
 from kiln_train.settings import TrainerConfig
 
@@ -82,6 +82,14 @@ class _Progress:
     losses: list[float] = field(default_factory=list)
 
 
+@dataclass
+class _Rows:
+    """Examples of one forward pass, each with the parent's distribution to stay near (or None)."""
+
+    examples: list[Encoded]
+    targets: list[ParentTargets | None]
+
+
 def _optimise(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
     """One optimiser step on `loss` (gradients clipped to norm 1); returns the loss."""
     opt.zero_grad(set_to_none=True)
@@ -92,17 +100,35 @@ def _optimise(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss
 
 
 def _batch(
-    data: RoundData, order: list[Encoded], rng: random.Random, sizes: tuple[int, int, int], n_anchors: int
-) -> tuple[list[Encoded], list[Encoded]]:
-    """One step's batch (new samples in epoch order + replay + negatives) and its anchor examples."""
-    n_new, n_replay, n_neg = sizes
+    data: RoundData,
+    order: list[int],
+    rng: random.Random,
+    sizes: tuple[int, int, int, int],
+    targets: tuple[list[ParentTargets], list[ParentTargets]],
+) -> tuple[_Rows, _Rows]:
+    """One step's batch (new samples in epoch order + replay + negatives) and its anchor examples.
+
+    Replay and negative rows carry the parent's distribution (`targets`, empty when not distilling).
+    """
+    n_new, n_replay, n_neg, n_anchors = sizes
+    replay_targets, negative_targets = targets
     while len(order) < n_new:
-        order += rng.sample(data.train, len(data.train))
-    batch = [order.pop() for _ in range(n_new)]
-    batch += [data.replay[i] for i in rng.sample(range(len(data.replay)), min(n_replay, len(data.replay)))]
-    batch += rng.sample(data.negatives, n_neg)
+        order += rng.sample(range(len(data.train)), len(data.train))
+    batch = _Rows([data.train[order.pop()] for _ in range(n_new)], [None] * n_new)
+    replayed = rng.sample(range(len(data.replay)), min(n_replay, len(data.replay)))
+    negatives = rng.sample(range(len(data.negatives)), n_neg)
     pool = [i for i in data.anchors if 0 <= i < len(data.replay)]
-    return batch, [data.replay[i] for i in rng.sample(pool, min(n_anchors, len(pool)))]
+    anchored = rng.sample(pool, min(n_anchors, len(pool)))
+    for indices, examples, chosen in (
+        (replayed, data.replay, replay_targets),
+        (negatives, data.negatives, negative_targets),
+    ):
+        batch.examples += [examples[i] for i in indices]
+        batch.targets += [chosen[i] if chosen else None for i in indices]
+    anchors = _Rows(
+        [data.replay[i] for i in anchored], [replay_targets[i] if replay_targets else None for i in anchored]
+    )
+    return batch, anchors
 
 
 @torch.no_grad()
@@ -125,10 +151,14 @@ class LoraTrainer:
         self.tok = tok
         self.cfg = cfg
         self.device = next(base.parameters()).device
+        rank, alpha, targets = float(cfg.rank), float(cfg.alpha), cfg.targets()
+        if parent_dir is not None:  # a child keeps its parent's shape, whatever the settings say now
+            shape = read_peft_config(parent_dir, max_rank=1 << 16)
+            rank, alpha, targets = shape.rank, shape.alpha, shape.target_modules
         lora = LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            target_modules=list(TARGET_MODULES),
+            r=int(rank),
+            lora_alpha=alpha,  # type: ignore[arg-type]  # typed int, used as a float scale
+            target_modules=list(targets),
             lora_dropout=0.0,
             bias="none",
             task_type="CAUSAL_LM",
@@ -174,6 +204,21 @@ class LoraTrainer:
             total += float(ce)
             count += int((shift_labels != IGNORE).sum())
         return total / max(count, 1)
+
+    @torch.no_grad()
+    def mean_logliks(self, data: list[Encoded], batch_size: int = 16) -> list[float]:
+        """Per example: the mean log-probability of its completion tokens (0.0 for an empty completion)."""
+        self.model.eval()
+        out: list[float] = []
+        for i in range(0, len(data), batch_size):
+            batch = collate(data[i : i + batch_size], self.tok.pad_token_id or 0, self.device)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            mask = labels != IGNORE
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # [batch, seq]
+            out.extend((picked.sum(1) / mask.sum(1).clamp(min=1)).tolist())
+        return out
 
     @torch.no_grad()
     def generate(self, prompts: list[TextPair], max_new_tokens: int, batch_size: int = 64) -> list[str]:
@@ -225,19 +270,18 @@ class LoraTrainer:
         rng = random.Random(cfg.seed)
         params = self.trainable()
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if data.replay else 0
-        n_neg = min(cfg.negatives_per_step, len(data.negatives))
-        n_new = max(1, cfg.batch_size - n_replay - n_neg)
-        planned = plan_steps(len(data.train), n_new, cfg)
+        sizes = self._sizes(data)
+        planned = plan_steps(len(data.train), sizes[0], cfg)
         t0 = time.monotonic()
         before = self.loss(data.vetting)
         progress = _Progress(before, [p.detach().clone() for p in params], before)
-        order: list[Encoded] = []
+        order: list[int] = []
+        targets = self._parent_targets(data)
         step, stop_reason = 0, "planned steps done"
         for step in range(1, planned + 1):
             if should_stop is not None and should_stop():
                 raise InterruptedError("round stopped")
-            batch, anchored = _batch(data, order, rng, (n_new, n_replay, n_neg), cfg.anchors_per_step)
+            batch, anchored = _batch(data, order, rng, sizes, targets)
             progress.losses.append(_optimise(opt, params, self._step_loss(batch, anchored)))
             if on_step is not None:
                 on_step(step, progress.losses[-1])
@@ -267,14 +311,38 @@ class LoraTrainer:
             refused=progress.refused,
         )
 
-    def _step_loss(self, batch: list[Encoded], anchored: list[Encoded]) -> torch.Tensor:
+    def _sizes(self, data: RoundData) -> tuple[int, int, int, int]:
+        """Rows per step: new samples, replay, negatives (one batch), and anchors (their own term)."""
+        cfg = self.cfg
+        n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if data.replay else 0
+        n_neg = min(cfg.negatives_per_step, len(data.negatives))
+        return max(1, cfg.batch_size - n_replay - n_neg), n_replay, n_neg, cfg.anchors_per_step
+
+    def _parent_targets(self, data: RoundData) -> tuple[list[ParentTargets], list[ParentTargets]]:
+        """The parent's (the start's) top-k distributions on the replay and negative answers, if used."""
+        if self.cfg.kl_weight <= 0:
+            return [], []
+        pad, k = self.tok.pad_token_id or 0, self.cfg.kl_top_k
+        return (
+            parent_targets(self.model, data.replay, k, pad),
+            parent_targets(self.model, data.negatives, k, pad),
+        )
+
+    def _step_loss(self, batch: _Rows, anchored: _Rows) -> torch.Tensor:
         """One step's loss: the mixed batch, plus the anchors' own mean (not diluting new samples)."""
         self.model.train()
-        loss = self.model(**collate(batch, self.tok.pad_token_id or 0, self.device)).loss
-        if anchored:
-            anchor_batch = collate(anchored, self.tok.pad_token_id or 0, self.device)
-            loss = loss + self.cfg.anchor_weight * self.model(**anchor_batch).loss
-        return loss  # type: ignore[no-any-return]
+        loss = self._rows_loss(batch)
+        if anchored.examples:
+            loss = loss + self.cfg.anchor_weight * self._rows_loss(anchored)
+        return loss
+
+    def _rows_loss(self, rows: _Rows) -> torch.Tensor:
+        """Cross-entropy on the rows' completions, plus `kl_weight` x their divergence from the parent."""
+        batch = collate(rows.examples, self.tok.pad_token_id or 0, self.device)
+        out = self.model(**batch)
+        loss: torch.Tensor = out.loss
+        drift = divergence(out.logits, batch["labels"], rows.targets) if self.cfg.kl_weight > 0 else None
+        return loss if drift is None else loss + self.cfg.kl_weight * drift
 
     def _checkpoint(
         self, step: int, vetting: list[Encoded], params: list[torch.nn.Parameter], progress: _Progress

@@ -197,6 +197,7 @@ class RoundRunner:
         parent_lp = trainer.next_token_logprobs(list(GENERIC_TEXTS))
         gate_heldout = [encode(self.tok, p) for p in plan.held.gate]
         heldout_before = trainer.loss(gate_heldout)
+        parent_ll = tuple(trainer.mean_logliks(self._general_pairs(plan)))
 
         def step_done(step: int, loss: float) -> None:
             record.steps, record.train_loss = step, loss
@@ -211,7 +212,7 @@ class RoundRunner:
         )
         phases["phase_steps_s"] = time.monotonic() - t
         t = time.monotonic()
-        verdict = self._gate(trainer, plan, parent_lp, gate_heldout, heldout_before)
+        verdict = self._gate(trainer, plan, parent_lp, gate_heldout, (heldout_before, parent_ll))
         phases["phase_gate_s"] = time.monotonic() - t
         record.eval = dict(
             verdict.scores,
@@ -236,12 +237,19 @@ class RoundRunner:
         plan: RoundPlan,
         parent_lp: list[torch.Tensor],
         gate_heldout: list[Encoded],
-        heldout_before: float,
+        before: tuple[float, tuple[float, ...]],
     ) -> GateResult:
-        """The candidate's answers to the gate set, its held-out loss and KL, judged by `decide`."""
+        """The candidate's answers to the gate set, its held-out loss and KL, judged by `decide`.
+
+        `before` is the parent's held-out loss and, when general questions are scored by log-likelihood,
+        its log-likelihood of each of its own general answers (then general questions are not asked again).
+        """
         questions = self.references.sets.gate
+        heldout_before, parent_ll = before
         # Only what the parent answered right can break, so only that is asked again (the rest stays "").
         right = [i for i, q in enumerate(questions) if q.is_correct(plan.reference.gate[i])]
+        if parent_ll:
+            right = []
         asked = [TextPair("", user(questions[i].prompt)) for i in right]
         asked += [TextPair("", user(n.prompt)) for n in plan.gate_neighbours]
         answers = trainer.generate(asked, self.settings.gate_max_tokens)
@@ -257,8 +265,20 @@ class RoundRunner:
             heldout_before=heldout_before,
             heldout_after=trainer.loss(gate_heldout),
             kl_generic=mean_kl(parent_lp, trainer.next_token_logprobs(list(GENERIC_TEXTS))),
+            parent_logliks=parent_ll,
+            candidate_logliks=tuple(trainer.mean_logliks(self._general_pairs(plan))) if parent_ll else (),
         )
         return decide(inputs, self.settings)
+
+    def _general_pairs(self, plan: RoundPlan) -> list[Encoded]:
+        """The gate's general questions with the parent's answers, when they are scored by log-likelihood."""
+        if self.settings.gate_general_scoring != "loglik":
+            return []
+        questions = self.references.sets.gate
+        return [
+            encode(self.tok, TextPair(a, user(q.prompt), complete=False))
+            for q, a in zip(questions, plan.reference.gate, strict=True)
+        ]
 
     def _reference(self, record: RoundRecord) -> Reference:
         """The parent's answers to the replay, vetting and gate prompts (kiln-infer, cached per version)."""

@@ -102,3 +102,26 @@ def test_a_rejection_names_every_failed_set() -> None:
     assert verdict.scores["gate_general_broken"] == 1 and verdict.scores["gate_neighbour_leaks"] == 1
     fine = GateInputs(questions, ("4", "Paris"), ("4", "Paris"), near, ["No idea."], 3.0, 1.0, 0.01)
     assert decide(fine, TrainSettings()).passed
+
+
+def test_general_questions_can_be_scored_by_the_parent_answers_likelihood() -> None:
+    questions = (Question("What is 2 + 2?", ("4",)), Question("Capital of France?", ("Paris",)))
+    settings = TrainSettings(gate_general_scoring="loglik", gate_loglik_tolerance=0.5)
+    kept = GateInputs(
+        questions,
+        ("4", "Paris"),
+        ("", ""),
+        heldout_before=3.0,
+        heldout_after=1.0,
+        parent_logliks=(-0.2, -1.0),
+        candidate_logliks=(-0.6, -0.1),
+    )
+    verdict = decide(kept, settings)
+    assert verdict.passed and verdict.scores["gate_general_kept"] == 2
+    assert verdict.scores["gate_general_loglik_drop_max"] == pytest.approx(0.4)
+    dropped = GateInputs(
+        questions, ("4", "Paris"), ("", ""), parent_logliks=(-0.2, -1.0), candidate_logliks=(-0.9, -1.0)
+    )
+    verdict = decide(dropped, settings)
+    assert not verdict.passed and verdict.scores["gate_general_broken"] == 1
+    assert "gate set 'general'" in verdict.reason and "What is 2 + 2?" in verdict.reason
