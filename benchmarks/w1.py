@@ -211,13 +211,8 @@ def report(results: list[Result], baseline: Result | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run W1 (or the small --cpu variant) and print tokens/s, TTFT and TPOT with ratios."""
-    argv = list(argv) if argv is not None else sys.argv[1:]
-    if "--train-while-serving" in argv:  # a different benchmark with flags of its own
-        from benchmarks import train_while_serving
-
-        return int(train_while_serving.main([a for a in argv if a != "--train-while-serving"]))
+def _parser() -> argparse.ArgumentParser:
+    """`kiln bench`'s flags."""
     parser = argparse.ArgumentParser(prog="kiln bench", description=__doc__)
     parser.add_argument("--cpu", action="store_true", help="small SmolLM2 variant for machines without a GPU")
     parser.add_argument(
@@ -237,6 +232,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--server", action="store_true", help="also through kiln-infer over gRPC (benchmarks/server_bench.py)"
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run W1 (or the small --cpu variant) and print tokens/s, TTFT and TPOT with ratios."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if "--train-while-serving" in argv:  # a different benchmark with flags of its own
+        from benchmarks import train_while_serving
+
+        return int(train_while_serving.main([a for a in argv if a != "--train-while-serving"]))
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.server:
