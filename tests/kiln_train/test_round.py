@@ -118,9 +118,12 @@ def test_a_harmful_round_is_rejected_by_the_gate(
     tok = load_tokenizer(smollm2)
     base = SharedBase(client, smollm2.config).model()
     assert base is not None
-    # Without the vetting set's checkpoint refusals, so the gate alone must see the damage.
+    # Without the vetting set's checkpoint refusals or the divergence term, so the gate alone must see the
+    # damage; the gate's first 40 general questions (capitals, arithmetic and more) keep the test's time down.
     settings = TrainSettings(
-        trainer=TrainerConfig(min_steps=12, max_steps=12, lr=2e-3, patience=10), vet_checkpoints=False
+        trainer=TrainerConfig(min_steps=8, max_steps=8, lr=3e-3, patience=10, eval_every=8, kl_weight=0.0),
+        vet_checkpoints=False,
+        gate_questions_limit=40,
     )
     runner = _runner(client, tmp_path, tok, settings, infer_stack.address, tmp_path / "ref")
     wrong = [
