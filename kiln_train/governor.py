@@ -138,17 +138,13 @@ class Governor:
     def budget_ms(self) -> float:
         """The TPOT p99 budget in force (0 = unknown yet: no idle baseline seen)."""
         s = self.settings
-        if s.tpot_p99_budget_ms > 0:
-            return s.tpot_p99_budget_ms
-        return self.baseline_tpot_p99_ms * (1 + s.tpot_p99_slack)
+        return _budget(s.tpot_p99_budget_ms, self.baseline_tpot_p99_ms, s.tpot_p99_slack)
 
     @property
     def ttft_budget_ms(self) -> float:
         """The TTFT p99 budget in force (0 = unknown yet)."""
         s = self.settings
-        if s.ttft_p99_budget_ms > 0:
-            return s.ttft_p99_budget_ms
-        return self.baseline_ttft_p99_ms * (1 + s.ttft_p99_slack)
+        return _budget(s.ttft_p99_budget_ms, self.baseline_ttft_p99_ms, s.ttft_p99_slack)
 
     def state(self) -> dict[str, Any]:
         """A plain snapshot for GetTrainingStatus and metrics."""
@@ -255,6 +251,11 @@ class Governor:
         if self.ttft_budget_ms > 0 and load.ttft_samples > 0:
             ratios.append(load.ttft_p99_ms / self.ttft_budget_ms)
         return max(ratios) if ratios else None
+
+
+def _budget(absolute_ms: float, baseline_ms: float, slack: float) -> float:
+    """The absolute budget when set, else the idle baseline with its slack (0 while no baseline is known)."""
+    return absolute_ms if absolute_ms > 0 else baseline_ms * (1 + slack)
 
 
 def start_governor(redis: Any, settings: GovernorSettings, full_micro_batch: int) -> Governor:
