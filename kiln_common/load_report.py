@@ -21,9 +21,8 @@ from typing import Any
 
 LOAD_KEY_PREFIX = "kiln:load:"
 DEFAULT_TTL_S = 3.0  # a reporter silent this long is gone
-DEFAULT_WINDOW_S = (
-    2.0  # latency percentiles cover requests of the last seconds only (the governor reacts to it)
-)
+# latency percentiles cover the requests of the last seconds only (the governor reacts to them)
+DEFAULT_WINDOW_S = 2.0
 DEFAULT_WINDOW_SIZE = 4096  # at most this many TTFTs and this many request TPOTs are kept
 
 
