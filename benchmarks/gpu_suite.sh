@@ -57,5 +57,8 @@ step bursts bash -c "python3 -m benchmarks.profile_w1 --home $KILN_HOME --bursts
 python3 -m benchmarks.profile_w1 --home $KILN_HOME --bursts 4 --adapters 16"
 # Issue 10: serving at half capacity beside a 200-step round (batch 8, 1k tokens), governed and not; one model a step
 step governor python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --ungoverned --home "$KILN_HOME" --out "$OUT/governor-1b"
+# the loads only, reusing an earlier run's capacity, standalone and idle rounds (a device-time budget)
+step governor_loads python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --ungoverned --home "$KILN_HOME" \
+  --reuse docs/runs/governor-1b-part1-reuse.json --out "$OUT/governor-1b"
 step governor_8b python3 -m benchmarks.governor_bench --models dummy:llama-3.1-8b --ungoverned --home "$KILN_HOME" --out "$OUT/governor-8b"
 exit $status

@@ -6,7 +6,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,9 @@ class TrainResult:
     planned_steps: int = 0
     stop_reason: str = ""
     refused: int = 0
+    # where the seconds went: setup (start loss, parent targets), compute (steps), wait (should_stop: the
+    # governor's pacing and pauses), eval (vetting loss), vet (checking candidates)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +101,25 @@ def _optimise(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return float(loss.detach())
+
+
+class _Clock:
+    """Seconds spent per named part of a run (`with clock("compute"): ...`), and the total since it began."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.spent: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    @contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.spent[part] = self.spent.get(part, 0.0) + time.monotonic() - t
 
 
 def _batch(
@@ -221,7 +244,7 @@ class LoraTrainer:
         return out
 
     @torch.no_grad()
-    def generate(self, prompts: list[TextPair], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    def generate(self, prompts: list[TextPair], max_new_tokens: int, batch_size: int = 128) -> list[str]:
         """Greedy completions of `prompts` by the current weights (left-padded batches)."""
         self.model.eval()
         out: list[str] = []
@@ -272,28 +295,36 @@ class LoraTrainer:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         sizes = self._sizes(data)
         planned = plan_steps(len(data.train), sizes[0], cfg)
-        t0 = time.monotonic()
-        before = self.loss(data.vetting)
-        progress = _Progress(before, [p.detach().clone() for p in params], before)
+        clock = _Clock()
+        with clock("setup"):
+            before = self.loss(data.vetting)
+            progress = _Progress(before, [p.detach().clone() for p in params], before)
+            targets = self._parent_targets(data)
         order: list[int] = []
-        targets = self._parent_targets(data)
         step, stop_reason = 0, "planned steps done"
         for step in range(1, planned + 1):
-            if should_stop is not None and should_stop():
+            with clock("wait"):
+                stopped = should_stop is not None and should_stop()
+            if stopped:
                 raise InterruptedError("round stopped")
-            batch, anchored = _batch(data, order, rng, sizes, targets)
-            progress.losses.append(_optimise(opt, params, self._step_loss(batch, anchored)))
+            with clock("compute"):
+                batch, anchored = _batch(data, order, rng, sizes, targets)
+                progress.losses.append(_optimise(opt, params, self._step_loss(batch, anchored)))
             if on_step is not None:
                 on_step(step, progress.losses[-1])
             if step % cfg.eval_every == 0 or step == planned:
-                if self._checkpoint(step, data.vetting, params, progress):
+                with clock("eval"):
+                    converged = self._checkpoint(step, data.vetting, params, progress)
+                if converged:
                     stop_reason = "vetting loss converged"
                     break
-            if time.monotonic() - t0 > cfg.time_budget_s:
+            if clock.elapsed() > cfg.time_budget_s:
                 stop_reason = "time budget spent"
-                self._checkpoint(step, data.vetting, params, progress)
+                with clock("eval"):
+                    self._checkpoint(step, data.vetting, params, progress)
                 break
-        self._pick(params, progress, vet)
+        with clock("vet"):
+            self._pick(params, progress, vet)
         log.info(
             "stopped at step %d of %d (%s; kept step %d)", step, planned, stop_reason, progress.best_step
         )
@@ -304,11 +335,12 @@ class LoraTrainer:
             heldout_before=before,
             heldout_after=progress.best,
             best_step=progress.best_step,
-            seconds=time.monotonic() - t0,
+            seconds=clock.elapsed(),
             losses=progress.losses,
             planned_steps=planned,
             stop_reason=stop_reason,
             refused=progress.refused,
+            timings=clock.spent,
         )
 
     def _sizes(self, data: RoundData) -> tuple[int, int, int, int]:

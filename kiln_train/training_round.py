@@ -198,6 +198,8 @@ class RoundRunner:
         gate_heldout = [encode(self.tok, p) for p in plan.held.gate]
         heldout_before = trainer.loss(gate_heldout)
         parent_ll = tuple(trainer.mean_logliks(self._general_pairs(plan)))
+        phases["phase_gate_baseline_s"] = time.monotonic() - t  # the gate's "before", on the start weights
+        t = time.monotonic()
 
         def step_done(step: int, loss: float) -> None:
             record.steps, record.train_loss = step, loss
@@ -225,6 +227,7 @@ class RoundRunner:
             heldout_paraphrased=float(plan.held.paraphrased),
             negatives=float(len(plan.negatives)),
             vetting_refused=float(result.refused),
+            **{f"phase_steps_{part}_s": seconds for part, seconds in result.timings.items()},
         )
         if not verdict.passed and result.refused:
             note = f"vetting set: {result.refused} better checkpoint(s) refused for breaking general answers"
