@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ class Plan:
     budget_factor: float = 1.10  # the governor's TPOT p99 budget: serving alone's p99 x this
     ttft_budget_factor: float = 1.20  # and its TTFT p99 budget
     probe_s: float = 8.0  # seconds of each open-loop capacity probe
+    # the round starts this long after the clients start sending: it meets steady load, as a round does that
+    # starts while serving is busy (the requests of those seconds are outside the round's window)
+    warmup_s: float = 5.0
     reuse: dict[str, Any] = field(
         default_factory=dict
     )  # capacity / standalone / idle_governed measured before
@@ -155,8 +159,9 @@ def serve_beside(
     """
     governor = budget[0] > 0
     trainer = Trainer(spec, home, plan, governor, budget)
-    # the round starts once the clients are sending (they take seconds to start): the load covers the round
-    result = burst(target, reqs, len(reqs), CLIENT_PROCESSES, rate=rate, on_start=trainer.go)
+    # the round starts once the clients are sending (they take seconds to start) and the load is steady
+    start_round = threading.Timer(plan.warmup_s, trainer.go)
+    result = burst(target, reqs, len(reqs), CLIENT_PROCESSES, rate=rate, on_start=start_round.start)
     report = trainer.report()
     start = min(s.submitted for s in result.streams)
     end = max((s.last for s in result.ok), default=start)
@@ -222,7 +227,8 @@ def run_model(spec: str, home: Path, plan: Plan, cpu: bool, out: Path) -> dict[s
         result["loads"] = loads = []
         for i, fraction in enumerate(plan.loads):
             rate = fraction * cap
-            n = max(8, int(rate * standalone["seconds"] * 1.2))  # long enough to cover the round
+            # long enough to cover the warm-up and the round, which the governor may stretch
+            n = max(8, int(rate * (standalone["seconds"] * 1.6 + plan.warmup_s)))
             reqs = requests(w, vocab, n, seed=100 + i)
             entry: dict[str, Any] = {"load": fraction, "rate_rps": rate, "requests": n}
             loads.append(entry)
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     models = ["smollm2"] if args.cpu else args.models.split(",")
     if args.cpu:
         steps = args.steps if args.steps != 200 else 3
-        plan = Plan(steps, 2, 64, plan.loads, 0.5, 0.0, args.ungoverned, args.budget_factor)
+        plan = Plan(steps, 2, 64, plan.loads, 0.5, 0.0, args.ungoverned, args.budget_factor, warmup_s=1.0)
     home = args.home or Path(os.environ.get("KILN_HOME") or tempfile.mkdtemp(prefix="kiln-governor-"))
     if args.reuse:
         plan = replace(plan, reuse=json.loads(args.reuse.read_text()))

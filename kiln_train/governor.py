@@ -8,10 +8,13 @@ wall time training may keep the GPU busy, enforced by sleeping after each step i
 - idle (nothing running or waiting, or no kiln-infer publishing): full speed, full micro-batch, duty 1;
 - serving becomes busy: the duty drops to `start_duty` at once (the budget is unknown until reports arrive);
 - saturated (requests waiting for `saturated_s` in a row): pause until the queue is empty;
-- TPOT p99 over the budget: the duty is multiplied by `backoff` and the micro-batch halved (shorter kernels),
-  then no further cut for `settle_s`, since the reports still hold requests that ran before the cut;
-- TPOT p99 under the budget by more than `headroom`: the duty grows by `step_up` each adjustment (additive
-  increase, multiplicative decrease: it settles just under the budget without oscillating across it).
+- TPOT p99 over the budget: the duty is multiplied by `backoff`, then no further cut for `settle_s`, since the
+  reports still hold requests that ran before the cut; only once the duty is down at `min_duty` is the
+  micro-batch halved as well (shorter kernels, but each step then costs more GPU time per row: on the H200 a
+  micro-batch of 1-2 left training at a fifth of its speed for little latency gained);
+- TPOT p99 under the budget by more than `headroom`: a halved micro-batch is doubled back first, then the duty
+  grows by `step_up` each adjustment (additive increase, multiplicative decrease: it settles just under the
+  budget without oscillating across it).
 
 The budget is `KILN_TRAIN_TPOT_P99_BUDGET_MS` when set, else the idle baseline times
 `1 + KILN_TRAIN_TPOT_P99_SLACK` (the baseline is the TPOT p99 reported while no training step has run for a
@@ -229,18 +232,20 @@ class Governor:
         self._pace(load, now)
 
     def _pace(self, load: LoadReport, now: float) -> None:
-        """Over budget: cut the duty, halve the micro-batch (once per settle_s); well under: grow the duty."""
+        """Over budget: cut the duty (once per settle_s; at min_duty, halve the micro-batch); under: grow."""
         s = self.settings
         ratio = self._worst_ratio(load)
         if ratio is not None and now - self._last_cut >= s.settle_s:
             if ratio > 1.0:
+                if self.duty <= s.min_duty:
+                    self.micro_batch = max(1, self.micro_batch // 2)
                 self.duty = max(s.min_duty, self.duty * s.backoff)
-                self.micro_batch = max(1, self.micro_batch // 2)
                 self._last_cut = now
             elif ratio < 1.0 - s.headroom:
-                self.duty = min(1.0, self.duty + s.step_up)
-                if self.duty >= 1.0:
-                    self.micro_batch = self.full_micro_batch
+                if self.micro_batch < self.full_micro_batch:
+                    self.micro_batch = min(self.full_micro_batch, self.micro_batch * 2)
+                else:
+                    self.duty = min(1.0, round(self.duty + s.step_up, 9))  # sums of 0.05s reach 1.0
         self.mode = GovernorMode.PACED if self.duty < 1.0 else GovernorMode.STEADY
 
     def _worst_ratio(self, load: LoadReport) -> float | None:

@@ -174,6 +174,9 @@ class LoraTrainer:
         self.tok = tok
         self.cfg = cfg
         self.device = next(base.parameters()).device
+        # rows per evaluation forward pass: beside serving on a GPU, fewer and larger kernels wait less for
+        # their time slices; on a CPU the logits of 8 rows are plenty
+        self.eval_batch = 32 if self.device.type == "cuda" else 8
         rank, alpha, targets = float(cfg.rank), float(cfg.alpha), cfg.targets()
         if parent_dir is not None:  # a child keeps its parent's shape, whatever the settings say now
             shape = read_peft_config(parent_dir, max_rank=1 << 16)
@@ -209,10 +212,11 @@ class LoraTrainer:
         return self.model.unload()  # type: ignore[no-any-return]
 
     @torch.no_grad()
-    def loss(self, data: list[Encoded], batch_size: int = 8) -> float:
+    def loss(self, data: list[Encoded]) -> float:
         """Mean completion-token loss over `data` (token-weighted)."""
         self.model.eval()
         total, count = 0.0, 0
+        batch_size = self.eval_batch
         for i in range(0, len(data), batch_size):
             batch = collate(data[i : i + batch_size], self.tok.pad_token_id or 0, self.device)
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -229,10 +233,11 @@ class LoraTrainer:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def mean_logliks(self, data: list[Encoded], batch_size: int = 16) -> list[float]:
+    def mean_logliks(self, data: list[Encoded]) -> list[float]:
         """Per example: the mean log-probability of its completion tokens (0.0 for an empty completion)."""
         self.model.eval()
         out: list[float] = []
+        batch_size = self.eval_batch
         for i in range(0, len(data), batch_size):
             batch = collate(data[i : i + batch_size], self.tok.pad_token_id or 0, self.device)
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -356,8 +361,8 @@ class LoraTrainer:
             return [], []
         pad, k = self.tok.pad_token_id or 0, self.cfg.kl_top_k
         return (
-            parent_targets(self.model, data.replay, k, pad),
-            parent_targets(self.model, data.negatives, k, pad),
+            parent_targets(self.model, data.replay, k, pad, self.eval_batch),
+            parent_targets(self.model, data.negatives, k, pad, self.eval_batch),
         )
 
     def _step_loss(self, batch: _Rows, anchored: _Rows) -> torch.Tensor:

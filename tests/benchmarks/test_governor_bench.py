@@ -37,12 +37,15 @@ def tiny_base() -> LlamaForCausalLM:
 def test_trainer_role_trains_in_the_governors_micro_batches() -> None:
     trainer = LoraTrainer(tiny_base(), cast(Any, _PadOnly()), TrainerConfig(rank=4, alpha=8))
     busy = LoadReport(running=8, tpot_p99_ms=40.0, tpot_samples=100)
-    settings = GovernorSettings(tpot_p99_budget_ms=20.0, max_pace_ms=1.0, adjust_every_s=1e-6, settle_s=0.0)
+    settings = GovernorSettings(
+        tpot_p99_budget_ms=20.0, max_pace_ms=1.0, adjust_every_s=1e-6, settle_s=0.0, min_duty=0.3
+    )
     gov = Governor(settings, lambda: busy, 4)
     before = [p.detach().clone() for p in trainer.trainable()]
     args = argparse.Namespace(steps=4, batch=4, seq_len=32)
     report = train_steps(trainer, args, gov, 4)
-    assert report["micro_batch"] == [4, 2, 1, 1] and len(report["step_ends"]) == 4  # halved: over budget
+    # over budget: the duty is cut to its floor, and only then is the micro-batch halved
+    assert report["micro_batch"] == [4, 4, 2, 1] and len(report["step_ends"]) == 4
     assert report["duty"][0] == 0.5 and report["duty"][1] < 0.5 and report["seen_tpot_p99_ms"][0] == 40.0
     assert set(report["modes"]) == {"paced"} and report["governor"]["load"]["running"] == 8.0
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable(), strict=True))

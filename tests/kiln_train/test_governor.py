@@ -98,7 +98,9 @@ def test_paused_governor_lets_a_stop_through(rds: redis.Redis) -> None:
 def test_duty_cut_over_budget_grown_under_it_and_restored_when_idle(rds: redis.Redis) -> None:
     t = FakeTime()
     serving = Serving(rds)
-    gov = governor(rds, t, tpot_p99_budget_ms=20.0, start_duty=0.5, backoff=0.5, step_up=0.1, settle_s=0.0)
+    gov = governor(
+        rds, t, tpot_p99_budget_ms=20.0, start_duty=0.5, backoff=0.5, step_up=0.1, settle_s=0.0, min_duty=0.1
+    )
     serving.report(running=32, tpot_ms=15.0)
     assert gov.before_step() == 8 and gov.duty == 0.5  # serving turned busy: half duty at once
     t.now += 1.0  # a 1 s step
@@ -106,19 +108,29 @@ def test_duty_cut_over_budget_grown_under_it_and_restored_when_idle(rds: redis.R
     assert gov.duty == pytest.approx(0.6)  # 15 ms is well under 20 ms: grown by step_up
     assert gov.pace_ms == pytest.approx(1000 * 0.4 / 0.6)  # the pause keeps training at its duty
 
-    serving.report(running=32, tpot_ms=26.0)  # over budget: cut, micro-batch halved
+    serving.report(running=32, tpot_ms=26.0)  # over budget: the duty is cut, the micro-batch kept
     t.now += 1.0
-    assert gov.before_step() == 4 and gov.mode is GovernorMode.PACED
+    assert gov.before_step() == 8 and gov.mode is GovernorMode.PACED
     assert gov.duty == pytest.approx(0.3) and gov.pace_ms == pytest.approx(1000 * 0.7 / 0.3)
     t.now += 1.0
-    assert gov.before_step() == 2 and gov.duty == pytest.approx(0.15)  # still over: cut again
+    assert gov.before_step() == 8 and gov.duty == pytest.approx(0.15)  # still over: cut again
+    t.now += 1.0
+    assert gov.before_step() == 8 and gov.duty == pytest.approx(0.1)  # down at min_duty
+    t.now += 1.0
+    assert gov.before_step() == 4 and gov.duty == pytest.approx(0.1)  # only now: shorter kernels
+    t.now += 1.0
+    assert gov.before_step() == 2
 
     serving.report(running=32, tpot_ms=19.0)  # inside the budget but within its headroom: hold
     t.now += 1.0
     gov.before_step()
-    assert gov.duty == pytest.approx(0.15) and gov.micro_batch == 2
-    serving.report(running=32, tpot_ms=10.0)  # well under: grow, one step_up per adjustment
-    for _ in range(10):
+    assert gov.duty == pytest.approx(0.1) and gov.micro_batch == 2
+    serving.report(running=32, tpot_ms=10.0)  # well under: the micro-batch doubles back first
+    t.now += 1.0
+    assert gov.before_step() == 4 and gov.duty == pytest.approx(0.1)
+    t.now += 1.0
+    assert gov.before_step() == 8 and gov.duty == pytest.approx(0.1)
+    for _ in range(9):  # then the duty grows, one step_up per adjustment
         t.now += 1.0
         gov.before_step()
     assert gov.duty == 1.0 and gov.micro_batch == 8 and gov.mode is GovernorMode.STEADY
@@ -142,7 +154,7 @@ def test_no_second_cut_until_the_reports_could_show_the_first(rds: redis.Redis) 
         assert gov.duty == 0.5  # the reports still hold requests from before the drop
     t.now = start + 3.7
     gov.before_step()
-    assert gov.duty == pytest.approx(0.25) and gov.micro_batch == 4
+    assert gov.duty == pytest.approx(0.25) and gov.micro_batch == 8
 
 
 def test_relative_budget_from_the_idle_baseline(rds: redis.Redis) -> None:
@@ -158,7 +170,7 @@ def test_relative_budget_from_the_idle_baseline(rds: redis.Redis) -> None:
     assert gov.mode is GovernorMode.STEADY and gov.baseline_tpot_p99_ms == pytest.approx(20.0)
     t.now += 1.0
     serving.report(running=16, tpot_ms=25.0)
-    assert gov.before_step() == 4 and gov.mode is GovernorMode.PACED and gov.duty < 1.0
+    assert gov.before_step() == 8 and gov.mode is GovernorMode.PACED and gov.duty < 1.0
 
 
 def test_state_is_plain_data(rds: redis.Redis) -> None:
@@ -218,7 +230,7 @@ def test_state_as_prometheus_gauges(rds: redis.Redis) -> None:
     registry.register(GovernorCollector(gov.state))
     text = generate_latest(registry).decode()
     assert 'kiln:train_governor_mode{mode="paced"} 1.0' in text
-    assert "kiln:train_governor_micro_batch 4.0" in text and "kiln:train_serving_tpot_p99_ms 30.0" in text
+    assert "kiln:train_governor_micro_batch 8.0" in text and "kiln:train_serving_tpot_p99_ms 30.0" in text
 
 
 def test_a_new_round_takes_a_fresh_baseline_after_an_idle_window(rds: redis.Redis) -> None:
@@ -256,7 +268,7 @@ def test_state_reaches_the_training_status_message(rds: redis.Redis) -> None:
     t.now += 1.0
     gov.before_step()  # over the TPOT budget: cut
     status = _governor_to_pb(gov.state())
-    assert status is not None and status.mode == "paced" and status.micro_batch == 4
+    assert status is not None and status.mode == "paced" and status.micro_batch == 8
     assert status.duty == pytest.approx(0.3) and status.budget_ms == 20.0 and status.ttft_budget_ms == 300.0
     assert status.serving_tpot_p99_ms == 30.0 and status.serving_waiting == 0
     assert _governor_to_pb({}) is None  # no governor running
