@@ -53,6 +53,7 @@ class Plan:
     # the round starts this long after the clients start sending: it meets steady load, as a round does that
     # starts while serving is busy (the requests of those seconds are outside the round's window)
     warmup_s: float = 5.0
+    cover: float = 1.6  # serving's load lasts the warm-up plus this many standalone rounds
     reuse: dict[str, Any] = field(
         default_factory=dict
     )  # capacity / standalone / idle_governed measured before
@@ -228,7 +229,7 @@ def run_model(spec: str, home: Path, plan: Plan, cpu: bool, out: Path) -> dict[s
         for i, fraction in enumerate(plan.loads):
             rate = fraction * cap
             # long enough to cover the warm-up and the round, which the governor may stretch
-            n = max(8, int(rate * (standalone["seconds"] * 1.6 + plan.warmup_s)))
+            n = max(8, int(rate * (standalone["seconds"] * plan.cover + plan.warmup_s)))
             reqs = requests(w, vocab, n, seed=100 + i)
             entry: dict[str, Any] = {"load": fraction, "rate_rps": rate, "requests": n}
             loads.append(entry)
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-memory-fraction", type=float, default=0.35)
     parser.add_argument("--budget-factor", type=float, default=1.10, help="budget: alone's TPOT p99 x this")
     parser.add_argument("--home", type=Path, default=None)
+    parser.add_argument("--cover", type=float, default=1.6, help="load length in standalone rounds [1.6]")
     parser.add_argument(
         "--reuse",
         type=Path,
@@ -288,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps != 200 else 3
         plan = Plan(steps, 2, 64, plan.loads, 0.5, 0.0, args.ungoverned, args.budget_factor, warmup_s=1.0)
     home = args.home or Path(os.environ.get("KILN_HOME") or tempfile.mkdtemp(prefix="kiln-governor-"))
+    plan = replace(plan, cover=args.cover)
     if args.reuse:
         plan = replace(plan, reuse=json.loads(args.reuse.read_text()))
     results = [run_model(spec, home, plan, args.cpu, args.out.with_suffix(".json")) for spec in models]
