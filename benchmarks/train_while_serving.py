@@ -53,6 +53,7 @@ class Setup:
 # honest gate would publish.
 OPEN_GATE = {
     "KILN_TRAIN_GATE_QUESTIONS_LIMIT": "8",
+    "KILN_TRAIN_REPLAY_LIMIT": "8",  # and few parent answers to ask for before the round
     "KILN_TRAIN_GATE_MAX_KL": "100",
     "KILN_TRAIN_GATE_MAX_GENERAL_BROKEN": "8",
     "KILN_TRAIN_VET_CHECKPOINTS": "0",

@@ -89,7 +89,9 @@ class TrainServer:
         registry = Registry(client, AdapterStore(cfg.home, base=BaseShapes.from_config(source.config)))
         model_key = hashlib.sha256(source.spec.encode()).hexdigest()[:12]
         ref_dir = Path(s.reference_dir).expanduser() if s.reference_dir else cfg.home / "train" / "reference"
-        references = ReferenceCache(ref_dir, model_key, PromptSets.builtin(s.gate_questions_limit))
+        references = ReferenceCache(
+            ref_dir, model_key, PromptSets.builtin(s.gate_questions_limit, s.replay_limit)
+        )
         parent = ParentClient(
             cfg.infer_address, infer_key(cfg.extra.get("KILN_TRAIN_INFER_KEY", "")), s.parent_concurrency
         )
