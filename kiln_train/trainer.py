@@ -99,34 +99,49 @@ def _optimise(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss
     return float(loss.detach())
 
 
-def _batch(
-    data: RoundData,
-    order: list[int],
-    rng: random.Random,
-    sizes: tuple[int, int, int, int],
-    targets: tuple[list[ParentTargets], list[ParentTargets]],
-) -> tuple[_Rows, _Rows]:
-    """One step's batch (new samples in epoch order + replay + negatives) and its anchor examples.
+@dataclass(frozen=True)
+class _Draw:
+    """One step's rows, as indices: new samples, replayed answers, negatives, anchors (replay indices)."""
 
-    Replay and negative rows carry the parent's distribution (`targets`, empty when not distilling).
-    """
+    new: list[int]
+    replayed: list[int]
+    negatives: list[int]
+    anchored: list[int]
+
+
+def _draw(data: RoundData, order: list[int], rng: random.Random, sizes: tuple[int, int, int, int]) -> _Draw:
+    """Pick one step's rows: new samples in epoch order, random replay, negatives and anchors."""
     n_new, n_replay, n_neg, n_anchors = sizes
-    replay_targets, negative_targets = targets
     while len(order) < n_new:
         order += rng.sample(range(len(data.train)), len(data.train))
-    batch = _Rows([data.train[order.pop()] for _ in range(n_new)], [None] * n_new)
+    new = [order.pop() for _ in range(n_new)]
     replayed = rng.sample(range(len(data.replay)), min(n_replay, len(data.replay)))
     negatives = rng.sample(range(len(data.negatives)), n_neg)
     pool = [i for i in data.anchors if 0 <= i < len(data.replay)]
     anchored = rng.sample(pool, min(n_anchors, len(pool)))
+    return _Draw(new, replayed, negatives, anchored)
+
+
+def _batch(
+    data: RoundData,
+    draw: _Draw,
+    targets: tuple[list[ParentTargets | None], list[ParentTargets | None]],
+) -> tuple[_Rows, _Rows]:
+    """One step's batch (new samples + replay + negatives) and its anchor examples.
+
+    Replay and negative rows carry the parent's distribution (`targets`, empty when not distilling).
+    """
+    replay_targets, negative_targets = targets
+    batch = _Rows([data.train[i] for i in draw.new], [None] * len(draw.new))
     for indices, examples, chosen in (
-        (replayed, data.replay, replay_targets),
-        (negatives, data.negatives, negative_targets),
+        (draw.replayed, data.replay, replay_targets),
+        (draw.negatives, data.negatives, negative_targets),
     ):
         batch.examples += [examples[i] for i in indices]
         batch.targets += [chosen[i] if chosen else None for i in indices]
     anchors = _Rows(
-        [data.replay[i] for i in anchored], [replay_targets[i] if replay_targets else None for i in anchored]
+        [data.replay[i] for i in draw.anchored],
+        [replay_targets[i] if replay_targets else None for i in draw.anchored],
     )
     return batch, anchors
 
@@ -276,12 +291,13 @@ class LoraTrainer:
         before = self.loss(data.vetting)
         progress = _Progress(before, [p.detach().clone() for p in params], before)
         order: list[int] = []
-        targets = self._parent_targets(data)
+        draws = [_draw(data, order, rng, sizes) for _ in range(planned)]
+        targets = self._parent_targets(data, draws)
         step, stop_reason = 0, "planned steps done"
         for step in range(1, planned + 1):
             if should_stop is not None and should_stop():
                 raise InterruptedError("round stopped")
-            batch, anchored = _batch(data, order, rng, sizes, targets)
+            batch, anchored = _batch(data, draws[step - 1], targets)
             progress.losses.append(_optimise(opt, params, self._step_loss(batch, anchored)))
             if on_step is not None:
                 on_step(step, progress.losses[-1])
@@ -318,15 +334,25 @@ class LoraTrainer:
         n_neg = min(cfg.negatives_per_step, len(data.negatives))
         return max(1, cfg.batch_size - n_replay - n_neg), n_replay, n_neg, cfg.anchors_per_step
 
-    def _parent_targets(self, data: RoundData) -> tuple[list[ParentTargets], list[ParentTargets]]:
-        """The parent's (the start's) top-k distributions on the replay and negative answers, if used."""
+    def _parent_targets(
+        self, data: RoundData, draws: list[_Draw]
+    ) -> tuple[list[ParentTargets | None], list[ParentTargets | None]]:
+        """The parent's (the start's) top-k distributions on the replay and negative answers, if used.
+
+        Only for the replayed answers the planned steps drew (a broad replay set is mostly not drawn in a
+        round, and a forward pass over all of it would cost minutes on a CPU); None for the rest.
+        """
         if self.cfg.kl_weight <= 0:
             return [], []
         pad, k = self.tok.pad_token_id or 0, self.cfg.kl_top_k
-        return (
-            parent_targets(self.model, data.replay, k, pad),
-            parent_targets(self.model, data.negatives, k, pad),
-        )
+        used = sorted({i for d in draws for i in d.replayed + d.anchored})
+        replay: list[ParentTargets | None] = [None] * len(data.replay)
+        for i, t in zip(
+            used, parent_targets(self.model, [data.replay[i] for i in used], k, pad), strict=True
+        ):
+            replay[i] = t
+        negatives: list[ParentTargets | None] = list(parent_targets(self.model, data.negatives, k, pad))
+        return replay, negatives
 
     def _step_loss(self, batch: _Rows, anchored: _Rows) -> torch.Tensor:
         """One step's loss: the mixed batch, plus the anchors' own mean (not diluting new samples)."""
