@@ -15,6 +15,7 @@ from types import FrameType
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from transformers import PreTrainedTokenizerBase
 
 from kiln.v1 import training_pb2, training_pb2_grpc
 from kiln_common.adapter_store import AdapterStore
@@ -87,13 +88,7 @@ class TrainServer:
         pipeline = Pipeline(s, lambda text: len(tok.encode(text, add_special_tokens=False)), buffer)
         consumer = SampleConsumer(client, buffer, pipeline, s)
         registry = Registry(client, AdapterStore(cfg.home, base=BaseShapes.from_config(source.config)))
-        model_key = hashlib.sha256(source.spec.encode()).hexdigest()[:12]
-        ref_dir = Path(s.reference_dir).expanduser() if s.reference_dir else cfg.home / "train" / "reference"
-        references = ReferenceCache(ref_dir, model_key, PromptSets.builtin(s.gate_questions_limit))
-        parent = ParentClient(
-            cfg.infer_address, infer_key(cfg.extra.get("KILN_TRAIN_INFER_KEY", "")), s.parent_concurrency
-        )
-        runner = RoundRunner(registry, tok, s, references, parent)
+        runner = self._runner(registry, tok, source.spec)
         governor = start_governor(client, self.governor_settings, s.trainer.batch_size)
         self.metrics.registry.register(GovernorCollector(governor.state))
         base = SharedBase(client, source.config)
@@ -132,6 +127,19 @@ class TrainServer:
             s.consumer,
         )
         return self.port
+
+    def _runner(self, registry: Registry, tok: PreTrainedTokenizerBase, spec: str) -> RoundRunner:
+        """The round runner: the parent's reference answers (cached per model) and kiln-infer's client."""
+        cfg, s = self.config, self.settings
+        model_key = hashlib.sha256(spec.encode()).hexdigest()[:12]
+        ref_dir = Path(s.reference_dir).expanduser() if s.reference_dir else cfg.home / "train" / "reference"
+        references = ReferenceCache(
+            ref_dir, model_key, PromptSets.builtin(s.gate_questions_limit, s.replay_general)
+        )
+        parent = ParentClient(
+            cfg.infer_address, infer_key(cfg.extra.get("KILN_TRAIN_INFER_KEY", "")), s.parent_concurrency
+        )
+        return RoundRunner(registry, tok, s, references, parent)
 
     def stop(self) -> None:
         """Stop serving, stop the daemon (a running round's samples stay buffered), stop owned Redis."""

@@ -25,10 +25,14 @@ class PromptSets:
     gate: tuple[Question, ...]
 
     @classmethod
-    def builtin(cls, gate_limit: int = 0) -> PromptSets:
-        """The built-in sets (prompt_sets.py and data/gate_general.jsonl; its first `gate_limit` if > 0)."""
+    def builtin(cls, gate_limit: int = 0, replay_general: int = 0) -> PromptSets:
+        """The built-in sets (prompt_sets.py, data/replay_general.jsonl and data/gate_general.jsonl).
+
+        `gate_limit` > 0 keeps the gate's first questions; `replay_general` of the broad replay file's join.
+        """
         gate = load_gate_questions()
-        return cls(replay_prompts(), VETTING_QUESTIONS, gate[:gate_limit] if gate_limit > 0 else gate)
+        gate = gate[:gate_limit] if gate_limit > 0 else gate
+        return cls(replay_prompts(replay_general), VETTING_QUESTIONS, gate)
 
     def digest(self) -> str:
         """Changes whenever a prompt changes, so a cached reference of other sets is not reused."""

@@ -1,9 +1,10 @@
 """The three disjoint prompt sets of a round: replay/anchor (trained on), vetting (picks checkpoints), gate.
 
-Each set has one purpose and they never mix: the replay set's prompts (and its anchor subset) are trained on
-with the parent's own answers; the vetting set picks the checkpoint and stops training early; the gate set
-(`data/gate_general.jsonl`, plus near neighbours of the round's topic) decides publishing and is never trained
-on nor used for selection. `tests/kiln_train/test_prompt_sets.py` checks that no prompt is in two sets.
+Each set has one purpose and they never mix: the replay set's prompts (`REPLAY_PROMPTS`, the broad
+`data/replay_general.jsonl` and the `ANCHOR_PROMPTS` subset) are trained on with the parent's own answers; the
+vetting set picks the checkpoint and stops training early; the gate set (`data/gate_general.jsonl`, plus near
+neighbours of the round's topic) decides publishing and is never trained on nor used for selection.
+`tests/kiln_train/test_gate_sets.py` checks that no prompt is in two sets.
 """
 
 from __future__ import annotations
@@ -113,6 +114,14 @@ def load_gate_questions() -> tuple[Question, ...]:
     return tuple(Question(r["question"], tuple(r["answers"]), r.get("domain", "")) for r in rows)
 
 
-def replay_prompts() -> tuple[str, ...]:
-    """Every prompt the parent's answers are replayed for (anchors last)."""
-    return REPLAY_PROMPTS + ANCHOR_PROMPTS
+def load_replay_general(limit: int = 0) -> tuple[str, ...]:
+    """The broad replay questions (kiln_train/data/replay_general.jsonl; its first `limit` if > 0)."""
+    text = resources.files("kiln_train").joinpath("data/replay_general.jsonl").read_text()
+    prompts = tuple(json.loads(line)["question"] for line in text.splitlines() if line.strip())
+    return prompts[:limit] if limit > 0 else prompts
+
+
+def replay_prompts(general: int = 0) -> tuple[str, ...]:
+    """Every replayed prompt: the built-in ones, the broad file's first `general`, the anchors last."""
+    broad = load_replay_general(general) if general > 0 else ()
+    return REPLAY_PROMPTS + broad + ANCHOR_PROMPTS

@@ -114,6 +114,9 @@ class TrainSettings:
     min_heldout_samples: int = 12
     neighbours_per_example: int = 2  # near neighbours generated per taught question (negatives + gate)
     replay_max_tokens: int = 96  # parent answers that need more are replayed without an end-of-turn
+    # how many of the broad replay questions (data/replay_general.jsonl, 537) join the built-in 41: 0 = none,
+    # the default, since replaying all of them did not keep more general answers (docs/training.md)
+    replay_general: int = 0
     gate_max_tokens: int = 32
     reference_dir: str = (
         ""  # cache of each version's replay/vetting/gate answers; "" = $KILN_HOME/train/reference
@@ -166,6 +169,8 @@ class TrainSettings:
         if self.gate_loglik_tolerance < 0:
             got_tol = self.gate_loglik_tolerance
             raise ValueError(f"KILN_TRAIN_GATE_LOGLIK_TOLERANCE must be >= 0, got {got_tol}")
+        if self.replay_general < 0:
+            raise ValueError(f"KILN_TRAIN_REPLAY_GENERAL must be >= 0, got {self.replay_general}")
         if not self.consumer or not self.group:
             raise ValueError("KILN_TRAIN_CONSUMER and KILN_TRAIN_GROUP must not be empty")
 

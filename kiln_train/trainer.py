@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
 from kiln_train.distillation import ParentTargets, divergence, parent_targets
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
+from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw
 from kiln_train.settings import TrainerConfig
 
 __all__ = [
@@ -55,17 +56,6 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class RoundData:
-    """What one round trains on (`train`, `replay`, `negatives`) and checks checkpoints with (`vetting`)."""
-
-    train: list[Encoded]
-    vetting: list[Encoded]
-    replay: list[Encoded]
-    negatives: list[Encoded] = field(default_factory=list)
-    anchors: list[int] = field(default_factory=list)  # replay indices with a loss term of their own
-
-
 def plan_steps(n_train: int, new_per_step: int, cfg: TrainerConfig) -> int:
     """Steps that show every new sample `epochs` times, within [min_steps, max_steps]."""
     wanted = math.ceil(cfg.epochs * n_train / max(new_per_step, 1))
@@ -84,14 +74,6 @@ class _Progress:
     refused: int = 0  # better checkpoints the vet refused
     candidates: list[tuple[float, int, list[torch.Tensor]]] = field(default_factory=list)  # loss, step, state
     losses: list[float] = field(default_factory=list)
-
-
-@dataclass
-class _Rows:
-    """Examples of one forward pass, each with the parent's distribution to stay near (or None)."""
-
-    examples: list[Encoded]
-    targets: list[ParentTargets | None]
 
 
 def _optimise(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
@@ -122,43 +104,29 @@ class _Clock:
             self.spent[part] = self.spent.get(part, 0.0) + time.monotonic() - t
 
 
-def _batch(
-    data: RoundData,
-    order: list[int],
-    rng: random.Random,
-    sizes: tuple[int, int, int, int],
-    targets: tuple[list[ParentTargets], list[ParentTargets]],
-) -> tuple[_Rows, _Rows]:
-    """One step's batch (new samples in epoch order + replay + negatives) and its anchor examples.
-
-    Replay and negative rows carry the parent's distribution (`targets`, empty when not distilling).
-    """
-    n_new, n_replay, n_neg, n_anchors = sizes
-    replay_targets, negative_targets = targets
-    while len(order) < n_new:
-        order += rng.sample(range(len(data.train)), len(data.train))
-    batch = _Rows([data.train[order.pop()] for _ in range(n_new)], [None] * n_new)
-    replayed = rng.sample(range(len(data.replay)), min(n_replay, len(data.replay)))
-    negatives = rng.sample(range(len(data.negatives)), n_neg)
-    pool = [i for i in data.anchors if 0 <= i < len(data.replay)]
-    anchored = rng.sample(pool, min(n_anchors, len(pool)))
-    for indices, examples, chosen in (
-        (replayed, data.replay, replay_targets),
-        (negatives, data.negatives, negative_targets),
-    ):
-        batch.examples += [examples[i] for i in indices]
-        batch.targets += [chosen[i] if chosen else None for i in indices]
-    anchors = _Rows(
-        [data.replay[i] for i in anchored], [replay_targets[i] if replay_targets else None for i in anchored]
-    )
-    return batch, anchors
-
-
 @torch.no_grad()
 def _restore(params: list[torch.nn.Parameter], state: list[torch.Tensor]) -> None:
     """Copy a saved checkpoint back into the parameters."""
     for p, saved in zip(params, state, strict=True):
         p.copy_(saved)
+
+
+def _result(
+    step: int, planned: int, stop_reason: str, before: float, progress: _Progress, clock: _Clock
+) -> TrainResult:
+    return TrainResult(
+        steps=step,
+        train_loss=progress.losses[-1] if progress.losses else 0.0,
+        heldout_before=before,
+        heldout_after=progress.best,
+        best_step=progress.best_step,
+        seconds=clock.elapsed(),
+        losses=progress.losses,
+        planned_steps=planned,
+        stop_reason=stop_reason,
+        refused=progress.refused,
+        timings=clock.spent,
+    )
 
 
 class LoraTrainer:
@@ -301,11 +269,12 @@ class LoraTrainer:
         sizes = self._sizes(data)
         planned = plan_steps(len(data.train), sizes[0], cfg)
         clock = _Clock()
+        order: list[int] = []
+        draws = [draw(data, order, rng, sizes) for _ in range(planned)]
         with clock("setup"):
             before = self.loss(data.vetting)
             progress = _Progress(before, [p.detach().clone() for p in params], before)
-            targets = self._parent_targets(data)
-        order: list[int] = []
+            targets = self._parent_targets(data, draws)
         step, stop_reason = 0, "planned steps done"
         for step in range(1, planned + 1):
             with clock("wait"):
@@ -313,7 +282,7 @@ class LoraTrainer:
             if stopped:
                 raise InterruptedError("round stopped")
             with clock("compute"):
-                batch, anchored = _batch(data, order, rng, sizes, targets)
+                batch, anchored = batch_rows(data, draws[step - 1], targets)
                 progress.losses.append(_optimise(opt, params, self._step_loss(batch, anchored)))
             if on_step is not None:
                 on_step(step, progress.losses[-1])
@@ -334,19 +303,7 @@ class LoraTrainer:
             "stopped at step %d of %d (%s; kept step %d)", step, planned, stop_reason, progress.best_step
         )
         self.model.eval()
-        return TrainResult(
-            steps=step,
-            train_loss=progress.losses[-1] if progress.losses else 0.0,
-            heldout_before=before,
-            heldout_after=progress.best,
-            best_step=progress.best_step,
-            seconds=clock.elapsed(),
-            losses=progress.losses,
-            planned_steps=planned,
-            stop_reason=stop_reason,
-            refused=progress.refused,
-            timings=clock.spent,
-        )
+        return _result(step, planned, stop_reason, before, progress, clock)
 
     def _sizes(self, data: RoundData) -> tuple[int, int, int, int]:
         """Rows per step: new samples, replay, negatives (one batch), and anchors (their own term)."""
@@ -355,17 +312,28 @@ class LoraTrainer:
         n_neg = min(cfg.negatives_per_step, len(data.negatives))
         return max(1, cfg.batch_size - n_replay - n_neg), n_replay, n_neg, cfg.anchors_per_step
 
-    def _parent_targets(self, data: RoundData) -> tuple[list[ParentTargets], list[ParentTargets]]:
-        """The parent's (the start's) top-k distributions on the replay and negative answers, if used."""
+    def _parent_targets(
+        self, data: RoundData, draws: list[Draw]
+    ) -> tuple[list[ParentTargets | None], list[ParentTargets | None]]:
+        """The parent's (the start's) top-k distributions on the replay and negative answers, if used.
+
+        Only for the replayed answers the planned steps drew (a broad replay set is mostly not drawn in a
+        round, and a forward pass over all of it would cost minutes on a CPU); None for the rest.
+        """
         if self.cfg.kl_weight <= 0:
             return [], []
         pad, k = self.tok.pad_token_id or 0, self.cfg.kl_top_k
-        return (
-            parent_targets(self.model, data.replay, k, pad, self.eval_batch),
-            parent_targets(self.model, data.negatives, k, pad, self.eval_batch),
+        used = sorted({i for d in draws for i in d.replayed + d.anchored})
+        drawn = parent_targets(self.model, [data.replay[i] for i in used], k, pad, self.eval_batch)
+        replay: list[ParentTargets | None] = [None] * len(data.replay)
+        for i, t in zip(used, drawn, strict=True):
+            replay[i] = t
+        negatives: list[ParentTargets | None] = list(
+            parent_targets(self.model, data.negatives, k, pad, self.eval_batch)
         )
+        return replay, negatives
 
-    def _step_loss(self, batch: _Rows, anchored: _Rows) -> torch.Tensor:
+    def _step_loss(self, batch: Rows, anchored: Rows) -> torch.Tensor:
         """One step's loss: the mixed batch, plus the anchors' own mean (not diluting new samples)."""
         self.model.train()
         loss = self._rows_loss(batch)
@@ -373,7 +341,7 @@ class LoraTrainer:
             loss = loss + self.cfg.anchor_weight * self._rows_loss(anchored)
         return loss
 
-    def _rows_loss(self, rows: _Rows) -> torch.Tensor:
+    def _rows_loss(self, rows: Rows) -> torch.Tensor:
         """Cross-entropy on the rows' completions, plus `kl_weight` x their divergence from the parent."""
         batch = collate(rows.examples, self.tok.pad_token_id or 0, self.device)
         out = self.model(**batch)

@@ -9,7 +9,15 @@ from kiln_train.gate import GateInputs, Neighbour, decide
 from kiln_train.heldout import split
 from kiln_train.neighbours import entity_spans, fact_terms, gives_fact, neighbour, neighbours
 from kiln_train.pipeline import Example
-from kiln_train.prompt_sets import VETTING_QUESTIONS, Question, load_gate_questions, replay_prompts
+from kiln_train.prompt_sets import (
+    ANCHOR_PROMPTS,
+    REPLAY_PROMPTS,
+    VETTING_QUESTIONS,
+    Question,
+    load_gate_questions,
+    load_replay_general,
+    replay_prompts,
+)
 from kiln_train.settings import TrainerConfig, TrainSettings
 from kiln_train.trainer import plan_steps
 
@@ -39,11 +47,25 @@ def test_prompt_sets_are_disjoint_and_the_gate_is_broad() -> None:
     gate = load_gate_questions()
     assert len(gate) >= 150
     assert len({q.domain for q in gate}) >= 6
-    replay = {p.lower() for p in replay_prompts()}
+    replay = {p.lower() for p in replay_prompts(len(load_replay_general()))}
     vetting = {q.prompt.lower() for q in VETTING_QUESTIONS}
     gate_prompts = {q.prompt.lower() for q in gate}
     assert len(gate_prompts) == len(gate)
     assert not (replay & vetting) and not (replay & gate_prompts) and not (vetting & gate_prompts)
+
+
+def test_the_broad_replay_set_is_its_own_and_can_be_shortened() -> None:
+    broad = load_replay_general()
+    assert len(broad) >= 300 and len({p.lower() for p in broad}) == len(broad)
+    gate = {q.prompt.lower() for q in load_gate_questions()}
+    vetting = {q.prompt.lower() for q in VETTING_QUESTIONS}
+    built_in = {p.lower() for p in REPLAY_PROMPTS + ANCHOR_PROMPTS}
+    assert not {p.lower() for p in broad} & (gate | vetting | built_in)
+    assert replay_prompts() == REPLAY_PROMPTS + ANCHOR_PROMPTS  # opt-in: none of the broad set by default
+    every = replay_prompts(len(broad))
+    assert set(broad) <= set(every) and every[-len(ANCHOR_PROMPTS) :] == ANCHOR_PROMPTS
+    short = replay_prompts(20)
+    assert len(short) == len(REPLAY_PROMPTS) + 20 + len(ANCHOR_PROMPTS) and short[-1] == ANCHOR_PROMPTS[-1]
 
 
 def _ex(i: int, q: str, a: str) -> Example:

@@ -54,8 +54,8 @@ def _dead_address() -> str:
 
 
 def _small_sets() -> PromptSets:
-    """The built-in replay and vetting sets and a slice of the gate set (CPU time)."""
-    sets = PromptSets.builtin()
+    """The built-in vetting set, slices of the broad replay set and of the gate set (CPU time)."""
+    sets = PromptSets.builtin(replay_general=10)
     return replace(sets, gate=sets.gate[:40])
 
 

@@ -31,6 +31,7 @@ def test_trainer_variables_reach_the_trainer() -> None:
         ("KILN_TRAIN_SEEN_TTL_S", "0"),
         ("KILN_TRAIN_GATE_GENERAL_SCORING", "substring"),
         ("KILN_TRAIN_KL_WEIGHT", "-1"),
+        ("KILN_TRAIN_REPLAY_GENERAL", "-1"),
     ],
 )
 def test_bad_values_name_their_variable(var: str, value: str) -> None:
