@@ -34,7 +34,7 @@ up: setup
 # PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS="-k adapters".
 PYTEST_ARGS ?=
 test: setup
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=12 tests $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check kiln_common kiln_infer kiln_train benchmarks tests
