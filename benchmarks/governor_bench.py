@@ -36,6 +36,10 @@ log = logging.getLogger("benchmarks.governor_bench")
 GPU_MODELS = "dummy:llama-3.2-1b,dummy:llama-3.1-8b"
 
 
+SCENARIOS = ("idle", "alone", "governed", "ungoverned")
+DEFAULT_SCENARIOS = ("idle", "alone", "governed")
+
+
 @dataclass(frozen=True)
 class Plan:
     """Sizes of one run (the issue's on a GPU, tiny ones with --cpu)."""
@@ -54,6 +58,8 @@ class Plan:
     # starts while serving is busy (the requests of those seconds are outside the round's window)
     warmup_s: float = 5.0
     cover: float = 1.6  # serving's load lasts the warm-up plus this many standalone rounds
+    # which scenarios to run (capacity and standalone always run unless reused: the rest depend on them)
+    scenarios: frozenset[str] = frozenset(DEFAULT_SCENARIOS)
     reuse: dict[str, Any] = field(
         default_factory=dict
     )  # capacity / standalone / idle_governed measured before
@@ -205,7 +211,11 @@ def capacity(target: str, w: w1.Workload, vocab: int, probe_s: float) -> dict[st
 
 
 def run_model(spec: str, home: Path, plan: Plan, cpu: bool, out: Path) -> dict[str, Any]:
-    """Every scenario for one model against one kiln-infer; `out` holds the results so far after each one."""
+    """The chosen scenarios for one model against one kiln-infer; `out` holds the results so far after each one.
+
+    Results in `plan.reuse` (an earlier run's JSON, same model, machine and commit) are kept and not run again,
+    so a run too long for one call can be split: capacity and standalone, then idle, then each load scenario.
+    """
     w = workload(spec, cpu)
     os.environ["KILN_KV_MEMORY_FRACTION"] = str(plan.kv_memory_fraction)
     port = free_port()
@@ -216,47 +226,85 @@ def run_model(spec: str, home: Path, plan: Plan, cpu: bool, out: Path) -> dict[s
     vocab = int(model_config(spec, home).vocab_size)
     result: dict[str, Any] = {"model": spec, **plan.reuse}
     try:
-        if "capacity" not in result:
+        if "capacity" not in result:  # every load's rate is a fraction of it
             result["capacity"] = capacity(target, w, vocab, plan.probe_s)
-        result["capacity_rps"] = cap = result["capacity"]["rps"]
-        if "standalone" not in result:
+        result["capacity_rps"] = result["capacity"]["rps"]
+        if "standalone" not in result:  # the reference throughput, and how long a load must last
             result["standalone"] = train_alone(spec, home, plan, governor=False)
             log.info("%s standalone: %s", spec, result["standalone"])
+        out.write_text(json.dumps([result], indent=1))
+        if "idle" in plan.scenarios and "idle_governed" not in result:
             result["idle_governed"] = train_alone(spec, home, plan, governor=True)
             log.info("%s governed, no traffic: %s", spec, result["idle_governed"])
-        standalone = result["standalone"]
-        result["loads"] = loads = []
-        for i, fraction in enumerate(plan.loads):
-            rate = fraction * cap
-            # long enough to cover the warm-up and the round, which the governor may stretch
-            n = max(8, int(rate * (standalone["seconds"] * plan.cover + plan.warmup_s)))
-            reqs = requests(w, vocab, n, seed=100 + i)
-            entry: dict[str, Any] = {"load": fraction, "rate_rps": rate, "requests": n}
-            loads.append(entry)
-            entry["alone"] = latency(burst(target, reqs, n, CLIENT_PROCESSES, rate=rate))
+            out.write_text(json.dumps([result], indent=1))
+        _loads(target, spec, home, plan, w, vocab, result, out)
+    finally:
+        stop(proc)
+    return result
+
+
+def _loads(
+    target: str,
+    spec: str,
+    home: Path,
+    plan: Plan,
+    w: w1.Workload,
+    vocab: int,
+    result: dict[str, Any],
+    out: Path,
+) -> None:
+    """Per serving load: serving alone, beside governed training, beside ungoverned (those chosen and not reused)."""
+    earlier = {e["load"]: e for e in result.get("loads", [])}
+    result["loads"] = loads = []
+    for i, fraction in enumerate(plan.loads):
+        rate = fraction * result["capacity_rps"]
+        # long enough to cover the warm-up and the round, which the governor may stretch
+        n = max(8, int(rate * (result["standalone"]["seconds"] * plan.cover + plan.warmup_s)))
+        entry: dict[str, Any] = earlier.get(fraction) or {"load": fraction, "rate_rps": rate, "requests": n}
+        loads.append(entry)
+        reqs = requests(w, vocab, entry["requests"], seed=100 + i)
+        if "alone" in plan.scenarios and "alone" not in entry:
+            entry["alone"] = latency(burst(target, reqs, len(reqs), CLIENT_PROCESSES, rate=entry["rate_rps"]))
             log.info("%s at %.2f of capacity, alone: %s", spec, fraction, json.dumps(entry["alone"]))
             out.write_text(json.dumps([result], indent=1))
+        if "governed" in plan.scenarios and "governed" not in entry:
+            if "alone" not in entry:
+                raise SystemExit(
+                    "the governed scenario needs serving alone at the same load (scenario 'alone')"
+                )
             # The round starts while serving is busy, so a relative budget would see no idle window: give the
-            # governor serving's own TPOT p99 (measured just now) with a margin under the judged +15%.
+            # governor serving's own TPOT p99 (measured alone) with a margin under the judged +15%.
             budget = (
                 entry["alone"]["tpot_ms"][1] * plan.budget_factor,
                 entry["alone"]["ttft_ms"][1] * plan.ttft_budget_factor,
             )
             entry["budget_ms"] = list(budget)
-            entry["governed"] = serve_beside(target, spec, home, plan, reqs, rate, budget)
-            log.info(
-                "%s governed: %s",
-                spec,
-                json.dumps({k: v for k, v in entry["governed"].items() if k != "trace"}),
-            )
+            entry["governed"] = serve_beside(target, spec, home, plan, reqs, entry["rate_rps"], budget)
+            shown = {k: v for k, v in entry["governed"].items() if k != "trace"}
+            log.info("%s governed: %s", spec, json.dumps(shown))
             out.write_text(json.dumps([result], indent=1))
-            if plan.ungoverned:
-                entry["ungoverned"] = serve_beside(target, spec, home, plan, reqs, rate)
-                log.info("%s ungoverned: %s", spec, json.dumps(entry["ungoverned"]))
-                out.write_text(json.dumps([result], indent=1))
-    finally:
-        stop(proc)
-    return result
+        if "ungoverned" in plan.scenarios and "ungoverned" not in entry:
+            entry["ungoverned"] = serve_beside(target, spec, home, plan, reqs, entry["rate_rps"])
+            log.info("%s ungoverned: %s", spec, json.dumps(entry["ungoverned"]))
+            out.write_text(json.dumps([result], indent=1))
+
+
+def scenarios(names: str, ungoverned: bool) -> frozenset[str]:
+    """The scenarios named (comma-separated), plus 'ungoverned' with --ungoverned; SystemExit on an unknown one."""
+    chosen = {n.strip() for n in names.split(",") if n.strip()} | ({"ungoverned"} if ungoverned else set())
+    unknown = chosen - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"--scenarios: unknown {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+    return frozenset(chosen)
+
+
+def reused(path: Path) -> dict[str, Any]:
+    """An earlier run's results to keep: its OUT.json (a list, one entry per model) or one model's dict."""
+    try:
+        data = json.loads(path.read_text())
+        return dict(data[0] if isinstance(data, list) else data)
+    except (OSError, ValueError, IndexError, TypeError) as exc:
+        raise SystemExit(f"--reuse {path}: not an earlier run's JSON ({exc})") from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--loads", default="0.5", help="serving rates as fractions of capacity [0.5]")
     parser.add_argument("--ungoverned", action="store_true", help="also train without the governor")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"of {','.join(SCENARIOS)}; with --reuse, splits a long run over several calls [%(default)s]",
+    )
     parser.add_argument("--kv-memory-fraction", type=float, default=0.4)
     parser.add_argument("--train-memory-fraction", type=float, default=0.35)
     parser.add_argument("--budget-factor", type=float, default=1.10, help="budget: alone's TPOT p99 x this")
@@ -276,9 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cover", type=float, default=1.6, help="load length in standalone rounds [1.6]")
     parser.add_argument(
         "--reuse",
-        type=Path,
-        help="JSON with capacity, standalone and idle_governed of an earlier run of the same model, machine "
-        "and commit: skips those scenarios (for a device-time budget)",
+        type=str,
+        help="an earlier run's OUT.json (same model, machine and commit): its results are kept and those "
+        "scenarios skipped, so a run can be split over calls (with --scenarios)",
     )
     parser.add_argument("--out", type=Path, default=Path("governor"), help="writes OUT.json and OUT.png")
     args = parser.parse_args(argv)
@@ -290,14 +343,23 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps != 200 else 3
         plan = Plan(steps, 2, 64, plan.loads, 0.5, 0.0, args.ungoverned, args.budget_factor, warmup_s=1.0)
     home = args.home or Path(os.environ.get("KILN_HOME") or tempfile.mkdtemp(prefix="kiln-governor-"))
-    plan = replace(plan, cover=args.cover)
-    if args.reuse:
-        plan = replace(plan, reuse=json.loads(args.reuse.read_text()))
+    plan = replace(plan, cover=args.cover, scenarios=scenarios(args.scenarios, args.ungoverned))
+    if args.reuse:  # "" (an unset GOV_REUSE in gpu_suite) reuses nothing
+        plan = replace(plan, reuse=reused(Path(args.reuse)))
     results = [run_model(spec, home, plan, args.cpu, args.out.with_suffix(".json")) for spec in models]
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    if not all(complete(r) for r in results):  # a part of a split run: the next call --reuse-s this JSON
+        print(f"partial results written to {args.out.with_suffix('.json')} (not judged)")
+        return 0
     print(table(results))
     plot(results, args.out.with_suffix(".png"))
     return 0 if all(v["pass"] for r in results for v in judge(r)) or args.cpu else 1
+
+
+def complete(result: dict[str, Any]) -> bool:
+    """Whether a model's results hold everything the table and the verdicts read."""
+    loads = result.get("loads") or []
+    return "idle_governed" in result and bool(loads) and all("alone" in e and "governed" in e for e in loads)
 
 
 if __name__ == "__main__":

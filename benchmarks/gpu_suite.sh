@@ -60,5 +60,12 @@ step governor python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b -
 # the loads only, reusing an earlier run's capacity, standalone and idle rounds (a device-time budget)
 step governor_loads python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --ungoverned --home "$KILN_HOME" \
   --reuse docs/runs/governor-1b-part1-reuse.json --out "$OUT/governor-1b"
+# A run too long for one 10-minute call (the 8B shape: ~1.6 s a step, so ~5.5 min a round) goes in parts: part a
+# measures capacity and standalone; each next part --reuse-s the previous part's JSON (copied into docs/runs/,
+# GOV_REUSE=that path) and runs GOV_SCENARIOS (idle, alone, governed, ungoverned; one or two per call).
+step governor_8b_a python3 -m benchmarks.governor_bench --models dummy:llama-3.1-8b --home "$KILN_HOME" \
+  --scenarios "" --out "$OUT/governor-8b-a"
+step governor_next python3 -m benchmarks.governor_bench --models "${GOV_MODEL:-dummy:llama-3.1-8b}" \
+  --home "$KILN_HOME" --reuse "${GOV_REUSE:-}" --scenarios "${GOV_SCENARIOS:-idle}" --cover 1.1 --out "$OUT/governor-next"
 step governor_8b python3 -m benchmarks.governor_bench --models dummy:llama-3.1-8b --ungoverned --home "$KILN_HOME" --out "$OUT/governor-8b"
 exit $status

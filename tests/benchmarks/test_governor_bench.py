@@ -7,13 +7,15 @@ which takes minutes on two cores; these tests cover each piece it is made of.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.governor_bench import latency, steps_per_s
+from benchmarks.governor_bench import complete, latency, reused, scenarios, steps_per_s
 from benchmarks.governor_report import judge, plot, table
 from benchmarks.governor_trainer import _PadOnly, synthetic_batch, train_steps
 from benchmarks.grpc_load import BurstResult, StreamTiming
@@ -117,3 +119,19 @@ def test_verdicts_table_and_plot(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results[0]["loads"][0]["governed"]["tpot_ms"][1] = 30.0
     assert not {v["check"]: v["pass"] for v in judge(results[0])}["TPOT p99 @0.5"]
+
+
+def test_a_long_run_splits_into_scenarios_and_reuses_what_ran(tmp_path: Path) -> None:
+    assert scenarios("idle,alone,governed", ungoverned=True) == {"idle", "alone", "governed", "ungoverned"}
+    assert scenarios(" alone ", ungoverned=False) == {"alone"}
+    with pytest.raises(SystemExit, match="unknown \\['gverned'\\]"):
+        scenarios("alone,gverned", ungoverned=False)
+    part = {"model": "m", "capacity": {"rps": 10.0}, "standalone": {"steps_per_s": 4.0, "seconds": 50.0}}
+    (tmp_path / "a.json").write_text(json.dumps([part]))  # a run's OUT.json: one entry per model
+    (tmp_path / "b.json").write_text(json.dumps(part))  # or one model's results
+    assert reused(tmp_path / "a.json") == part == reused(tmp_path / "b.json")
+    with pytest.raises(SystemExit, match="--reuse"):
+        reused(tmp_path / "missing.json")
+    assert not complete(part)  # a part: written, not judged
+    done = {**part, "idle_governed": {}, "loads": [{"load": 0.5, "alone": {}, "governed": {}}]}
+    assert complete(done) and not complete({**done, "loads": [{"load": 0.5, "alone": {}}]})
