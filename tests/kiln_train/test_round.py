@@ -54,8 +54,8 @@ def _dead_address() -> str:
 
 
 def _small_sets() -> PromptSets:
-    """The built-in vetting set, slices of the broad replay set and of the gate set (CPU time)."""
-    sets = PromptSets.builtin(replay_general=10)
+    """The default replay and vetting sets and the gate's first 40 questions (CPU time)."""
+    sets = PromptSets.builtin()
     return replace(sets, gate=sets.gate[:40])
 
 
