@@ -217,10 +217,11 @@ class LoraTrainer:
         return out
 
     @torch.no_grad()
-    def generate(self, prompts: list[TextPair], max_new_tokens: int, batch_size: int = 128) -> list[str]:
+    def generate(self, prompts: list[TextPair], max_new_tokens: int) -> list[str]:
         """Greedy completions of `prompts` by the current weights (left-padded batches)."""
         self.model.eval()
         out: list[str] = []
+        batch_size = 128 if self.device.type == "cuda" else 64  # rows per batch
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         for i in range(0, len(prompts), batch_size):
             ids = [prompt_ids(self.tok, p) for p in prompts[i : i + batch_size]]
