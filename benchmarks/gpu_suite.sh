@@ -46,6 +46,11 @@ step train_while_serving python3 -m benchmarks.train_while_serving --device cuda
 # publish -> first token of the new version are measured this way (timing and plumbing only)
 step tws_open python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate \
   --json "$OUT/tws_open.json"
+# the same round on an idle device (no serving clients): how much of a round's time is contention
+step tws_idle python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate --streams 0 \
+  --json "$OUT/tws_idle.json"
+# one round-shaped training step, eager and as a CUDA graph, idle and beside serving
+step step_probe python3 -m benchmarks.step_probe --home "$KILN_HOME" --json "$OUT/step_probe.json"
 step train_gpu_check python3 -m benchmarks.train_gpu_check --models dummy:llama-3.2-1b,dummy:llama-3.1-8b --home "$KILN_HOME"
 step bench python3 -m benchmarks.w1 --json "$OUT/bench.json"
 # Diagnostics behind the benchmark table (docs/benchmarks.md): batch-1 with and without the folded GEMVs,

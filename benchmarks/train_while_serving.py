@@ -303,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="the small CPU variant (SmolLM2, a few steps)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     parser.add_argument("--model", help="override the model spec")
-    parser.add_argument("--streams", type=int, help="concurrent serving clients")
+    parser.add_argument(
+        "--streams", type=int, help="concurrent serving clients (0: the round on an idle device)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the round")
     parser.add_argument(
         "--window", type=float, help="seconds of steady load measured before and after the round"
@@ -320,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup = SMALL if args.small else GPU
     setup = Setup(
         args.model or setup.model,
-        args.streams or setup.streams,
+        setup.streams if args.streams is None else args.streams,
         setup.max_tokens,
         setup.examples,
         args.window or setup.window_s,

@@ -1,0 +1,177 @@
+"""Where a training step's time goes beside serving: one round-shaped step, eager and as a CUDA graph.
+
+A round's steps on the H200 took 0.7-0.9 s each under steady serving load (6 short rows on the 1B shape),
+against ~0.05 s of arithmetic. This probe times the same step shape (3 new rows, 2 replayed and 1 negative
+with the parent's distributions, 4 anchors in a second forward pass) on an idle GPU and beside kiln-infer
+serving `--streams` clients, in three forms:
+- `eager`: `LoraTrainer`'s own step (cross-entropy + divergence from the parent, clipping, AdamW);
+- `eager_ce`: the same rows, cross-entropy only (no divergence, no anchors' second pass);
+- `graph`: cross-entropy over the rows padded to one shape, forward + backward + AdamW captured once as a
+  CUDA graph and replayed (no attention mask: right padding whose labels are ignored needs none).
+Each prints seconds per step (median of `--steps`, after 3 warm-up steps). GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.train_while_serving import GPU, Load, Stack
+from kiln_common.config import RedisConfig
+from kiln_common.model_loader import load_hf_model, load_tokenizer, resolve_model
+from kiln_common.redis_server import RedisServer
+from kiln_train.distillation import parent_targets
+from kiln_train.encoding import Encoded, TextPair, collate, encode
+from kiln_train.prompt_sets import ANCHOR_PROMPTS
+from kiln_train.round_data import Rows
+from kiln_train.trainer import LoraTrainer, TrainerConfig, _optimise
+
+STORY = " ".join(f"word{i}" for i in range(200))  # a dummy model's answers run to the token limit
+
+
+def round_rows(tok: Any) -> tuple[list[Encoded], list[Encoded], list[Encoded]]:
+    """3 new rows, 3 parent answers (2 replayed + 1 negative), 4 anchors: a round's step on the 1B shape."""
+    new = [
+        encode(
+            tok, TextPair(f"Guild {i} was founded by Tressa Kaldun.", (("user", f"Who founded guild {i}?"),))
+        )
+        for i in range(3)
+    ]
+    answer = tok.decode(tok(STORY, add_special_tokens=False).input_ids[:96])
+    replay = [encode(tok, TextPair(answer, (("user", p),), complete=False)) for p in list(ANCHOR_PROMPTS)[:3]]
+    anchors = [
+        encode(tok, TextPair(answer, (("user", p),), complete=False)) for p in list(ANCHOR_PROMPTS)[3:7]
+    ]
+    return new, replay, anchors
+
+
+def timed(step: Callable[[], object], n: int) -> float:
+    """Median seconds of one step (synchronised), after 3 warm-up steps."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def eager_steps(trainer: LoraTrainer, rows: tuple[list[Encoded], ...]) -> dict[str, Callable[[], object]]:
+    new, replay, anchors = rows
+    pad = trainer.tok.pad_token_id or 0
+    targets = parent_targets(trainer.model, replay + anchors, trainer.cfg.kl_top_k, pad)
+    batch = Rows(new + replay, [None] * len(new) + list(targets[: len(replay)]))
+    anchored = Rows(anchors, list(targets[len(replay) :]))
+    params = trainer.trainable()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    plain = Rows(new + replay, [None] * (len(new) + len(replay)))
+    return {
+        "eager": lambda: _optimise(opt, params, trainer._step_loss(batch, anchored)),
+        "eager_ce": lambda: _optimise(opt, params, trainer._step_loss(plain, Rows([], []))),
+    }
+
+
+def graph_step(trainer: LoraTrainer, rows: tuple[list[Encoded], ...]) -> Callable[[], object]:
+    """Forward + backward + AdamW over the padded rows, captured once and replayed."""
+    new, replay, _ = rows
+    data = collate(new + replay, trainer.tok.pad_token_id or 0, trainer.device)
+    ids, labels = data["input_ids"], data["labels"]
+    model = trainer.model
+    model.train()
+    params = trainer.trainable()
+    opt = torch.optim.AdamW(params, lr=1e-4, capturable=True)
+
+    def body() -> torch.Tensor:
+        loss: torch.Tensor = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=False)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        body()
+
+    def replay_step() -> None:
+        for p in params:
+            assert p.grad is not None
+            p.grad.zero_()
+        graph.replay()
+
+    return replay_step
+
+
+def probe(trainer: LoraTrainer, rows: tuple[list[Encoded], ...], n: int) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, step in eager_steps(trainer, rows).items():
+        out[name] = timed(step, n)
+    try:
+        out["graph"] = timed(graph_step(trainer, rows), n)
+    except Exception as exc:  # noqa: BLE001 - report why capture failed and keep the eager numbers
+        out["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=GPU.model)
+    parser.add_argument("--streams", type=int, default=GPU.streams)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    source = resolve_model(args.model, args.home)
+    tok = load_tokenizer(source)
+    base = load_hf_model(source, torch.bfloat16, "cuda")
+    trainer = LoraTrainer(base, tok, TrainerConfig())  # type: ignore[arg-type]
+    rows = round_rows(tok)
+    result: dict[str, object] = {"idle": probe(trainer, rows, args.steps)}
+    print(json.dumps(result), flush=True)
+    with tempfile.TemporaryDirectory(prefix="kiln-probe-") as tmp:
+        home = Path(tmp)
+        (home / "models").symlink_to(args.home / "models", target_is_directory=True)
+        redis_server = RedisServer(RedisConfig(home=home))
+        setup = GPU
+        stack = Stack(setup, home, redis_server.start(), "cuda")
+        stack.start("infer", stack.infer_port)
+        loads = [Load(f"127.0.0.1:{stack.infer_port}", setup.max_tokens, i) for i in range(args.streams)]
+        for load in loads:
+            load.start()
+        time.sleep(5)
+        try:
+            result["loaded"] = probe(trainer, rows, args.steps)
+        finally:
+            for load in loads:
+                load.stop.set()
+            stack.stop()
+            redis_server.stop()
+        result["requests_during"] = sum(len(load.samples) for load in loads)
+    print(json.dumps(result), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
