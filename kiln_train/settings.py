@@ -55,6 +55,8 @@ class TrainerConfig:
     # parent's (its top `kl_top_k` tokens), weighted by `kl_weight` (0 = cross-entropy on the answers only).
     kl_weight: float = 1.0
     kl_top_k: int = 16
+    # on a GPU, each step runs as one CUDA graph (kiln_train/graph_step.py); 0 = eager steps
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         _check_positive(

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
 from kiln_train.distillation import ParentTargets, divergence, parent_targets
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
+from kiln_train.graph_step import graphed
 from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw
 from kiln_train.settings import TrainerConfig
 
@@ -266,7 +267,6 @@ class LoraTrainer:
         cfg = self.cfg
         rng = random.Random(cfg.seed)
         params = self.trainable()
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         sizes = self._sizes(data)
         planned = plan_steps(len(data.train), sizes[0], cfg)
         clock = _Clock()
@@ -276,6 +276,8 @@ class LoraTrainer:
             before = self.loss(data.vetting)
             progress = _Progress(before, [p.detach().clone() for p in params], before)
             targets = self._parent_targets(data, draws)
+            rows = [batch_rows(data, d, targets) for d in draws]
+            optimise = self._stepper(params, rows)
         step, stop_reason = 0, "planned steps done"
         for step in range(1, planned + 1):
             with clock("wait"):
@@ -283,8 +285,7 @@ class LoraTrainer:
             if stopped:
                 raise InterruptedError("round stopped")
             with clock("compute"):
-                batch, anchored = batch_rows(data, draws[step - 1], targets)
-                progress.losses.append(_optimise(opt, params, self._step_loss(batch, anchored)))
+                progress.losses.append(optimise(*rows[step - 1]))
             if on_step is not None:
                 on_step(step, progress.losses[-1])
             if step % cfg.eval_every == 0 or step == planned:
@@ -305,6 +306,18 @@ class LoraTrainer:
         )
         self.model.eval()
         return _result(step, planned, stop_reason, before, progress, clock)
+
+    def _stepper(
+        self, params: list[torch.nn.Parameter], rows: list[tuple[Rows, Rows]]
+    ) -> Callable[[Rows, Rows], float]:
+        """One optimiser step on a step's rows: a replayed CUDA graph on a GPU (`cuda_graphs`), else eager."""
+        if self.cfg.cuda_graphs and self.device.type == "cuda" and rows:
+            try:
+                return graphed(self.model, params, self.cfg, rows, self.tok.pad_token_id or 0)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("training eagerly: the step could not be captured as a CUDA graph (%s)", exc)
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
+        return lambda batch, anchored: _optimise(opt, params, self._step_loss(batch, anchored))
 
     def _sizes(self, data: RoundData) -> tuple[int, int, int, int]:
         """Rows per step: new samples, replay, negatives (one batch), and anchors (their own term)."""

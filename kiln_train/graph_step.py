@@ -1,0 +1,208 @@
+"""A round's training step as one CUDA graph: fixed shapes, replayed each step.
+
+Beside serving on one GPU, an eager step of a few short rows is launch-bound: thousands of small kernels, each
+waiting for the driver to switch the GPU back from serving's context. The H200 probe (docs/benchmarks.md,
+`benchmarks/step_probe.py`) measured 1.43 s a step eager and 0.06 s as a graph under the same serving load.
+
+So on a GPU the whole step (zero the gradients, forward, loss, backward, clipping, AdamW) is captured once per
+round over tensors of one shape and replayed: each step's rows are right-padded to the round's widest row
+(padding is ignored by the labels and, with causal attention, by every real position, so no attention mask is
+needed), and the divergence from the parent is computed densely with per-position weights instead of picking
+positions. `dense_loss` is the same loss as `LoraTrainer._step_loss` (tests check they agree on a CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kiln_train.distillation import _completion_positions, _rest
+from kiln_train.encoding import IGNORE, Encoded
+from kiln_train.round_data import Rows
+from kiln_train.settings import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Slots:
+    """One forward pass's inputs at a fixed shape: [rows, width] ids and labels, and the parent's top-k
+    distributions at every predicting position ([rows, width - 1, k]) with weights (0 where none)."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+    target_ids: torch.Tensor
+    target_logp: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def empty(cls, rows: int, width: int, k: int, device: torch.device) -> Slots:
+        long = torch.long
+        return cls(
+            torch.zeros((rows, width), dtype=long, device=device),
+            torch.full((rows, width), IGNORE, dtype=long, device=device),
+            torch.zeros((rows, width - 1, k), dtype=long, device=device),
+            torch.zeros((rows, width - 1, k), dtype=torch.float32, device=device),
+            torch.zeros((rows, width - 1), dtype=torch.float32, device=device),
+        )
+
+    def fill(self, rows: Rows, pad_id: int) -> None:
+        """Copy `rows` in (right-padded); positions without a parent distribution get weight 0.
+
+        A row's divergence is the mean over its first n completion positions (n = its targets' length), and
+        the pass's divergence the mean over the rows that have any: so weight = 1 / (n x rows with targets).
+        """
+        n_rows, width = self.ids.shape
+        ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+        labels = torch.full((n_rows, width), IGNORE, dtype=torch.long)
+        weights = torch.zeros((n_rows, width - 1), dtype=torch.float32)
+        self.target_ids.zero_()
+        self.target_logp.zero_()
+        spans: list[tuple[int, torch.Tensor, int]] = []
+        for r, (e, target) in enumerate(zip(rows.examples, rows.targets, strict=True)):
+            ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids[:width])
+            labels[r, : len(e.labels)] = torch.tensor(e.labels[:width])
+            if target is None:
+                continue
+            pos = _completion_positions(labels[r])
+            n = min(len(pos), target.ids.shape[0])
+            if n:
+                spans.append((r, pos[:n], n))
+        for r, pos, n in spans:
+            weights[r, pos] = 1.0 / (n * len(spans))
+            target = rows.targets[r]
+            assert target is not None
+            index = pos.to(self.ids.device)
+            self.target_ids[r, index] = target.ids[:n]
+            self.target_logp[r, index] = target.logp[:n].float()
+        self.ids.copy_(ids)
+        self.labels.copy_(labels)
+        self.weights.copy_(weights)
+
+
+def pass_loss(model: torch.nn.Module, s: Slots, kl_weight: float) -> torch.Tensor:
+    """Mean cross-entropy on the labelled tokens + kl_weight x the weighted divergence from the parent."""
+    logits = model(input_ids=s.ids, use_cache=False).logits[:, :-1].float()
+    log_q_all = torch.log_softmax(logits, dim=-1)  # [rows, width - 1, vocab]
+    shift = s.labels[:, 1:]
+    valid = shift != IGNORE
+    nll = -log_q_all.gather(-1, shift.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    loss = (nll * valid).sum() / valid.sum()
+    if kl_weight <= 0:
+        return loss
+    log_q = log_q_all.gather(-1, s.target_ids)  # [rows, width - 1, k]
+    log_p = s.target_logp
+    p_rest = _rest(log_p)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - _rest(log_q).log())
+    return loss + kl_weight * (kl * s.weights).sum()
+
+
+def dense_loss(
+    model: torch.nn.Module, batch: Slots, anchors: Slots | None, kl_weight: float, anchor_weight: float
+) -> torch.Tensor:
+    """One step's loss over fixed-shape slots: the batch, plus anchor_weight x the anchors' own loss."""
+    loss = pass_loss(model, batch, kl_weight)
+    if anchors is not None:
+        loss = loss + anchor_weight * pass_loss(model, anchors, kl_weight)
+    return loss
+
+
+def width_of(examples: list[Encoded], multiple: int = 16) -> int:
+    """The widest example's length, rounded up to `multiple` (at least 2)."""
+    widest = max((len(e.input_ids) for e in examples), default=2)
+    return max(2, -(-widest // multiple) * multiple)
+
+
+class GraphedStep:
+    """zero grads → forward → loss → backward → clip to norm 1 → AdamW, captured once, replayed per step.
+
+    Capturing needs one real step first (cuBLAS workspaces, AdamW's state); its effect on the weights and the
+    optimiser's state is undone before the first real step, so a graphed round trains exactly as many steps
+    as an eager one.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: list[torch.nn.Parameter],
+        opt: torch.optim.Optimizer,
+        shapes: tuple[tuple[int, int], tuple[int, int]],  # (rows, width) of the batch and of the anchors
+        kl: tuple[float, float, int],  # kl_weight, anchor_weight, top k
+        first: tuple[Rows, Rows],
+        pad_id: int,
+    ) -> None:
+        device = params[0].device
+        (b_rows, b_width), (a_rows, a_width) = shapes
+        self.kl_weight, self.anchor_weight, k = kl
+        self.pad_id = pad_id
+        self.model, self.params, self.opt = model, params, opt
+        self.batch = Slots.empty(b_rows, b_width, k, device)
+        self.anchors = Slots.empty(a_rows, a_width, k, device) if a_rows else None
+        self._fill(*first)
+        saved = [p.detach().clone() for p in params]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(side):
+                self._body()
+        finally:
+            torch.cuda.current_stream(device).wait_stream(side)
+            _undo(params, saved, opt)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._body()
+
+    def _fill(self, batch: Rows, anchored: Rows) -> None:
+        self.batch.fill(batch, self.pad_id)
+        if self.anchors is not None:
+            self.anchors.fill(anchored, self.pad_id)
+
+    def _body(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=False)
+        loss = dense_loss(self.model, self.batch, self.anchors, self.kl_weight, self.anchor_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return loss.detach()
+
+    def __call__(self, batch: Rows, anchored: Rows) -> float:
+        """One optimiser step on these rows; returns its loss."""
+        self._fill(batch, anchored)
+        self.graph.replay()
+        return float(self.loss)
+
+
+@torch.no_grad()
+def _undo(params: list[torch.nn.Parameter], saved: list[torch.Tensor], opt: torch.optim.Optimizer) -> None:
+    """The weights back as saved and the optimiser's state zeroed in place (the graph keeps its addresses)."""
+    for p, s in zip(params, saved, strict=True):
+        p.copy_(s)
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
+
+
+def graphed(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    cfg: TrainerConfig,
+    steps: list[tuple[Rows, Rows]],
+    pad_id: int,
+) -> GraphedStep:
+    """A GraphedStep for a round whose steps' rows are `steps` (every step has the same row counts).
+
+    Widths are the widest row over all the round's steps; ValueError if the row counts differ.
+    """
+    counts = {(len(b.examples), len(a.examples)) for b, a in steps}
+    if len(counts) != 1:
+        raise ValueError(f"steps differ in rows per pass: {sorted(counts)}")
+    ((b_rows, a_rows),) = counts
+    b_width = width_of([e for b, _ in steps for e in b.examples])
+    a_width = width_of([e for _, a in steps for e in a.examples])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, capturable=True)
+    shapes = ((b_rows, b_width), (a_rows, a_width))
+    kl = (cfg.kl_weight, cfg.anchor_weight, cfg.kl_top_k)
+    return GraphedStep(model, params, opt, shapes, kl, steps[0], pad_id)

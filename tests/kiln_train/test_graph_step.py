@@ -1,0 +1,129 @@
+"""The graphed step's fixed-shape loss is the eager step's; on a GPU, graphed training is eager training."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kiln_train.distillation import parent_targets
+from kiln_train.encoding import IGNORE, Encoded
+from kiln_train.graph_step import Slots, dense_loss, graphed, width_of
+from kiln_train.round_data import RoundData, Rows, batch_rows, draw
+from kiln_train.trainer import LoraTrainer, TrainerConfig
+
+VOCAB = 96
+
+
+class _Tok:
+    pad_token_id = 0
+    eos_token_id = 1
+
+
+def _model(device: str = "cpu") -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).float().to(device)
+
+
+def _examples(n: int, seed: int) -> list[Encoded]:
+    """Rows of different lengths, each a prompt (masked) and a completion."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt, completion = rng.randint(3, 9), rng.randint(2, 20)
+        ids = [rng.randrange(2, VOCAB) for _ in range(prompt + completion)]
+        out.append(Encoded(ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def _round(cfg: TrainerConfig, device: str = "cpu") -> tuple[LoraTrainer, RoundData]:
+    trainer = LoraTrainer(_model(device), _Tok(), cfg)  # type: ignore[arg-type]
+    data = RoundData(
+        train=_examples(5, 1), vetting=_examples(2, 2), replay=_examples(8, 3), negatives=_examples(3, 4)
+    )
+    data.anchors = [0, 2, 4, 6]
+    return trainer, data
+
+
+def _nudge(trainer: LoraTrainer) -> None:
+    """LoRA weights off zero: the candidate differs from the parent, so the divergence is not 0."""
+    with torch.no_grad():
+        for p in trainer.trainable():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def _slots(rows: Rows, k: int, device: torch.device) -> Slots:
+    slots = Slots.empty(len(rows.examples), width_of(rows.examples), k, device)
+    slots.fill(rows, pad_id=0)
+    return slots
+
+
+@pytest.mark.parametrize("kl_weight", [1.0, 0.0])
+def test_dense_loss_matches_the_eager_step_loss(kl_weight: float) -> None:
+    cfg = TrainerConfig(kl_weight=kl_weight, kl_top_k=4, anchor_weight=0.7, cuda_graphs=False)
+    trainer, data = _round(cfg)
+    rng = random.Random(0)
+    draws = [draw(data, [], rng, trainer._sizes(data)) for _ in range(3)]
+    targets = trainer._parent_targets(data, draws)
+    _nudge(trainer)
+    device = torch.device("cpu")
+    for d in draws:
+        batch, anchored = batch_rows(data, d, targets)
+        assert anchored.examples and any(t is not None for t in batch.targets) == (kl_weight > 0)
+        eager = trainer._step_loss(batch, anchored)
+        dense = dense_loss(
+            trainer.model, _slots(batch, 4, device), _slots(anchored, 4, device), kl_weight, 0.7
+        )
+        torch.testing.assert_close(dense, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_average_over_rows_with_targets_and_their_positions() -> None:
+    model = _model()
+    rows = _examples(4, 7)
+    targets = parent_targets(model, rows[1:3], 3, pad_id=0)
+    slots = _slots(Rows(rows, [None, *targets, None]), 3, torch.device("cpu"))
+    assert slots.ids.shape[1] % 16 == 0 and slots.ids.shape[1] >= max(len(e.input_ids) for e in rows)
+    per_row = slots.weights.sum(1)
+    torch.testing.assert_close(per_row, torch.tensor([0.0, 0.5, 0.5, 0.0]))
+    for r in (1, 2):  # the weighted positions are exactly the row's completion-predicting positions
+        labels = torch.tensor(rows[r].labels)
+        completion = (labels[1:] != IGNORE).nonzero().squeeze(-1)
+        assert slots.weights[r].nonzero().squeeze(-1).tolist() == completion.tolist()
+        assert torch.equal(slots.target_ids[r, completion], targets[r - 1].ids)
+    no_targets = _slots(Rows(rows, [None] * 4), 3, torch.device("cpu"))
+    assert float(no_targets.weights.sum()) == 0.0
+
+
+def test_a_round_whose_steps_differ_in_rows_is_not_graphed() -> None:
+    trainer, _ = _round(TrainerConfig(cuda_graphs=False))
+    a, b = _examples(3, 1), _examples(2, 2)
+    steps = [(Rows(a, [None] * 3), Rows([], [])), (Rows(b, [None] * 2), Rows([], []))]
+    with pytest.raises(ValueError, match="rows per pass"):
+        graphed(trainer.model, trainer.trainable(), trainer.cfg, steps, pad_id=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run through the device tool)")
+def test_graphed_training_follows_eager_training_on_a_gpu(caplog: pytest.LogCaptureFixture) -> None:
+    results = []
+    for graphs in (False, True):
+        cfg = TrainerConfig(
+            kl_top_k=4, min_steps=8, max_steps=8, eval_every=4, patience=5, cuda_graphs=graphs, lr=1e-3
+        )
+        trainer, data = _round(cfg, "cuda")
+        caplog.clear()
+        result = trainer.train(data)
+        assert ("training eagerly" in caplog.text) is False, caplog.text  # captured when asked to be
+        weights = torch.cat([p.detach().flatten() for p in trainer.trainable()])
+        results.append((result, weights))
+    (eager, w_eager), (graph, w_graph) = results
+    assert graph.steps == eager.steps == 8
+    assert graph.losses[-1] < graph.losses[0]  # it learned
+    torch.testing.assert_close(torch.tensor(graph.losses), torch.tensor(eager.losses), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(w_graph, w_eager, rtol=1e-3, atol=1e-4)
