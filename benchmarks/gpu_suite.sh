@@ -33,6 +33,7 @@ torch.cuda.get_device_name())"
 step stubs python3 -c "from kiln.v1 import inference_pb2_grpc, adapter_pb2_grpc, training_pb2_grpc; print('stubs import')"
 # tests/kiln_infer/http needs FastAPI, which the GPU image lacks (and holds no GPU test)
 step gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests --ignore=tests/kiln_infer/http
+step train_gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/kiln_train
 # W1 in-process before and after a change, in the same job: .baseline holds the earlier commit's packages
 # (git archive <commit> kiln_common kiln_infer kiln_train | tar -x -C .baseline), carried like .wheels.
 step before bash -c "cd .baseline && PYTHONPATH=\$PWD:/tmp/pyx python3 -m kiln_infer.bench --skip-baselines --json $OUT/before.json"
