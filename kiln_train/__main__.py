@@ -43,12 +43,13 @@ from kiln_train.evaluator import PromptSets, ReferenceCache
 from kiln_train.governor import GovernorSettings, start_governor
 from kiln_train.governor_metrics import GovernorCollector
 from kiln_train.metrics import TrainMetrics
-from kiln_train.parent_client import ParentClient, infer_key
+from kiln_train.parent_client import ParentClient, ParentUnavailableError, infer_key
 from kiln_train.pipeline import Pipeline
 from kiln_train.servicer import TrainingServicer
 from kiln_train.settings import TrainSettings
 from kiln_train.training_round import RoundRunner
 
+WARM_TENANT = "kiln-train"  # who asks kiln-infer for the base model's reference answers at start
 log = logging.getLogger("kiln_train")
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
@@ -72,6 +73,7 @@ class TrainServer:
         self._redis_server = RedisServer(config.redis)
         self._daemon: TrainingDaemon | None = None
         self._grpc: grpc.Server | None = None
+        self._stopping = threading.Event()
 
     def start(self) -> int:
         """Bring everything up; returns the bound port."""
@@ -97,6 +99,8 @@ class TrainServer:
         )
         self.metrics.watch(self._daemon.status)
         self._daemon.start()
+        if s.warm_reference and torch.cuda.is_available():
+            threading.Thread(target=self._warm, args=(runner,), name="kiln-train-warm", daemon=True).start()
         if self._metrics_port is not None:
             start_metrics_server(self._metrics_port, self.metrics.registry, cfg.host)
 
@@ -141,8 +145,25 @@ class TrainServer:
         )
         return RoundRunner(registry, tok, s, references, parent)
 
+    def _warm(self, runner: RoundRunner, attempts: int = 150, wait_s: float = 2.0) -> None:
+        """The base model's reference answers, asked of kiln-infer once it answers (a first round then only
+        asks its own near neighbours). Best effort: a round asks for them itself if this has not finished."""
+        for _ in range(attempts):
+            try:
+                runner.warm_base(WARM_TENANT)
+                return
+            except ParentUnavailableError as exc:
+                log.debug("base reference not warmed yet: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - best effort: the first round asks again and reports
+                log.warning("warming the base reference failed: %s", exc)
+                return
+            if self._stopping.wait(wait_s):
+                return
+        log.warning("kiln-infer did not answer for the base reference; the first round will ask")
+
     def stop(self) -> None:
         """Stop serving, stop the daemon (a running round's samples stay buffered), stop owned Redis."""
+        self._stopping.set()
         if self._grpc is not None:
             self._grpc.stop(grace=5.0).wait()
         if self._daemon is not None:

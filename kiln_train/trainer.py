@@ -53,7 +53,7 @@ class TrainResult:
     stop_reason: str = ""
     refused: int = 0
     # where the seconds went: setup (start loss, parent targets), compute (steps), wait (should_stop: the
-    # governor's pacing and pauses), eval (vetting loss), vet (checking candidates)
+    # governor's pacing and pauses), eval (vetting loss), vet (checking candidates), capture (CUDA graph)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -243,11 +243,13 @@ class LoraTrainer:
     def next_token_logprobs(self, texts: list[str]) -> list[torch.Tensor]:
         """Per text: log-softmax of the next-token logits at every position, [n_tokens, vocab]."""
         self.model.eval()
-        out: list[torch.Tensor] = []
-        for text in texts:
-            ids = torch.tensor([self.tok(text).input_ids], device=self.device)
-            out.append(torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1))
-        return out
+        ids = [list(self.tok(text).input_ids) for text in texts]  # one right-padded pass: causal, so exact
+        width, pad = max((len(x) for x in ids), default=0), self.tok.pad_token_id or 0
+        if not ids:
+            return []
+        batch = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.device)
+        logits = self.model(input_ids=batch).logits.float()
+        return [torch.log_softmax(logits[i, : len(x)], dim=-1) for i, x in enumerate(ids)]
 
     def train(
         self,
@@ -277,6 +279,7 @@ class LoraTrainer:
             progress = _Progress(before, [p.detach().clone() for p in params], before)
             targets = self._parent_targets(data, draws)
             rows = [batch_rows(data, d, targets) for d in draws]
+        with clock("capture"):
             optimise = self._stepper(params, rows)
         step, stop_reason = 0, "planned steps done"
         for step in range(1, planned + 1):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -81,6 +82,12 @@ class RoundRunner:
         self.settings = settings
         self.references = references
         self.parent = parent
+        self._asking = threading.Lock()  # one ask per reference: a round waits for the warm-up's answers
+
+    def warm_base(self, tenant: str) -> None:
+        """Ask kiln-infer for the base model's reference answers now, before a round needs them (they are
+        shared by every adapter's first round). ParentUnavailableError while kiln-infer is not up."""
+        self._reference(RoundRecord("warm-up", tenant, "", 0))
 
     def run(
         self,
@@ -286,6 +293,10 @@ class RoundRunner:
     def _reference(self, record: RoundRecord) -> Reference:
         """The parent's answers to the replay, vetting and gate prompts (kiln-infer, cached per version)."""
         tenant, adapter, parent = record.tenant, record.adapter, record.parent_version
+        with self._asking:
+            return self._reference_locked(tenant, adapter, parent)
+
+    def _reference_locked(self, tenant: str, adapter: str, parent: int) -> Reference:
         reference = self.references.get(tenant, adapter, parent)
         if reference is None:
             log.info("asking kiln-infer for %s/%s@v%d's reference answers", tenant, adapter, parent)
