@@ -71,7 +71,7 @@ def timed(step: Callable[[], object], n: int) -> float:
 def eager_steps(trainer: LoraTrainer, rows: tuple[list[Encoded], ...]) -> dict[str, Callable[[], object]]:
     new, replay, anchors = rows
     pad = trainer.tok.pad_token_id or 0
-    targets = parent_targets(trainer.model, replay + anchors, trainer.cfg.kl_top_k, pad)
+    targets = parent_targets(trainer.logits, replay + anchors, trainer.cfg.kl_top_k, pad, trainer.device)
     batch = Rows(new + replay, [None] * len(new) + list(targets[: len(replay)]))
     anchored = Rows(anchors, list(targets[len(replay) :]))
     params = trainer.trainable()

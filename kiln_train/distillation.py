@@ -14,6 +14,7 @@ the parent's top k tokens and "any other token" (semantics, per example with n c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +35,23 @@ def _completion_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[1:] != IGNORE).nonzero().squeeze(-1)
 
 
+Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> logits
+
+
+def model_logits(model: torch.nn.Module) -> Logits:
+    """A model's eager forward pass as a `Logits` function."""
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+
+
 @torch.no_grad()
 def parent_targets(
-    model: torch.nn.Module, data: list[Encoded], k: int, pad_id: int, batch_size: int = 8
+    logits_of: Logits, data: list[Encoded], k: int, pad_id: int, device: torch.device, batch_size: int = 8
 ) -> list[ParentTargets]:
     """The current model's top-k log-probabilities on each example's completion tokens."""
-    device = next(model.parameters()).device
     out: list[ParentTargets] = []
     for i in range(0, len(data), batch_size):
         batch = collate(data[i : i + batch_size], pad_id, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits_of(batch["input_ids"], batch["attention_mask"])
         for row, labels in zip(logits, batch["labels"], strict=True):
             pos = _completion_positions(labels)
             logp = torch.log_softmax(row[pos].float(), dim=-1)  # [n, vocab]

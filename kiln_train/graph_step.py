@@ -206,3 +206,43 @@ def graphed(
     shapes = ((b_rows, b_width), (a_rows, a_width))
     kl = (cfg.kl_weight, cfg.anchor_weight, cfg.kl_top_k)
     return GraphedStep(model, params, opt, shapes, kl, steps[0], pad_id)
+
+
+class GraphedForward:
+    """The model's logits for up to `rows` right-padded rows of up to `width` tokens, as a CUDA graph.
+
+    A round's evaluations (vetting losses, the parent's distributions, the gate's losses and log-likelihoods)
+    are a dozen forward passes of the same few shapes; eager, each waits for the GPU thousands of times beside
+    serving. One graph over the largest shape serves them all: inputs are padded to it, and causal attention
+    keeps padding after a row's end from changing its real positions. The logits returned are a view of the
+    graph's output buffer, valid until the next call.
+    """
+
+    def __init__(self, model: torch.nn.Module, rows: int, width: int, pad_id: int) -> None:
+        device = next(model.parameters()).device
+        self.model, self.rows, self.width, self.pad_id = model, rows, width, pad_id
+        self.ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():
+            self._logits()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = self._logits()
+
+    def _logits(self) -> torch.Tensor:
+        out: torch.Tensor = self.model(input_ids=self.ids, use_cache=False).logits
+        return out
+
+    def fits(self, input_ids: torch.Tensor) -> bool:
+        """Whether a [rows, width] batch fits the captured shape."""
+        return input_ids.shape[0] <= self.rows and input_ids.shape[1] <= self.width
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [n, w, vocab] of right-padded `input_ids` [n, w] (n <= rows, w <= width)."""
+        n, w = input_ids.shape
+        self.ids.fill_(self.pad_id)
+        self.ids[:n, :w].copy_(input_ids)
+        self.graph.replay()
+        return self.logits[:n, :w]

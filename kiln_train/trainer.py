@@ -5,10 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,9 +16,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
 from kiln_train.distillation import ParentTargets, divergence, parent_targets
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
-from kiln_train.graph_step import graphed
+from kiln_train.graph_step import GraphedForward, graphed
 from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw
 from kiln_train.settings import TrainerConfig
+from kiln_train.train_progress import Clock, Progress, TrainResult, restore, train_result
 
 __all__ = [
     "Encoded",
@@ -36,45 +34,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    """What a training run did."""
-
-    steps: int
-    train_loss: float
-    heldout_before: float
-    heldout_after: float
-    best_step: int
-    seconds: float
-    losses: list[float] = field(default_factory=list)
-    planned_steps: int = 0
-    stop_reason: str = ""
-    refused: int = 0
-    # where the seconds went: setup (start loss, parent targets), compute (steps), wait (should_stop: the
-    # governor's pacing and pauses), eval (vetting loss), vet (checking candidates), capture (CUDA graph)
-    timings: dict[str, float] = field(default_factory=dict)
+EVAL_WIDTH = 256  # tokens per row of the graphed evaluation pass; longer rows are evaluated eagerly
 
 
 def plan_steps(n_train: int, new_per_step: int, cfg: TrainerConfig) -> int:
     """Steps that show every new sample `epochs` times, within [min_steps, max_steps]."""
     wanted = math.ceil(cfg.epochs * n_train / max(new_per_step, 1))
     return max(cfg.min_steps, min(cfg.max_steps, wanted))
-
-
-@dataclass
-class _Progress:
-    """A run's best checkpoint so far and evaluations since it improved."""
-
-    best: float  # lowest vetting loss so far
-    state: list[torch.Tensor]  # the LoRA parameters at the start (the parent)
-    best_loss_at_start: float
-    best_step: int = 0
-    bad_evals: int = 0
-    refused: int = 0  # better checkpoints the vet refused
-    candidates: list[tuple[float, int, list[torch.Tensor]]] = field(default_factory=list)  # loss, step, state
-    losses: list[float] = field(default_factory=list)
 
 
 def _optimise(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
@@ -84,50 +50,6 @@ def _optimise(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return float(loss.detach())
-
-
-class _Clock:
-    """Seconds spent per named part of a run (`with clock("compute"): ...`), and the total since it began."""
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.spent: dict[str, float] = {}
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
-    @contextmanager
-    def __call__(self, part: str) -> Iterator[None]:
-        t = time.monotonic()
-        try:
-            yield
-        finally:
-            self.spent[part] = self.spent.get(part, 0.0) + time.monotonic() - t
-
-
-@torch.no_grad()
-def _restore(params: list[torch.nn.Parameter], state: list[torch.Tensor]) -> None:
-    """Copy a saved checkpoint back into the parameters."""
-    for p, saved in zip(params, state, strict=True):
-        p.copy_(saved)
-
-
-def _result(
-    step: int, planned: int, stop_reason: str, before: float, progress: _Progress, clock: _Clock
-) -> TrainResult:
-    return TrainResult(
-        steps=step,
-        train_loss=progress.losses[-1] if progress.losses else 0.0,
-        heldout_before=before,
-        heldout_after=progress.best,
-        best_step=progress.best_step,
-        seconds=clock.elapsed(),
-        losses=progress.losses,
-        planned_steps=planned,
-        stop_reason=stop_reason,
-        refused=progress.refused,
-        timings=clock.spent,
-    )
 
 
 class LoraTrainer:
@@ -171,6 +93,29 @@ class LoraTrainer:
                 raise ValueError(f"parent adapter {parent_dir} has unexpected keys {unexpected[:3]}")
             log.info("continuing from parent adapter %s", parent_dir)
         self.model.eval()
+        self._graphed: GraphedForward | None = None  # evaluations' forward pass as a CUDA graph (on a GPU)
+        self._graph_failed = False
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of right-padded rows, through a replayed CUDA graph on a GPU when they fit (valid until the
+        next call), else the eager forward pass."""
+        if (
+            self._graphed is None
+            and not self._graph_failed
+            and self.cfg.cuda_graphs
+            and self.device.type == "cuda"
+        ):
+            try:
+                self._graphed = GraphedForward(
+                    self.model, self.eval_batch, EVAL_WIDTH, self.tok.pad_token_id or 0
+                )
+            except RuntimeError as exc:
+                self._graph_failed = True
+                log.warning("evaluating eagerly: the forward pass could not be captured (%s)", exc)
+        if self._graphed is not None and self._graphed.fits(input_ids):
+            return self._graphed(input_ids)
+        out: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return out
 
     def trainable(self) -> list[torch.nn.Parameter]:
         """The LoRA parameters (everything else is frozen)."""
@@ -188,7 +133,7 @@ class LoraTrainer:
         batch_size = self.eval_batch
         for i in range(0, len(data), batch_size):
             batch = collate(data[i : i + batch_size], self.tok.pad_token_id or 0, self.device)
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = self.logits(batch["input_ids"], batch["attention_mask"])
             shift_logits = logits[:, :-1].float()
             shift_labels = batch["labels"][:, 1:]
             ce = torch.nn.functional.cross_entropy(
@@ -209,7 +154,7 @@ class LoraTrainer:
         batch_size = self.eval_batch
         for i in range(0, len(data), batch_size):
             batch = collate(data[i : i + batch_size], self.tok.pad_token_id or 0, self.device)
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = self.logits(batch["input_ids"], batch["attention_mask"])
             labels = batch["labels"][:, 1:]
             mask = labels != IGNORE
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -248,7 +193,7 @@ class LoraTrainer:
         if not ids:
             return []
         batch = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.device)
-        logits = self.model(input_ids=batch).logits.float()
+        logits = self.logits(batch, (batch != pad).long()).float()
         return [torch.log_softmax(logits[i, : len(x)], dim=-1) for i, x in enumerate(ids)]
 
     def train(
@@ -271,12 +216,12 @@ class LoraTrainer:
         params = self.trainable()
         sizes = self._sizes(data)
         planned = plan_steps(len(data.train), sizes[0], cfg)
-        clock = _Clock()
+        clock = Clock()
         order: list[int] = []
         draws = [draw(data, order, rng, sizes) for _ in range(planned)]
         with clock("setup"):
             before = self.loss(data.vetting)
-            progress = _Progress(before, [p.detach().clone() for p in params], before)
+            progress = Progress(before, [p.detach().clone() for p in params], before)
             targets = self._parent_targets(data, draws)
             rows = [batch_rows(data, d, targets) for d in draws]
         with clock("capture"):
@@ -308,7 +253,7 @@ class LoraTrainer:
             "stopped at step %d of %d (%s; kept step %d)", step, planned, stop_reason, progress.best_step
         )
         self.model.eval()
-        return _result(step, planned, stop_reason, before, progress, clock)
+        return train_result(step, planned, stop_reason, before, progress, clock)
 
     def _stepper(
         self, params: list[torch.nn.Parameter], rows: list[tuple[Rows, Rows]]
@@ -341,12 +286,14 @@ class LoraTrainer:
             return [], []
         pad, k = self.tok.pad_token_id or 0, self.cfg.kl_top_k
         used = sorted({i for d in draws for i in d.replayed + d.anchored})
-        drawn = parent_targets(self.model, [data.replay[i] for i in used], k, pad, self.eval_batch)
+        drawn = parent_targets(
+            self.logits, [data.replay[i] for i in used], k, pad, self.device, self.eval_batch
+        )
         replay: list[ParentTargets | None] = [None] * len(data.replay)
         for i, t in zip(used, drawn, strict=True):
             replay[i] = t
         negatives: list[ParentTargets | None] = list(
-            parent_targets(self.model, data.negatives, k, pad, self.eval_batch)
+            parent_targets(self.logits, data.negatives, k, pad, self.device, self.eval_batch)
         )
         return replay, negatives
 
@@ -367,7 +314,7 @@ class LoraTrainer:
         return loss if drift is None else loss + self.cfg.kl_weight * drift
 
     def _checkpoint(
-        self, step: int, vetting: list[Encoded], params: list[torch.nn.Parameter], progress: _Progress
+        self, step: int, vetting: list[Encoded], params: list[torch.nn.Parameter], progress: Progress
     ) -> bool:
         """Evaluate; remember a better checkpoint as a candidate; True when the vetting loss has converged."""
         current = self.loss(vetting)
@@ -380,16 +327,16 @@ class LoraTrainer:
         return progress.bad_evals >= self.cfg.patience
 
     def _pick(
-        self, params: list[torch.nn.Parameter], progress: _Progress, vet: Callable[[], bool] | None
+        self, params: list[torch.nn.Parameter], progress: Progress, vet: Callable[[], bool] | None
     ) -> None:
         """Restore the lowest-loss candidate the vet accepts (vetted lazily, best first); else the start."""
         for loss, step, state in sorted(progress.candidates, key=lambda c: c[0]):
-            _restore(params, state)
+            restore(params, state)
             if vet is None or vet():
                 progress.best, progress.best_step = loss, step
                 return
             progress.refused += 1
-        _restore(params, progress.state)
+        restore(params, progress.state)
         progress.best, progress.best_step = progress.best_loss_at_start, 0
 
     def save(self, out: Path) -> Path:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kiln_train.distillation import parent_targets
+from kiln_train.distillation import model_logits, parent_targets
 from kiln_train.encoding import IGNORE, Encoded
 from kiln_train.graph_step import Slots, dense_loss, graphed, width_of
 from kiln_train.round_data import RoundData, Rows, batch_rows, draw
@@ -53,6 +53,7 @@ def _round(cfg: TrainerConfig, device: str = "cpu") -> tuple[LoraTrainer, RoundD
 
 def _nudge(trainer: LoraTrainer) -> None:
     """LoRA weights off zero: the candidate differs from the parent, so the divergence is not 0."""
+    torch.manual_seed(1)
     with torch.no_grad():
         for p in trainer.trainable():
             p.add_(torch.randn_like(p) * 0.05)
@@ -86,7 +87,7 @@ def test_dense_loss_matches_the_eager_step_loss(kl_weight: float) -> None:
 def test_weights_average_over_rows_with_targets_and_their_positions() -> None:
     model = _model()
     rows = _examples(4, 7)
-    targets = parent_targets(model, rows[1:3], 3, pad_id=0)
+    targets = parent_targets(model_logits(model), rows[1:3], 3, pad_id=0, device=torch.device("cpu"))
     slots = _slots(Rows(rows, [None, *targets, None]), 3, torch.device("cpu"))
     assert slots.ids.shape[1] % 16 == 0 and slots.ids.shape[1] >= max(len(e.input_ids) for e in rows)
     per_row = slots.weights.sum(1)
@@ -127,3 +128,17 @@ def test_graphed_training_follows_eager_training_on_a_gpu(caplog: pytest.LogCapt
     assert graph.losses[-1] < graph.losses[0]  # it learned
     torch.testing.assert_close(torch.tensor(graph.losses), torch.tensor(eager.losses), rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(w_graph, w_eager, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run through the device tool)")
+def test_graphed_evaluations_match_eager_ones_on_a_gpu() -> None:
+    graphed_trainer, data = _round(TrainerConfig(kl_top_k=4, cuda_graphs=True), "cuda")
+    eager_trainer, _ = _round(TrainerConfig(kl_top_k=4, cuda_graphs=False), "cuda")
+    rows = data.replay + data.train  # 13 rows: more than one call, of different widths
+    for t in (graphed_trainer, eager_trainer):
+        _nudge(t)  # the same nudge for both
+    assert graphed_trainer.loss(rows) == pytest.approx(eager_trainer.loss(rows), rel=1e-4)
+    assert graphed_trainer._graphed is not None and eager_trainer._graphed is None  # the graph was used
+    for a, b in zip(graphed_trainer.mean_logliks(rows), eager_trainer.mean_logliks(rows), strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)

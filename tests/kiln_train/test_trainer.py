@@ -60,7 +60,14 @@ def test_lora_training_on_shared_weights(
     lora_before = [p.detach().clone() for p in trainer.trainable()]
     result = trainer.train(RoundData(train=pairs[:5], vetting=pairs[5:], replay=[]))
     assert result.planned_steps == 6 and result.steps == 6
-    assert set(result.timings) == {"setup", "capture", "wait", "compute", "eval", "vet"}  # where the time went
+    assert set(result.timings) == {
+        "setup",
+        "capture",
+        "wait",
+        "compute",
+        "eval",
+        "vet",
+    }  # where the time went
     assert 0 < result.timings["compute"] and sum(result.timings.values()) <= result.seconds
     assert result.heldout_after < result.heldout_before - 0.5
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, trainer.trainable(), strict=True))
