@@ -6,8 +6,9 @@ with the parent's distributions, 4 anchors in a second forward pass) on an idle 
 serving `--streams` clients, in three forms:
 - `eager`: `LoraTrainer`'s own step (cross-entropy + divergence from the parent, clipping, AdamW);
 - `eager_ce`: the same rows, cross-entropy only (no divergence, no anchors' second pass);
-- `graph`: cross-entropy over the rows padded to one shape, forward + backward + AdamW captured once as a
-  CUDA graph and replayed (no attention mask: right padding whose labels are ignored needs none).
+- `graph`: kiln-train's graphed step (kiln_train/graph_step.py: the same loss over the rows padded to one
+  shape, captured once as a CUDA graph and replayed), with what building it cost;
+- `eval_eager` / `eval_graph`: one evaluation pass (vetting loss over 8 rows), eager and graphed.
 Each prints seconds per step (median of `--steps`, after 3 warm-up steps). GPU only.
 """
 
@@ -30,7 +31,8 @@ from kiln_common.config import RedisConfig
 from kiln_common.model_loader import load_hf_model, load_tokenizer, resolve_model
 from kiln_common.redis_server import RedisServer
 from kiln_train.distillation import parent_targets
-from kiln_train.encoding import Encoded, TextPair, collate, encode
+from kiln_train.encoding import Encoded, TextPair, encode
+from kiln_train.graph_step import graphed
 from kiln_train.prompt_sets import ANCHOR_PROMPTS
 from kiln_train.round_data import Rows
 from kiln_train.trainer import LoraTrainer, TrainerConfig, _optimise
@@ -83,49 +85,42 @@ def eager_steps(trainer: LoraTrainer, rows: tuple[list[Encoded], ...]) -> dict[s
     }
 
 
-def graph_step(trainer: LoraTrainer, rows: tuple[list[Encoded], ...]) -> Callable[[], object]:
-    """Forward + backward + AdamW over the padded rows, captured once and replayed."""
-    new, replay, _ = rows
-    data = collate(new + replay, trainer.tok.pad_token_id or 0, trainer.device)
-    ids, labels = data["input_ids"], data["labels"]
-    model = trainer.model
-    model.train()
-    params = trainer.trainable()
-    opt = torch.optim.AdamW(params, lr=1e-4, capturable=True)
-
-    def body() -> torch.Tensor:
-        loss: torch.Tensor = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        return loss
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=False)
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=False)
-    with torch.cuda.graph(graph):
-        body()
-
-    def replay_step() -> None:
-        for p in params:
-            assert p.grad is not None
-            p.grad.zero_()
-        graph.replay()
-
-    return replay_step
+def graph_step(
+    trainer: LoraTrainer, rows: tuple[list[Encoded], ...], out: dict[str, object]
+) -> Callable[[], object]:
+    """kiln-train's own graphed step (kiln_train/graph_step.py) over the round's rows; its build times in `out`."""
+    new, replay, anchors = rows
+    pad = trainer.tok.pad_token_id or 0
+    targets = parent_targets(trainer.logits, replay + anchors, trainer.cfg.kl_top_k, pad, trainer.device)
+    batch = Rows(new + replay, [None] * len(new) + list(targets[: len(replay)]))
+    anchored = Rows(anchors, list(targets[len(replay) :]))
+    t = time.perf_counter()
+    step = graphed(trainer.model, trainer.trainable(), trainer.cfg, [(batch, anchored)], pad)
+    out["graph_build_s"] = time.perf_counter() - t
+    out["graph_build_parts_s"] = step.timings
+    return lambda: step(batch, anchored)
 
 
-def probe(trainer: LoraTrainer, rows: tuple[list[Encoded], ...], n: int) -> dict[str, object]:
+def eval_pass(
+    trainer: LoraTrainer, rows: tuple[list[Encoded], ...], out: dict[str, object]
+) -> Callable[[], object]:
+    """The evaluations' forward pass (8 rows, graphed on a GPU); its first call, which captures it, in `out`."""
+    examples = [e for r in rows for e in r][:8]
+    t = time.perf_counter()
+    trainer.loss(examples)
+    torch.cuda.synchronize()
+    out["eval_first_call_s"] = time.perf_counter() - t
+    return lambda: trainer.loss(examples)
+
+
+def probe(rows: tuple[list[Encoded], ...], n: int, build: Callable[[bool], LoraTrainer]) -> dict[str, object]:
     out: dict[str, object] = {}
-    for name, step in eager_steps(trainer, rows).items():
+    for name, step in eager_steps(build(False), rows).items():
         out[name] = timed(step, n)
+    out["eval_eager"] = timed(eval_pass(build(False), rows, {}), n)
     try:
-        out["graph"] = timed(graph_step(trainer, rows), n)
+        out["graph"] = timed(graph_step(build(True), rows, out), n)
+        out["eval_graph"] = timed(eval_pass(build(True), rows, out), n)
     except Exception as exc:  # noqa: BLE001 - report why capture failed and keep the eager numbers
         out["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
     return out
@@ -144,9 +139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = resolve_model(args.model, args.home)
     tok = load_tokenizer(source)
     base = load_hf_model(source, torch.bfloat16, "cuda")
-    trainer = LoraTrainer(base, tok, TrainerConfig())  # type: ignore[arg-type]
+    trainers: list[LoraTrainer] = []
+
+    def build(graphs: bool) -> LoraTrainer:
+        """A fresh LoRA over the base (the previous one unloaded), as a round starts."""
+        if trainers:
+            trainers.pop().release()
+        trainers.append(LoraTrainer(base, tok, TrainerConfig(cuda_graphs=graphs)))  # type: ignore[arg-type]
+        return trainers[-1]
+
     rows = round_rows(tok)
-    result: dict[str, object] = {"idle": probe(trainer, rows, args.steps)}
+    result: dict[str, object] = {"idle": probe(rows, args.steps, build)}
     print(json.dumps(result), flush=True)
     with tempfile.TemporaryDirectory(prefix="kiln-probe-") as tmp:
         home = Path(tmp)
@@ -160,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load.start()
         time.sleep(5)
         try:
-            result["loaded"] = probe(trainer, rows, args.steps)
+            result["loaded"] = probe(rows, args.steps, build)
         finally:
             for load in loads:
                 load.stop.set()

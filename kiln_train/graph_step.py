@@ -14,6 +14,7 @@ positions. `dense_loss` is the same loss as `LoraTrainer._step_loss` (tests chec
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -144,15 +145,26 @@ class GraphedStep:
         saved = [p.detach().clone() for p in params]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
+        t = time.monotonic()
         try:
             with torch.cuda.stream(side):
                 self._body()
         finally:
             torch.cuda.current_stream(device).wait_stream(side)
             _undo(params, saved, opt)
+        torch.cuda.synchronize(device)
+        self.timings = {"warm_up_s": time.monotonic() - t}
+        t = time.monotonic()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss = self._body()
+        self.timings["capture_s"] = time.monotonic() - t
+        t = time.monotonic()
+        self.graph.replay()  # the first replay uploads the graph; its step is undone like the warm-up's
+        torch.cuda.synchronize(device)
+        _undo(params, saved, opt)
+        self.timings["first_replay_s"] = time.monotonic() - t
+        log.info("step captured as a CUDA graph: %s", {k: round(v, 3) for k, v in self.timings.items()})
 
     def _fill(self, batch: Rows, anchored: Rows) -> None:
         self.batch.fill(batch, self.pad_id)

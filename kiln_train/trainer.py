@@ -65,9 +65,11 @@ class LoraTrainer:
         self.tok = tok
         self.cfg = cfg
         self.device = next(base.parameters()).device
-        # rows per evaluation forward pass: beside serving on a GPU, fewer and larger kernels wait less for
-        # their time slices; on a CPU the logits of 8 rows are plenty
-        self.eval_batch = 32 if self.device.type == "cuda" else 8
+        # rows per evaluation forward pass: beside serving on a GPU, eager passes do best with few large
+        # kernels (32 rows); a graphed pass (cuda_graphs) is cheap per call, so it is small (8 rows: no
+        # padding a 2-row vetting set to 32); on a CPU the logits of 8 rows are plenty
+        eager_gpu = self.device.type == "cuda" and not cfg.cuda_graphs
+        self.eval_batch = 32 if eager_gpu else 8
         rank, alpha, targets = float(cfg.rank), float(cfg.alpha), cfg.targets()
         if parent_dir is not None:  # a child keeps its parent's shape, whatever the settings say now
             shape = read_peft_config(parent_dir, max_rank=1 << 16)
