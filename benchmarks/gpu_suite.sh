@@ -46,7 +46,7 @@ step train_while_serving python3 -m benchmarks.train_while_serving --device cuda
 # the same with the gate opened wide: on random weights no honest gate publishes, so teach -> serving and
 # publish -> first token of the new version are measured this way (timing and plumbing only)
 step tws_open python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate \
-  --json "$OUT/tws_open.json"
+  --json "$OUT/tws_open.json" --logs "$OUT/tws_open_logs"
 # the same round on an idle device (no serving clients): how much of a round's time is contention
 step tws_idle python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate --streams 0 \
   --json "$OUT/tws_idle.json"

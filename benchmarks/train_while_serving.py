@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -316,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="publish whatever the round makes (timing only; see OPEN_GATE)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--logs", type=Path, help="copy kiln-infer's and kiln-train's logs into this folder")
     parser.add_argument("--home", type=Path, help="where the converted models are [KILN_HOME or ./.kiln]")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -342,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             stack.stop()
             redis_server.stop()
+            if args.logs:  # the processes' own logs, e.g. for the round's capture times
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log_file in home.glob("*.log"):
+                    shutil.copy(log_file, args.logs / log_file.name)
     text = json.dumps(result, indent=2)
     sys.stdout.write(text + "\n")
     if args.json:
