@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -155,9 +156,7 @@ class GraphedStep:
         torch.cuda.synchronize(device)
         self.timings = {"warm_up_s": time.monotonic() - t}
         t = time.monotonic()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self._body()
+        self.graph, self.loss = capture(self._body, device)
         self.timings["capture_s"] = time.monotonic() - t
         t = time.monotonic()
         self.graph.replay()  # the first replay uploads the graph; its step is undone like the warm-up's
@@ -184,6 +183,27 @@ class GraphedStep:
         self._fill(batch, anchored)
         self.graph.replay()
         return float(self.loss)
+
+
+def capture(
+    body: Callable[[], torch.Tensor], device: torch.device
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`body` captured as a CUDA graph on a side stream, and the tensor it returns (refilled by each replay).
+
+    Not `torch.cuda.graph(...)`: that context first synchronises the device, collects garbage and empties the
+    allocator's cache, which beside serving costs seconds (every freed block must be allocated again).
+    """
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            out = body()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return graph, out
 
 
 @torch.no_grad()
@@ -239,9 +259,8 @@ class GraphedForward:
         with torch.cuda.stream(side), torch.no_grad():
             self._logits()
         torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = self._logits()
+        with torch.no_grad():
+            self.graph, self.logits = capture(self._logits, device)
 
     def _logits(self) -> torch.Tensor:
         out: torch.Tensor = self.model(input_ids=self.ids, use_cache=False).logits
