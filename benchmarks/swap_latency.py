@@ -1,11 +1,11 @@
 """Time from a version becoming the default to its first token, cold (publish and promote in one call, as
 rounds did before issue 13) against staged (published unpromoted, asked pinned as the gate does, then promoted).
 
-A real kiln-infer (its engine core process, the real model) over a real valkey-server; a probe streams one-token
-requests to the bare adapter name back to back and notes when the first one is served by the new version. The
-clock starts when the registry call returns (where a round's record is finished); the number includes the time
-to first token of the request that brings the new version (on a CPU most of it: ~70 ms for a one-token
-request) and the wait for the probe's request in flight. Prints JSON with each run and the medians.
+A real kiln-infer (its engine core process, the real model) over a real valkey-server. The clock starts when the
+registry call returns (where a round's record is finished). `flip_s`: until kiln-infer's LOADED event says its
+view serves the new version (a cold one is loaded from disk first); `first_ttft_s`: the first request on the
+new version after that (a cold one is copied into a device slot on it), against `old_ttft_s` on the old one just
+before; `total_s` = flip + first TTFT, what a request arriving at the flip sees. Prints JSON, medians first.
 
     .venv/bin/python -m benchmarks.swap_latency --repeats 5
 """
@@ -17,7 +17,6 @@ import json
 import logging
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -30,7 +29,7 @@ from kiln_common.adapter_store import AdapterStore
 from kiln_common.config import InferConfig, RedisConfig
 from kiln_common.model_loader import resolve_model
 from kiln_common.redis_server import RedisServer, connect
-from kiln_common.registry import Registry
+from kiln_common.registry import EventType, Registry
 from kiln_infer.lora.random_adapter import write_random_adapter
 from kiln_infer.server import InferServer
 
@@ -39,44 +38,37 @@ REPO = Path(__file__).resolve().parents[1]
 ADAPTER = "swap"
 
 
-class Probe(threading.Thread):
-    """One-token requests to the bare adapter name, back to back, until one is served by `want`."""
-
-    def __init__(self, address: str, want: str) -> None:
-        super().__init__(daemon=True)
-        self.stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(address))
-        self.want = want
-        self.first_token = 0.0  # time.monotonic() of the wanted version's first token
-        self.ttft = 0.0  # that request's own time to first token (what the swap cannot make shorter)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        req = inference_pb2.GenerateRequest(
-            adapter=ADAPTER,
-            prompt="Hello",
-            sampling=inference_pb2.SamplingParams(max_tokens=1, temperature=0),
-        )
-        while not self.stop.is_set() and not self.first_token:
-            sent = time.monotonic()
-            for r in self.stub.Generate(req, timeout=60):
-                if r.token_ids and r.adapter_version == self.want:
-                    self.first_token = time.monotonic()
-                    self.ttft = self.first_token - sent
+def _ttft(stub: inference_pb2_grpc.InferenceServiceStub, adapter: str) -> tuple[float, str]:
+    """One one-token request: its time to first token and the version that served it."""
+    req = inference_pb2.GenerateRequest(
+        adapter=adapter, prompt="Hello", sampling=inference_pb2.SamplingParams(max_tokens=1, temperature=0)
+    )
+    sent = time.monotonic()
+    for r in stub.Generate(req, timeout=60):
+        if r.token_ids:
+            return time.monotonic() - sent, r.adapter_version
+    raise RuntimeError("no token")
 
 
-def one_swap(address: str, version: int, make_default: Callable[[], object]) -> tuple[float, float]:
-    """Seconds from `make_default` returning to the first token of `version` on default traffic, and the
-    time to first token of the request that brought it."""
-    probe = Probe(address, f"{ADAPTER}@v{version}")
-    probe.start()
-    time.sleep(0.3)  # the probe is streaming the old version
+def one_swap(
+    address: str, registry: Registry, version: int, make_default: Callable[[], object]
+) -> dict[str, float]:
+    """From `make_default` returning: until kiln-infer announces it serves `version` (its LOADED event, sent
+    once the view flipped), and the time to first token of the first request on it after that, against one on
+    the old version just before."""
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(address))
+    old_ttft, _ = _ttft(stub, ADAPTER)
+    last = registry.last_event_id()
     make_default()
     t0 = time.monotonic()
-    probe.join(60)
-    probe.stop.set()
-    if not probe.first_token:
-        raise TimeoutError(f"{ADAPTER}@v{version} never served")
-    return probe.first_token - t0, probe.ttft
+    flip = 0.0
+    while not flip and time.monotonic() - t0 < 60:
+        events, last = registry.read_events(last, block_ms=1000)
+        if any(e.type == EventType.LOADED and e.version == version for e in events):
+            flip = time.monotonic() - t0
+    new_ttft, served = _ttft(stub, ADAPTER)
+    assert served == f"{ADAPTER}@v{version}", served
+    return {"flip_s": flip, "first_ttft_s": new_ttft, "old_ttft_s": old_ttft, "total_s": flip + new_ttft}
 
 
 def pinned_once(address: str, version: int) -> None:
@@ -91,29 +83,24 @@ def pinned_once(address: str, version: int) -> None:
 def measure(server: InferServer, registry: Registry, adapters: Path, repeats: int) -> dict[str, object]:
     """Alternate cold and staged swaps, `repeats` of each."""
     address = f"127.0.0.1:{server.port}"
-    cold: list[tuple[float, float]] = []
-    staged: list[tuple[float, float]] = []
+    runs: dict[str, list[dict[str, float]]] = {"cold": [], "staged": []}
     config = resolve_model("smollm2", server.config.home).config
     registry.create("default", ADAPTER)
     for i in range(2 * repeats):
         src = write_random_adapter(adapters / f"a{i}", config, rank=16, seed=i)
         if i % 2 == 0:
-            version = registry.versions("default", ADAPTER)[-1].version + 1 if i else 1
-            cold.append(one_swap(address, version, partial(_publish, registry, src, True)))
+            version = registry.get("default", ADAPTER).latest + 1
+            runs["cold"].append(one_swap(address, registry, version, partial(_publish, registry, src, True)))
         else:
             version = _publish(registry, src, False)
             pinned_once(address, version)
-            staged.append(one_swap(address, version, partial(_promote, registry, version)))
-    cold_s, staged_s = [c for c, _ in cold], [s for s, _ in staged]
-    return {
-        "cold_publish_to_first_token_s": cold_s,
-        "staged_promote_to_first_token_s": staged_s,
-        "cold_median_s": statistics.median(cold_s),
-        "staged_median_s": statistics.median(staged_s),
-        "ratio_cold_over_staged": statistics.median(cold_s) / max(statistics.median(staged_s), 1e-9),
-        "cold_ttft_median_s": statistics.median(t for _, t in cold),
-        "staged_ttft_median_s": statistics.median(t for _, t in staged),
+            runs["staged"].append(one_swap(address, registry, version, partial(_promote, registry, version)))
+    medians = {
+        f"{kind}_{key}_median": statistics.median(r[key] for r in rs)
+        for kind, rs in runs.items()
+        for key in rs[0]
     }
+    return {**medians, "runs": runs}
 
 
 def _publish(registry: Registry, src: Path, promote: bool) -> int:

@@ -3,6 +3,7 @@ rejected and a harmless one promoted; the candidate's gate answers come from kil
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -90,6 +91,10 @@ def _default_served(infer_stack: Any, adapter: str) -> str:
             adapter=adapter, prompt="Hello", sampling=inference_pb2.SamplingParams(max_tokens=1)
         )
         return [r.adapter_version for r in stub.Generate(req, timeout=60)][-1]
+
+
+def _phases(scores: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in scores.items() if k.startswith("phase_")}
 
 
 def _dead_address() -> str:
@@ -189,6 +194,7 @@ def test_a_harmful_round_is_rejected_by_the_gate(
     ]
     runner.registry.create("default", "harm")
     record = runner.run(base, new_round("default", "harm", 0), examples, lambda r: None, lambda: False)
+    logging.getLogger(__name__).info("harmful round phases: %s", _phases(record.eval))
     # The candidate was written as v1 unpromoted, kiln-infer answered the gate pinned to it, and it stays so.
     assert record.outcome == "rejected" and record.version == 1
     assert "gate set 'general'" in record.reason
@@ -241,6 +247,7 @@ def test_a_passing_round_promotes_the_version_the_gate_asked(
     runner.registry.create("default", "kept")
     record = runner.run(base, new_round("default", "kept", 0), examples, lambda r: None, lambda: False)
     assert record.outcome == "published" and record.version == 1, record.reason
+    logging.getLogger(__name__).info("passing round phases: %s", _phases(record.eval))
     assert record.eval["gate_neighbours"] >= 1  # neighbours were asked of the candidate too
     asked = record.eval["gate_general_parent_correct"] + record.eval["gate_neighbours"]
     assert _served_requests(infer_stack, "kept", "v1", asked) >= asked  # the gate asked the engine
