@@ -84,7 +84,7 @@ def measure(server: InferServer, registry: Registry, adapters: Path, repeats: in
     """Alternate cold and staged swaps, `repeats` of each."""
     address = f"127.0.0.1:{server.port}"
     runs: dict[str, list[dict[str, float]]] = {"cold": [], "staged": []}
-    config = resolve_model("smollm2", server.config.home).config
+    config = resolve_model(server.config.model, server.config.home).config
     registry.create("default", ADAPTER)
     for i in range(2 * repeats):
         src = write_random_adapter(adapters / f"a{i}", config, rank=16, seed=i)
@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--models-home", type=Path, default=REPO / ".kiln", help="a KILN_HOME with models/")
+    p.add_argument("--model", default="smollm2", help="smollm2, an HF directory, or dummy:<shape>")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="kiln-swap-") as tmp:
@@ -123,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         (home / "models").symlink_to(args.models_home.resolve() / "models", target_is_directory=True)
         redis_server = RedisServer(RedisConfig(home=home / "redis"))
         url = redis_server.start()
-        server = InferServer(InferConfig(home=home, redis=RedisConfig(home=home, url=url), port=0))
+        config = InferConfig(
+            home=home, redis=RedisConfig(home=home, url=url), port=0, model=args.model, device=args.device
+        )
+        server = InferServer(config)
         server.start()
         server.start_warm_up()
         try:
@@ -134,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.drain()
             redis_server.stop()
     print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 
