@@ -16,7 +16,7 @@ import pytest
 import redis
 import torch
 
-from kiln.v1 import inference_pb2, inference_pb2_grpc
+from kiln.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 from kiln_common.adapter_store import AdapterStore
 from kiln_common.model_loader import ModelSource, load_tokenizer
 from kiln_common.redis_server import connect
@@ -209,8 +209,13 @@ def test_a_harmful_round_is_rejected_by_the_gate(
     history = registry.history("default", "harm", 1)
     assert [h["action"] for h in history] == ["gating", "rejected"]
     assert "gate set 'general'" in history[-1]["reason"]
-    (meta,) = registry.versions("default", "harm")
-    assert meta.eval["gate_general_broken"] == record.eval["gate_general_broken"]  # ListVersions' scores
+    with grpc.insecure_channel(infer_stack.address) as ch:  # what a user sees through the public API
+        listed = adapter_pb2_grpc.AdapterServiceStub(ch).ListVersions(
+            adapter_pb2.ListVersionsRequest(adapter="harm"), timeout=10
+        )
+    (v1,) = listed.versions
+    assert v1.version == 1 and [n.action for n in v1.history] == ["gating", "rejected"]
+    assert v1.eval["gate_general_broken"] == record.eval["gate_general_broken"]
     assert _default_served(infer_stack, "harm") == "harm@v0"  # default traffic: still the old version
     assert _default_served(infer_stack, "harm@v1") == "harm@v1"  # pinned: still answers (inspection)
 
