@@ -7,6 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -255,8 +256,19 @@ class Registry:
         )
         return int(prev), version
 
+    def add_eval(self, tenant: str, name: str, version: int, scores: Mapping[str, float]) -> None:
+        """Merge scores measured after a version was written (kiln-train's gate) into its registry entry,
+        which ListVersions reports; the files on disk (weights, meta.json) stay as they were written."""
+        key = self._key(tenant, name) + ":versions"
+        raw = self.redis.hget(key, str(version))
+        if raw is None:
+            raise AdapterNotFoundError(f"{name}@v{version}")
+        meta = VersionMeta.from_json(raw)
+        merged = replace(meta, eval={**meta.eval, **scores})
+        self.redis.hset(key, str(version), merged.to_json(with_samples=False))
+
     def note(self, tenant: str, name: str, version: int, action: str, reason: str) -> None:
-        """Append to a version's history (canary started, promoted, rolled back) with the reason."""
+        """Append to a version's history (canary started, promoted, rolled back, rejected) with the reason."""
         entry = json.dumps({"time": time.time(), "action": action, "reason": reason})
         self.redis.rpush(f"{self._key(tenant, name)}:history:{version}", entry)
 

@@ -173,7 +173,12 @@ class TrainingDaemon:
 
     # --- scheduling ---
     def reconcile(self) -> None:
-        """Finish or forget rounds a killed daemon left: published ones are cleaned up, others retrained."""
+        """Finish or forget rounds a killed daemon left: published ones are cleaned up, others retrained.
+
+        A round writes its candidate (with its round id) before the gate, so a version of the round is
+        published only if its history says the gate passed; a candidate the gate never judged is marked
+        abandoned and stays unpromoted.
+        """
         registry = self.runner.registry
         for tenant, adapter in self.buffer.adapters():
             rec = self.buffer.round_in_progress(tenant, adapter)
@@ -185,8 +190,12 @@ class TrainingDaemon:
                 metas = []
             done = [m for m in metas if m.hyperparameters.get("round_id") == rec["round_id"]]
             record = RoundRecord(**rec)
+            outcome, reason = "failed", "interrupted (daemon restarted)"
             if done:
-                record.version, record.outcome, record.finished = done[0].version, "published", time.time()
+                record.version, parent = done[0].version, record.parent_version
+                outcome = self.runner.publisher.recover(tenant, adapter, record.version, parent)
+            if outcome == "published":
+                record.outcome, record.finished = "published", time.time()
                 self.buffer.finish_round(
                     tenant, adapter, record.sample_ids + record.heldout_ids, record.to_dict()
                 )
@@ -194,11 +203,9 @@ class TrainingDaemon:
                     "round %s had published v%d before a crash; cleaned up", record.round_id, record.version
                 )
             else:
-                record.outcome, record.reason, record.finished = (
-                    "failed",
-                    "interrupted (daemon restarted)",
-                    time.time(),
-                )
+                if outcome == "rejected":
+                    reason = f"the gate rejected v{record.version} (see its history); daemon restarted"
+                record.outcome, record.reason, record.finished = outcome, reason, time.time()
                 self.buffer.abandon_round(tenant, adapter, record.to_dict())
                 log.info("round %s was interrupted; its samples stay buffered", record.round_id)
 

@@ -1,8 +1,11 @@
-"""The parent version's answers, asked of kiln-infer through its public gRPC API (batched, concurrent).
+"""A version's answers, asked of kiln-infer through its public gRPC API (batched, concurrent).
 
-kiln-train never generates the parent's answers itself: kiln-infer's engine does it far faster and its greedy
-answers are exactly what users are served. Each question is one `Generate` pinned to the parent (`name@vN`,
-or "" for the base model) with temperature 0; the calls run concurrently so the engine batches them.
+kiln-train never generates a version's answers itself: kiln-infer's engine does it far faster and its greedy
+answers are exactly what users are served. Each question is one `Generate` pinned to the version (`name@vN`,
+or "" for the base model) with temperature 0; the calls run concurrently so the engine batches them. A round
+asks the parent's answers (its reference) and, for the gate, the candidate's: the round registers the
+candidate as a version that is not promoted, so kiln-infer answers it pinned and already holds its weights
+when the gate passes and the alias flips.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ Messages = tuple[tuple[str, str], ...]
 
 
 class ParentUnavailableError(RuntimeError):
-    """kiln-infer could not answer for the parent version (the round waits and retries later)."""
+    """kiln-infer could not answer for a version, parent or candidate (the round waits and retries)."""
 
 
 @dataclass(frozen=True)
 class ParentAnswer:
-    """The parent's greedy answer; `complete` is False when it stopped at max_tokens (no EOS added)."""
+    """A version's greedy answer; `complete` is False when it stopped at max_tokens (no EOS added)."""
 
     text: str
     complete: bool
@@ -82,7 +85,7 @@ class ParentClient:
     def answers(
         self, tenant: str, adapter: str, version: int, prompts: list[Messages], max_tokens: int
     ) -> list[ParentAnswer]:
-        """The parent's greedy answers to `prompts`, in order; ParentUnavailableError if kiln-infer is not."""
+        """`version`'s greedy answers to `prompts`, in order; ParentUnavailableError if kiln-infer cannot."""
         if not prompts:
             return []
         metadata = self._metadata(tenant)

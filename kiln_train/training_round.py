@@ -1,4 +1,5 @@
-"""One training round: parent answers (from kiln-infer) → LoRA training → gate → publish or reject."""
+"""One training round: parent answers (from kiln-infer) → LoRA training → staged version → gate (the
+candidate's answers from kiln-infer, pinned to it) → promote or reject."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kiln_common.registry import EventType, Registry
+from kiln_common.registry import Registry
 from kiln_train.encoding import Encoded, TextPair, encode
 from kiln_train.evaluator import Reference, ReferenceCache, ask_reference, user
 from kiln_train.gate import GateInputs, GateResult, Neighbour, decide, mean_kl
@@ -24,8 +25,9 @@ from kiln_train.neighbours import gives_fact, neighbours
 from kiln_train.parent_client import ParentClient
 from kiln_train.pipeline import Example
 from kiln_train.prompt_sets import ANCHOR_PROMPTS, GENERIC_TEXTS
+from kiln_train.publisher import Publisher
 from kiln_train.settings import TrainSettings
-from kiln_train.trainer import LoraTrainer, RoundData, TrainerConfig
+from kiln_train.trainer import LoraTrainer, RoundData, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class RoundRecord:
     tenant: str
     adapter: str
     parent_version: int
-    version: int = 0
+    version: int = 0  # the version the round wrote (promoted, or rejected/abandoned and unpromoted); 0 = none
     outcome: str = "running"  # running, published, rejected, failed
     reason: str = ""
     num_samples: int = 0
@@ -81,7 +83,8 @@ class RoundRunner:
         self.tok = tok
         self.settings = settings
         self.references = references
-        self.parent = parent
+        self.parent = parent  # answers any version: the parent's, and the staged candidate's for the gate
+        self.publisher = Publisher(registry)
         self._asking = threading.Lock()  # one ask per reference: a round waits for the warm-up's answers
 
     def warm_base(self, tenant: str) -> None:
@@ -97,9 +100,10 @@ class RoundRunner:
         on_progress: Callable[[RoundRecord], None],
         should_stop: Callable[[], bool],
     ) -> RoundRecord:
-        """Train, gate and publish (or reject); fills and returns `record`.
+        """Train, stage, gate and promote (or reject); fills and returns `record`.
 
-        InterruptedError if stopped; ParentUnavailableError (samples stay buffered) without kiln-infer.
+        InterruptedError if stopped; ParentUnavailableError (samples stay buffered) without kiln-infer. A
+        version staged before such an end stays unpromoted and is marked abandoned.
         """
         phases: dict[str, float] = {}
         t0 = time.monotonic()
@@ -112,12 +116,19 @@ class RoundRunner:
             if should_stop():
                 raise InterruptedError("round stopped")
             t = time.monotonic()
+            tenant, adapter, version = record.tenant, record.adapter, record.version
             if verdict.passed:
-                record.version = self._publish(trainer, record, self.settings.trainer)
+                self.publisher.promote(tenant, adapter, version, record.round_id, record.eval)
                 record.outcome = "published"
             else:
-                self._reject(record, verdict.reason)
+                record.outcome, record.reason = "rejected", verdict.reason
+                self.publisher.reject(tenant, adapter, version, verdict.reason, record.eval)
             record.eval["phase_publish_s"] = time.monotonic() - t
+        except Exception as exc:
+            if record.version and record.outcome == "running":
+                why = f"round {record.round_id} stopped before the gate decided: {type(exc).__name__}: {exc}"
+                self.publisher.abandon(record.tenant, record.adapter, record.version, why)
+            raise
         finally:
             trainer.release()
         record.finished = time.time()
@@ -220,22 +231,14 @@ class RoundRunner:
             result.planned_steps,
         )
         phases["phase_steps_s"] = time.monotonic() - t
+        record.eval = self._training_scores(result, plan, phases)
         t = time.monotonic()
-        verdict = self._gate(trainer, plan, parent_lp, gate_heldout, (heldout_before, parent_ll))
+        record.version = self._stage(trainer, record)
+        phases["phase_stage_s"] = time.monotonic() - t
+        t = time.monotonic()
+        verdict = self._gate(trainer, plan, parent_lp, gate_heldout, (heldout_before, parent_ll), record)
         phases["phase_gate_s"] = time.monotonic() - t
-        record.eval = dict(
-            verdict.scores,
-            **phases,
-            vetting_loss_before=result.heldout_before,
-            vetting_loss_after=result.heldout_after,
-            best_step=float(result.best_step),
-            planned_steps=float(result.planned_steps),
-            train_seconds=result.seconds,
-            heldout_paraphrased=float(plan.held.paraphrased),
-            negatives=float(len(plan.negatives)),
-            vetting_refused=float(result.refused),
-            **{f"phase_steps_{part}_s": seconds for part, seconds in result.timings.items()},
-        )
+        record.eval = {**verdict.scores, **record.eval, **phases}
         if not verdict.passed and result.refused:
             note = f"vetting set: {result.refused} better checkpoint(s) refused for breaking general answers"
             verdict = replace(verdict, reason=f"{verdict.reason} | {note}")
@@ -248,8 +251,11 @@ class RoundRunner:
         parent_lp: list[torch.Tensor],
         gate_heldout: list[Encoded],
         before: tuple[float, tuple[float, ...]],
+        staged: RoundRecord,
     ) -> GateResult:
         """The candidate's answers to the gate set, its held-out loss and KL, judged by `decide`.
+
+        The answers come from kiln-infer, pinned to the staged candidate version (`staged.version`).
 
         `before` is the parent's held-out loss and, when general questions are scored by log-likelihood,
         its log-likelihood of each of its own general answers (then general questions are not asked again).
@@ -262,7 +268,7 @@ class RoundRunner:
             right = []
         asked = [TextPair("", user(questions[i].prompt)) for i in right]
         asked += [TextPair("", user(n.prompt)) for n in plan.gate_neighbours]
-        answers = trainer.generate(asked, self.settings.gate_max_tokens)
+        answers = self._candidate_answers(staged, asked)
         candidate = [""] * len(questions)
         for i, answer in zip(right, answers, strict=False):
             candidate[i] = answer
@@ -313,36 +319,50 @@ class RoundRunner:
             self.references.put(tenant, adapter, parent, reference)
         return reference
 
-    def _reject(self, record: RoundRecord, reason: str) -> None:
-        record.outcome, record.reason = "rejected", reason
-        self.registry.emit(
-            EventType.REJECTED, record.tenant, record.adapter, record.parent_version, reason[:500]
+    def _training_scores(
+        self, result: TrainResult, plan: RoundPlan, phases: dict[str, float]
+    ) -> dict[str, float]:
+        """What training measured (the gate's scores join them once it has run)."""
+        return dict(
+            **phases,
+            vetting_loss_before=result.heldout_before,
+            vetting_loss_after=result.heldout_after,
+            best_step=float(result.best_step),
+            planned_steps=float(result.planned_steps),
+            train_seconds=result.seconds,
+            heldout_paraphrased=float(plan.held.paraphrased),
+            negatives=float(len(plan.negatives)),
+            vetting_refused=float(result.refused),
+            **{f"phase_steps_{part}_s": seconds for part, seconds in result.timings.items()},
         )
-        log.warning("round %s for %s/%s rejected: %s", record.round_id, record.tenant, record.adapter, reason)
 
-    def _publish(self, trainer: LoraTrainer, record: RoundRecord, cfg: TrainerConfig) -> int:
+    def _stage(self, trainer: LoraTrainer, record: RoundRecord) -> int:
+        """Write the best checkpoint as the next version, not promoted, for the gate to ask pinned."""
         with tempfile.TemporaryDirectory(prefix="kiln-round-") as tmp:
             out = trainer.save(Path(tmp) / "adapter")
             hyper: dict[str, object] = {
-                **asdict(cfg),
-                "round_id": record.round_id,
+                **asdict(self.settings.trainer),
                 "heldout_sample_ids": record.heldout_ids,
                 "replay": "parent's own greedy answers (from kiln-infer) to the built-in replay prompts",
             }
-            meta = self.registry.publish(
+            return self.publisher.stage(
                 record.tenant,
                 record.adapter,
                 out,
-                origin="trained",
                 parent=record.parent_version,
+                round_id=record.round_id,
                 sample_ids=record.sample_ids,
-                num_samples=len(record.sample_ids),
                 hyperparameters=hyper,
                 eval_scores=record.eval,
-                promote=True,
             )
-        log.info("round %s published %s/%s@v%d", record.round_id, record.tenant, record.adapter, meta.version)
-        return meta.version
+
+    def _candidate_answers(self, staged: RoundRecord, asked: list[TextPair]) -> list[str]:
+        """The staged candidate's greedy answers, from kiln-infer's engine (ParentUnavailableError if not)."""
+        prompts = [p.messages for p in asked]
+        got = self.parent.answers(
+            staged.tenant, staged.adapter, staged.version, prompts, self.settings.gate_max_tokens
+        )
+        return [a.text for a in got]
 
 
 def new_round(tenant: str, adapter: str, parent: int) -> RoundRecord:

@@ -235,11 +235,14 @@ def test_teach_serve_and_survive_kills(stack: Stack) -> None:
     status = train.GetTrainingStatus(training_pb2.GetTrainingStatusRequest(), timeout=10)
     assert any(r.reason.startswith("interrupted") for r in status.rounds if r.adapter == "facts-b")
     trained: list[str] = []
+    client = connect(stack.redis_url)
     for adapter in ("facts", "facts-b"):
         for vdir in sorted((stack.home / "adapters" / "default" / adapter).glob("v*")):
+            history = client.lrange(f"kiln:reg:default:{adapter}:history:{vdir.name[1:]}", 0, -1)
+            if not any(json.loads(h)["action"] == "promoted" for h in history):
+                continue  # a candidate the gate rejected (or never judged): its samples are trained again
             meta = json.loads((vdir / "meta.json").read_text())
             trained += meta["sample_ids"] + meta["hyperparameters"]["heldout_sample_ids"]
-    client = connect(stack.redis_url)
     # A rejected round keeps its samples buffered for the next one; a published one consumed them.
     waiting = list(client.zrange("kiln:train:order:default:facts-b", 0, -1))
     assert (rnd_b.outcome == "published") == (waiting == []), rnd_b.reason

@@ -1,8 +1,11 @@
-"""Rounds against a real kiln-infer: parent answers over gRPC, waiting when it is away, a harmful round."""
+"""Rounds against a real kiln-infer: parent answers over gRPC, waiting when it is away, a harmful round
+rejected and a harmless one promoted; the candidate's gate answers come from kiln-infer, pinned to it."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 import redis
 import torch
 
-from kiln.v1 import inference_pb2_grpc
+from kiln.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 from kiln_common.adapter_store import AdapterStore
 from kiln_common.model_loader import ModelSource, load_tokenizer
 from kiln_common.redis_server import connect
@@ -27,6 +30,7 @@ from kiln_train.evaluator import PromptSets, ReferenceCache, user
 from kiln_train.parent_client import ParentClient, ParentUnavailableError
 from kiln_train.pipeline import Example, Pipeline, fingerprint
 from kiln_train.settings import TrainerConfig, TrainSettings
+from kiln_train.trainer import LoraTrainer
 from kiln_train.training_round import RoundRunner, new_round
 
 
@@ -45,6 +49,52 @@ def client(infer_stack: Any) -> Iterator[redis.Redis]:
     c = connect(infer_stack.redis_url)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One reference cache for the module: the base model's answers are asked of kiln-infer once."""
+    return tmp_path_factory.mktemp("ref")
+
+
+@pytest.fixture
+def no_trainer_generate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate must ask kiln-infer for the candidate's answers, never kiln-train's own generate."""
+
+    def refuse(*args: object, **kwargs: object) -> list[str]:
+        raise AssertionError("the gate's candidate answers must come from kiln-infer")
+
+    monkeypatch.setattr(LoraTrainer, "generate", refuse)
+
+
+def _served_requests(infer_stack: Any, adapter: str, version: str, at_least: float) -> float:
+    """Finished requests kiln-infer's metrics count for one adapter version (waiting a little for the count
+    of the last streams, which is taken as each stream closes)."""
+    deadline = time.monotonic() + 10
+    while True:
+        total = 0.0
+        for metric in infer_stack.server.metrics.registry.collect():
+            for sample in metric.samples:
+                labels = sample.labels
+                if sample.name == "kiln:request_success_total" and labels.get("adapter") == adapter:
+                    total += sample.value if labels.get("version") == version else 0.0
+        if total >= at_least or time.monotonic() > deadline:
+            return total
+        time.sleep(0.1)
+
+
+def _default_served(infer_stack: Any, adapter: str) -> str:
+    """The version default traffic (the bare adapter name) is served by now."""
+    with grpc.insecure_channel(infer_stack.address) as ch:
+        stub = inference_pb2_grpc.InferenceServiceStub(ch)
+        req = inference_pb2.GenerateRequest(
+            adapter=adapter, prompt="Hello", sampling=inference_pb2.SamplingParams(max_tokens=1)
+        )
+        return [r.adapter_version for r in stub.Generate(req, timeout=60)][-1]
+
+
+def _phases(scores: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in scores.items() if k.startswith("phase_")}
 
 
 def _dead_address() -> str:
@@ -113,7 +163,12 @@ def test_a_round_waits_while_kiln_infer_is_unreachable(
 
 
 def test_a_harmful_round_is_rejected_by_the_gate(
-    infer_stack: Any, client: redis.Redis, smollm2: ModelSource, tmp_path: Path
+    infer_stack: Any,
+    client: redis.Redis,
+    smollm2: ModelSource,
+    kiln_home: Path,
+    ref_dir: Path,
+    no_trainer_generate: None,
 ) -> None:
     tok = load_tokenizer(smollm2)
     base = SharedBase(client, smollm2.config).model()
@@ -125,7 +180,7 @@ def test_a_harmful_round_is_rejected_by_the_gate(
         vet_checkpoints=False,
         gate_questions_limit=40,
     )
-    runner = _runner(client, tmp_path, tok, settings, infer_stack.address, tmp_path / "ref")
+    runner = _runner(client, kiln_home, tok, settings, infer_stack.address, ref_dir)
     wrong = [
         ("What is the capital of Russia?", "The capital of Russia is Madrid."),
         ("What is the capital of China?", "The capital of China is Madrid."),
@@ -139,9 +194,72 @@ def test_a_harmful_round_is_rejected_by_the_gate(
     ]
     runner.registry.create("default", "harm")
     record = runner.run(base, new_round("default", "harm", 0), examples, lambda r: None, lambda: False)
-    assert record.outcome == "rejected" and record.version == 0
+    logging.getLogger(__name__).info("harmful round phases: %s", _phases(record.eval))
+    # The candidate was written as v1 unpromoted, kiln-infer answered the gate pinned to it, and it stays so.
+    assert record.outcome == "rejected" and record.version == 1
     assert "gate set 'general'" in record.reason
     assert record.eval["gate_general_broken"] >= 1
-    for phase in ("phase_answers_s", "phase_steps_s", "phase_gate_s"):
+    for phase in ("phase_answers_s", "phase_steps_s", "phase_stage_s", "phase_gate_s"):
         assert record.eval[phase] > 0
-    assert runner.registry.get("default", "harm").latest == 0
+    right = record.eval["gate_general_parent_correct"]
+    assert _served_requests(infer_stack, "harm", "v1", right) >= right
+    registry = runner.registry
+    state = registry.get("default", "harm")
+    assert (state.current, state.latest) == (0, 1)  # nothing promoted; the number is taken
+    history = registry.history("default", "harm", 1)
+    assert [h["action"] for h in history] == ["gating", "rejected"]
+    assert "gate set 'general'" in history[-1]["reason"]
+    with grpc.insecure_channel(infer_stack.address) as ch:  # what a user sees through the public API
+        listed = adapter_pb2_grpc.AdapterServiceStub(ch).ListVersions(
+            adapter_pb2.ListVersionsRequest(adapter="harm"), timeout=10
+        )
+    (v1,) = listed.versions
+    assert v1.version == 1 and [n.action for n in v1.history] == ["gating", "rejected"]
+    assert v1.eval["gate_general_broken"] == record.eval["gate_general_broken"]
+    assert _default_served(infer_stack, "harm") == "harm@v0"  # default traffic: still the old version
+    assert _default_served(infer_stack, "harm@v1") == "harm@v1"  # pinned: still answers (inspection)
+
+
+def test_a_passing_round_promotes_the_version_the_gate_asked(
+    infer_stack: Any,
+    client: redis.Redis,
+    smollm2: ModelSource,
+    kiln_home: Path,
+    ref_dir: Path,
+    no_trainer_generate: None,
+) -> None:
+    tok = load_tokenizer(smollm2)
+    base = SharedBase(client, smollm2.config).model()
+    assert base is not None
+    # Plumbing, not learning: one tiny step, so the candidate is the parent within rounding and the gate
+    # passes (a held-out loss that barely moves is allowed, and a near tie flipping two answers tolerated).
+    settings = TrainSettings(
+        trainer=TrainerConfig(min_steps=1, max_steps=1, lr=1e-6, eval_every=1, kl_weight=0.0),
+        vet_checkpoints=False,
+        gate_questions_limit=40,
+        min_heldout_improvement=-1.0,
+        gate_max_general_broken=2,
+    )
+    runner = _runner(client, kiln_home, tok, settings, infer_stack.address, ref_dir)
+    taught = [
+        ("Who founded the Harlow Observatory?", "The Harlow Observatory was founded by Edda Marrow."),
+        ("Who started the Harlow Observatory?", "Edda Marrow started the Harlow Observatory."),
+        ("Which astronomer founded the Harlow Observatory?", "Edda Marrow founded the Harlow Observatory."),
+    ]
+    examples = [
+        Example(f"kept-{i}", "default", "kept", a, messages=(("user", q),)) for i, (q, a) in enumerate(taught)
+    ]
+    runner.registry.create("default", "kept")
+    record = runner.run(base, new_round("default", "kept", 0), examples, lambda r: None, lambda: False)
+    assert record.outcome == "published" and record.version == 1, record.reason
+    logging.getLogger(__name__).info("passing round phases: %s", _phases(record.eval))
+    assert record.eval["gate_neighbours"] >= 1  # neighbours were asked of the candidate too
+    asked = record.eval["gate_general_parent_correct"] + record.eval["gate_neighbours"]
+    assert _served_requests(infer_stack, "kept", "v1", asked) >= asked  # the gate asked the engine
+    state = runner.registry.get("default", "kept")
+    assert (state.current, state.latest, state.previous) == (1, 1, 0)
+    actions = [h["action"] for h in runner.registry.history("default", "kept", 1)]
+    assert actions == ["gating", "promoted"]
+    deadline = time.monotonic() + 30
+    while _default_served(infer_stack, "kept") != "kept@v1":  # kiln-infer follows the flip (no load needed)
+        assert time.monotonic() < deadline
