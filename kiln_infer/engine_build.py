@@ -20,6 +20,7 @@ from kiln_infer.engine.async_engine import AsyncEngine
 from kiln_infer.engine.config import EngineConfig
 from kiln_infer.engine.kv_cache import kv_bytes_per_token
 from kiln_infer.engine_link import EngineInfo
+from kiln_infer.engine_warm import warm_lora
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,11 @@ def build_engine(cfg: InferConfig, redis_url: str) -> BuiltEngine:
     if decoder is not None:
         decoder.capture_all(with_lora=False)
         decoder.capture_all(with_lora=True)
+    if device.startswith("cuda"):
+        try:
+            log.info("LoRA prefill kernels warmed in %.2f s", warm_lora(engine, source.config))
+        except Exception as exc:  # noqa: BLE001 - serving without the warm-up beats not serving
+            log.warning("could not warm the LoRA prefill kernels (%s); the first adapter request will", exc)
     ec = engine.config
     info = EngineInfo(
         max_model_len=ec.max_model_len,
