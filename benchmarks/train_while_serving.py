@@ -3,9 +3,10 @@
 kiln-infer and kiln-train run as their own processes on the same device (as `kiln up` runs them); steady
 gRPC clients stream generations the whole time. The benchmark teaches `--examples` invented examples with one
 SubmitExamples call, and reports TTFT/TPOT p50/p99 before the round, during it and after the new version
-serves; the round's phases (answers, steps, gate, publish) from GetTrainingStatus; and the time from publish to
-the first token of the new version (the swap). `--small` is the CPU variant the test suite runs: a few steps
-and a gate opened wide, because it measures latency and plumbing, not what the round learns.
+serves; the round's phases (answers, steps, gate, publish) from GetTrainingStatus; and the time from publish
+(the version's "promoted" note, just before the alias flips) to the first token of the new version (the
+swap). `--small` is the CPU variant the test suite runs: a few steps and a gate opened wide, because it
+measures latency and plumbing, not what the round learns.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kiln.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from kiln.v1 import (
+    adapter_pb2,
+    adapter_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
 from kiln_common.config import RedisConfig
 from kiln_common.redis_server import RedisServer
 
@@ -246,6 +254,17 @@ def wait_round(address: str, since: float, timeout_s: float) -> training_pb2.Tra
     raise TimeoutError(f"no finished round within {timeout_s}s")
 
 
+def promoted_at(address: str, version: int) -> float | None:
+    """When the round promoted `version` (its "promoted" note, written just before the alias flips)."""
+    stub = adapter_pb2_grpc.AdapterServiceStub(grpc.insecure_channel(address))
+    listed = stub.ListVersions(adapter_pb2.ListVersionsRequest(adapter=ADAPTER), timeout=10)
+    for v in listed.versions:
+        if v.version == version:
+            times = [n.time for n in v.history if n.action == "promoted"]
+            return times[-1] if times else None
+    return None
+
+
 def latency(samples: list[Sample], start: float, end: float) -> dict[str, float]:
     """TTFT and TPOT p50/p99 in ms of the requests that started in [start, end)."""
     window = [s for s in samples if start <= s.start < end]
@@ -293,7 +312,8 @@ def measure(stack: Stack, setup: Setup, timeout_s: float) -> dict[str, object]:
         "after": latency(samples, t_round_end, t_after_end),
     }
     if probe.first_token:
-        result["publish_to_first_token_s"] = probe.first_token - record.finished
+        published = promoted_at(infer, record.version) or record.finished
+        result["publish_to_first_token_s"] = probe.first_token - published
         result["teach_to_serving_s"] = probe.first_token - wall_teach
     return result
 
