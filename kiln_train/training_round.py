@@ -86,6 +86,7 @@ class RoundRunner:
         self.parent = parent  # answers any version: the parent's, and the staged candidate's for the gate
         self.publisher = Publisher(registry)
         self._asking = threading.Lock()  # one ask per reference: a round waits for the warm-up's answers
+        self.warm_published = False  # ask each published version's reference ahead (set on GPU machines)
 
     def warm_base(self, tenant: str) -> None:
         """Ask kiln-infer for the base model's reference answers now, before a round needs them (they are
@@ -120,6 +121,7 @@ class RoundRunner:
             if verdict.passed:
                 self.publisher.promote(tenant, adapter, version, record.round_id, record.eval)
                 record.outcome = "published"
+                self._warm_next(record)
             else:
                 record.outcome, record.reason = "rejected", verdict.reason
                 self.publisher.reject(tenant, adapter, version, verdict.reason, record.eval)
@@ -133,6 +135,27 @@ class RoundRunner:
             trainer.release()
         record.finished = time.time()
         return record
+
+    def _warm_next(self, record: RoundRecord) -> None:
+        """With `warm_published`, ask for the new version's reference answers in the background now: it is
+        the parent of the adapter's next round, which then need not wait for them."""
+        if not self.warm_published:
+            return
+        ahead = RoundRecord("warm-up", record.tenant, record.adapter, record.version)
+
+        def ask() -> None:
+            try:
+                self._reference(ahead)
+            except Exception as exc:  # noqa: BLE001 - best effort: the next round asks for itself
+                log.info(
+                    "reference of %s/%s@v%d not asked ahead: %s",
+                    ahead.tenant,
+                    ahead.adapter,
+                    ahead.parent_version,
+                    exc,
+                )
+
+        threading.Thread(target=ask, name="kiln-train-warm", daemon=True).start()
 
     def _parent_dir(self, record: RoundRecord) -> Path | None:
         if record.parent_version <= 0:
