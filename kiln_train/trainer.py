@@ -201,19 +201,18 @@ class LoraTrainer:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def mean_logliks(self, data: list[Encoded]) -> list[float]:
-        """Per example: the mean log-probability of its completion tokens (0.0 for an empty completion)."""
+    def token_logprobs(self, data: list[Encoded]) -> list[torch.Tensor]:
+        """Per example, teacher-forced: each completion token's log-probability, [n_completion_tokens]."""
         self.model.eval()
-        out: list[float] = []
+        out: list[torch.Tensor] = []
         batch_size = self.eval_batch
         for i in range(0, len(data), batch_size):
             batch = collate(data[i : i + batch_size], self.tok.pad_token_id or 0, self.device)
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
-            mask = labels != IGNORE
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # [batch, seq]
-            out.extend((picked.sum(1) / mask.sum(1).clamp(min=1)).tolist())
+            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [batch, seq]
+            out.extend(row[mask].cpu() for row, mask in zip(picked, labels != IGNORE, strict=True))
         return out
 
     @torch.no_grad()
