@@ -125,7 +125,10 @@ def _general_flip(g: GateInputs, tolerance: float, scores: dict[str, float]) -> 
     shown = [
         f"{g.questions[i].prompt!r} -> {g.candidate_answers[i][:60]!r} ({drops[i]:.2f})" for i in broken[:5]
     ]
-    what = f"questions the parent answered right are now wrong, with a token down by > {tolerance} nats"
+    what = (
+        f"questions the parent answered right are now wrong, with a token down by > {tolerance} nats "
+        f"({len(flipped) - len(broken)} other flips forgiven as near ties)"
+    )
     return broken, judged, what, shown
 
 

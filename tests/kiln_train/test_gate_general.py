@@ -97,6 +97,7 @@ def test_a_flip_with_a_big_drop_counts_and_a_kept_answer_never_does() -> None:
     g = _inputs(("It is 18.", PARENT[1], "Blue."), [ARITHMETIC, CAPITAL, SKY], [lost, CAPITAL, faded_sky])
     verdict = decide(g, FLIP)
     assert not verdict.passed and "What is 9 + 8?" in verdict.reason and "sky" not in verdict.reason
+    assert "(0 other flips forgiven as near ties)" in verdict.reason
     scores = verdict.scores
     assert (scores["gate_general_flipped"], scores["gate_general_broken"], scores["gate_general_kept"]) == (
         1,
