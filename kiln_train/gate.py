@@ -6,6 +6,7 @@ rejection's reason names every set that failed ("gate set 'general': …"), so a
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from kiln_train.neighbours import gives_fact
 from kiln_train.prompt_sets import Question
 from kiln_train.settings import TrainSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,12 @@ class GateInputs:
     heldout_before: float = 0.0
     heldout_after: float = 0.0
     kl_generic: float = 0.0
-    # gate_general_scoring = "loglik": the mean log-likelihood of the parent's answer to each general
-    # question, by the parent (before training) and by the candidate; exact-match answers are not needed
-    parent_logliks: tuple[float, ...] = ()
-    candidate_logliks: tuple[float, ...] = ()
+    # Per general question, teacher-forced: the log-probability of each token of the parent's answer, by the
+    # parent (the start weights) and by the candidate, [n_answer_tokens] each. "loglik" compares their means
+    # over the whole answer (and needs no candidate answers); "flip" the worst token of a right answer's
+    # first sentence; "exact" uses neither
+    parent_logprobs: tuple[torch.Tensor, ...] = ()
+    candidate_logprobs: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,20 +72,71 @@ def _broken_exact(g: GateInputs) -> tuple[list[int], int]:
     return [i for i, (w, n) in enumerate(zip(was, now, strict=True)) if w and not n], sum(was)
 
 
-def _broken_loglik(g: GateInputs, tolerance: float) -> list[int]:
+def worst_token_drop(parent: torch.Tensor, candidate: torch.Tensor) -> float:
+    """The largest fall, in nats, of one answer token's log-probability from parent to candidate (>= 0).
+
+    One flipped key token ("Canberra" -> "Sydney") shows here even when the answer's mean hardly moves.
+    """
+    if parent.numel() == 0:
+        return 0.0
+    return max(0.0, float((parent - candidate).max()))
+
+
+def _mean(logprobs: torch.Tensor) -> float:
+    return float(logprobs.mean()) if logprobs.numel() else 0.0
+
+
+_Judged = tuple[list[int], int, str, list[str]]  # broken questions, how many judged, what broke, examples
+
+
+def _general_loglik(g: GateInputs, tolerance: float, scores: dict[str, float]) -> _Judged:
     """Questions whose parent answer the candidate finds less likely than the parent did, by > `tolerance`."""
-    pairs = zip(g.parent_logliks, g.candidate_logliks, strict=True)
-    return [i for i, (before, after) in enumerate(pairs) if after < before - tolerance]
+    pairs = zip(g.parent_logprobs, g.candidate_logprobs, strict=True)
+    drops = [_mean(before) - _mean(after) for before, after in pairs]
+    broken = [i for i, d in enumerate(drops) if d > tolerance]
+    scores["gate_general_loglik_drop_max"] = max(drops, default=0.0)
+    shown = [f"{g.questions[i].prompt!r} ({drops[i]:.2f})" for i in broken[:5]]
+    what = f"answers the candidate finds less likely than the parent (by > {tolerance} nats per token)"
+    return broken, len(drops), what, shown
+
+
+def _general_flip(g: GateInputs, tolerance: float, scores: dict[str, float]) -> _Judged:
+    """Right answers now wrong whose worst token fell by > `tolerance`; smaller flips are forgiven as ties."""
+    flipped, judged = _broken_exact(g)
+    pairs = zip(g.parent_logprobs, g.candidate_logprobs, strict=True)
+    drops = [worst_token_drop(before, after) for before, after in pairs]
+    assert len(drops) == len(g.questions), "flip scoring needs every general question's log-probabilities"
+    broken = [i for i in flipped if drops[i] > tolerance]
+    for i in flipped:
+        verdict = "broken" if i in broken else "forgiven as a near tie"
+        log.info(
+            "general %s (worst token -%.2f nats): %r -> %r",
+            verdict,
+            drops[i],
+            g.questions[i].prompt,
+            g.candidate_answers[i][:60],
+        )
+    scores.update(
+        gate_general_flipped=float(len(flipped)),
+        gate_general_forgiven=float(len(flipped) - len(broken)),
+        gate_general_flip_drop_max=max((drops[i] for i in flipped), default=0.0),
+        gate_general_token_drop_max=max(drops, default=0.0),
+    )
+    shown = [
+        f"{g.questions[i].prompt!r} -> {g.candidate_answers[i][:60]!r} ({drops[i]:.2f})" for i in broken[:5]
+    ]
+    what = (
+        f"questions the parent answered right are now wrong, with a token down by > {tolerance} nats "
+        f"({len(flipped) - len(broken)} other flips forgiven as near ties)"
+    )
+    return broken, judged, what, shown
 
 
 def _general(g: GateInputs, s: TrainSettings, scores: dict[str, float]) -> str:
     if s.gate_general_scoring == "loglik":
-        broken, judged = _broken_loglik(g, s.gate_loglik_tolerance), len(g.parent_logliks)
-        drops = [b - a for b, a in zip(g.parent_logliks, g.candidate_logliks, strict=True)]
-        scores["gate_general_loglik_drop_max"] = max(drops, default=0.0)
-        tol = s.gate_loglik_tolerance
-        what = f"answers the candidate finds less likely than the parent (by > {tol} nats per token)"
-        shown = [f"{g.questions[i].prompt!r} ({drops[i]:.2f})" for i in broken[:5]]
+        broken, judged, what, shown = _general_loglik(g, s.gate_loglik_tolerance, scores)
+    elif s.gate_general_scoring == "flip":
+        broken, judged, what, shown = _general_flip(g, s.gate_flip_tolerance, scores)
     else:
         broken, judged = _broken_exact(g)
         what = "questions the parent answered right are now wrong"

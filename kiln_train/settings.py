@@ -23,6 +23,9 @@ def _check_fraction(obj: object, names: tuple[str, ...]) -> None:
             raise ValueError(f"KILN_TRAIN_{name.upper()} must be in [0, 1], got {getattr(obj, name)}")
 
 
+# how the gate scores general questions (gate.py): exact match, exact match forgiving near ties, likelihood
+GENERAL_SCORINGS = ("exact", "flip", "loglik")
+
 # KILN_TRAIN_* variables read elsewhere (the server's entry point, `kiln up`), not training settings.
 SERVICE_VARIABLES = frozenset({"KILN_TRAIN_PORT", "KILN_TRAIN_INFER_KEY", "KILN_TRAIN_ADDRESS"})
 
@@ -139,9 +142,12 @@ class TrainSettings:
     min_heldout_improvement: float = 0.0  # gate held-out loss must drop by more than this (absolute)
     gate_max_general_broken: int = 0  # general questions the parent answered right that may turn wrong
     # "exact": a general question is kept when the parent's right answer stays right (normalised exact match);
+    # "flip": also when it turned wrong but no token of the right answer's first sentence lost more than
+    # `gate_flip_tolerance` nats of log-probability (a near tie that tipped over, not a lost answer);
     # "loglik": when the candidate's mean log-likelihood of the parent's answer is within the tolerance of the
     # parent's own (nats per token), for every general question, right or wrong
-    gate_general_scoring: str = "exact"
+    gate_general_scoring: str = "flip"
+    gate_flip_tolerance: float = 1.0
     gate_loglik_tolerance: float = 0.5
     gate_max_neighbour_leaks: int = 0  # near neighbours that may be answered with the taught fact
     gate_max_kl: float = 0.25  # mean KL(parent || candidate) per token on generic text, in nats
@@ -168,12 +174,14 @@ class TrainSettings:
         _check_fraction(self, ("heldout_fraction", "near_duplicate_jaccard"))
         if self.trigger_interval_s <= 0:
             raise ValueError(f"KILN_TRAIN_TRIGGER_INTERVAL_S must be > 0, got {self.trigger_interval_s}")
-        if self.gate_general_scoring not in ("exact", "loglik"):
-            got = self.gate_general_scoring
-            raise ValueError(f"KILN_TRAIN_GATE_GENERAL_SCORING must be 'exact' or 'loglik', got {got!r}")
-        if self.gate_loglik_tolerance < 0:
-            got_tol = self.gate_loglik_tolerance
-            raise ValueError(f"KILN_TRAIN_GATE_LOGLIK_TOLERANCE must be >= 0, got {got_tol}")
+        if self.gate_general_scoring not in GENERAL_SCORINGS:
+            raise ValueError(
+                f"KILN_TRAIN_GATE_GENERAL_SCORING must be one of {', '.join(GENERAL_SCORINGS)}, "
+                f"got {self.gate_general_scoring!r}"
+            )
+        for name in ("gate_flip_tolerance", "gate_loglik_tolerance"):
+            if not getattr(self, name) >= 0:  # NaN fails too
+                raise ValueError(f"KILN_TRAIN_{name.upper()} must be >= 0 nats, got {getattr(self, name)}")
         if self.replay_general < 0:
             raise ValueError(f"KILN_TRAIN_REPLAY_GENERAL must be >= 0, got {self.replay_general}")
         if not self.consumer or not self.group:

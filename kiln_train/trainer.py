@@ -149,19 +149,23 @@ class LoraTrainer:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def mean_logliks(self, data: list[Encoded]) -> list[float]:
-        """Per example: the mean log-probability of its completion tokens (0.0 for an empty completion)."""
+    def token_logprobs(self, data: list[Encoded]) -> list[torch.Tensor]:
+        """Per example, teacher-forced: each completion token's log-probability, [n_completion_tokens].
+
+        An example without completion tokens gets an empty tensor and no forward pass.
+        """
         self.model.eval()
-        out: list[float] = []
-        batch_size = self.eval_batch
-        for i in range(0, len(data), batch_size):
-            batch = collate(data[i : i + batch_size], self.tok.pad_token_id or 0, self.device)
+        out = [torch.empty(0) for _ in data]
+        todo = [i for i, e in enumerate(data) if any(t != IGNORE for t in e.labels)]
+        for start in range(0, len(todo), self.eval_batch):
+            rows = todo[start : start + self.eval_batch]
+            batch = collate([data[i] for i in rows], self.tok.pad_token_id or 0, self.device)
             logits = self.logits(batch["input_ids"], batch["attention_mask"])
             labels = batch["labels"][:, 1:]
-            mask = labels != IGNORE
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # [batch, seq]
-            out.extend((picked.sum(1) / mask.sum(1).clamp(min=1)).tolist())
+            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [batch, seq]
+            for i, row, mask in zip(rows, picked, labels != IGNORE, strict=True):
+                out[i] = row[mask].cpu()
         return out
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.registry import Registry
+from kiln_train.answer_match import first_sentence
 from kiln_train.encoding import Encoded, TextPair, encode
 from kiln_train.evaluator import Reference, ReferenceCache, ask_reference, user
 from kiln_train.gate import GateInputs, GateResult, Neighbour, decide, mean_kl
@@ -147,13 +148,7 @@ class RoundRunner:
             try:
                 self._reference(ahead)
             except Exception as exc:  # noqa: BLE001 - best effort: the next round asks for itself
-                log.info(
-                    "reference of %s/%s@v%d not asked ahead: %s",
-                    ahead.tenant,
-                    ahead.adapter,
-                    ahead.parent_version,
-                    exc,
-                )
+                log.info("reference of %s@v%d not asked ahead: %s", record.adapter, ahead.parent_version, exc)
 
         threading.Thread(target=ask, name="kiln-train-warm", daemon=True).start()
 
@@ -238,7 +233,7 @@ class RoundRunner:
         parent_lp = trainer.next_token_logprobs(list(GENERIC_TEXTS))
         gate_heldout = [encode(self.tok, p) for p in plan.held.gate]
         heldout_before = trainer.loss(gate_heldout)
-        parent_ll = tuple(trainer.mean_logliks(self._general_pairs(plan)))
+        parent_lps = tuple(trainer.token_logprobs(self._general_pairs(plan)))
         phases["phase_gate_baseline_s"] = time.monotonic() - t  # the gate's "before", on the start weights
         t = time.monotonic()
 
@@ -259,7 +254,7 @@ class RoundRunner:
         record.version = self._stage(trainer, record)
         phases["phase_stage_s"] = time.monotonic() - t
         t = time.monotonic()
-        verdict = self._gate(trainer, plan, parent_lp, gate_heldout, (heldout_before, parent_ll), record)
+        verdict = self._gate(trainer, plan, parent_lp, gate_heldout, (heldout_before, parent_lps), record)
         phases["phase_gate_s"] = time.monotonic() - t
         record.eval = {**verdict.scores, **record.eval, **phases}
         if not verdict.passed and result.refused:
@@ -273,21 +268,22 @@ class RoundRunner:
         plan: RoundPlan,
         parent_lp: list[torch.Tensor],
         gate_heldout: list[Encoded],
-        before: tuple[float, tuple[float, ...]],
+        before: tuple[float, tuple[torch.Tensor, ...]],
         staged: RoundRecord,
     ) -> GateResult:
         """The candidate's answers to the gate set, its held-out loss and KL, judged by `decide`.
 
         The answers come from kiln-infer, pinned to the staged candidate version (`staged.version`).
 
-        `before` is the parent's held-out loss and, when general questions are scored by log-likelihood,
-        its log-likelihood of each of its own general answers (then general questions are not asked again).
+        `before` is the parent's held-out loss and, unless general questions are scored by exact match alone,
+        its per-token log-probabilities of its own general answers (`_general_pairs`); scored by
+        log-likelihood, general questions are not asked again.
         """
         questions = self.references.sets.gate
-        heldout_before, parent_ll = before
+        heldout_before, parent_lps = before
         # Only what the parent answered right can break, so only that is asked again (the rest stays "").
         right = [i for i, q in enumerate(questions) if q.is_correct(plan.reference.gate[i])]
-        if parent_ll:
+        if self.settings.gate_general_scoring == "loglik":
             right = []
         asked = [TextPair("", user(questions[i].prompt)) for i in right]
         asked += [TextPair("", user(n.prompt)) for n in plan.gate_neighbours]
@@ -304,20 +300,26 @@ class RoundRunner:
             heldout_before=heldout_before,
             heldout_after=trainer.loss(gate_heldout),
             kl_generic=mean_kl(parent_lp, trainer.next_token_logprobs(list(GENERIC_TEXTS))),
-            parent_logliks=parent_ll,
-            candidate_logliks=tuple(trainer.mean_logliks(self._general_pairs(plan))) if parent_ll else (),
+            parent_logprobs=parent_lps,
+            candidate_logprobs=tuple(trainer.token_logprobs(self._general_pairs(plan))) if parent_lps else (),
         )
         return decide(inputs, self.settings)
 
     def _general_pairs(self, plan: RoundPlan) -> list[Encoded]:
-        """The gate's general questions with the parent's answers, when they are scored by log-likelihood."""
-        if self.settings.gate_general_scoring != "loglik":
+        """The gate's general questions with the parent's answers to teacher-force (none for "exact").
+
+        "loglik": every whole answer; "flip": the first sentence of each right answer (what exact match
+        judges), "" for a wrong one.
+        """
+        scoring = self.settings.gate_general_scoring
+        if scoring == "exact":
             return []
-        questions = self.references.sets.gate
-        return [
-            encode(self.tok, TextPair(a, user(q.prompt), complete=False))
-            for q, a in zip(questions, plan.reference.gate, strict=True)
-        ]
+        pairs = []
+        for q, a in zip(self.references.sets.gate, plan.reference.gate, strict=True):
+            if scoring == "flip":
+                a = first_sentence(a) if q.is_correct(a) else ""
+            pairs.append(encode(self.tok, TextPair(a, user(q.prompt), complete=False)))
+        return pairs
 
     def _reference(self, record: RoundRecord) -> Reference:
         """The parent's answers to the replay, vetting and gate prompts (kiln-infer, cached per version)."""

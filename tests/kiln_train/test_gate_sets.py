@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kiln_train.answer_match import matches_any
 from kiln_train.gate import GateInputs, Neighbour, decide
@@ -117,13 +118,13 @@ def test_a_rejection_names_every_failed_set() -> None:
         heldout_after=1.0,
         kl_generic=0.9,
     )
-    verdict = decide(inputs, TrainSettings())
+    verdict = decide(inputs, TrainSettings(gate_general_scoring="exact"))
     assert not verdict.passed
     assert "gate set 'general'" in verdict.reason and "gate set 'neighbours'" in verdict.reason
     assert "gate set 'kl'" in verdict.reason and "heldout" not in verdict.reason
     assert verdict.scores["gate_general_broken"] == 1 and verdict.scores["gate_neighbour_leaks"] == 1
     fine = GateInputs(questions, ("4", "Paris"), ("4", "Paris"), near, ["No idea."], 3.0, 1.0, 0.01)
-    assert decide(fine, TrainSettings()).passed
+    assert decide(fine, TrainSettings(gate_general_scoring="exact")).passed
 
 
 def test_general_questions_can_be_scored_by_the_parent_answers_likelihood() -> None:
@@ -135,14 +136,18 @@ def test_general_questions_can_be_scored_by_the_parent_answers_likelihood() -> N
         ("", ""),
         heldout_before=3.0,
         heldout_after=1.0,
-        parent_logliks=(-0.2, -1.0),
-        candidate_logliks=(-0.6, -0.1),
+        parent_logprobs=(torch.tensor([-0.1, -0.3]), torch.tensor([-1.0])),
+        candidate_logprobs=(torch.tensor([-0.6, -0.6]), torch.tensor([-0.1])),
     )
     verdict = decide(kept, settings)
     assert verdict.passed and verdict.scores["gate_general_kept"] == 2
     assert verdict.scores["gate_general_loglik_drop_max"] == pytest.approx(0.4)
     dropped = GateInputs(
-        questions, ("4", "Paris"), ("", ""), parent_logliks=(-0.2, -1.0), candidate_logliks=(-0.9, -1.0)
+        questions,
+        ("4", "Paris"),
+        ("", ""),
+        parent_logprobs=(torch.tensor([-0.2]), torch.tensor([-1.0])),
+        candidate_logprobs=(torch.tensor([-0.9]), torch.tensor([-1.0])),
     )
     verdict = decide(dropped, settings)
     assert not verdict.passed and verdict.scores["gate_general_broken"] == 1

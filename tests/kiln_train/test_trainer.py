@@ -10,6 +10,7 @@ import torch
 from kiln_common.model_loader import ModelSource, load_state_dict, load_tokenizer
 from kiln_common.weight_share import SharedWeights, attach, export_manifest, pack_state_dict
 from kiln_train.base_model import build_model_over
+from kiln_train.encoding import IGNORE
 from kiln_train.facts import invent_fact
 from kiln_train.trainer import LoraTrainer, RoundData, TextPair, TrainerConfig, encode
 
@@ -71,6 +72,12 @@ def test_lora_training_on_shared_weights(
     assert 0 < result.timings["compute"] and sum(result.timings.values()) <= result.seconds
     assert result.heldout_after < result.heldout_before - 0.5
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, trainer.trainable(), strict=True))
+    no_answer = encode(tok, TextPair("", (("user", "Hi"),), complete=False))
+    logprobs = trainer.token_logprobs([no_answer, *pairs[5:]])  # teacher-forced, one per completion token
+    assert logprobs.pop(0).numel() == 0
+    assert [len(lp) for lp in logprobs] == [sum(t != IGNORE for t in p.labels) for p in pairs[5:]]
+    mean_nll = -float(torch.cat(logprobs).sum()) / sum(len(lp) for lp in logprobs)
+    assert mean_nll == pytest.approx(trainer.loss(pairs[5:]), rel=1e-4)
     released = trainer.release()
     for n, v in before.items():
         assert torch.equal(attached.views[n], v)  # the frozen base is untouched
