@@ -47,6 +47,9 @@ step train_while_serving python3 -m benchmarks.train_while_serving --device cuda
 # publish -> first token of the new version are measured this way (timing and plumbing only)
 step tws_open python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate \
   --json "$OUT/tws_open.json" --logs "$OUT/tws_open_logs"
+# promote -> first token of a staged version, and of one published and promoted at once (kiln-infer alone)
+step swap_latency python3 -m benchmarks.swap_latency --model dummy:llama-3.2-1b --device cuda --models-home "$KILN_HOME" \
+  --json "$OUT/swap_latency.json"
 # the same round on an idle device (no serving clients): how much of a round's time is contention
 step tws_idle python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate --streams 0 \
   --json "$OUT/tws_idle.json"
