@@ -104,9 +104,9 @@ def _dead_address() -> str:
 
 
 def _small_sets() -> PromptSets:
-    """The default replay and vetting sets and the gate's first 40 questions (CPU time)."""
+    """The default replay and vetting sets and the gate's first 24 questions, all capitals (CPU time)."""
     sets = PromptSets.builtin()
-    return replace(sets, gate=sets.gate[:40])
+    return replace(sets, gate=sets.gate[:24])
 
 
 def _runner(
@@ -174,11 +174,12 @@ def test_a_harmful_round_is_rejected_by_the_gate(
     base = SharedBase(client, smollm2.config).model()
     assert base is not None
     # Without the vetting set's checkpoint refusals or the divergence term, so the gate alone must see the
-    # damage; the gate's first 40 general questions (capitals, arithmetic and more) keep the test's time down.
+    # damage; the gate's first 24 general questions (capitals: 17-19 of 28 broke in earlier runs) keep the
+    # test's time down.
     settings = TrainSettings(
         trainer=TrainerConfig(min_steps=8, max_steps=8, lr=3e-3, patience=10, eval_every=8, kl_weight=0.0),
         vet_checkpoints=False,
-        gate_questions_limit=40,
+        gate_questions_limit=24,
     )
     runner = _runner(client, kiln_home, tok, settings, infer_stack.address, ref_dir)
     wrong = [
@@ -236,7 +237,7 @@ def test_a_passing_round_promotes_the_version_the_gate_asked(
     settings = TrainSettings(
         trainer=TrainerConfig(min_steps=1, max_steps=1, lr=1e-6, eval_every=1, kl_weight=0.0),
         vet_checkpoints=False,
-        gate_questions_limit=40,
+        gate_questions_limit=24,
         min_heldout_improvement=-1.0,
         gate_max_general_broken=2,
     )
