@@ -30,7 +30,7 @@ class ParentTargets:
     logp: torch.Tensor  # [n_completion_tokens, k]
 
 
-def _completion_positions(labels: torch.Tensor) -> torch.Tensor:
+def completion_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions whose next token is a completion token (the logits that predict it). labels: [seq]."""
     return (labels[1:] != IGNORE).nonzero().squeeze(-1)
 
@@ -53,14 +53,14 @@ def parent_targets(
         batch = collate(data[i : i + batch_size], pad_id, device)
         logits = logits_of(batch["input_ids"], batch["attention_mask"])
         for row, labels in zip(logits, batch["labels"], strict=True):
-            pos = _completion_positions(labels)
+            pos = completion_positions(labels)
             logp = torch.log_softmax(row[pos].float(), dim=-1)  # [n, vocab]
             top = logp.topk(k, dim=-1)
             out.append(ParentTargets(top.indices, top.values))
     return out
 
 
-def _rest(log_p: torch.Tensor) -> torch.Tensor:
+def rest_mass(log_p: torch.Tensor) -> torch.Tensor:
     """Probability of every token outside the k given ones, [n] (kept above 0 for the logarithm)."""
     return (1.0 - log_p.exp().sum(-1)).clamp(min=1e-6)
 
@@ -76,13 +76,13 @@ def divergence(
     for row, row_labels, target in zip(logits, labels, targets, strict=True):
         if target is None:
             continue
-        pos = _completion_positions(row_labels)
+        pos = completion_positions(row_labels)
         n = min(len(pos), target.ids.shape[0])
         if n == 0:
             continue
         log_q = torch.log_softmax(row[pos[:n]].float(), dim=-1).gather(-1, target.ids[:n])  # [n, k]
         log_p = target.logp[:n]
-        p_rest = _rest(log_p)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - _rest(log_q).log())
+        p_rest = rest_mass(log_p)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - rest_mass(log_q).log())
         terms.append(kl.mean())
     return torch.stack(terms).mean() if terms else None

@@ -2,7 +2,7 @@
 
 Beside serving on one GPU, an eager step of a few short rows is launch-bound: thousands of small kernels, each
 waiting for the driver to switch the GPU back from serving's context. The H200 probe (docs/benchmarks.md,
-`benchmarks/step_probe.py`) measured 1.43 s a step eager and 0.06 s as a graph under the same serving load.
+`benchmarks/step_probe.py`) measured 1.43 s a step eager and 0.06-0.20 s as a graph beside the same load.
 
 So on a GPU the whole step (zero the gradients, forward, loss, backward, clipping, AdamW) is captured once per
 round over tensors of one shape and replayed: each step's rows are right-padded to the round's widest row
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln_train.distillation import _completion_positions, _rest
+from kiln_train.distillation import completion_positions, rest_mass
 from kiln_train.encoding import IGNORE, Encoded
 from kiln_train.round_data import Rows
 from kiln_train.settings import TrainerConfig
@@ -68,7 +68,7 @@ class Slots:
             labels[r, : len(e.labels)] = torch.tensor(e.labels[:width])
             if target is None:
                 continue
-            pos = _completion_positions(labels[r])
+            pos = completion_positions(labels[r])
             n = min(len(pos), target.ids.shape[0])
             if n:
                 spans.append((r, pos[:n], n))
@@ -96,8 +96,8 @@ def pass_loss(model: torch.nn.Module, s: Slots, kl_weight: float) -> torch.Tenso
         return loss
     log_q = log_q_all.gather(-1, s.target_ids)  # [rows, width - 1, k]
     log_p = s.target_logp
-    p_rest = _rest(log_p)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - _rest(log_q).log())
+    p_rest = rest_mass(log_p)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - rest_mass(log_q).log())
     return loss + kl_weight * (kl * s.weights).sum()
 
 
