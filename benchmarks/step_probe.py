@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(result), flush=True)
     with tempfile.TemporaryDirectory(prefix="kiln-probe-") as tmp:
         home = Path(tmp)
-        (home / "models").symlink_to(args.home / "models", target_is_directory=True)
+        (home / "models").symlink_to(args.home.resolve() / "models", target_is_directory=True)
         redis_server = RedisServer(RedisConfig(home=home))
         setup = GPU
         stack = Stack(setup, home, redis_server.start(), "cuda")

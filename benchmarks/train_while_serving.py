@@ -352,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="kiln-tws-") as tmp:
         home = Path(tmp)
-        models = (args.home or Path(os.environ.get("KILN_HOME") or REPO / ".kiln")) / "models"
+        # absolute: the symlink below lives in a temporary directory, so a relative --home would dangle
+        models = (args.home or Path(os.environ.get("KILN_HOME") or REPO / ".kiln")).resolve() / "models"
         if models.is_dir():
             (home / "models").symlink_to(models, target_is_directory=True)
         redis_server = RedisServer(RedisConfig(home=home))
