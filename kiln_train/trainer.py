@@ -199,7 +199,8 @@ class LoraTrainer:
         if not ids:
             return []
         batch = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.device)
-        logits = self.logits(batch, (batch != pad).long()).float()
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
+        logits = self.logits(batch, mask).float()
         return [torch.log_softmax(logits[i, : len(x)], dim=-1) for i, x in enumerate(ids)]
 
     def train(
