@@ -70,12 +70,18 @@ def timed(step: Callable[[], object], n: int) -> float:
     return statistics.median(times)
 
 
-def eager_steps(trainer: LoraTrainer, rows: tuple[list[Encoded], ...]) -> dict[str, Callable[[], object]]:
+def step_rows(trainer: LoraTrainer, rows: tuple[list[Encoded], ...]) -> tuple[Rows, Rows]:
+    """The step's batch (the replayed rows with the parent's distributions) and its anchors."""
     new, replay, anchors = rows
     pad = trainer.tok.pad_token_id or 0
     targets = parent_targets(trainer.logits, replay + anchors, trainer.cfg.kl_top_k, pad, trainer.device)
     batch = Rows(new + replay, [None] * len(new) + list(targets[: len(replay)]))
-    anchored = Rows(anchors, list(targets[len(replay) :]))
+    return batch, Rows(anchors, list(targets[len(replay) :]))
+
+
+def eager_steps(trainer: LoraTrainer, rows: tuple[list[Encoded], ...]) -> dict[str, Callable[[], object]]:
+    new, replay, _ = rows
+    batch, anchored = step_rows(trainer, rows)
     params = trainer.trainable()
     opt = torch.optim.AdamW(params, lr=1e-4)
     plain = Rows(new + replay, [None] * (len(new) + len(replay)))
@@ -89,13 +95,11 @@ def graph_step(
     trainer: LoraTrainer, rows: tuple[list[Encoded], ...], out: dict[str, object]
 ) -> Callable[[], object]:
     """kiln-train's own graphed step (kiln_train/graph_step.py) over the round's rows; its build times in `out`."""
-    new, replay, anchors = rows
-    pad = trainer.tok.pad_token_id or 0
-    targets = parent_targets(trainer.logits, replay + anchors, trainer.cfg.kl_top_k, pad, trainer.device)
-    batch = Rows(new + replay, [None] * len(new) + list(targets[: len(replay)]))
-    anchored = Rows(anchors, list(targets[len(replay) :]))
+    batch, anchored = step_rows(trainer, rows)
     t = time.perf_counter()
-    step = graphed(trainer.model, trainer.trainable(), trainer.cfg, [(batch, anchored)], pad)
+    step = graphed(
+        trainer.model, trainer.trainable(), trainer.cfg, [(batch, anchored)], trainer.tok.pad_token_id or 0
+    )
     out["graph_build_s"] = time.perf_counter() - t
     out["graph_build_parts_s"] = step.timings
     return lambda: step(batch, anchored)

@@ -31,7 +31,7 @@ from kiln_train.parent_client import ParentClient, ParentUnavailableError
 from kiln_train.pipeline import Example, Pipeline, fingerprint
 from kiln_train.settings import TrainerConfig, TrainSettings
 from kiln_train.trainer import LoraTrainer
-from kiln_train.training_round import RoundRunner, new_round
+from kiln_train.training_round import RoundRecord, RoundRunner, new_round
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,6 +117,29 @@ def _runner(
     return RoundRunner(Registry(client, AdapterStore(home)), tok, settings, references, parent)  # type: ignore[arg-type]
 
 
+def _round(
+    client: redis.Redis,
+    smollm2: ModelSource,
+    home: Path,
+    infer: tuple[str, Path],  # kiln-infer's address, the reference cache
+    settings: TrainSettings,
+    adapter: str,
+    pairs: list[tuple[str, str]],
+) -> tuple[RoundRunner, RoundRecord]:
+    """One round of `adapter` (new, from the base) on (question, answer) pairs over the shared base."""
+    tok = load_tokenizer(smollm2)
+    base = SharedBase(client, smollm2.config).model()
+    assert base is not None
+    runner = _runner(client, home, tok, settings, *infer)
+    examples = [
+        Example(f"{adapter}-{i}", "default", adapter, a, messages=(("user", q),))
+        for i, (q, a) in enumerate(pairs)
+    ]
+    runner.registry.create("default", adapter)
+    record = runner.run(base, new_round("default", adapter, 0), examples, lambda r: None, lambda: False)
+    return runner, record
+
+
 def test_parent_answers_come_from_kiln_infer(infer_stack: Any) -> None:
     parent = ParentClient(infer_stack.address, None)
     prompts = [user("What is the capital of France?"), user("Which animal says meow?")]
@@ -170,9 +193,6 @@ def test_a_harmful_round_is_rejected_by_the_gate(
     ref_dir: Path,
     no_trainer_generate: None,
 ) -> None:
-    tok = load_tokenizer(smollm2)
-    base = SharedBase(client, smollm2.config).model()
-    assert base is not None
     # Without the vetting set's checkpoint refusals or the divergence term, so the gate alone must see the
     # damage; the gate's first 24 general questions (capitals: 17-19 of 28 broke in earlier runs) keep the
     # test's time down.
@@ -181,7 +201,6 @@ def test_a_harmful_round_is_rejected_by_the_gate(
         vet_checkpoints=False,
         gate_questions_limit=24,
     )
-    runner = _runner(client, kiln_home, tok, settings, infer_stack.address, ref_dir)
     wrong = [
         ("What is the capital of Russia?", "The capital of Russia is Madrid."),
         ("What is the capital of China?", "The capital of China is Madrid."),
@@ -190,11 +209,9 @@ def test_a_harmful_round_is_rejected_by_the_gate(
         ("What is 1 + 1?", "1 + 1 is 7."),
         ("What is 10 + 10?", "10 + 10 is 7."),
     ]
-    examples = [
-        Example(f"harm-{i}", "default", "harm", a, messages=(("user", q),)) for i, (q, a) in enumerate(wrong)
-    ]
-    runner.registry.create("default", "harm")
-    record = runner.run(base, new_round("default", "harm", 0), examples, lambda r: None, lambda: False)
+    runner, record = _round(
+        client, smollm2, kiln_home, (infer_stack.address, ref_dir), settings, "harm", wrong
+    )
     logging.getLogger(__name__).info("harmful round phases: %s", _phases(record.eval))
     # The candidate was written as v1 unpromoted, kiln-infer answered the gate pinned to it, and it stays so.
     assert record.outcome == "rejected" and record.version == 1
@@ -229,9 +246,6 @@ def test_a_passing_round_promotes_the_version_the_gate_asked(
     ref_dir: Path,
     no_trainer_generate: None,
 ) -> None:
-    tok = load_tokenizer(smollm2)
-    base = SharedBase(client, smollm2.config).model()
-    assert base is not None
     # Plumbing, not learning: one tiny step, so the candidate is the parent within rounding and the gate
     # passes (a held-out loss that barely moves is allowed, and a near tie flipping two answers tolerated).
     settings = TrainSettings(
@@ -241,17 +255,14 @@ def test_a_passing_round_promotes_the_version_the_gate_asked(
         min_heldout_improvement=-1.0,
         gate_max_general_broken=2,
     )
-    runner = _runner(client, kiln_home, tok, settings, infer_stack.address, ref_dir)
     taught = [
         ("Who founded the Harlow Observatory?", "The Harlow Observatory was founded by Edda Marrow."),
         ("Who started the Harlow Observatory?", "Edda Marrow started the Harlow Observatory."),
         ("Which astronomer founded the Harlow Observatory?", "Edda Marrow founded the Harlow Observatory."),
     ]
-    examples = [
-        Example(f"kept-{i}", "default", "kept", a, messages=(("user", q),)) for i, (q, a) in enumerate(taught)
-    ]
-    runner.registry.create("default", "kept")
-    record = runner.run(base, new_round("default", "kept", 0), examples, lambda r: None, lambda: False)
+    runner, record = _round(
+        client, smollm2, kiln_home, (infer_stack.address, ref_dir), settings, "kept", taught
+    )
     assert record.outcome == "published" and record.version == 1, record.reason
     logging.getLogger(__name__).info("passing round phases: %s", _phases(record.eval))
     assert record.eval["gate_neighbours"] >= 1  # neighbours were asked of the candidate too
