@@ -100,7 +100,7 @@ class TrainServer:
         self.metrics.watch(self._daemon.status)
         self._daemon.start()
         if s.warm_reference and torch.cuda.is_available():
-            runner.warm_published = True
+            runner.warm_published = runner.prepare_ahead = True
             threading.Thread(target=self._warm, args=(runner,), name="kiln-train-warm", daemon=True).start()
         if self._metrics_port is not None:
             start_metrics_server(self._metrics_port, self.metrics.registry, cfg.host)

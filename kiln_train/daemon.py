@@ -17,9 +17,10 @@ from kiln_train.consumer import SampleConsumer
 from kiln_train.governor import Governor
 from kiln_train.metrics import TrainMetrics
 from kiln_train.parent_client import ParentUnavailableError
+from kiln_train.round_record import RoundRecord, new_round
 from kiln_train.settings import TrainSettings
 from kiln_train.tenant_pauses import TenantPauses
-from kiln_train.training_round import RoundRecord, RoundRunner, new_round
+from kiln_train.training_round import RoundRunner
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,7 @@ class TrainingDaemon:
                 continue
             self.run_round(tenant, adapter)
             return
+        self.runner.prepare(model)  # nothing due: capture ahead what the first round replays (once)
 
     def _interrupted(self) -> bool:
         with self._lock:

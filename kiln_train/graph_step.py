@@ -111,9 +111,9 @@ def dense_loss(
     return loss
 
 
-def width_of(examples: list[Encoded], multiple: int = 16) -> int:
-    """The widest example's length, rounded up to `multiple` (at least 2)."""
-    widest = max((len(e.input_ids) for e in examples), default=2)
+def width_of(examples: list[Encoded], multiple: int = 16, wider: int = 0) -> int:
+    """The widest example's length (or `wider` if more), rounded up to `multiple` (at least 2)."""
+    widest = max([wider, *(len(e.input_ids) for e in examples)], default=2)
     return max(2, -(-widest // multiple) * multiple)
 
 
@@ -137,6 +137,7 @@ class GraphedStep:
     ) -> None:
         device = params[0].device
         (b_rows, b_width), (a_rows, a_width) = shapes
+        self.shapes, self.kl = shapes, kl
         self.kl_weight, self.anchor_weight, k = kl
         self.pad_id = pad_id
         self.model, self.params, self.opt = model, params, opt
@@ -164,6 +165,24 @@ class GraphedStep:
         _undo(params, saved, opt)
         self.timings["first_replay_s"] = time.monotonic() - t
         log.info("step captured as a CUDA graph: %s", {k: round(v, 3) for k, v in self.timings.items()})
+
+    def fits(
+        self, params: list[torch.nn.Parameter], cfg: TrainerConfig, shapes: tuple[tuple[int, int], ...]
+    ) -> bool:
+        """Whether a round with these parameters, settings and shapes can replay this graph: the same
+        tensors, optimiser and loss settings and row counts, rows no wider than the captured ones."""
+        same = len(params) == len(self.params)
+        same_params = same and all(a is b for a, b in zip(params, self.params, strict=True))
+        settings = self.kl == _kl(cfg) and self.opt.defaults["lr"] == cfg.lr
+        rows = all(
+            want[0] == have[0] and want[1] <= have[1] for want, have in zip(shapes, self.shapes, strict=True)
+        )
+        return same_params and settings and rows
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """A new round from the parameters' current values: the optimiser's state zeroed in place."""
+        _zero_state(self.opt)
 
     def _fill(self, batch: Rows, anchored: Rows) -> None:
         self.batch.fill(batch, self.pad_id)
@@ -211,10 +230,36 @@ def _undo(params: list[torch.nn.Parameter], saved: list[torch.Tensor], opt: torc
     """The weights back as saved and the optimiser's state zeroed in place (the graph keeps its addresses)."""
     for p, s in zip(params, saved, strict=True):
         p.copy_(s)
+    _zero_state(opt)
+
+
+@torch.no_grad()
+def _zero_state(opt: torch.optim.Optimizer) -> None:
     for state in opt.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
                 value.zero_()
+
+
+def round_shapes(
+    steps: list[tuple[Rows, Rows]], multiple: int = 16, wider: int = 0
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(rows, width) of the batch and of the anchors for a round whose steps' rows are `steps`.
+
+    Widths are the widest row over all the steps (at least `wider`), rounded up to `multiple`; ValueError if
+    the steps differ in row counts.
+    """
+    counts = {(len(b.examples), len(a.examples)) for b, a in steps}
+    if len(counts) != 1:
+        raise ValueError(f"steps differ in rows per pass: {sorted(counts)}")
+    ((b_rows, a_rows),) = counts
+    b_width = width_of([e for b, _ in steps for e in b.examples], multiple, wider)
+    a_width = width_of([e for _, a in steps for e in a.examples], multiple, wider)
+    return (b_rows, b_width), (a_rows, a_width)
+
+
+def _kl(cfg: TrainerConfig) -> tuple[float, float, int]:
+    return cfg.kl_weight, cfg.anchor_weight, cfg.kl_top_k
 
 
 def graphed(
@@ -223,21 +268,13 @@ def graphed(
     cfg: TrainerConfig,
     steps: list[tuple[Rows, Rows]],
     pad_id: int,
+    shapes: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> GraphedStep:
-    """A GraphedStep for a round whose steps' rows are `steps` (every step has the same row counts).
-
-    Widths are the widest row over all the round's steps; ValueError if the row counts differ.
-    """
-    counts = {(len(b.examples), len(a.examples)) for b, a in steps}
-    if len(counts) != 1:
-        raise ValueError(f"steps differ in rows per pass: {sorted(counts)}")
-    ((b_rows, a_rows),) = counts
-    b_width = width_of([e for b, _ in steps for e in b.examples])
-    a_width = width_of([e for _, a in steps for e in a.examples])
+    """A GraphedStep for a round whose steps' rows are `steps` (every step has the same row counts), at
+    `shapes` (default: `round_shapes(steps)`); ValueError if the row counts differ."""
+    shapes = shapes or round_shapes(steps)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, capturable=True)
-    shapes = ((b_rows, b_width), (a_rows, a_width))
-    kl = (cfg.kl_weight, cfg.anchor_weight, cfg.kl_top_k)
-    return GraphedStep(model, params, opt, shapes, kl, steps[0], pad_id)
+    return GraphedStep(model, params, opt, shapes, _kl(cfg), steps[0], pad_id)
 
 
 class GraphedForward:

@@ -11,8 +11,8 @@ from kiln_common.adapter_store import validate_name
 from kiln_common.auth import Authenticator, Caller
 from kiln_common.grpc_status import unary_errors
 from kiln_train.daemon import DaemonState, DaemonStatus, TrainingDaemon
+from kiln_train.round_record import RoundRecord
 from kiln_train.tenant_pauses import TenantPauses
-from kiln_train.training_round import RoundRecord
 
 _STATES = {
     DaemonState.IDLE: training_pb2.TRAINER_STATE_IDLE,

@@ -126,8 +126,9 @@ class TrainSettings:
     reference_dir: str = (
         ""  # cache of each version's replay/vetting/gate answers; "" = $KILN_HOME/train/reference
     )
-    # ask kiln-infer for the base model's reference answers at start, so a first round need not wait for them;
-    # only where a GPU serves (on a CPU they would compete with serving at start: the first round asks)
+    # ask kiln-infer for the base model's reference answers at start, so a first round need not wait for them,
+    # then capture a round's CUDA graphs and measure the base's gate baseline before any round; only where a
+    # GPU serves (on a CPU they would compete with serving at start: the first round does them)
     warm_reference: bool = True
     threads: int = 1  # torch CPU threads for training (one core stays free for serving); 0 = torch's default
     # kiln-infer, asked for the parent's answers (Generate pinned to the parent version)

@@ -9,17 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
 from kiln_train.distillation import ParentTargets, divergence, parent_targets
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
-from kiln_train.graph_step import GraphedForward, graphed
+from kiln_train.graph_step import GraphedForward
 from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw
 from kiln_train.settings import TrainerConfig
 from kiln_train.train_progress import Clock, Progress, TrainResult, restore, train_result
+from kiln_train.workspace import LoraShape, LoraWorkspace, trainable
 
 __all__ = [
     "Encoded",
@@ -61,6 +62,7 @@ class LoraTrainer:
         tok: PreTrainedTokenizerBase,
         cfg: TrainerConfig,
         parent_dir: Path | None = None,
+        workspace: LoraWorkspace | None = None,
     ) -> None:
         self.tok = tok
         self.cfg = cfg
@@ -74,58 +76,49 @@ class LoraTrainer:
         if parent_dir is not None:  # a child keeps its parent's shape, whatever the settings say now
             shape = read_peft_config(parent_dir, max_rank=1 << 16)
             rank, alpha, targets = shape.rank, shape.alpha, shape.target_modules
-        lora = LoraConfig(
-            r=int(rank),
-            lora_alpha=alpha,  # type: ignore[arg-type]  # typed int, used as a float scale
-            target_modules=list(targets),
-            lora_dropout=0.0,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        torch.manual_seed(cfg.seed)
-        self.model: PeftModel = get_peft_model(base, lora)  # type: ignore[assignment]
-        for name, p in self.model.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()  # LoRA in fp32 even over a bf16 base
+        self.workspace = workspace or LoraWorkspace()
+        lora = LoraShape(int(rank), float(alpha), tuple(sorted(targets)))
+        self.model: PeftModel = self.workspace.checkout(base, lora, cfg.seed)
         if parent_dir is not None:
             state = load_file(str(parent_dir / WEIGHTS_FILE), device=str(self.device))
+            # in place (load_state_dict copies): a shared workspace's graphs keep the parameters' addresses
             result = set_peft_model_state_dict(self.model, {k: v.float() for k, v in state.items()})
             unexpected = list(getattr(result, "unexpected_keys", None) or [])
             if unexpected:
                 raise ValueError(f"parent adapter {parent_dir} has unexpected keys {unexpected[:3]}")
             log.info("continuing from parent adapter %s", parent_dir)
         self.model.eval()
-        self._graphed: GraphedForward | None = None  # evaluations' forward pass as a CUDA graph (on a GPU)
-        self._graph_failed = False
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of right-padded rows, through a replayed CUDA graph on a GPU when they fit (valid until the
         next call), else the eager forward pass."""
+        ws = self.workspace
         if (
-            self._graphed is None
-            and not self._graph_failed
+            ws.forward is None
+            and not ws.forward_failed
             and self.cfg.cuda_graphs
             and self.device.type == "cuda"
         ):
             try:
-                self._graphed = GraphedForward(
+                ws.forward = GraphedForward(
                     self.model, self.eval_batch, EVAL_WIDTH, self.tok.pad_token_id or 0
                 )
             except RuntimeError as exc:
-                self._graph_failed = True
+                ws.forward_failed = True
                 log.warning("evaluating eagerly: the forward pass could not be captured (%s)", exc)
-        if self._graphed is not None and self._graphed.fits(input_ids):
-            return self._graphed(input_ids)
+        if ws.forward is not None and ws.forward.fits(input_ids):
+            return ws.forward(input_ids)
         out: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         return out
 
     def trainable(self) -> list[torch.nn.Parameter]:
         """The LoRA parameters (everything else is frozen)."""
-        return [p for n, p in self.model.named_parameters() if p.requires_grad]
+        return trainable(self.model)
 
     def release(self) -> PreTrainedModel:
-        """Remove the LoRA layers and hand back the untouched base model."""
-        return self.model.unload()  # type: ignore[no-any-return]
+        """Done with the round: hand back the base model, computing as the untouched base (a shared
+        workspace keeps its LoRA layers, at their fresh zero-effect weights; any other is unwrapped)."""
+        return self.workspace.checkin()
 
     @torch.no_grad()
     def loss(self, data: list[Encoded]) -> float:
@@ -262,13 +255,24 @@ class LoraTrainer:
         self.model.eval()
         return train_result(step, planned, stop_reason, before, progress, clock)
 
+    def prepare(self, data: RoundData) -> None:
+        """On a GPU, capture ahead what a round like `data` replays: the evaluation pass, and a step as wide
+        as data's widest row (a shared workspace keeps both for later rounds). The weights are left as found;
+        `data.train` must not be empty."""
+        if not (self.cfg.cuda_graphs and self.device.type == "cuda"):
+            return
+        self.loss(data.vetting[:1] or data.train[:1])
+        step = batch_rows(data, draw(data, [], random.Random(0), self._sizes(data)), ([], []))
+        wider = max(len(e.input_ids) for e in data.train + data.replay + data.negatives)
+        self._stepper(self.trainable(), [step], wider)
+
     def _stepper(
-        self, params: list[torch.nn.Parameter], rows: list[tuple[Rows, Rows]]
+        self, params: list[torch.nn.Parameter], rows: list[tuple[Rows, Rows]], wider: int = 0
     ) -> Callable[[Rows, Rows], float]:
         """One optimiser step on a step's rows: a replayed CUDA graph on a GPU (`cuda_graphs`), else eager."""
         if self.cfg.cuda_graphs and self.device.type == "cuda" and rows:
             try:
-                return graphed(self.model, params, self.cfg, rows, self.tok.pad_token_id or 0)
+                return self.workspace.stepper(params, self.cfg, rows, self.tok.pad_token_id or 0, wider)
             except (RuntimeError, ValueError) as exc:
                 log.warning("training eagerly: the step could not be captured as a CUDA graph (%s)", exc)
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)

@@ -7,56 +7,31 @@ import logging
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.registry import Registry
-from kiln_train.answer_match import first_sentence
 from kiln_train.encoding import Encoded, TextPair, encode
 from kiln_train.evaluator import Reference, ReferenceCache, ask_reference, user
 from kiln_train.gate import GateInputs, GateResult, Neighbour, decide, mean_kl
+from kiln_train.gate_baseline import Baseline, Baselines, general_pairs, measure
 from kiln_train.heldout import HeldOut, split, to_pair
 from kiln_train.neighbours import gives_fact, neighbours
 from kiln_train.parent_client import ParentClient
 from kiln_train.pipeline import Example
-from kiln_train.prompt_sets import ANCHOR_PROMPTS, GENERIC_TEXTS
+from kiln_train.prompt_sets import ANCHOR_PROMPTS
 from kiln_train.publisher import Publisher
+from kiln_train.round_record import RoundRecord
 from kiln_train.settings import TrainSettings
 from kiln_train.trainer import LoraTrainer, RoundData, TrainResult
+from kiln_train.workspace import LoraWorkspace
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RoundRecord:
-    """Outcome of a round, as GetTrainingStatus reports it (and as it is logged in Redis)."""
-
-    round_id: str
-    tenant: str
-    adapter: str
-    parent_version: int
-    version: int = 0  # the version the round wrote (promoted, or rejected/abandoned and unpromoted); 0 = none
-    outcome: str = "running"  # running, published, rejected, failed
-    reason: str = ""
-    num_samples: int = 0
-    steps: int = 0
-    max_steps: int = 0
-    train_loss: float = 0.0
-    eval: dict[str, float] = field(default_factory=dict)  # every gate score, phase seconds, budget
-    started: float = field(default_factory=time.time)
-    finished: float = 0.0
-    sample_ids: list[str] = field(default_factory=list)
-    heldout_ids: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        return asdict(self)
+WARM_NEXT_AFTER_S = 2.0  # a promoted version's reference answers are asked this long after the promote
 
 
 @dataclass
@@ -88,6 +63,10 @@ class RoundRunner:
         self.publisher = Publisher(registry)
         self._asking = threading.Lock()  # one ask per reference: a round waits for the warm-up's answers
         self.warm_published = False  # ask each published version's reference ahead (set on GPU machines)
+        self.prepare_ahead = False  # capture graphs and measure the base's gate baseline ahead (GPU machines)
+        self.workspace = LoraWorkspace(shared=True)  # the LoRA-wrapped base and its graphs, round to round
+        self.baselines = Baselines()
+        self._prepared: PreTrainedModel | None = None
 
     def warm_base(self, tenant: str) -> None:
         """Ask kiln-infer for the base model's reference answers now, before a round needs them (they are
@@ -112,7 +91,7 @@ class RoundRunner:
         plan = self._plan(record, examples)
         phases["phase_answers_s"] = time.monotonic() - t0
         parent_dir = self._parent_dir(record)
-        trainer = LoraTrainer(base, self.tok, self.settings.trainer, parent_dir)
+        trainer = LoraTrainer(base, self.tok, self.settings.trainer, parent_dir, self.workspace)
         try:
             verdict = self._train_and_gate(trainer, record, plan, on_progress, should_stop, phases)
             if should_stop():
@@ -137,6 +116,39 @@ class RoundRunner:
         record.finished = time.time()
         return record
 
+    def prepare(self, base: PreTrainedModel) -> None:
+        """Before the first round (`prepare_ahead`, once per base model): wrap the base, capture the CUDA
+        graphs a round replays, and measure the base model's gate baseline, which every adapter's first round
+        uses. Waits (returns) until the base's reference answers are in (`warm_base`); best effort."""
+        if not self.prepare_ahead or self._prepared is base:
+            return
+        reference = self.references.get("", "", 0)
+        if reference is None:
+            return
+        self._prepared = base
+        t = time.monotonic()
+        replay, anchors = self._replay(reference)
+        if not replay:
+            return
+        data = RoundData(replay, [], replay, replay[: self.settings.trainer.negatives_per_step], anchors)
+        trainer = LoraTrainer(base, self.tok, self.settings.trainer, None, self.workspace)
+        try:
+            trainer.prepare(data)
+            self._baseline(trainer, RoundRecord("prepare", "", "", 0), reference)
+        except Exception as exc:  # noqa: BLE001 - best effort: rounds capture and measure for themselves
+            log.warning("preparing rounds ahead failed: %s", exc)
+        finally:
+            trainer.release()
+        log.info("rounds prepared ahead in %.2f s (graphs, base gate baseline)", time.monotonic() - t)
+
+    def _baseline(self, trainer: LoraTrainer, record: RoundRecord, reference: Reference) -> Baseline:
+        """The gate's "before" on the parent: measured now by `trainer` at the start weights, unless known."""
+        scoring = self.settings.gate_general_scoring
+        key = self.baselines.key(record.tenant, record.adapter, record.parent_version, scoring)
+        return self.baselines.get(
+            key, trainer, lambda: general_pairs(self.tok, self.references.sets, reference, scoring)
+        )
+
     def _warm_next(self, record: RoundRecord) -> None:
         """With `warm_published`, ask for the new version's reference answers in the background now: it is
         the parent of the adapter's next round, which then need not wait for them."""
@@ -145,6 +157,8 @@ class RoundRunner:
         ahead = RoundRecord("warm-up", record.tenant, record.adapter, record.version)
 
         def ask() -> None:
+            # not at once: the new version's first requests would queue behind ~250 prompts of ours
+            time.sleep(WARM_NEXT_AFTER_S)
             try:
                 self._reference(ahead)
             except Exception as exc:  # noqa: BLE001 - best effort: the next round asks for itself
@@ -185,20 +199,25 @@ class RoundRunner:
 
     def _round_data(self, plan: RoundPlan) -> RoundData:
         """Token ids of everything the trainer sees: new samples, vetting pairs, replay, negatives."""
-        tok, sets = self.tok, self.references.sets
-        replay_pairs = [
-            TextPair(a.text, user(p), complete=a.complete)
-            for p, a in zip(sets.replay, plan.reference.replay, strict=True)
-            if a.text.strip()
-        ]
-        anchors = [i for i, p in enumerate(replay_pairs) if p.messages[0][1] in ANCHOR_PROMPTS]
+        tok = self.tok
+        replay, anchors = self._replay(plan.reference)
         return RoundData(
             train=[encode(tok, to_pair(e)) for e in plan.held.train],
             vetting=[encode(tok, p) for p in plan.held.vetting],
-            replay=[encode(tok, p) for p in replay_pairs],
+            replay=replay,
             negatives=[encode(tok, p) for p in plan.negatives],
             anchors=anchors,
         )
+
+    def _replay(self, reference: Reference) -> tuple[list[Encoded], list[int]]:
+        """The parent's answers to the replay prompts, encoded, and which of them are anchors."""
+        pairs = [
+            TextPair(a.text, user(p), complete=a.complete)
+            for p, a in zip(self.references.sets.replay, reference.replay, strict=True)
+            if a.text.strip()
+        ]
+        anchors = [i for i, p in enumerate(pairs) if p.messages[0][1] in ANCHOR_PROMPTS]
+        return [encode(self.tok, p) for p in pairs], anchors
 
     def _vet(self, trainer: LoraTrainer, reference: Reference) -> Callable[[], bool] | None:
         """A checkpoint vet: vetting questions the parent answered right must still be."""
@@ -230,10 +249,9 @@ class RoundRunner:
     ) -> GateResult:
         """Train with the round's data, then judge the best checkpoint on the gate set."""
         t = time.monotonic()
-        parent_lp = trainer.next_token_logprobs(list(GENERIC_TEXTS))
+        baseline = self._baseline(trainer, record, plan.reference)
         gate_heldout = [encode(self.tok, p) for p in plan.held.gate]
         heldout_before = trainer.loss(gate_heldout)
-        parent_lps = tuple(trainer.token_logprobs(self._general_pairs(plan)))
         phases["phase_gate_baseline_s"] = time.monotonic() - t  # the gate's "before", on the start weights
         t = time.monotonic()
 
@@ -254,7 +272,7 @@ class RoundRunner:
         record.version = self._stage(trainer, record)
         phases["phase_stage_s"] = time.monotonic() - t
         t = time.monotonic()
-        verdict = self._gate(trainer, plan, parent_lp, gate_heldout, (heldout_before, parent_lps), record)
+        verdict = self._gate(trainer, plan, baseline, gate_heldout, heldout_before, record)
         phases["phase_gate_s"] = time.monotonic() - t
         record.eval = {**verdict.scores, **record.eval, **phases}
         if not verdict.passed and result.refused:
@@ -266,28 +284,33 @@ class RoundRunner:
         self,
         trainer: LoraTrainer,
         plan: RoundPlan,
-        parent_lp: list[torch.Tensor],
+        baseline: Baseline,
         gate_heldout: list[Encoded],
-        before: tuple[float, tuple[torch.Tensor, ...]],
+        heldout_before: float,
         staged: RoundRecord,
     ) -> GateResult:
         """The candidate's answers to the gate set, its held-out loss and KL, judged by `decide`.
 
         The answers come from kiln-infer, pinned to the staged candidate version (`staged.version`).
 
-        `before` is the parent's held-out loss and, unless general questions are scored by exact match alone,
-        its per-token log-probabilities of its own general answers (`_general_pairs`); scored by
-        log-likelihood, general questions are not asked again.
+        `baseline` holds the parent's measures on generic text and, unless general questions are scored by
+        exact match alone, on its own general answers (`general_pairs`); scored by log-likelihood, general
+        questions are not asked again.
         """
         questions = self.references.sets.gate
-        heldout_before, parent_lps = before
         # Only what the parent answered right can break, so only that is asked again (the rest stays "").
         right = [i for i, q in enumerate(questions) if q.is_correct(plan.reference.gate[i])]
         if self.settings.gate_general_scoring == "loglik":
             right = []
         asked = [TextPair("", user(questions[i].prompt)) for i in right]
         asked += [TextPair("", user(n.prompt)) for n in plan.gate_neighbours]
-        answers = self._candidate_answers(staged, asked)
+        scoring = self.settings.gate_general_scoring
+        pairs = general_pairs(self.tok, self.references.sets, plan.reference, scoring)
+        # kiln-infer answers while this process measures the candidate's log-probs (two processes, one GPU)
+        with ThreadPoolExecutor(1, thread_name_prefix="kiln-train-gate") as pool:
+            asking = pool.submit(self._candidate_answers, staged, asked)
+            after, heldout_after = measure(trainer, pairs), trainer.loss(gate_heldout)
+            answers = asking.result()
         candidate = [""] * len(questions)
         for i, answer in zip(right, answers, strict=False):
             candidate[i] = answer
@@ -298,28 +321,12 @@ class RoundRunner:
             neighbours=plan.gate_neighbours,
             neighbour_answers=answers[len(right) :],
             heldout_before=heldout_before,
-            heldout_after=trainer.loss(gate_heldout),
-            kl_generic=mean_kl(parent_lp, trainer.next_token_logprobs(list(GENERIC_TEXTS))),
-            parent_logprobs=parent_lps,
-            candidate_logprobs=tuple(trainer.token_logprobs(self._general_pairs(plan))) if parent_lps else (),
+            heldout_after=heldout_after,
+            kl_generic=mean_kl(baseline.generic, after.generic),
+            parent_logprobs=baseline.general,
+            candidate_logprobs=after.general,
         )
         return decide(inputs, self.settings)
-
-    def _general_pairs(self, plan: RoundPlan) -> list[Encoded]:
-        """The gate's general questions with the parent's answers to teacher-force (none for "exact").
-
-        "loglik": every whole answer; "flip": the first sentence of each right answer (what exact match
-        judges), "" for a wrong one.
-        """
-        scoring = self.settings.gate_general_scoring
-        if scoring == "exact":
-            return []
-        pairs = []
-        for q, a in zip(self.references.sets.gate, plan.reference.gate, strict=True):
-            if scoring == "flip":
-                a = first_sentence(a) if q.is_correct(a) else ""
-            pairs.append(encode(self.tok, TextPair(a, user(q.prompt), complete=False)))
-        return pairs
 
     def _reference(self, record: RoundRecord) -> Reference:
         """The parent's answers to the replay, vetting and gate prompts (kiln-infer, cached per version)."""
@@ -388,8 +395,3 @@ class RoundRunner:
             staged.tenant, staged.adapter, staged.version, prompts, self.settings.gate_max_tokens
         )
         return [a.text for a in got]
-
-
-def new_round(tenant: str, adapter: str, parent: int) -> RoundRecord:
-    """A fresh round record."""
-    return RoundRecord(round_id=uuid.uuid4().hex[:12], tenant=tenant, adapter=adapter, parent_version=parent)

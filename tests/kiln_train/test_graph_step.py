@@ -139,7 +139,7 @@ def test_graphed_evaluations_match_eager_ones_on_a_gpu() -> None:
     for t in (graphed_trainer, eager_trainer):
         _nudge(t)  # the same nudge for both
     assert graphed_trainer.loss(rows) == pytest.approx(eager_trainer.loss(rows), rel=1e-4)
-    assert graphed_trainer._graphed is not None and eager_trainer._graphed is None  # the graph was used
+    assert graphed_trainer.workspace.forward is not None and eager_trainer.workspace.forward is None  # used
     pairs = zip(graphed_trainer.token_logprobs(rows), eager_trainer.token_logprobs(rows), strict=True)
     for a, b in pairs:
         assert a.numel() > 0

@@ -29,9 +29,10 @@ from kiln_train.demo import ask
 from kiln_train.evaluator import PromptSets, ReferenceCache, user
 from kiln_train.parent_client import ParentClient, ParentUnavailableError
 from kiln_train.pipeline import Example, Pipeline, fingerprint
+from kiln_train.round_record import RoundRecord, new_round
 from kiln_train.settings import TrainerConfig, TrainSettings
 from kiln_train.trainer import LoraTrainer
-from kiln_train.training_round import RoundRecord, RoundRunner, new_round
+from kiln_train.training_round import RoundRunner
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,8 +23,9 @@ from kiln_train.demo import ask
 from kiln_train.evaluator import PromptSets, ReferenceCache
 from kiln_train.parent_client import ParentClient
 from kiln_train.pipeline import Example
+from kiln_train.round_record import new_round
 from kiln_train.settings import TrainSettings
-from kiln_train.training_round import RoundRunner, new_round
+from kiln_train.training_round import RoundRunner
 
 pytestmark = [pytest.mark.slow, pytest.mark.facts]
 log = logging.getLogger(__name__)

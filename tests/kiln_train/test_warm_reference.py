@@ -13,8 +13,9 @@ from kiln_common.adapter_store import AdapterStore
 from kiln_common.registry import Registry
 from kiln_train.evaluator import PromptSets, ReferenceCache
 from kiln_train.parent_client import ParentAnswer, ParentUnavailableError
+from kiln_train.round_record import RoundRecord
 from kiln_train.settings import TrainSettings
-from kiln_train.training_round import RoundRecord, RoundRunner
+from kiln_train.training_round import RoundRunner
 
 
 class _Answers:
