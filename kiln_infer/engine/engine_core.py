@@ -26,6 +26,7 @@ from kiln_infer.lora.layers import LoraSlots
 from kiln_infer.model.llama import LlamaModel
 
 log = logging.getLogger(__name__)
+SLOW_STEP_S = 0.5  # an engine step longer than this is logged with where its time went
 
 PLACEHOLDER = -1  # a sampled token still on the device
 
@@ -162,7 +163,19 @@ class EngineCore:
         if prev is not None:
             self._complete(prev)
         self.phase_s["launch"] += t3 - t2
-        self.phase_s["host"] += (t2 - t1) + (time.perf_counter() - t3)
+        t4 = time.perf_counter()
+        self.phase_s["host"] += (t2 - t1) + (t4 - t3)
+        if t4 - t0 > SLOW_STEP_S:  # a stall every request in flight feels: say where it went
+            ms = [round(1e3 * d) for d in (t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3)]
+            tokens, adapted = sum(i.num_tokens for i in batch), sum(i.seq.lora_slot >= 0 for i in batch)
+            log.warning(
+                "slow step: %d ms (schedule %d, complete previous %d, launch %d, host %d) for %d rows, "
+                "%d tokens, %d with an adapter",
+                *ms,
+                len(batch),
+                tokens,
+                adapted,
+            )
         return sum(item.num_tokens for item in batch)
 
     def _can_overlap(self, batch: list[ScheduledSeq]) -> bool:

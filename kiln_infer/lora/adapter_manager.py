@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -47,8 +48,10 @@ class AdapterManager:
             if hit is not None:
                 self._host.move_to_end(key)
                 return hit
+        t = time.perf_counter()
         weights = load_peft_adapter(key, path, self.slots.max_rank)
         check_fits(weights, self.slots.num_layers, self.slots.shapes)
+        log.info("adapter %s read from disk in %.1f ms", key, 1e3 * (time.perf_counter() - t))
         with self._host_lock:
             self._host[key] = weights
             self._host.move_to_end(key)
@@ -76,7 +79,14 @@ class AdapterManager:
                 del self._slot_of[old]
             else:
                 return None
+            t = time.perf_counter()
             self.slots.load(slot, weights)
+            log.info(
+                "adapter %s loaded into slot %d in %.1f ms",
+                weights.key,
+                slot,
+                1e3 * (time.perf_counter() - t),
+            )
             self._slot_of[weights.key], self._key_in[slot] = slot, weights.key
         self._slot_lru.pop(slot, None)
         self._refs[slot] += 1
