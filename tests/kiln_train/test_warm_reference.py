@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from kiln_common.adapter_store import AdapterStore
+from kiln_common.model_loader import ModelSource, load_tokenizer
 from kiln_common.registry import Registry
 from kiln_train.evaluator import PromptSets, ReferenceCache
 from kiln_train.parent_client import ParentAnswer, ParentUnavailableError
+from kiln_train.prompt_sets import GENERIC_TEXTS
 from kiln_train.round_record import RoundRecord
 from kiln_train.settings import TrainSettings
 from kiln_train.training_round import RoundRunner
@@ -94,3 +98,37 @@ def test_a_published_version_s_reference_is_asked_ahead_only_when_enabled(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert set(parent.asked) == {("acme", "support", 3)}  # asked as the tenant, for the new version
+
+
+def test_prepare_measures_the_base_gate_baseline_once_it_has_the_reference(
+    rds: redis.Redis, tmp_path: Path, smollm2: ModelSource
+) -> None:
+    parent = _Answers()
+    sets = PromptSets.builtin(gate_limit=5)
+    cache = ReferenceCache(tmp_path / "ref", "model", sets)
+    registry = Registry(rds, AdapterStore(tmp_path / "home"))
+    runner = RoundRunner(registry, load_tokenizer(smollm2), TrainSettings(), cache, parent)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=smollm2.config.vocab_size, num_key_value_heads=2, **shape))
+    ids = torch.tensor([[5, 9, 13, 2, 40, 41]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits.clone()
+    key = runner.baselines.key("acme", "support", 0, runner.settings.gate_general_scoring)
+
+    runner.prepare(base)
+    assert key not in runner.baselines  # off unless kiln-train turns it on (GPU machines)
+    runner.prepare_ahead = True
+    runner.prepare(base)
+    assert key not in runner.baselines  # waits for the base's reference answers
+    runner.warm_base("kiln-train")
+    runner.prepare(base)
+    assert key in runner.baselines
+    measured = runner.baselines.get(key, None, lambda: [])  # type: ignore[arg-type]  # cached: no trainer
+    assert len(measured.generic) == len(GENERIC_TEXTS) and len(measured.general) == len(sets.gate)
+    other = runner.baselines.key("globex", "billing", 0, runner.settings.gate_general_scoring)
+    assert runner.baselines.get(other, None, lambda: []) is measured  # type: ignore[arg-type]  # shared base
+    runner.prepare(base)
+    assert runner.baselines.get(key, None, lambda: []) is measured  # type: ignore[arg-type]  # once per base
+    with torch.no_grad():  # the wrapped base still computes exactly as the base
+        torch.testing.assert_close(base(input_ids=ids).logits, before, rtol=0, atol=0)
