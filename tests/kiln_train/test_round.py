@@ -104,10 +104,14 @@ def _dead_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
+GATE_QUESTIONS = 12  # the gate's first questions, all capitals (CPU time)
+REPLAY_TOKENS = 32  # parent answers to the replay prompts, cut short (CPU time; they are asked once)
+
+
 def _small_sets() -> PromptSets:
-    """The default replay and vetting sets and the gate's first 24 questions, all capitals (CPU time)."""
+    """The default replay and vetting sets and the gate's first GATE_QUESTIONS questions."""
     sets = PromptSets.builtin()
-    return replace(sets, gate=sets.gate[:24])
+    return replace(sets, gate=sets.gate[:GATE_QUESTIONS])
 
 
 def _runner(
@@ -195,12 +199,14 @@ def test_a_harmful_round_is_rejected_by_the_gate(
     no_trainer_generate: None,
 ) -> None:
     # Without the vetting set's checkpoint refusals or the divergence term, so the gate alone must see the
-    # damage; the gate's first 24 general questions (capitals: 17-19 of 28 broke in earlier runs) keep the
-    # test's time down.
+    # damage. Four steps at 6e-3 break the general answers as surely as eight at 3e-3 did (10 of the 10 the
+    # parent got right in a test run; 17-19 of 28 before), and they, the gate's first 12 questions (capitals)
+    # and short replayed answers keep the test's time down.
     settings = TrainSettings(
-        trainer=TrainerConfig(min_steps=8, max_steps=8, lr=3e-3, patience=10, eval_every=8, kl_weight=0.0),
+        trainer=TrainerConfig(min_steps=4, max_steps=4, lr=6e-3, patience=10, eval_every=4, kl_weight=0.0),
         vet_checkpoints=False,
-        gate_questions_limit=24,
+        gate_questions_limit=GATE_QUESTIONS,
+        replay_max_tokens=REPLAY_TOKENS,
     )
     wrong = [
         ("What is the capital of Russia?", "The capital of Russia is Madrid."),
@@ -213,7 +219,12 @@ def test_a_harmful_round_is_rejected_by_the_gate(
     runner, record = _round(
         client, smollm2, kiln_home, (infer_stack.address, ref_dir), settings, "harm", wrong
     )
-    logging.getLogger(__name__).info("harmful round phases: %s", _phases(record.eval))
+    logging.getLogger(__name__).info(
+        "harmful round: %s of %s right general answers broken, phases %s",
+        record.eval.get("gate_general_broken"),
+        record.eval.get("gate_general_parent_correct"),
+        _phases(record.eval),
+    )
     # The candidate was written as v1 unpromoted, kiln-infer answered the gate pinned to it, and it stays so.
     assert record.outcome == "rejected" and record.version == 1
     assert "gate set 'general'" in record.reason
@@ -252,7 +263,8 @@ def test_a_passing_round_promotes_the_version_the_gate_asked(
     settings = TrainSettings(
         trainer=TrainerConfig(min_steps=1, max_steps=1, lr=1e-6, eval_every=1, kl_weight=0.0),
         vet_checkpoints=False,
-        gate_questions_limit=24,
+        gate_questions_limit=GATE_QUESTIONS,
+        replay_max_tokens=REPLAY_TOKENS,
         min_heldout_improvement=-1.0,
         gate_max_general_broken=2,
     )
