@@ -11,12 +11,15 @@ Those few lengths were not enough: the next H200 run still stalled 1.6 s when a 
 (about 6,000 tokens) to a new adapter at once. The expand kernel is compiled once per count of shrink splits,
 and that count falls as a step's token blocks grow (`bgmv.bgmv_shrink`), so a large prefill needs variants no
 short one compiles. `split_sweep` lists one prompt length per variant; `warm_lora` runs each alone in a step.
+With the sweep, the H200's engine still spent 1.5 s in its first step mixing 32 decoding rows with a gate's
+8 new prompts through an adapter (kiln-infer's slow-step log), so `warm_lora` also makes such mixed steps.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PretrainedConfig
@@ -52,9 +55,11 @@ def warm_lora(
     config: PretrainedConfig,
     lengths: tuple[int, ...] = LENGTHS,
     sweep: bool = True,
+    mix_rows: tuple[int, ...] | None = None,
 ) -> float:
-    """Run the warm-up requests to completion (with `sweep`, then `split_sweep`'s one at a time); returns
-    their seconds."""
+    """Run the warm-up requests to completion, then (with `sweep`) `split_sweep`'s one at a time, then steps
+    that mix decoding rows (`mix_rows` of them; default MIX_ROWS with `sweep`, none without) with arriving
+    prompts; returns their seconds."""
     rank = min(16, engine.config.max_lora_rank)
     vocab = int(config.vocab_size)
     greedy = SamplingParams(max_tokens=2, temperature=0.0)
@@ -79,4 +84,39 @@ def warm_lora(
             for n in split_sweep(min(ec.max_num_batched_tokens, ec.max_model_len - 2)):
                 for _ in engine.submit(EngineRequest(f"kiln-warm-up-sweep-{n}", prompt(n), greedy, ref)):
                     pass
+        for decoding, arriving in MIXES:
+            for rows in MIX_ROWS if mix_rows is None and sweep else mix_rows or ():
+                adapters = (ref if decoding else None, ref if arriving else None)
+                _mixed_step(engine, prompt, adapters, rows, f"{int(decoding)}{int(arriving)}-{rows}")
     return time.monotonic() - t
+
+
+# (rows decoding through the adapter, rows arriving through it): eager steps that mix decoding rows with new
+# prompts, as a round's gate makes them under load (its first such step stalled the H200's engine 1.5 s)
+MIXES = ((False, True), (True, True), (True, False))
+MIX_ROWS = (3, 32)  # decoding rows beside the new prompts (off and on a multiple of 16)
+
+
+def _mixed_step(
+    engine: AsyncEngine,
+    prompt: Callable[[int], list[int]],
+    adapters: tuple[AdapterRef | None, AdapterRef | None],
+    rows: int,
+    tag: str,
+) -> None:
+    """`rows` requests decoding, then prompts arriving through `adapters[1]` while they still decode."""
+    long = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=2, temperature=0.0)
+    decoding = [
+        iter(engine.submit(EngineRequest(f"kiln-warm-up-mix-{tag}-d{i}", prompt(9), long, adapters[0])))
+        for i in range(rows)
+    ]
+    for stream in decoding:
+        next(stream, None)  # its first token: it is decoding now
+    arriving = [
+        iter(engine.submit(EngineRequest(f"kiln-warm-up-mix-{tag}-p{i}", prompt(40 + i), short, adapters[1])))
+        for i in range(8)
+    ]
+    for stream in arriving + decoding:
+        for _ in stream:
+            pass

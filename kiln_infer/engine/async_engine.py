@@ -7,7 +7,6 @@ import logging
 import queue
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -17,7 +16,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from kiln_common.model_loader import ModelSource, load_state_dict
 from kiln_infer.engine.config import EngineConfig
-from kiln_infer.engine.engine_core import SLOW_STEP_S, EngineCore
+from kiln_infer.engine.engine_core import EngineCore
 from kiln_infer.engine.sequence import Sequence
 from kiln_infer.engine.types import AdapterRef, EngineOverloadedError, EngineRequest, RequestOutput
 
@@ -203,10 +202,7 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while True:
-            t = time.perf_counter()
             running = self._drain_inbox()
-            if time.perf_counter() - t > SLOW_STEP_S:
-                log.warning("slow inbox: %.0f ms to admit new requests", 1e3 * (time.perf_counter() - t))
             if not running:
                 self.core.fail_all()
             else:

@@ -15,7 +15,7 @@ def test_warm_lora_runs_adapter_prefills_and_serving_goes_on(
     prompt = [1, 2, 3, 4, 5]
     greedy = SamplingParams(max_tokens=4, temperature=0.0)
     before = [t for o in engine.submit(EngineRequest("a", prompt, greedy)) for t in o.token_ids]
-    seconds = warm_lora(engine, smol.config, lengths=(9, 40), sweep=False)
+    seconds = warm_lora(engine, smol.config, lengths=(9, 40), sweep=False, mix_rows=(3,))
     assert seconds > 0
     assert WARM_KEY in engine.core.adapters.host_keys()  # it went through the adapter path
     after = [t for o in engine.submit(EngineRequest("b", prompt, greedy)) for t in o.token_ids]
