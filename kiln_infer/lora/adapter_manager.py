@@ -36,29 +36,43 @@ class AdapterManager:
         self.max_cpu_loras = max_cpu_loras
         self._host: OrderedDict[str, LoraWeights] = OrderedDict()  # LRU: oldest first
         self._host_lock = threading.Lock()  # host cache is filled from servicer threads
+        self._reading: dict[str, threading.Lock] = {}  # adapter key -> held while one thread reads it
         self._slot_of: dict[str, int] = {}  # adapter key -> slot
         self._key_in: list[str | None] = [None] * slots.num_slots  # slot -> adapter key
         self._refs: list[int] = [0] * slots.num_slots
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # unreferenced resident slots, oldest first
 
     def get_host(self, key: str, path: Path) -> LoraWeights:
-        """The adapter's host weights, loading them from disk (any thread) on a miss."""
+        """The adapter's host weights, loading them from disk (any thread) on a miss; concurrent misses of one
+        key wait for a single read (a gate's burst of requests to a new version would read it once each)."""
         with self._host_lock:
             hit = self._host.get(key)
             if hit is not None:
                 self._host.move_to_end(key)
                 return hit
-        t = time.perf_counter()
-        weights = load_peft_adapter(key, path, self.slots.max_rank)
-        check_fits(weights, self.slots.num_layers, self.slots.shapes)
-        log.info("adapter %s read from disk in %.1f ms", key, 1e3 * (time.perf_counter() - t))
-        with self._host_lock:
-            self._host[key] = weights
-            self._host.move_to_end(key)
-            while len(self._host) > self.max_cpu_loras:
-                evicted, _ = self._host.popitem(last=False)
-                log.debug("host LRU evicted adapter %s", evicted)
-        return weights
+            reading = self._reading.setdefault(key, threading.Lock())
+        try:
+            with reading:
+                with self._host_lock:
+                    hit = self._host.get(key)
+                    if hit is not None:  # read by the thread this one waited for
+                        self._host.move_to_end(key)
+                        return hit
+                t = time.perf_counter()
+                weights = load_peft_adapter(key, path, self.slots.max_rank)
+                check_fits(weights, self.slots.num_layers, self.slots.shapes)
+                log.info("adapter %s read from disk in %.1f ms", key, 1e3 * (time.perf_counter() - t))
+                with self._host_lock:
+                    self._host[key] = weights
+                    self._host.move_to_end(key)
+                    while len(self._host) > self.max_cpu_loras:
+                        evicted, _ = self._host.popitem(last=False)
+                        log.debug("host LRU evicted adapter %s", evicted)
+                return weights
+        finally:
+            with self._host_lock:
+                if self._reading.get(key) is reading:
+                    del self._reading[key]
 
     def host_keys(self) -> list[str]:
         """Adapters in the host cache, least recently used first."""

@@ -163,3 +163,42 @@ def test_nan_adapter_never_reaches_other_rows(tmp_path: Path, form: str) -> None
     )
     assert torch.allclose(out[~bad], base[~bad] + want, atol=1e-5)
     assert torch.equal(out[token_slots == -1], base[token_slots == -1])
+
+
+def test_concurrent_misses_of_one_adapter_read_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    import kiln_infer.lora.adapter_manager as manager_module
+
+    manager = AdapterManager(cpu_slots(2), max_cpu_loras=2)
+    path = write_random_adapter(tmp_path / "burst", CONFIG, rank=4, seed=0)
+    reads: list[str] = []
+
+    def slow_read(key: str, p: Path, max_rank: int) -> LoraWeights:
+        reads.append(key)
+        time.sleep(0.2)  # a disk read: the other threads arrive while it is under way
+        return load_peft_adapter(key, p, max_rank)
+
+    monkeypatch.setattr(manager_module, "load_peft_adapter", slow_read)
+    got: list[LoraWeights] = []
+
+    def ask() -> None:
+        got.append(manager.get_host("t/burst@v1", path))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert reads == ["t/burst@v1"] and len(got) == 8 and all(w is got[0] for w in got)
+
+    def broken(*args: object) -> LoraWeights:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(manager_module, "load_peft_adapter", broken)
+    with pytest.raises(OSError):
+        manager.get_host("t/other@v1", path)  # a failed read raises to its caller and leaves nothing behind
+    assert manager._reading == {} and manager.host_keys() == ["t/burst@v1"]
