@@ -299,6 +299,8 @@ def measure(stack: Stack, setup: Setup, timeout_s: float) -> dict[str, object]:
     t_after_end = time.monotonic()
     for load in loads:
         load.stop.set()
+    for load in loads:  # a request started in the after window counts once it finishes (on a busy CPU one
+        load.join(timeout_s)  # can outlast the window)
     samples = [s for load in loads for s in load.samples]
     result: dict[str, object] = {
         "outcome": record.outcome,
