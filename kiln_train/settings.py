@@ -46,6 +46,9 @@ class TrainerConfig:
     max_steps: int = 200
     time_budget_s: float = 600.0
     min_rel_improvement: float = 0.01  # a vetting loss must beat the best by this fraction to count
+    # a vetting loss (mean nats per answer token) at which the samples are learned well enough: training stops
+    # there instead of driving it towards zero (over-fitting spreads a fact to neighbours); 0 = off
+    target_loss: float = 0.0
     batch_size: int = 6  # new samples + replay + negatives
     replay_fraction: float = 0.35  # of each batch: the parent's own answers to the replay prompts
     negatives_per_step: int = 1  # the parent's answers to near neighbours of the taught questions
@@ -78,6 +81,8 @@ class TrainerConfig:
             )
         if self.kl_weight < 0:
             raise ValueError(f"KILN_TRAIN_KL_WEIGHT must be >= 0, got {self.kl_weight}")
+        if not 0.0 <= self.target_loss < float("inf"):
+            raise ValueError(f"KILN_TRAIN_TARGET_LOSS must be a finite number >= 0, got {self.target_loss}")
         if self.lr <= 0:
             raise ValueError(f"KILN_TRAIN_LR must be > 0, got {self.lr}")
 

@@ -242,6 +242,9 @@ class LoraTrainer:
                 if converged:
                     stop_reason = "vetting loss converged"
                     break
+                if progress.best <= cfg.target_loss:
+                    stop_reason = "vetting loss reached the target"
+                    break
             if clock.elapsed() > cfg.time_budget_s:
                 stop_reason = "time budget spent"
                 with clock("eval"):
