@@ -239,11 +239,8 @@ class LoraTrainer:
             if step % cfg.eval_every == 0 or step == planned:
                 with clock("eval"):
                     converged = self._checkpoint(step, data.vetting, params, progress)
-                if converged:
-                    stop_reason = "vetting loss converged"
-                    break
-                if progress.best <= cfg.target_loss:
-                    stop_reason = "vetting loss reached the target"
+                if converged or progress.best <= cfg.target_loss:
+                    stop_reason = "vetting loss converged" if converged else "vetting loss reached the target"
                     break
             if clock.elapsed() > cfg.time_budget_s:
                 stop_reason = "time budget spent"
