@@ -27,10 +27,12 @@ Key = tuple[str, str, int, str]  # tenant, adapter, version, general scoring (""
 
 @dataclass(frozen=True)
 class Baseline:
-    """The parent's next-token log-probs on GENERIC_TEXTS, and on its general answers (see general_pairs)."""
+    """The parent's next-token log-probs on GENERIC_TEXTS, and on its general answers (`pairs`, see
+    general_pairs), which the candidate is then measured on."""
 
     generic: list[torch.Tensor]
     general: tuple[torch.Tensor, ...]
+    pairs: list[Encoded]
 
 
 def general_pairs(
@@ -53,7 +55,8 @@ def general_pairs(
 
 def measure(trainer: LoraTrainer, pairs: list[Encoded]) -> Baseline:
     """The measures by the trainer's current weights (the candidate's "after" is measured the same way)."""
-    return Baseline(trainer.next_token_logprobs(list(GENERIC_TEXTS)), tuple(trainer.token_logprobs(pairs)))
+    generic = trainer.next_token_logprobs(list(GENERIC_TEXTS))
+    return Baseline(generic, tuple(trainer.token_logprobs(pairs)), pairs)
 
 
 class Baselines:

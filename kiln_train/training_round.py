@@ -304,12 +304,10 @@ class RoundRunner:
             right = []
         asked = [TextPair("", user(questions[i].prompt)) for i in right]
         asked += [TextPair("", user(n.prompt)) for n in plan.gate_neighbours]
-        scoring = self.settings.gate_general_scoring
-        pairs = general_pairs(self.tok, self.references.sets, plan.reference, scoring)
         # kiln-infer answers while this process measures the candidate's log-probs (two processes, one GPU)
         with ThreadPoolExecutor(1, thread_name_prefix="kiln-train-gate") as pool:
             asking = pool.submit(self._candidate_answers, staged, asked)
-            after, heldout_after = measure(trainer, pairs), trainer.loss(gate_heldout)
+            after, heldout_after = measure(trainer, baseline.pairs), trainer.loss(gate_heldout)
             answers = asking.result()
         candidate = [""] * len(questions)
         for i, answer in zip(right, answers, strict=False):
