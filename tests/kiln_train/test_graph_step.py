@@ -6,46 +6,19 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kiln_train.distillation import model_logits, parent_targets
-from kiln_train.encoding import IGNORE, Encoded
+from kiln_train.encoding import IGNORE
 from kiln_train.graph_step import Slots, dense_loss, graphed, width_of
 from kiln_train.round_data import RoundData, Rows, batch_rows, draw
 from kiln_train.trainer import LoraTrainer, TrainerConfig
-
-VOCAB = 96
-
-
-class _Tok:
-    pad_token_id = 0
-    eos_token_id = 1
-
-
-def _model(device: str = "cpu") -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).float().to(device)
-
-
-def _examples(n: int, seed: int) -> list[Encoded]:
-    """Rows of different lengths, each a prompt (masked) and a completion."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        prompt, completion = rng.randint(3, 9), rng.randint(2, 20)
-        ids = [rng.randrange(2, VOCAB) for _ in range(prompt + completion)]
-        out.append(Encoded(ids, [IGNORE] * prompt + ids[prompt:]))
-    return out
+from tests.kiln_train.tiny_lm import TinyTok, examples, tiny_model
 
 
 def _round(cfg: TrainerConfig, device: str = "cpu") -> tuple[LoraTrainer, RoundData]:
-    trainer = LoraTrainer(_model(device), _Tok(), cfg)  # type: ignore[arg-type]
+    trainer = LoraTrainer(tiny_model(device), TinyTok(), cfg)  # type: ignore[arg-type]
     data = RoundData(
-        train=_examples(5, 1), vetting=_examples(2, 2), replay=_examples(8, 3), negatives=_examples(3, 4)
+        train=examples(5, 1), vetting=examples(2, 2), replay=examples(8, 3), negatives=examples(3, 4)
     )
     data.anchors = [0, 2, 4, 6]
     return trainer, data
@@ -85,8 +58,8 @@ def test_dense_loss_matches_the_eager_step_loss(kl_weight: float) -> None:
 
 
 def test_weights_average_over_rows_with_targets_and_their_positions() -> None:
-    model = _model()
-    rows = _examples(4, 7)
+    model = tiny_model()
+    rows = examples(4, 7)
     targets = parent_targets(model_logits(model), rows[1:3], 3, pad_id=0, device=torch.device("cpu"))
     slots = _slots(Rows(rows, [None, *targets, None]), 3, torch.device("cpu"))
     assert slots.ids.shape[1] % 16 == 0 and slots.ids.shape[1] >= max(len(e.input_ids) for e in rows)
@@ -103,7 +76,7 @@ def test_weights_average_over_rows_with_targets_and_their_positions() -> None:
 
 def test_a_round_whose_steps_differ_in_rows_is_not_graphed() -> None:
     trainer, _ = _round(TrainerConfig(cuda_graphs=False))
-    a, b = _examples(3, 1), _examples(2, 2)
+    a, b = examples(3, 1), examples(2, 2)
     steps = [(Rows(a, [None] * 3), Rows([], [])), (Rows(b, [None] * 2), Rows([], []))]
     with pytest.raises(ValueError, match="rows per pass"):
         graphed(trainer.model, trainer.trainable(), trainer.cfg, steps, pad_id=0)

@@ -8,14 +8,15 @@ import pytest
 
 from kiln_train.settings import TrainSettings
 from kiln_train.trainer import LoraTrainer, TrainerConfig
-from tests.kiln_train.test_workspace import _data, _model, _Tok
+from tests.kiln_train.test_workspace import _data
+from tests.kiln_train.tiny_lm import TinyTok, tiny_model
 
 
 def _train(target: float) -> tuple[int, str]:
     cfg = TrainerConfig(
         kl_top_k=4, min_steps=9, max_steps=9, eval_every=3, patience=5, rank=4, lr=3e-3, target_loss=target
     )
-    trainer = LoraTrainer(_model(), _Tok(), cfg)  # type: ignore[arg-type]
+    trainer = LoraTrainer(tiny_model(), TinyTok(), cfg)  # type: ignore[arg-type]
     result = trainer.train(_data(1))
     return result.steps, result.stop_reason
 

@@ -3,54 +3,27 @@ parents load in place, and (on a GPU) a prepared step graph is replayed by later
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from kiln_train.encoding import IGNORE, Encoded
+from kiln_train.encoding import Encoded
 from kiln_train.gate_baseline import Baselines
 from kiln_train.graph_step import round_shapes
 from kiln_train.prompt_sets import GENERIC_TEXTS
 from kiln_train.round_data import RoundData, Rows
 from kiln_train.trainer import LoraTrainer, TrainerConfig
 from kiln_train.workspace import LoraWorkspace
-
-VOCAB = 96
-
-
-class _Tok:
-    pad_token_id = 0
-    eos_token_id = 1
-
-
-def _model(device: str = "cpu") -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).float().to(device)
-
-
-def _examples(n: int, seed: int) -> list[Encoded]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        prompt, completion = rng.randint(3, 9), rng.randint(2, 20)
-        ids = [rng.randrange(2, VOCAB) for _ in range(prompt + completion)]
-        out.append(Encoded(ids, [IGNORE] * prompt + ids[prompt:]))
-    return out
+from tests.kiln_train.tiny_lm import TinyTok, examples, tiny_model
 
 
 def _data(seed: int) -> RoundData:
     data = RoundData(
-        train=_examples(5, seed),
-        vetting=_examples(2, seed + 1),
-        replay=_examples(8, seed + 2),
-        negatives=_examples(3, seed + 3),
+        train=examples(5, seed),
+        vetting=examples(2, seed + 1),
+        replay=examples(8, seed + 2),
+        negatives=examples(3, seed + 3),
     )
     data.anchors = [0, 2, 4, 6]
     return data
@@ -67,16 +40,16 @@ def _weights(trainer: LoraTrainer) -> torch.Tensor:
 
 def test_a_round_in_a_shared_workspace_trains_as_a_fresh_trainer_does() -> None:
     cfg = _cfg(cuda_graphs=False)
-    fresh = LoraTrainer(_model(), _Tok(), cfg)  # type: ignore[arg-type]
+    fresh = LoraTrainer(tiny_model(), TinyTok(), cfg)  # type: ignore[arg-type]
     expected = fresh.train(_data(1))
     expected_weights = _weights(fresh)
 
-    base, ws = _model(), LoraWorkspace(shared=True)
-    other = LoraTrainer(base, _Tok(), cfg, workspace=ws)  # type: ignore[arg-type]
+    base, ws = tiny_model(), LoraWorkspace(shared=True)
+    other = LoraTrainer(base, TinyTok(), cfg, workspace=ws)  # type: ignore[arg-type]
     other.train(_data(20))  # another round first: it leaves its weights and the optimiser behind
     params = other.trainable()
     other.release()
-    again = LoraTrainer(base, _Tok(), cfg, workspace=ws)  # type: ignore[arg-type]
+    again = LoraTrainer(base, TinyTok(), cfg, workspace=ws)  # type: ignore[arg-type]
     assert all(a is b for a, b in zip(again.trainable(), params, strict=True))  # the same layers, re-used
     result = again.train(_data(1))
     assert result.losses == pytest.approx(expected.losses, rel=1e-6)
@@ -84,12 +57,12 @@ def test_a_round_in_a_shared_workspace_trains_as_a_fresh_trainer_does() -> None:
 
 
 def test_between_rounds_the_wrapped_base_computes_as_the_base_and_drop_unwraps_it() -> None:
-    base = _model()
+    base = tiny_model()
     ids = torch.tensor([[5, 9, 13, 2, 40, 41]])
     with torch.no_grad():
         before = base(input_ids=ids).logits.clone()
     ws = LoraWorkspace(shared=True)
-    trainer = LoraTrainer(base, _Tok(), _cfg(cuda_graphs=False), workspace=ws)  # type: ignore[arg-type]
+    trainer = LoraTrainer(base, TinyTok(), _cfg(cuda_graphs=False), workspace=ws)  # type: ignore[arg-type]
     trainer.train(_data(3))
     with torch.no_grad():
         for p in trainer.trainable():
@@ -106,29 +79,29 @@ def test_between_rounds_the_wrapped_base_computes_as_the_base_and_drop_unwraps_i
 
 
 def test_a_parent_loads_in_place_and_another_shape_wraps_afresh(tmp_path: Path) -> None:
-    base, ws = _model(), LoraWorkspace(shared=True)
-    first = LoraTrainer(base, _Tok(), _cfg(cuda_graphs=False), workspace=ws)  # type: ignore[arg-type]
+    base, ws = tiny_model(), LoraWorkspace(shared=True)
+    first = LoraTrainer(base, TinyTok(), _cfg(cuda_graphs=False), workspace=ws)  # type: ignore[arg-type]
     first.train(_data(5))
     parent = first.save(tmp_path / "v1")
     trained, params = _weights(first), first.trainable()
     first.release()
 
-    child = LoraTrainer(base, _Tok(), _cfg(cuda_graphs=False), parent, ws)  # type: ignore[arg-type]
+    child = LoraTrainer(base, TinyTok(), _cfg(cuda_graphs=False), parent, ws)  # type: ignore[arg-type]
     assert all(a is b for a, b in zip(child.trainable(), params, strict=True))  # loaded in place
     torch.testing.assert_close(_weights(child), trained)
     child.release()
 
-    wider = LoraTrainer(base, _Tok(), _cfg(cuda_graphs=False, rank=8), workspace=ws)  # type: ignore[arg-type]
+    wider = LoraTrainer(base, TinyTok(), _cfg(cuda_graphs=False, rank=8), workspace=ws)  # type: ignore[arg-type]
     assert wider.trainable()[0].shape != params[0].shape  # rank 8: wrapped afresh
     assert wider.release() is base
     # a child keeps its parent's shape (rank 4) whatever the settings say now
-    child = LoraTrainer(base, _Tok(), _cfg(cuda_graphs=False, rank=8), parent, ws)  # type: ignore[arg-type]
+    child = LoraTrainer(base, TinyTok(), _cfg(cuda_graphs=False, rank=8), parent, ws)  # type: ignore[arg-type]
     assert child.trainable()[0].shape == params[0].shape
     torch.testing.assert_close(_weights(child), trained)
 
 
 def test_round_shapes_pad_to_the_multiple_and_at_least_wider() -> None:
-    a, b = _examples(3, 1), _examples(2, 2)
+    a, b = examples(3, 1), examples(2, 2)
     steps = [(Rows(a, [None] * 3), Rows(b, [None] * 2))]
     widest_a = max(len(e.input_ids) for e in a)
     (rows, width), (a_rows, a_width) = round_shapes(steps, 64)
@@ -153,7 +126,7 @@ class _CountingTrainer:
 
 def test_baselines_are_measured_once_per_parent_and_the_base_is_shared() -> None:
     cache, trainer = Baselines(keep=2), _CountingTrainer()
-    pairs = _examples(2, 9)
+    pairs = examples(2, 9)
     v0_a = cache.get(cache.key("t1", "a", 0, "flip"), trainer, lambda: pairs)  # type: ignore[arg-type]
     v0_b = cache.get(cache.key("t2", "b", 0, "flip"), trainer, lambda: pairs)  # type: ignore[arg-type]
     assert v0_a is v0_b and trainer.calls == 1  # every adapter's first round: one measurement
@@ -171,17 +144,17 @@ def test_baselines_are_measured_once_per_parent_and_the_base_is_shared() -> None
 def test_a_prepared_step_graph_is_replayed_by_later_rounds_on_a_gpu(caplog: pytest.LogCaptureFixture) -> None:
     eager = []
     for seed in (1, 11):
-        trainer = LoraTrainer(_model("cuda"), _Tok(), _cfg(cuda_graphs=False))  # type: ignore[arg-type]
+        trainer = LoraTrainer(tiny_model("cuda"), TinyTok(), _cfg(cuda_graphs=False))  # type: ignore[arg-type]
         eager.append((trainer.train(_data(seed)), _weights(trainer)))
-    base, ws = _model("cuda"), LoraWorkspace(shared=True)
+    base, ws = tiny_model("cuda"), LoraWorkspace(shared=True)
     caplog.set_level("INFO")
-    prep = LoraTrainer(base, _Tok(), _cfg(), workspace=ws)  # type: ignore[arg-type]
+    prep = LoraTrainer(base, TinyTok(), _cfg(), workspace=ws)  # type: ignore[arg-type]
     prep.prepare(_data(1))
     captured = ws.step
     assert captured is not None and ws.forward is not None
     prep.release()
     for seed, (want, want_weights) in zip((1, 11), eager, strict=True):
-        trainer = LoraTrainer(base, _Tok(), _cfg(), workspace=ws)  # type: ignore[arg-type]
+        trainer = LoraTrainer(base, TinyTok(), _cfg(), workspace=ws)  # type: ignore[arg-type]
         got = trainer.train(_data(seed))
         assert ws.step is captured  # replayed, not captured again
         torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(want.losses), rtol=1e-3, atol=1e-4)
