@@ -36,7 +36,8 @@ log = logging.getLogger("benchmarks.governor_bench")
 GPU_MODELS = "dummy:llama-3.2-1b,dummy:llama-3.1-8b"
 
 
-SCENARIOS = ("idle", "alone", "governed", "ungoverned")
+SCENARIOS = ("idle", "alone", "governed", "ungoverned", "duty")
+NO_BUDGET_MS = 1e9  # a fixed-duty run: the budget never binds, so the duty stays at its cap
 DEFAULT_SCENARIOS = ("idle", "alone", "governed")
 
 
@@ -63,6 +64,8 @@ class Plan:
     reuse: dict[str, Any] = field(
         default_factory=dict
     )  # capacity / standalone / idle_governed measured before
+    paced_micro_batch: int = 0  # KILN_TRAIN_PACED_MICRO_BATCH of the governed and fixed-duty trainers
+    duties: tuple[float, ...] = ()  # scenario "duty": training held at each of these shares while serving
 
 
 def workload(spec: str, cpu: bool) -> w1.Workload:
@@ -104,7 +107,13 @@ class Trainer:
     """One benchmarks.governor_trainer process: started, ready, told to go, then its report."""
 
     def __init__(
-        self, spec: str, home: Path, plan: Plan, governor: bool, budget: tuple[float, float] = (0.0, 0.0)
+        self,
+        spec: str,
+        home: Path,
+        plan: Plan,
+        governor: bool,
+        budget: tuple[float, float] = (0.0, 0.0),
+        env: dict[str, str] | None = None,
     ) -> None:
         cmd = [
             sys.executable, "-m", "benchmarks.governor_trainer", "--model", spec, "--home", str(home),
@@ -116,6 +125,8 @@ class Trainer:
             **os.environ,
             "KILN_TRAIN_TPOT_P99_BUDGET_MS": str(tpot_ms),
             "KILN_TRAIN_TTFT_P99_BUDGET_MS": str(ttft_ms),
+            "KILN_TRAIN_PACED_MICRO_BATCH": str(plan.paced_micro_batch),
+            **(env or {}),
         }
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
@@ -159,13 +170,15 @@ def serve_beside(
     reqs: list[dict[str, Any]],
     rate: float,
     budget: tuple[float, float] = (0.0, 0.0),
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Serving at `rate` while a round trains; latencies of the requests submitted during the round.
 
-    `budget` (TPOT p99, TTFT p99 in ms) > 0 runs the governor with those budgets; 0 trains without one.
+    `budget` (TPOT p99, TTFT p99 in ms) > 0 runs the governor with those budgets (and `env`'s settings);
+    0 trains without one.
     """
     governor = budget[0] > 0
-    trainer = Trainer(spec, home, plan, governor, budget)
+    trainer = Trainer(spec, home, plan, governor, budget, env)
     # the round starts once the clients are sending (they take seconds to start) and the load is steady
     start_round = threading.Timer(plan.warmup_s, trainer.go)
     result = burst(target, reqs, len(reqs), CLIENT_PROCESSES, rate=rate, on_start=start_round.start)
@@ -287,6 +300,26 @@ def _loads(
             entry["ungoverned"] = serve_beside(target, spec, home, plan, reqs, entry["rate_rps"])
             log.info("%s ungoverned: %s", spec, json.dumps(entry["ungoverned"]))
             out.write_text(json.dumps([result], indent=1))
+        for duty in plan.duties if "duty" in plan.scenarios else ():
+            key = f"duty_{duty:g}"
+            if key not in entry:
+                entry[key] = fixed_duty(target, spec, home, plan, reqs, entry["rate_rps"], duty)
+                shown = {k: v for k, v in entry[key].items() if k != "trace"}
+                log.info("%s at duty %g: %s", spec, duty, json.dumps(shown))
+                out.write_text(json.dumps([result], indent=1))
+
+
+def fixed_duty(
+    target: str, spec: str, home: Path, plan: Plan, reqs: list[dict[str, Any]], rate: float, duty: float
+) -> dict[str, Any]:
+    """Serving beside a round held at `duty` of the time while serving is busy (no latency budget binds):
+    one point of the trade-off between serving's latency and training's throughput."""
+    env = {
+        "KILN_TRAIN_START_DUTY": str(duty),
+        "KILN_TRAIN_MAX_DUTY": str(duty),
+        "KILN_TRAIN_MIN_DUTY": str(min(duty, 0.02)),
+    }
+    return serve_beside(target, spec, home, plan, reqs, rate, (NO_BUDGET_MS, NO_BUDGET_MS), env)
 
 
 def scenarios(names: str, ungoverned: bool) -> frozenset[str]:
@@ -333,6 +366,15 @@ def main(argv: list[str] | None = None) -> int:
         help="an earlier run's OUT.json (same model, machine and commit): its results are kept and those "
         "scenarios skipped, so a run can be split over calls (with --scenarios)",
     )
+    parser.add_argument(
+        "--paced-micro-batch",
+        type=int,
+        default=0,
+        help="KILN_TRAIN_PACED_MICRO_BATCH for governed rounds (graphed on a GPU); 0 = the whole micro-batch",
+    )
+    parser.add_argument(
+        "--duties", default="", help="scenario 'duty': training held at these shares, e.g. 0.1,0.3"
+    )
     parser.add_argument("--out", type=Path, default=Path("governor"), help="writes OUT.json and OUT.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -343,7 +385,16 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps != 200 else 3
         plan = Plan(steps, 2, 64, plan.loads, 0.5, 0.0, args.ungoverned, args.budget_factor, warmup_s=1.0)
     home = args.home or Path(os.environ.get("KILN_HOME") or tempfile.mkdtemp(prefix="kiln-governor-"))
-    plan = replace(plan, cover=args.cover, scenarios=scenarios(args.scenarios, args.ungoverned))
+    duties = tuple(float(x) for x in args.duties.split(",") if x.strip())
+    if not all(0.0 < d <= 1.0 for d in duties):  # NaN fails too
+        raise SystemExit(f"--duties: each share must be in (0, 1], got {args.duties}")
+    plan = replace(
+        plan,
+        cover=args.cover,
+        scenarios=scenarios(args.scenarios, args.ungoverned) | ({"duty"} if duties else set()),
+        paced_micro_batch=args.paced_micro_batch,
+        duties=duties,
+    )
     if args.reuse:  # "" (an unset GOV_REUSE in gpu_suite) reuses nothing
         plan = replace(plan, reuse=reused(Path(args.reuse)))
     results = [run_model(spec, home, plan, args.cpu, args.out.with_suffix(".json")) for spec in models]

@@ -73,12 +73,41 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{gov['train_steps_per_s']:.2f} ({_ratio(gov['train_steps_per_s'], standalone):.2f}x) | "
                 f"{gov['micro_batch_mean']:.1f} | {failed} |"
             )
-    lines.append("")
+    lines += ["", *tradeoff(results), ""]
     for r in results:
         for v in judge(r):
             verdict = "pass" if v["pass"] else "FAIL"
             lines.append(f"- {r['model']}: {v['check']}: {v['value']:.2f} (limit {v['limit']}) {verdict}")
     return "\n".join(lines)
+
+
+def runs_beside(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The runs of one load that trained beside serving: governed, ungoverned, each fixed duty (by share)."""
+    named = [(k, entry[k]) for k in ("governed", "ungoverned") if k in entry]
+    duties = sorted((k for k in entry if k.startswith("duty_")), key=lambda k: float(k[5:]))
+    return named + [(f"duty {k[5:]}", entry[k]) for k in duties]
+
+
+def tradeoff(results: list[dict[str, Any]]) -> list[str]:
+    """Markdown: each run beside serving as serving's slowdown against training's share of standalone."""
+    lines = [
+        "| model | load | training beside serving | TPOT p99 x alone | TTFT p99 x alone | "
+        "training x standalone | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        standalone = r["standalone"]["steps_per_s"]
+        for e in r["loads"]:
+            alone = e.get("alone")
+            for name, run in runs_beside(e):
+                tpot = _ratio(run["tpot_ms"][1], alone["tpot_ms"][1]) if alone else float("nan")
+                ttft = _ratio(run["ttft_ms"][1], alone["ttft_ms"][1]) if alone else float("nan")
+                train = _ratio(run["train_steps_per_s"], standalone)
+                lines.append(
+                    f"| {r['model']} | {e['load']:g} | {name} | {tpot:.2f} | {ttft:.2f} | {train:.2f} | "
+                    f"{run['failed']} |"
+                )
+    return lines
 
 
 def plot(results: list[dict[str, Any]], png: Path) -> Path:
@@ -88,7 +117,7 @@ def plot(results: list[dict[str, Any]], png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (train_ax, tpot_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (train_ax, tpot_ax, trade_ax) = plt.subplots(1, 3, figsize=(17, 4.5))
     for r in results:
         standalone = r["standalone"]["steps_per_s"]
         loads = [0.0] + [e["load"] for e in r["loads"]]
@@ -100,6 +129,19 @@ def plot(results: list[dict[str, Any]], png: Path) -> Path:
             if points:
                 xs, ys = zip(*points, strict=True)
                 tpot_ax.plot(xs, ys, style, marker="o", label=f"{r['model']} {mode}")
+        for e in r["loads"]:
+            if "alone" not in e:
+                continue
+            for name, run in runs_beside(e):
+                x = _ratio(run["train_steps_per_s"], standalone)
+                y = _ratio(run["tpot_ms"][1], e["alone"]["tpot_ms"][1])
+                trade_ax.scatter([x], [y])
+                trade_ax.annotate(f"{name} @{e['load']:g}", (x, y), fontsize=7)
+    trade_ax.axhline(TPOT_LIMIT, color="grey", lw=0.8)
+    trade_ax.axvline(TRAIN_AT_HALF, color="grey", lw=0.8)
+    trade_ax.set_xlabel("training throughput (x standalone)")
+    trade_ax.set_ylabel("serving TPOT p99 (x alone)")
+    trade_ax.grid(alpha=0.3)
     train_ax.axhline(TRAIN_AT_HALF, color="grey", lw=0.8)
     train_ax.set_xlabel("serving load (fraction of capacity)")
     train_ax.set_ylabel("training throughput (x standalone)")

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +28,7 @@ from kiln_common.model_loader import DUMMY_PREFIX, DUMMY_SHAPES, ModelNotFoundEr
 from kiln_common.redis_server import connect
 from kiln_train.base_model import SharedBase
 from kiln_train.governor import Governor, GovernorSettings
+from kiln_train.graph_step import capture
 from kiln_train.memory_split import enforce_memory_split
 from kiln_train.micro_batch import IGNORE, accumulate_backward, fit_micro_batch
 from kiln_train.trainer import LoraTrainer, TrainerConfig
@@ -79,8 +81,70 @@ def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, device: tor
     }
 
 
+class GraphedMicroBatch:
+    """Forward and backward of `rows` rows, their gradient added to fixed buffers: one CUDA graph launch.
+
+    Under time-slicing every launch of an eager pass can wait behind serving's work; a replayed graph is one
+    launch, so short governed micro-batches keep their speed. The optimizer step stays eager.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], rows: int, seq_len: int):
+        device = params[0].device
+        self.model, self.params, self.rows = model, params, rows
+        self.ids = torch.zeros(rows, seq_len, dtype=torch.long, device=device)
+        self.labels = torch.full((rows, seq_len), IGNORE, dtype=torch.long, device=device)
+        self.scale = torch.ones((), device=device)  # 1 / the step's completion tokens
+        self.grads = [torch.zeros_like(p) for p in params]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # cuBLAS workspaces and the allocator's pools, before capture
+            for _ in range(2):
+                self._body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph, self.loss = capture(self._body, device)
+        self.zero()
+
+    def _body(self) -> torch.Tensor:
+        logits = self.model(input_ids=self.ids).logits[:, :-1].float()
+        flat = logits.reshape(-1, logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(
+            flat, self.labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        loss = loss * self.scale
+        grads = torch.autograd.grad(loss, self.params)
+        torch._foreach_add_(self.grads, grads)
+        return loss.detach()
+
+    @torch.no_grad()
+    def zero(self) -> None:
+        torch._foreach_zero_(self.grads)
+
+    def step_grads(
+        self, tensors: dict[str, torch.Tensor], between: Callable[[], None] | None = None
+    ) -> float:
+        """The batch's gradient, `rows` rows per replay, left in the parameters' .grad; returns the loss."""
+        labels = tensors["labels"]
+        self.zero()
+        self.scale.fill_(1.0 / max(1, int((labels[:, 1:] != IGNORE).sum())))
+        total = 0.0
+        for start in range(0, labels.shape[0], self.rows):
+            if start > 0 and between is not None:
+                between()
+            self.ids.copy_(tensors["input_ids"][start : start + self.rows])
+            self.labels.copy_(labels[start : start + self.rows])
+            self.graph.replay()
+            total += float(self.loss)  # waits for the replay: the governor times the span it took
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g
+        return total
+
+
 def train_steps(
-    trainer: LoraTrainer, args: argparse.Namespace, governor: Governor | None, full: int
+    trainer: LoraTrainer,
+    args: argparse.Namespace,
+    governor: Governor | None,
+    full: int,
+    graphed: GraphedMicroBatch | None = None,
 ) -> dict[str, Any]:
     """The round: `steps` optimizer steps; per step its end time, micro-batch, the governor's mode and duty."""
     params = trainer.trainable()
@@ -93,8 +157,12 @@ def train_steps(
     for step in range(args.steps):
         size = governor.before_step() if governor is not None else full
         tensors = synthetic_batch(vocab, args.batch, args.seq_len, step, trainer.device)
-        opt.zero_grad(set_to_none=True)
-        accumulate_backward(trainer.model, tensors, size)
+        between = governor.between_micro_batches if governor is not None else None
+        if graphed is not None and size == graphed.rows:
+            graphed.step_grads(tensors, between)
+        else:
+            opt.zero_grad(set_to_none=True)
+            accumulate_backward(trainer.model, tensors, size, between)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if cuda:
@@ -141,9 +209,17 @@ def run(args: argparse.Namespace) -> int:
     )
     log.info("micro-batch %d of %d rows fits the memory cap", full, args.batch)
     governor = Governor(settings, lambda: read_load(client), full) if args.governor == "on" else None
+    graphed = None
+    paced = int(settings.paced_micro_batch)
+    if governor is not None and paced > 0 and device.type == "cuda" and args.graph == "on":
+        try:
+            graphed = GraphedMicroBatch(trainer.model, trainer.trainable(), min(paced, full), args.seq_len)
+            log.info("micro-batches of %d rows replayed as a CUDA graph", graphed.rows)
+        except RuntimeError as exc:  # the paced micro-batches then run eagerly
+            log.warning("paced micro-batches run eagerly: capture failed (%s)", exc)
     print(json.dumps({"ready": True, "device": str(device)}), flush=True)
     sys.stdin.readline()
-    report = train_steps(trainer, args, governor, full)
+    report = train_steps(trainer, args, governor, full, graphed)
     report["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     print(json.dumps(report), flush=True)
     trainer.release()
@@ -161,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--governor", choices=("on", "off"), default="on")
     p.add_argument("--memory-fraction", type=float, default=0.0)
+    p.add_argument(
+        "--graph", choices=("on", "off"), default="on", help="graph the paced micro-batch (on a GPU)"
+    )
     return p
 
 

@@ -76,5 +76,13 @@ step governor_8b_a python3 -m benchmarks.governor_bench --models dummy:llama-3.1
   --scenarios "" --out "$OUT/governor-8b-a"
 step governor_next python3 -m benchmarks.governor_bench --models "${GOV_MODEL:-dummy:llama-3.1-8b}" \
   --home "$KILN_HOME" --reuse "${GOV_REUSE:-}" --scenarios "${GOV_SCENARIOS:-idle}" --cover 1.1 --out "$OUT/governor-next"
+# the trade-off at half capacity: governed with 1-row graphed micro-batches and the pause spread between them,
+# ungoverned, then (governor_duties, reusing that call's JSON from docs/runs/) training held at fixed shares
+step governor_trade bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/benchmarks/test_governor_bench.py && \
+python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --scenarios alone,governed,ungoverned \
+--paced-micro-batch 1 --cover 1.0 --home $KILN_HOME --out $OUT/governor-trade"
+step governor_duties python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --reuse "${GOV_REUSE:-}" \
+  --scenarios "${GOV_SCENARIOS:-idle}" --duties "${GOV_DUTIES:-0.1,0.3}" --paced-micro-batch 1 --cover 1.0 \
+  --home "$KILN_HOME" --out "$OUT/governor-duties"
 step governor_8b python3 -m benchmarks.governor_bench --models dummy:llama-3.1-8b --ungoverned --home "$KILN_HOME" --out "$OUT/governor-8b"
 exit $status

@@ -13,8 +13,14 @@ wall time training may keep the GPU busy, enforced by sleeping after each step i
   micro-batch halved as well (shorter kernels, but each step then costs more GPU time per row: on the H200 a
   micro-batch of 1-2 left training at a fifth of its speed for little latency gained);
 - TPOT p99 under the budget by more than `headroom`: a halved micro-batch is doubled back first, then the duty
-  grows by `step_up` each adjustment (additive increase, multiplicative decrease: it settles just under the
-  budget without oscillating across it).
+  grows by `step_up` each adjustment, up to `max_duty` (additive increase, multiplicative decrease: it settles
+  just under the budget without oscillating across it).
+
+The pause is spread over the step: a step loop that computes its gradient in micro-batches calls
+`between_micro_batches()` after each one, which sleeps that micro-batch's share. With `paced_micro_batch` set,
+a busy serving side gets micro-batches of at most that many rows, so training holds the GPU for short spans
+often rather than long spans seldom: every request then sees about the average slowdown, where long spans
+slow the requests that overlap them by much more (and those are serving's p99).
 
 The budget is `KILN_TRAIN_TPOT_P99_BUDGET_MS` when set, else the idle baseline times
 `1 + KILN_TRAIN_TPOT_P99_SLACK` (the baseline is the TPOT p99 reported while no training step has run for a
@@ -24,6 +30,7 @@ whole load window).
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -58,6 +65,10 @@ class GovernorSettings:
     adjust_every_s: float = 1.0  # act on a new report at most this often (kiln-infer publishes every ~0.5 s)
     max_pace_ms: float = 5000.0  # the longest sleep between two steps
     start_duty: float = 0.5  # training's share of wall time when serving turns busy
+    max_duty: float = (
+        1.0  # the largest share training takes while serving is busy (start_duty is capped by it)
+    )
+    paced_micro_batch: float = 0  # while serving is busy, micro-batches of at most this many rows; 0 = no cap
     min_duty: float = 0.02  # the least share training keeps while serving is busy but not saturated
     backoff: float = 0.6  # over budget: duty x this
     step_up: float = 0.05  # under budget by more than headroom: duty + this, per adjustment
@@ -68,6 +79,10 @@ class GovernorSettings:
     memory_headroom_gib: float = 2.0  # CUDA contexts and allocator slack of both processes
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not math.isfinite(value):
+                raise ValueError(f"{PREFIX}{f.name.upper()} must be a finite number, got {value}")
         for name in (
             "tpot_p99_budget_ms",
             "tpot_p99_slack",
@@ -77,6 +92,7 @@ class GovernorSettings:
             "max_pace_ms",
             "settle_s",
             "headroom",
+            "paced_micro_batch",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
@@ -84,9 +100,17 @@ class GovernorSettings:
             raise ValueError(f"{PREFIX}TPOT_P99_SLACK must be > 0 when {PREFIX}TPOT_P99_BUDGET_MS is 0")
         if self.poll_s <= 0 or self.adjust_every_s <= 0:
             raise ValueError(f"{PREFIX}POLL_S and {PREFIX}ADJUST_EVERY_S must be > 0")
-        for name in ("start_duty", "min_duty", "backoff", "step_up"):
+        if self.paced_micro_batch != int(self.paced_micro_batch):
+            raise ValueError(
+                f"{PREFIX}PACED_MICRO_BATCH must be a whole number of rows, got {self.paced_micro_batch}"
+            )
+        for name in ("start_duty", "min_duty", "max_duty", "backoff", "step_up"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{PREFIX}{name.upper()} must be in (0, 1], got {getattr(self, name)}")
+        if self.min_duty > self.max_duty:
+            raise ValueError(
+                f"{PREFIX}MIN_DUTY ({self.min_duty}) must be <= {PREFIX}MAX_DUTY ({self.max_duty})"
+            )
         if not 0.0 <= self.memory_fraction < 1.0:
             raise ValueError(f"{PREFIX}MEMORY_FRACTION must be in [0, 1), got {self.memory_fraction}")
 
@@ -175,11 +199,25 @@ class Governor:
             self._sleep(self.settings.poll_s)
             self.paused_s += self.settings.poll_s
             self._decide(self._clock(), force=True)
-        self.pace_ms = min(self.settings.max_pace_ms, self._step_ms * (1 - self.duty) / self.duty)
+        self._pause(self._step_ms)
+        paced = int(self.settings.paced_micro_batch)
+        if paced > 0 and self.mode is not GovernorMode.FULL:
+            return min(self.micro_batch, paced)
+        return self.micro_batch
+
+    def between_micro_batches(self) -> None:
+        """After one micro-batch of a step (not the last): sleep its share of the pause, so the pauses are
+        spread through the step instead of gathered after it. No pause while serving is idle."""
+        if self._step_ended is None or self.duty >= 1.0:
+            return
+        self._pause((self._clock() - self._step_ended) * 1000)
+
+    def _pause(self, worked_ms: float) -> None:
+        """Sleep so that `worked_ms` of training is `duty` of the time; the next span starts after it."""
+        self.pace_ms = min(self.settings.max_pace_ms, worked_ms * (1 - self.duty) / self.duty)
         if self.pace_ms > 0:
             self._sleep(self.pace_ms / 1000)
         self._step_ended = self._clock()
-        return self.micro_batch
 
     def gate(self, should_stop: Callable[[], bool]) -> Callable[[], bool]:
         """`should_stop` with the governor folded in, for step loops that ask it once at the top of each step.
@@ -215,7 +253,8 @@ class Governor:
             return
         turned_busy = self.mode is GovernorMode.FULL
         if turned_busy:  # back off at once, before the reports can say so
-            self.duty, self._last_cut = min(self.duty, self.settings.start_duty), now
+            start = min(self.settings.start_duty, self.settings.max_duty)
+            self.duty, self._last_cut = min(self.duty, start), now
         if now - self._last_trained >= self._window_s and load.tpot_samples > 0:
             self.baseline_tpot_p99_ms = load.tpot_p99_ms  # this window saw no training: serving's own p99
             self.baseline_ttft_p99_ms = load.ttft_p99_ms
@@ -245,7 +284,7 @@ class Governor:
                 if self.micro_batch < self.full_micro_batch:
                     self.micro_batch = min(self.full_micro_batch, self.micro_batch * 2)
                 else:
-                    self.duty = min(1.0, round(self.duty + s.step_up, 9))  # sums of 0.05s reach 1.0
+                    self.duty = min(s.max_duty, round(self.duty + s.step_up, 9))  # sums of 0.05s reach 1.0
         self.mode = GovernorMode.PACED if self.duty < 1.0 else GovernorMode.STEADY
 
     def _worst_ratio(self, load: LoadReport) -> float | None:

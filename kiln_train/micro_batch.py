@@ -6,13 +6,23 @@ optimisation) is unchanged, only split into row chunks whose token-weighted loss
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 IGNORE = -100
 
 
-def accumulate_backward(model: torch.nn.Module, tensors: dict[str, torch.Tensor], micro_batch: int) -> float:
-    """Backward of the batch's mean completion-token loss, `micro_batch` rows at a time; returns the loss."""
+def accumulate_backward(
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    micro_batch: int,
+    between: Callable[[], None] | None = None,
+) -> float:
+    """Backward of the batch's mean completion-token loss, `micro_batch` rows at a time; returns the loss.
+
+    `between` is called after every micro-batch but the last (the governor's spread pause).
+    """
     labels = tensors["labels"]  # [batch, width]
     rows = labels.shape[0]
     step = max(1, min(micro_batch, rows))
@@ -21,6 +31,8 @@ def accumulate_backward(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
         return 0.0
     loss_sum = 0.0
     for start in range(0, rows, step):
+        if start > 0 and between is not None:
+            between()
         chunk = {k: v[start : start + step] for k, v in tensors.items()}
         n_tokens = int((chunk["labels"][:, 1:] != IGNORE).sum())
         if n_tokens == 0:

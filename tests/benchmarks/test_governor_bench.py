@@ -21,6 +21,7 @@ from benchmarks.governor_trainer import _PadOnly, synthetic_batch, train_steps
 from benchmarks.grpc_load import BurstResult, StreamTiming
 from kiln_common.load_report import LoadReport
 from kiln_train.governor import Governor, GovernorSettings
+from kiln_train.micro_batch import accumulate_backward
 from kiln_train.trainer import LoraTrainer, TrainerConfig
 
 
@@ -54,6 +55,18 @@ def test_trainer_role_trains_in_the_governors_micro_batches() -> None:
     assert steps_per_s(report) > 0
     ungoverned = train_steps(trainer, args, None, 4)
     assert ungoverned["micro_batch"] == [4] * 4 and ungoverned["governor"] is None
+
+
+def test_paced_micro_batches_carry_the_governors_pause_between_them() -> None:
+    trainer = LoraTrainer(tiny_base(), cast(Any, _PadOnly()), TrainerConfig(rank=4, alpha=8))
+    busy = LoadReport(running=8, tpot_p99_ms=10.0, tpot_samples=100)
+    slept: list[float] = []
+    settings = GovernorSettings(tpot_p99_budget_ms=20.0, start_duty=0.5, max_duty=0.5, paced_micro_batch=1)
+    gov = Governor(settings, lambda: busy, 4, sleep=slept.append)
+    report = train_steps(trainer, argparse.Namespace(steps=2, batch=4, seq_len=32), gov, 4)
+    assert report["micro_batch"] == [1, 1] and report["duty"] == [0.5, 0.5]
+    assert len(slept) == 7  # 3 pauses inside each step, 1 before the second: at duty 0.5, as long as the work
+    assert all(s > 0 for s in slept)
 
 
 def test_synthetic_batch_masks_the_prompt() -> None:
@@ -94,6 +107,14 @@ def sample_results() -> list[dict[str, Any]]:
                         **serving, "ttft_ms": [40.0, 120.0], "tpot_ms": [14.0, 35.0],
                         "train_steps_per_s": 1.9, "micro_batch_mean": 8.0, "governor": None,
                     },
+                    "duty_0.25": {
+                        **serving, "ttft_ms": [31.0, 66.0], "tpot_ms": [10.2, 21.0],
+                        "train_steps_per_s": 0.4, "micro_batch_mean": 1.0, "governor": {},
+                    },
+                    "duty_0.1": {
+                        **serving, "ttft_ms": [30.0, 63.0], "tpot_ms": [10.1, 20.4],
+                        "train_steps_per_s": 0.1, "micro_batch_mean": 1.0, "governor": {},
+                    },
                 }
             ],
         }
@@ -115,6 +136,10 @@ def test_verdicts_table_and_plot(tmp_path: Path) -> None:
         "| dummy:llama-3.2-1b | 0.5 | 20.0 | 60.0 / 70.0 / 120.0 | 20.0 / 22.0 / 35.0 | 1.20 (0.60x) |"
         in text
     )
+    # the trade-off: each run beside serving, fixed duties in order of their share
+    rows = [line for line in text.splitlines() if line.startswith("| dummy:llama-3.2-1b | 0.5 | ")][1:]
+    assert [row.split(" | ")[2] for row in rows] == ["governed", "ungoverned", "duty 0.1", "duty 0.25"]
+    assert "| duty 0.25 | 1.05 | 1.10 | 0.20 | 0 |" in text
     png = plot(results, tmp_path / "governor.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results[0]["loads"][0]["governed"]["tpot_ms"][1] = 30.0
@@ -135,3 +160,27 @@ def test_a_long_run_splits_into_scenarios_and_reuses_what_ran(tmp_path: Path) ->
     assert not complete(part)  # a part: written, not judged
     done = {**part, "idle_governed": {}, "loads": [{"load": 0.5, "alone": {}, "governed": {}}]}
     assert complete(done) and not complete({**done, "loads": [{"load": 0.5, "alone": {}}]})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_micro_batches_give_the_eager_gradient() -> None:
+    from benchmarks.governor_trainer import GraphedMicroBatch
+
+    trainer = LoraTrainer(tiny_base().cuda(), cast(Any, _PadOnly()), TrainerConfig(rank=4, alpha=8))
+    params = trainer.trainable()
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)  # B != 0, so every parameter gets a gradient
+    graphed = GraphedMicroBatch(trainer.model, params, rows=1, seq_len=32)
+    calls: list[int] = []
+    for seed in (1, 2):  # a second replay with new rows: the buffers are refilled, the sums restarted
+        batch = synthetic_batch(128, 4, 32, seed, torch.device("cuda"))
+        trainer.model.zero_grad(set_to_none=True)
+        eager_loss = accumulate_backward(trainer.model, batch, 4)
+        eager = [p.grad.clone() for p in params]
+        loss = graphed.step_grads(batch, between=lambda: calls.append(1))
+        assert abs(loss - eager_loss) < 1e-4
+        for p, g in zip(params, eager, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
+    assert len(calls) == 6  # 3 gaps in each 4-row step

@@ -272,3 +272,55 @@ def test_state_reaches_the_training_status_message(rds: redis.Redis) -> None:
     assert status.duty == pytest.approx(0.3) and status.budget_ms == 20.0 and status.ttft_budget_ms == 300.0
     assert status.serving_tpot_p99_ms == 30.0 and status.serving_waiting == 0
     assert _governor_to_pb({}) is None  # no governor running
+
+
+def test_pause_spread_between_micro_batches_and_paced_micro_batch_capped(rds: redis.Redis) -> None:
+    t = FakeTime()
+    serving = Serving(rds)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, start_duty=0.25, paced_micro_batch=2)
+    assert gov.before_step() == 8 and gov.mode is GovernorMode.FULL  # idle: the whole micro-batch
+    t.now += 0.4
+    gov.between_micro_batches()  # idle: no pause inside the step
+    assert t.slept == 0.0
+
+    serving.report(running=32, tpot_ms=19.0)  # inside the budget, within its headroom: the duty holds
+    t.now += 1.0
+    assert gov.before_step() == 2 and gov.duty == 0.25  # busy: 2-row micro-batches at the start duty
+    for _ in range(3):  # each 0.1 s micro-batch is followed by its share of the pause: 0.1 x 0.75 / 0.25
+        t.now += 0.1
+        before = t.slept
+        gov.between_micro_batches()
+        assert t.slept - before == pytest.approx(0.3)
+    t.now += 0.1
+    before = t.slept
+    gov.before_step()  # the step's last micro-batch is paced by the next step's start, not twice
+    assert t.slept - before == pytest.approx(0.3)
+
+
+def test_max_duty_caps_the_share_while_serving_is_busy(rds: redis.Redis) -> None:
+    t = FakeTime()
+    Serving(rds).report(running=32, tpot_ms=5.0)  # far under budget: the duty would grow to 1
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, start_duty=0.5, max_duty=0.3, step_up=0.1)
+    gov.before_step()
+    assert gov.duty == pytest.approx(0.3)
+    for _ in range(5):
+        t.now += 1.0
+        gov.before_step()
+    assert gov.duty == pytest.approx(0.3) and gov.mode is GovernorMode.PACED
+
+
+@pytest.mark.parametrize(
+    ("var", "raw"),
+    [
+        ("KILN_TRAIN_TPOT_P99_BUDGET_MS", "nan"),
+        ("KILN_TRAIN_MAX_PACE_MS", "inf"),
+        ("KILN_TRAIN_MAX_DUTY", "0"),
+        ("KILN_TRAIN_PACED_MICRO_BATCH", "1.5"),
+        ("KILN_TRAIN_PACED_MICRO_BATCH", "-2"),
+    ],
+)
+def test_bad_governor_settings_are_refused_by_name(var: str, raw: str) -> None:
+    with pytest.raises(ValueError, match=var):
+        GovernorSettings.from_environ({var: raw})
+    with pytest.raises(ValueError, match="KILN_TRAIN_MIN_DUTY"):
+        GovernorSettings(min_duty=0.5, max_duty=0.3)
