@@ -8,6 +8,9 @@ wall time training may keep the GPU busy, enforced by sleeping after each step i
 - idle (nothing running or waiting, or no kiln-infer publishing): full speed, full micro-batch, duty 1;
 - serving becomes busy: the duty drops to `start_duty` at once (the budget is unknown until reports arrive);
 - saturated (requests waiting for `saturated_s` in a row): pause until the queue is empty;
+- busy, with a relative budget and no baseline yet (serving turned busy while training ran, or just before
+  the round's first step, before any request finished): no steps until kiln-infer has reported serving's own
+  latency over a whole window with no training, at most `measure_s` (then the start duty, unbudgeted);
 - TPOT p99 over the budget: the duty is multiplied by `backoff`, then no further cut for `settle_s`, since the
   reports still hold requests that ran before the cut; only once the duty is down at `min_duty` is the
   micro-batch halved as well (shorter kernels, but each step then costs more GPU time per row: on the H200 a
@@ -51,6 +54,7 @@ class GovernorMode(enum.Enum):
     STEADY = "steady"  # serving busy, training at full duty, latency inside the budget
     PACED = "paced"  # serving busy, training at a duty below 1: pauses between steps
     PAUSED = "paused"  # serving saturated: no steps
+    MEASURING = "measuring"  # serving busy and its own latency unknown: no steps until a window shows it
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class GovernorSettings:
     headroom: float = 0.1  # grow only while TPOT p99 < budget x (1 - headroom)
     settle_s: float = 3.0  # after a cut, wait this long for the reports to show its effect
     poll_s: float = 0.25  # how often a paused governor looks again
+    measure_s: float = 15.0  # the longest wait for serving's own latency (relative budgets) before training
     memory_fraction: float = 0.0  # share of the GPU's memory kiln-train may allocate; 0 = no cap
     memory_headroom_gib: float = 2.0  # CUDA contexts and allocator slack of both processes
 
@@ -93,6 +98,7 @@ class GovernorSettings:
             "settle_s",
             "headroom",
             "paced_micro_batch",
+            "measure_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
@@ -160,6 +166,7 @@ class Governor:
         self._step_ended: float | None = None  # when the previous step handed control back
         self._step_ms = 0.0  # duration of the last step (its own work, not the pacing)
         self._last_trained = -float("inf")
+        self._measuring_since: float | None = None
 
     @property
     def budget_ms(self) -> float:
@@ -195,7 +202,8 @@ class Governor:
             self._step_ms = (now - self._step_ended) * 1000
             self._last_trained = now
         self._decide(now)
-        while self.mode is GovernorMode.PAUSED and not (should_stop is not None and should_stop()):
+        waits = (GovernorMode.PAUSED, GovernorMode.MEASURING)
+        while self.mode in waits and not (should_stop is not None and should_stop()):
             self._sleep(self.settings.poll_s)
             self.paused_s += self.settings.poll_s
             self._decide(self._clock(), force=True)
@@ -265,10 +273,24 @@ class Governor:
                 return
         else:
             self._waiting_since = None
-        if turned_busy:
+        if self._measuring(now):
+            self.mode = GovernorMode.MEASURING
+            return
+        if turned_busy or self.mode is GovernorMode.MEASURING:
             self.mode = GovernorMode.PACED if self.duty < 1.0 else GovernorMode.STEADY
             return
         self._pace(load, now)
+
+    def _measuring(self, now: float) -> bool:
+        """Whether to hold training while a relative budget has no baseline yet (at most measure_s)."""
+        s = self.settings
+        relative = s.tpot_p99_budget_ms == 0 or s.ttft_p99_budget_ms == 0
+        if not relative or self.baseline_tpot_p99_ms > 0:
+            self._measuring_since = None
+            return False
+        if self._measuring_since is None:
+            self._measuring_since = now
+        return now - self._measuring_since < s.measure_s
 
     def _pace(self, load: LoadReport, now: float) -> None:
         """Over budget: cut the duty (once per settle_s; at min_duty, halve the micro-batch); under: grow."""

@@ -15,7 +15,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.governor_bench import complete, latency, reused, scenarios, steps_per_s
+from benchmarks.governor_bench import complete, reused, scenarios
+from benchmarks.governor_load import latency, steps_per_s
 from benchmarks.governor_report import judge, plot, table
 from benchmarks.governor_trainer import _PadOnly, synthetic_batch, train_steps
 from benchmarks.grpc_load import BurstResult, StreamTiming

@@ -324,3 +324,30 @@ def test_bad_governor_settings_are_refused_by_name(var: str, raw: str) -> None:
         GovernorSettings.from_environ({var: raw})
     with pytest.raises(ValueError, match="KILN_TRAIN_MIN_DUTY"):
         GovernorSettings(min_duty=0.5, max_duty=0.3)
+
+
+def test_a_relative_budget_waits_to_see_serving_alone_before_training(rds: redis.Redis) -> None:
+    t = FakeTime()
+    serving = Serving(rds)
+    # busy, but no request has finished yet: no TPOT to judge by
+    serving.publisher.publish({"running": 32, "waiting": 0, "kv_usage": 0.1}, LoadWindow(), 0.5)
+    gov = governor(rds, t, poll_s=0.5, start_duty=0.5)  # relative budgets (the defaults)
+    polls = 0
+
+    def first_requests_finish() -> bool:
+        nonlocal polls
+        polls += 1
+        if polls == 3:
+            serving.report(running=32, tpot_ms=10.0)
+        return False
+
+    gov.before_step(should_stop=first_requests_finish)
+    assert polls == 3 and gov.mode is GovernorMode.PACED and gov.baseline_tpot_p99_ms == pytest.approx(10.0)
+    assert gov.budget_ms == pytest.approx(11.5) and t.slept == pytest.approx(1.5)  # three polls of 0.5 s
+
+    t2 = FakeTime()  # serving never reports a TPOT: training starts after measure_s, at the start duty
+    rds.delete(*rds.keys("kiln:load:*"))
+    serving.publisher.publish({"running": 32, "waiting": 0, "kv_usage": 0.1}, LoadWindow(), 0.5)
+    gov2 = governor(rds, t2, poll_s=0.5, measure_s=4.0)
+    gov2.before_step(should_stop=lambda: False)
+    assert gov2.mode is GovernorMode.PACED and gov2.budget_ms == 0.0 and t2.slept == pytest.approx(4.0)

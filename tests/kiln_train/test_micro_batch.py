@@ -31,4 +31,4 @@ def test_micro_batches_match_the_full_batch_gradient() -> None:
     for g, loss in zip(grads[1:], losses[1:], strict=True):
         torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-6)
         assert abs(loss - losses[0]) < 1e-5
-    assert calls == [1, 1, 1, 3]  # between micro-batches only: 4 rows by 1 (3 gaps), by 3 (1 gap), by 4 (none)
+    assert calls == [1, 1, 1, 3]  # only between micro-batches: 4 rows by 1 (3 gaps), by 3 (1), by 4 (none)
