@@ -79,7 +79,7 @@ class GovernorSettings:
     headroom: float = 0.1  # grow only while TPOT p99 < budget x (1 - headroom)
     settle_s: float = 3.0  # after a cut, wait this long for the reports to show its effect
     poll_s: float = 0.25  # how often a paused governor looks again
-    measure_s: float = 15.0  # the longest wait for serving's own latency (relative budgets) before training
+    measure_s: float = 8.0  # the longest wait for serving's own latency (relative budgets) before training
     memory_fraction: float = 0.0  # share of the GPU's memory kiln-train may allocate; 0 = no cap
     memory_headroom_gib: float = 2.0  # CUDA contexts and allocator slack of both processes
 
