@@ -351,3 +351,23 @@ def test_a_relative_budget_waits_to_see_serving_alone_before_training(rds: redis
     gov2 = governor(rds, t2, poll_s=0.5, measure_s=4.0)
     gov2.before_step(should_stop=lambda: False)
     assert gov2.mode is GovernorMode.PACED and gov2.budget_ms == 0.0 and t2.slept == pytest.approx(4.0)
+
+
+def test_closed_loop_settles_inside_a_relative_budget(rds: redis.Redis) -> None:
+    """Against a serving side whose TPOT p99 grows with training's duty (about what time-slicing gives: 10 ms
+    alone, x (1 + duty)), the governor's duty settles where the p99 it reads stays inside its budget."""
+    t = FakeTime()
+    serving = Serving(rds)
+    serving.report(running=32, tpot_ms=10.0)  # serving alone before the round
+    gov = governor(rds, t, tpot_p99_slack=0.15, start_duty=0.5, settle_s=3.0)
+    readings = []
+    for _ in range(400):  # 0.1 s spans of training, paced by the governor
+        gov.before_step()
+        t.now += 0.1
+        p99 = 10.0 * (1 + gov.duty)
+        serving.report(running=32, tpot_ms=p99)
+        readings.append((gov.duty, p99))
+    assert gov.budget_ms == pytest.approx(11.5)
+    late = readings[len(readings) // 2 :]
+    assert max(p for _, p in late) <= 11.5 * 1.05  # at most a step_up's overshoot before the next cut
+    assert 0.05 <= min(d for d, _ in late) and max(d for d, _ in late) <= 0.2  # and it kept training
