@@ -16,6 +16,15 @@ from kiln_common.redis_server import RedisServer, connect
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread per process (OMP_NUM_THREADS, unless set): the suite runs several processes at once
+    on two cores (pytest-xdist workers, kiln-infer's engine core, kiln-train), and torch's threads spin
+    while they wait for each other, so two of them on a busy core make every step several times slower."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The taught-facts criteria test runs only when asked (KILN_TEST_FACTS=1): it takes ~15 minutes on two
     cores, and the training recipe does not meet its criteria yet (see docs/training.md)."""
