@@ -36,6 +36,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+# Modules that share one unit of work under `pytest -n`, so they run one after another on one worker: the W1
+# CPU bench would stretch the train-while-serving bench's requests past its latency windows.
+SAME_WORKER = {
+    "tests/benchmarks/test_train_while_serving.py": "cpu-benchmarks",
+    "tests/benchmarks/test_w1.py": "cpu-benchmarks",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`pytest -n N --dist loadfile`: a test module (or a SAME_WORKER group) is one unit of work, so its
+    module fixtures start once; with --no-loadscope-reorder the units go out in collection order."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SAME_WORKER.get(module, module)
+
+    return ModuleScheduling(config, log)  # type: ignore[arg-type]
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Never exit 5: a run that collected no tests is a failure CI must see as one, not a special case."""
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
