@@ -31,10 +31,14 @@ proto:
 up: setup
 	$(BIN)/kiln up
 
-# PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS="-k adapters".
+# PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS="-k adapters". Two pytest-xdist workers, one torch
+# thread each: a test module is one unit of work, handed out in collection order so the long benchmarks
+# start first (tests/conftest.py). PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q --durations=12 tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=12 \
+		tests $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check kiln_common kiln_infer kiln_train benchmarks tests

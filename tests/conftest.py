@@ -16,6 +16,15 @@ from kiln_common.redis_server import RedisServer, connect
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread per process (OMP_NUM_THREADS, unless set): the suite runs several processes at once
+    on two cores (pytest-xdist workers, kiln-infer's engine core, kiln-train), and torch's threads spin
+    while they wait for each other, so two of them on a busy core make every step several times slower."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The taught-facts criteria test runs only when asked (KILN_TEST_FACTS=1): it takes ~15 minutes on two
     cores, and the training recipe does not meet its criteria yet (see docs/training.md)."""
@@ -25,6 +34,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "facts" in item.keywords:
             item.add_marker(skip)
+
+
+# Modules that share one unit of work under `pytest -n`, so they run one after another on one worker: the W1
+# CPU bench would stretch the train-while-serving bench's requests past its latency windows.
+SAME_WORKER = {
+    "tests/benchmarks/test_train_while_serving.py": "cpu-benchmarks",
+    "tests/benchmarks/test_w1.py": "cpu-benchmarks",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`pytest -n N --dist loadfile`: a test module (or a SAME_WORKER group) is one unit of work, so its
+    module fixtures start once; with --no-loadscope-reorder the units go out in collection order."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SAME_WORKER.get(module, module)
+
+    return ModuleScheduling(config, log)  # type: ignore[arg-type]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
