@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 # Request ids kiln-train uses when it asks for a parent version's answers (see kiln_train/parent_client.py).
 TRAINER_REQUEST_PREFIX = "kiln-train-"
+REMEMBER_WAIT_S = 1.0  # the longest the last response waits for the request log write (feedback needs it)
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     )
                 completion.append(out.text)
                 if out.finished:
-                    self._remember_later(served, "".join(completion))
+                    await self._remember_before_last(served, "".join(completion))
                 if out.token_ids or out.text or out.finished:
                     yield convert.generate_to_pb(
                         out, served.inp.request_id, served.label, self.renderer.decode_one
@@ -232,12 +233,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise DeadlineExceededError("deadline exceeded")
         raise EngineAbortedError(f"the engine aborted request {engine_id} (server draining or failing)")
 
-    def _remember_later(self, served: Served, completion: str) -> None:
-        """Log the request and maybe record it as a sample, off the event loop (it talks to Redis)."""
+    async def _remember_before_last(self, served: Served, completion: str) -> None:
+        """Log the request and maybe record it as a sample, off the event loop (it talks to Redis), before the
+        last response goes out: a SubmitFeedback sent the moment the stream ends finds its request. A Redis
+        slower than REMEMBER_WAIT_S does not hold the stream; the write goes on behind it."""
         name, version = (served.resolved.name, served.resolved.version) if served.resolved else ("", 0)
         rate = served.state.sample_rate if served.state else 0.0
         args = (served.tenant, served.inp, name, version, completion, rate)
-        asyncio.get_running_loop().run_in_executor(None, self._remember, *args)
+        written = asyncio.get_running_loop().run_in_executor(None, self._remember, *args)
+        try:
+            await asyncio.wait_for(asyncio.shield(written), REMEMBER_WAIT_S)
+        except TimeoutError:
+            log.warning(
+                "request %s: its log entry took over %.1f s to write; the stream ended before it",
+                served.inp.request_id,
+                REMEMBER_WAIT_S,
+            )
 
     def _remember(
         self,

@@ -381,3 +381,32 @@ def test_feedback_on_a_base_model_answer_teaches_the_named_adapter(alice: Client
     assert name in {
         a.name for a in alice.adapters.ListAdapters(apb.ListAdaptersRequest(), metadata=md).adapters
     }
+
+
+def test_feedback_sent_as_the_stream_ends_finds_its_request(
+    alice: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request log is written before the last response goes out, so feedback sent the moment a stream
+    ends finds it, even when the write is slow (here 0.4 s, under the servicer's wait)."""
+    from kiln_infer.request_log import RequestLog
+
+    put = RequestLog.put
+
+    def slow_put(self: RequestLog, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.4)
+        return put(self, *args, **kwargs)
+
+    monkeypatch.setattr(RequestLog, "put", slow_put)
+    rid = f"race-{uuid.uuid4().hex[:8]}"
+    list(
+        alice.inference.Generate(
+            pb.GenerateRequest(request_id=rid, prompt="Hi", sampling=pb.SamplingParams(max_tokens=2)),
+            metadata=alice.metadata,
+            timeout=60,
+        )
+    )
+    fb = alice.inference.SubmitFeedback(
+        pb.SubmitFeedbackRequest(request_id=rid, correction=" Hello.", adapter=f"fb-{rid}"),
+        metadata=alice.metadata,
+    )
+    assert fb.sample_id
