@@ -53,9 +53,11 @@ class TrainerConfig:
     # names and numbers, fact_tokens.py) are the greedy choice, teacher-forced, by at least this many nats
     # over the next best token; that checkpoint is kept. 0 = off (stop on the vetting loss alone)
     fact_margin: float = 0.5
-    batch_size: int = 6  # new samples + replay + negatives
+    batch_size: int = 9  # new samples + replay + negatives
     replay_fraction: float = 0.35  # of each batch: the parent's own answers to the replay prompts
-    negatives_per_step: int = 1  # the parent's answers to near neighbours of the taught questions
+    # the parent's answers to near neighbours of the taught questions, as many as new samples a step: with
+    # fewer, the fact leaks to the neighbours as it is learned (docs/training.md, eighth series)
+    negatives_per_step: int = 3
     eval_every: int = 3
     patience: int = 3
     seed: int = 0
