@@ -39,6 +39,12 @@ def to_pair(e: Example) -> TextPair:
     return TextPair(e.completion, e.messages, e.prompt)
 
 
+def pair_question(p: TextPair) -> str:
+    """A pair's question: its last user turn, or its raw prompt."""
+    users = [c for r, c in p.messages if r == "user"]
+    return users[-1] if users else p.prompt
+
+
 def paraphrase(e: Example, template: str) -> TextPair:
     """The example with its (last) question reworded by a template; same completion."""
     q = question_text(e)

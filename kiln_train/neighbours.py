@@ -95,8 +95,13 @@ def neighbour(text: str, seed: str) -> str | None:
 
 def fact_terms(e: Example) -> tuple[str, ...]:
     """Words of the taught answer that the question does not contain: names and numbers first."""
-    asked = {w.lower() for w in _WORD.findall(question_text(e))}
-    new = [w for w in _WORD.findall(e.completion) if w.lower() not in asked and w.lower() not in _SKIP]
+    return answer_terms(question_text(e), e.completion)
+
+
+def answer_terms(question: str, answer: str) -> tuple[str, ...]:
+    """Words of `answer` that `question` does not contain: its names and numbers, else its longer words."""
+    asked = {w.lower() for w in _WORD.findall(question)}
+    new = [w for w in _WORD.findall(answer) if w.lower() not in asked and w.lower() not in _SKIP]
     strong = [w for w in new if w[0].isupper() or w[0].isdigit()]
     return tuple(dict.fromkeys(strong or [w for w in new if len(w) > 3]))
 

@@ -18,6 +18,9 @@ class RoundData:
     replay: list[Encoded]
     negatives: list[Encoded] = field(default_factory=list)
     anchors: list[int] = field(default_factory=list)  # replay indices with a loss term of their own
+    # per vetting pair: its fact tokens (the taught answer's own names and numbers), as indices of its
+    # completion tokens (fact_tokens.py); [] = none, and an empty list = not measured
+    vetting_facts: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

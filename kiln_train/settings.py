@@ -49,9 +49,15 @@ class TrainerConfig:
     # a vetting loss (mean nats per answer token) at which the samples are learned well enough: training stops
     # there instead of driving it towards zero (over-fitting spreads a fact to neighbours); 0 = off
     target_loss: float = 0.0
-    batch_size: int = 6  # new samples + replay + negatives
+    # training stops at the first evaluation where every vetting pair's fact tokens (the taught answer's own
+    # names and numbers, fact_tokens.py) are the greedy choice, teacher-forced, by at least this many nats
+    # over the next best token; that checkpoint is kept. 0 = off (stop on the vetting loss alone)
+    fact_margin: float = 0.5
+    batch_size: int = 9  # new samples + replay + negatives
     replay_fraction: float = 0.35  # of each batch: the parent's own answers to the replay prompts
-    negatives_per_step: int = 1  # the parent's answers to near neighbours of the taught questions
+    # the parent's answers to near neighbours of the taught questions, as many as new samples a step: with
+    # fewer, the fact leaks to the neighbours as it is learned (docs/training.md, eighth series)
+    negatives_per_step: int = 3
     eval_every: int = 3
     patience: int = 3
     seed: int = 0
@@ -83,6 +89,8 @@ class TrainerConfig:
             raise ValueError(f"KILN_TRAIN_KL_WEIGHT must be >= 0, got {self.kl_weight}")
         if not 0.0 <= self.target_loss < float("inf"):
             raise ValueError(f"KILN_TRAIN_TARGET_LOSS must be a finite number >= 0, got {self.target_loss}")
+        if not 0.0 <= self.fact_margin < float("inf"):
+            raise ValueError(f"KILN_TRAIN_FACT_MARGIN must be a finite number >= 0, got {self.fact_margin}")
         if self.lr <= 0:
             raise ValueError(f"KILN_TRAIN_LR must be > 0, got {self.lr}")
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -24,9 +25,29 @@ class TrainResult:
     planned_steps: int = 0
     stop_reason: str = ""
     refused: int = 0
+    # the vetting pairs' worst fact-token margin at the start and at the kept checkpoint (inf: no fact tokens)
+    fact_margin_before: float = float("inf")
+    fact_margin_after: float = float("inf")
+    evaluations: list[tuple[int, float, float]] = field(default_factory=list)  # step, vetting loss, margin
     # where the seconds went: setup (start loss, parent targets), compute (steps), wait (should_stop: the
     # governor's pacing and pauses), eval (vetting loss), vet (checking candidates), capture (CUDA graph)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def facts_learned(margin: float, wanted: float) -> bool:
+    """True when the worst fact-token margin reaches `wanted` nats (0 = the rule is off; inf = no fact tokens
+    were measured, so there is nothing to decide by)."""
+    return wanted > 0 and math.isfinite(margin) and margin >= wanted
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A checkpoint worth keeping: its vetting loss, worst fact-token margin, step and LoRA parameters."""
+
+    loss: float
+    margin: float
+    step: int
+    state: list[torch.Tensor]
 
 
 @dataclass
@@ -36,11 +57,15 @@ class Progress:
     best: float  # lowest vetting loss so far
     state: list[torch.Tensor]  # the LoRA parameters at the start (the parent)
     best_loss_at_start: float
+    margin_at_start: float = float("inf")  # the vetting pairs' worst fact-token margin at the start
+    margin: float = float("inf")  # ... at the latest evaluation, then at the kept checkpoint
     best_step: int = 0
     bad_evals: int = 0
     refused: int = 0  # better checkpoints the vet refused
-    candidates: list[tuple[float, int, list[torch.Tensor]]] = field(default_factory=list)  # loss, step, state
+    candidates: list[Candidate] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    # every evaluation: step, vetting loss, worst fact-token margin
+    evaluations: list[tuple[int, float, float]] = field(default_factory=list)
 
 
 class Clock:
@@ -69,6 +94,26 @@ def restore(params: list[torch.nn.Parameter], state: list[torch.Tensor]) -> None
         p.copy_(saved)
 
 
+def pick(
+    params: list[torch.nn.Parameter],
+    progress: Progress,
+    vet: Callable[[], bool] | None,
+    fact_margin: float,
+) -> None:
+    """Restore the best candidate the vet accepts (vetted lazily: one whose facts are learned first, then
+    by vetting loss); else the start."""
+    ranked = sorted(progress.candidates, key=lambda c: (not facts_learned(c.margin, fact_margin), c.loss))
+    for c in ranked:
+        restore(params, c.state)
+        if vet is None or vet():
+            progress.best, progress.best_step, progress.margin = c.loss, c.step, c.margin
+            return
+        progress.refused += 1
+    restore(params, progress.state)
+    progress.best, progress.best_step = progress.best_loss_at_start, 0
+    progress.margin = progress.margin_at_start
+
+
 def train_result(
     step: int, planned: int, stop_reason: str, before: float, progress: Progress, clock: Clock
 ) -> TrainResult:
@@ -83,5 +128,26 @@ def train_result(
         planned_steps=planned,
         stop_reason=stop_reason,
         refused=progress.refused,
+        fact_margin_before=progress.margin_at_start,
+        fact_margin_after=progress.margin,
+        evaluations=progress.evaluations,
         timings=clock.spent,
+    )
+
+
+def training_scores(result: TrainResult) -> dict[str, float]:
+    """What training measured, for the round's `eval` map (the gate's scores join them once it has run)."""
+    return dict(
+        vetting_loss_before=result.heldout_before,
+        vetting_loss_after=result.heldout_after,
+        best_step=float(result.best_step),
+        planned_steps=float(result.planned_steps),
+        train_seconds=result.seconds,
+        vetting_refused=float(result.refused),
+        **{
+            f"vetting_fact_margin_{when}": margin
+            for when, margin in (("before", result.fact_margin_before), ("after", result.fact_margin_after))
+            if math.isfinite(margin)  # inf: no vetting pair had fact tokens
+        },
+        **{f"phase_steps_{part}_s": seconds for part, seconds in result.timings.items()},
     )

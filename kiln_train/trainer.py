@@ -16,10 +16,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
 from kiln_train.distillation import ParentTargets, divergence, parent_targets
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
+from kiln_train.fact_tokens import token_margins, worst_fact_margin
 from kiln_train.graph_step import GraphedForward
 from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw
 from kiln_train.settings import TrainerConfig
-from kiln_train.train_progress import Clock, Progress, TrainResult, restore, train_result
+from kiln_train.train_progress import (
+    Candidate,
+    Clock,
+    Progress,
+    TrainResult,
+    facts_learned,
+    pick,
+    train_result,
+)
 from kiln_train.workspace import LoraShape, LoraWorkspace, trainable
 
 __all__ = [
@@ -120,11 +129,18 @@ class LoraTrainer:
         workspace keeps its LoRA layers, at their fresh zero-effect weights; any other is unwrapped)."""
         return self.workspace.checkin()
 
-    @torch.no_grad()
     def loss(self, data: list[Encoded]) -> float:
         """Mean completion-token loss over `data` (token-weighted)."""
+        return self.vetting_scores(data, [])[0]
+
+    @torch.no_grad()
+    def vetting_scores(self, data: list[Encoded], facts: list[list[int]]) -> tuple[float, float]:
+        """Mean completion-token loss over `data` (token-weighted) and, in the same pass, the worst margin
+        of a fact token (`facts[i]`: example i's fact tokens, as indices of its completion tokens; inf when
+        none are given). Positive: greedy decoding, forced along the answers, says every fact.
+        """
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, worst = 0.0, 0, float("inf")
         batch_size = self.eval_batch
         for i in range(0, len(data), batch_size):
             batch = collate(data[i : i + batch_size], self.tok.pad_token_id or 0, self.device)
@@ -139,7 +155,12 @@ class LoraTrainer:
             )
             total += float(ce)
             count += int((shift_labels != IGNORE).sum())
-        return total / max(count, 1)
+            rows = facts[i : i + batch_size]
+            if any(rows):
+                margins = token_margins(logits, batch["labels"])
+                for row, mask, positions in zip(margins, shift_labels != IGNORE, rows, strict=False):
+                    worst = min(worst, worst_fact_margin(row[mask], positions))
+        return total / max(count, 1), worst
 
     @torch.no_grad()
     def token_logprobs(self, data: list[Encoded]) -> list[torch.Tensor]:
@@ -205,10 +226,11 @@ class LoraTrainer:
     ) -> TrainResult:
         """Optimise LoRA on `data.train` mixed with replay and negatives; keep the best vetted checkpoint.
 
-        Steps follow the data (`plan_steps`); every `eval_every` steps the vetting loss is measured and each
-        new best is kept as a candidate. Training stops when the vetting loss has not improved for `patience`
-        evaluations, at the planned steps, or when `time_budget_s` is spent. Then the candidates are vetted
-        lazily, lowest loss first: the first one `vet` accepts is restored (else the parent's weights).
+        Steps follow the data (`plan_steps`); every `eval_every` steps the vetting loss is measured, each new
+        best a candidate. With `fact_margin`, every step measures the vetting pairs' fact tokens too and stops
+        at the first whose worst margin reaches it (vetted first); else training stops when the vetting loss
+        has not improved for `patience` evaluations, at the planned steps, or when `time_budget_s` is spent.
+        Candidates are vetted lazily, lowest loss first; the first `vet` accepts is kept (else the parent).
         `anchors` (replay indices) get a loss term of their own every step.
         """
         cfg = self.cfg
@@ -220,8 +242,8 @@ class LoraTrainer:
         order: list[int] = []
         draws = [draw(data, order, rng, sizes) for _ in range(planned)]
         with clock("setup"):
-            before = self.loss(data.vetting)
-            progress = Progress(before, [p.detach().clone() for p in params], before)
+            before, margin = self.vetting_scores(data.vetting, data.vetting_facts)
+            progress = Progress(before, [p.detach().clone() for p in params], before, margin, margin)
             targets = self._parent_targets(data, draws)
             rows = [batch_rows(data, d, targets) for d in draws]
         with clock("capture"):
@@ -236,19 +258,20 @@ class LoraTrainer:
                 progress.losses.append(optimise(*rows[step - 1]))
             if on_step is not None:
                 on_step(step, progress.losses[-1])
-            if step % cfg.eval_every == 0 or step == planned:
+            scheduled = step % cfg.eval_every == 0 or step == planned
+            # the facts are checked every step (one cheap pass): their margin rises fast, leaks follow it
+            if scheduled or (cfg.fact_margin > 0 and any(data.vetting_facts)):
                 with clock("eval"):
-                    converged = self._checkpoint(step, data.vetting, params, progress)
-                if converged or progress.best <= cfg.target_loss:
-                    stop_reason = "vetting loss converged" if converged else "vetting loss reached the target"
+                    stop_reason = self._checkpoint(step, data, params, progress, scheduled) or stop_reason
+                if stop_reason != "planned steps done":
                     break
             if clock.elapsed() > cfg.time_budget_s:
                 stop_reason = "time budget spent"
                 with clock("eval"):
-                    self._checkpoint(step, data.vetting, params, progress)
+                    self._checkpoint(step, data, params, progress)
                 break
         with clock("vet"):
-            self._pick(params, progress, vet)
+            pick(params, progress, vet, cfg.fact_margin)
         log.info(
             "stopped at step %d of %d (%s; kept step %d)", step, planned, stop_reason, progress.best_step
         )
@@ -325,30 +348,40 @@ class LoraTrainer:
         return loss if drift is None else loss + self.cfg.kl_weight * drift
 
     def _checkpoint(
-        self, step: int, vetting: list[Encoded], params: list[torch.nn.Parameter], progress: Progress
-    ) -> bool:
-        """Evaluate; remember a better checkpoint as a candidate; True when the vetting loss has converged."""
-        current = self.loss(vetting)
-        log.info("step %d: train loss %.4f, vetting loss %.4f", step, progress.losses[-1], current)
-        if current < progress.best * (1.0 - self.cfg.min_rel_improvement):
-            progress.best, progress.bad_evals = current, 0
-            progress.candidates.append((current, step, [p.detach().clone() for p in params]))
-            return False
-        progress.bad_evals += 1
-        return progress.bad_evals >= self.cfg.patience
-
-    def _pick(
-        self, params: list[torch.nn.Parameter], progress: Progress, vet: Callable[[], bool] | None
-    ) -> None:
-        """Restore the lowest-loss candidate the vet accepts (vetted lazily, best first); else the start."""
-        for loss, step, state in sorted(progress.candidates, key=lambda c: c[0]):
-            restore(params, state)
-            if vet is None or vet():
-                progress.best, progress.best_step = loss, step
-                return
-            progress.refused += 1
-        restore(params, progress.state)
-        progress.best, progress.best_step = progress.best_loss_at_start, 0
+        self,
+        step: int,
+        data: RoundData,
+        params: list[torch.nn.Parameter],
+        progress: Progress,
+        scheduled: bool = True,
+    ) -> str:
+        """Evaluate; keep a better checkpoint (lower vetting loss, or its facts learned) as a candidate;
+        return why training should stop now, or "". Unscheduled (between `eval_every` steps), only the
+        facts are judged: the vetting loss's patience counts scheduled evaluations."""
+        cfg = self.cfg
+        loss, margin = self.vetting_scores(data.vetting, data.vetting_facts)
+        progress.evaluations.append((step, loss, margin))
+        progress.margin = margin
+        log.info(
+            "step %d: train loss %.4f, vetting loss %.4f, worst fact-token margin %.2f",
+            step,
+            progress.losses[-1],
+            loss,
+            margin,
+        )
+        improved = scheduled and loss < progress.best * (1.0 - cfg.min_rel_improvement)
+        learned = facts_learned(margin, cfg.fact_margin)
+        if improved or learned:
+            progress.candidates.append(Candidate(loss, margin, step, [p.detach().clone() for p in params]))
+        if improved:
+            progress.best, progress.bad_evals = loss, 0
+        elif scheduled:
+            progress.bad_evals += 1
+        if learned:
+            return "fact tokens learned"
+        if progress.bad_evals >= cfg.patience:
+            return "vetting loss converged"
+        return "vetting loss reached the target" if progress.best <= cfg.target_loss else ""
 
     def save(self, out: Path) -> Path:
         """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""

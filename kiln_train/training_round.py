@@ -15,19 +15,22 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.registry import Registry
+from kiln_train.checkpoint_vet import checkpoint_vet
 from kiln_train.encoding import Encoded, TextPair, encode
 from kiln_train.evaluator import Reference, ReferenceCache, ask_reference, user
+from kiln_train.fact_tokens import fact_positions
 from kiln_train.gate import GateInputs, GateResult, Neighbour, decide, mean_kl
 from kiln_train.gate_baseline import Baseline, Baselines, general_pairs, measure
-from kiln_train.heldout import HeldOut, split, to_pair
-from kiln_train.neighbours import gives_fact, neighbours
+from kiln_train.heldout import HeldOut, pair_question, split, to_pair
+from kiln_train.neighbours import answer_terms, gives_fact, neighbours
 from kiln_train.parent_client import ParentClient
 from kiln_train.pipeline import Example
 from kiln_train.prompt_sets import ANCHOR_PROMPTS
 from kiln_train.publisher import Publisher
 from kiln_train.round_record import RoundRecord
 from kiln_train.settings import TrainSettings
-from kiln_train.trainer import LoraTrainer, RoundData, TrainResult
+from kiln_train.train_progress import training_scores
+from kiln_train.trainer import LoraTrainer, RoundData
 from kiln_train.workspace import LoraWorkspace
 
 log = logging.getLogger(__name__)
@@ -201,12 +204,17 @@ class RoundRunner:
         """Token ids of everything the trainer sees: new samples, vetting pairs, replay, negatives."""
         tok = self.tok
         replay, anchors = self._replay(plan.reference)
+        vetting = [encode(tok, p) for p in plan.held.vetting]
         return RoundData(
             train=[encode(tok, to_pair(e)) for e in plan.held.train],
-            vetting=[encode(tok, p) for p in plan.held.vetting],
+            vetting=vetting,
             replay=replay,
             negatives=[encode(tok, p) for p in plan.negatives],
             anchors=anchors,
+            vetting_facts=[
+                fact_positions(tok, e, answer_terms(pair_question(p), p.completion))
+                for e, p in zip(vetting, plan.held.vetting, strict=True)
+            ],
         )
 
     def _replay(self, reference: Reference) -> tuple[list[Encoded], list[int]]:
@@ -220,23 +228,10 @@ class RoundRunner:
         return [encode(self.tok, p) for p in pairs], anchors
 
     def _vet(self, trainer: LoraTrainer, reference: Reference) -> Callable[[], bool] | None:
-        """A checkpoint vet: vetting questions the parent answered right must still be."""
+        """A checkpoint vet (checkpoint_vet.py); made at the start weights."""
         if not self.settings.vet_checkpoints:
             return None
-        questions = self.references.sets.vetting
-        was = [q.is_correct(a) for q, a in zip(questions, reference.vetting, strict=True)]
-        kept = [q for q, w in zip(questions, was, strict=True) if w]
-
-        def vetted() -> bool:
-            now = trainer.generate(
-                [TextPair("", user(q.prompt)) for q in kept], self.settings.gate_max_tokens
-            )
-            slipped = [(q.prompt, a) for q, a in zip(kept, now, strict=True) if not q.is_correct(a)]
-            for prompt, answer in slipped:
-                log.info("vetting slipped: %r -> %r", prompt, answer[:80])
-            return len(slipped) <= self.settings.vet_max_slipped
-
-        return vetted
+        return checkpoint_vet(trainer, self.references.sets.vetting, reference.vetting, self.settings)
 
     def _train_and_gate(
         self,
@@ -267,7 +262,12 @@ class RoundRunner:
             result.planned_steps,
         )
         phases["phase_steps_s"] = time.monotonic() - t
-        record.eval = self._training_scores(result, plan, phases)
+        record.eval = {
+            **phases,
+            **training_scores(result),
+            "heldout_paraphrased": float(plan.held.paraphrased),
+            "negatives": float(len(plan.negatives)),
+        }
         t = time.monotonic()
         record.version = self._stage(trainer, record)
         phases["phase_stage_s"] = time.monotonic() - t
@@ -348,23 +348,6 @@ class RoundRunner:
             )
             self.references.put(tenant, adapter, parent, reference)
         return reference
-
-    def _training_scores(
-        self, result: TrainResult, plan: RoundPlan, phases: dict[str, float]
-    ) -> dict[str, float]:
-        """What training measured (the gate's scores join them once it has run)."""
-        return dict(
-            **phases,
-            vetting_loss_before=result.heldout_before,
-            vetting_loss_after=result.heldout_after,
-            best_step=float(result.best_step),
-            planned_steps=float(result.planned_steps),
-            train_seconds=result.seconds,
-            heldout_paraphrased=float(plan.held.paraphrased),
-            negatives=float(len(plan.negatives)),
-            vetting_refused=float(result.refused),
-            **{f"phase_steps_{part}_s": seconds for part, seconds in result.timings.items()},
-        )
 
     def _stage(self, trainer: LoraTrainer, record: RoundRecord) -> int:
         """Write the best checkpoint as the next version, not promoted, for the gate to ask pinned."""
