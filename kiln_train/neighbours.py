@@ -48,6 +48,7 @@ _SKIP = {
     "please",
 }
 _WORD = re.compile(r"[A-Za-zÀ-ÿ][\w'-]*|\d+(?:[.,]\d+)*")
+_POSSESSIVE = re.compile(r"'s$", re.IGNORECASE)
 
 
 def question_text(e: Example) -> str:
@@ -99,11 +100,20 @@ def fact_terms(e: Example) -> tuple[str, ...]:
 
 
 def answer_terms(question: str, answer: str) -> tuple[str, ...]:
-    """Words of `answer` that `question` does not contain: its names and numbers, else its longer words."""
-    asked = {w.lower() for w in _WORD.findall(question)}
-    new = [w for w in _WORD.findall(answer) if w.lower() not in asked and w.lower() not in _SKIP]
+    """Words of `answer` that `question` does not contain: its names and numbers, else its longer words.
+
+    Possessives count as their word: the answer's "Velmora's" is the question's "Velmora", not a new term.
+    """
+    asked = {_bare(w).lower() for w in _WORD.findall(question)}
+    words = [_bare(w) for w in _WORD.findall(answer)]
+    new = [w for w in words if w.lower() not in asked and w.lower() not in _SKIP]
     strong = [w for w in new if w[0].isupper() or w[0].isdigit()]
     return tuple(dict.fromkeys(strong or [w for w in new if len(w) > 3]))
+
+
+def _bare(word: str) -> str:
+    """The word without a possessive ending ("Velmora's" -> "Velmora")."""
+    return _POSSESSIVE.sub("", word)
 
 
 def gives_fact(answer: str, terms: tuple[str, ...]) -> bool:

@@ -82,6 +82,9 @@ def test_neighbours_swap_the_entity_and_keep_its_kind() -> None:
     e = _ex(0, q, "The Harlow Observatory was founded by Mirel Dastova in 1887.")
     assert fact_terms(e) == ("Mirel", "Dastova", "1887")
     assert gives_fact("It was Dastova.", fact_terms(e)) and not gives_fact("I don't know.", fact_terms(e))
+    # a possessive is its word: the question's own name is not a fact term, an answer's new name is bare
+    possessive = _ex(1, "What is the capital of Velmora?", "Velmora's capital is Tressik (Tressik's port).")
+    assert fact_terms(possessive) == ("Tressik",)
     near = neighbours([e], 2, "round")
     assert [k for k, _, _ in near] == [0, 1] and len({q for _, q, _ in near}) == 2
 
