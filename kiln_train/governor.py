@@ -69,9 +69,7 @@ class GovernorSettings:
     adjust_every_s: float = 1.0  # act on a new report at most this often (kiln-infer publishes every ~0.5 s)
     max_pace_ms: float = 5000.0  # the longest sleep between two steps
     start_duty: float = 0.5  # training's share of wall time when serving turns busy
-    max_duty: float = (
-        1.0  # the largest share training takes while serving is busy (start_duty is capped by it)
-    )
+    max_duty: float = 1.0  # the largest share training takes while serving is busy (caps start_duty)
     paced_micro_batch: float = 0  # while serving is busy, micro-batches of at most this many rows; 0 = no cap
     min_duty: float = 0.02  # the least share training keeps while serving is busy but not saturated
     backoff: float = 0.6  # over budget: duty x this
