@@ -82,7 +82,7 @@ step governor_trade bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tes
 python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --scenarios alone,governed,ungoverned \
 --paced-micro-batch 1 --cover 1.0 --home $KILN_HOME --out $OUT/governor-trade"
 step governor_duties python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --reuse "${GOV_REUSE:-}" \
-  --scenarios "${GOV_SCENARIOS:-idle}" --duties "${GOV_DUTIES:-0.1,0.3}" --paced-micro-batch 1 --cover 1.0 \
+  --scenarios "${GOV_SCENARIOS:-idle}" --duties "${GOV_DUTIES-0.1,0.3}" --paced-micro-batch 1 --cover 1.0 \
   --home "$KILN_HOME" --out "$OUT/governor-duties"
 step governor_8b python3 -m benchmarks.governor_bench --models dummy:llama-3.1-8b --ungoverned --home "$KILN_HOME" --out "$OUT/governor-8b"
 exit $status
