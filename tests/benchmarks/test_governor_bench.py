@@ -42,7 +42,13 @@ def test_trainer_role_trains_in_the_governors_micro_batches() -> None:
     trainer = LoraTrainer(tiny_base(), cast(Any, _PadOnly()), TrainerConfig(rank=4, alpha=8))
     busy = LoadReport(running=8, tpot_p99_ms=40.0, tpot_samples=100)
     settings = GovernorSettings(
-        tpot_p99_budget_ms=20.0, max_pace_ms=1.0, adjust_every_s=1e-6, settle_s=0.0, min_duty=0.3
+        tpot_p99_budget_ms=20.0,
+        max_pace_ms=1.0,
+        adjust_every_s=1e-6,
+        settle_s=0.0,
+        min_duty=0.3,
+        start_duty=0.5,
+        max_duty=1.0,
     )
     gov = Governor(settings, lambda: busy, 4)
     before = [p.detach().clone() for p in trainer.trainable()]
