@@ -119,6 +119,7 @@ class Load(threading.Thread):
         self.max_tokens, self.seed = max_tokens, seed
         self.stop = threading.Event()
         self.samples: list[Sample] = []
+        self.starts: list[float] = []  # time.monotonic() of every request sent, finished or not
         self.failures = 0
 
     def run(self) -> None:
@@ -132,6 +133,7 @@ class Load(threading.Thread):
                 ),
             )
             t0 = time.monotonic()
+            self.starts.append(t0)
             first, n = 0.0, 0
             try:
                 for r in self.stub.Generate(req, timeout=300):
@@ -278,15 +280,38 @@ def latency(samples: list[Sample], start: float, end: float) -> dict[str, float]
     }
 
 
+def hold_window(loads: list[Load], start: float, length_s: float, timeout_s: float, finished: bool) -> float:
+    """Sleep until `start + length_s`, and on past it until some request has started in the window (and, with
+    `finished`, also finished), within `timeout_s`; the window's end. On a busy CPU one request can outlast
+    a short window, which would then hold no request at all."""
+    deadline = time.monotonic() + timeout_s
+
+    def has_one() -> bool:
+        if not loads:  # no serving load (--streams 0): nothing to wait for
+            return True
+        if finished:
+            return any(s.start >= start for load in loads for s in load.samples)
+        return any(t >= start for load in loads for t in load.starts)
+
+    time.sleep(max(0.0, start + length_s - time.monotonic()))
+    while not has_one() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return time.monotonic()
+
+
 def measure(stack: Stack, setup: Setup, timeout_s: float) -> dict[str, object]:
     """Steady load; before window; teach; round; after window. Returns every number."""
     infer = f"127.0.0.1:{stack.infer_port}"
     loads = [Load(infer, setup.max_tokens, i) for i in range(setup.streams)]
     for load in loads:
         load.start()
-    time.sleep(setup.window_s / 2)  # let the load reach steady state
+    # steady state: every stream has had a request answered (or half a window has passed on a fast device)
+    time.sleep(setup.window_s / 2)
+    deadline = time.monotonic() + timeout_s
+    while not all(load.samples or load.failures for load in loads) and time.monotonic() < deadline:
+        time.sleep(0.05)
     t_before = time.monotonic()
-    time.sleep(setup.window_s)
+    hold_window(loads, t_before, setup.window_s, timeout_s, finished=True)
     probe = Probe(infer, f"{ADAPTER}@v1")
     t_teach, wall_teach = time.monotonic(), time.time()
     teach(infer, setup.examples)
@@ -295,8 +320,7 @@ def measure(stack: Stack, setup: Setup, timeout_s: float) -> dict[str, object]:
     t_round_end = time.monotonic()
     probe.join(timeout_s if record.outcome == "published" else 0.0)
     probe.stop.set()
-    time.sleep(setup.window_s)
-    t_after_end = time.monotonic()
+    t_after_end = hold_window(loads, t_round_end, setup.window_s, timeout_s, finished=False)
     for load in loads:
         load.stop.set()
     for load in loads:  # a request started in the after window counts once it finishes (on a busy CPU one
