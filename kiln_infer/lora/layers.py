@@ -56,6 +56,7 @@ class LoraSlots:
         # the shrink groups these slots hold, each with its modules in stacking order
         self.groups = {g: modules for g, modules in groups.items() if modules}
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.host_ranks = [0] * num_slots  # the same on the host: the eager torch math slices to it
         self.a_group: list[dict[str, torch.Tensor]] = []
         self.b_group: list[dict[str, torch.Tensor]] = []
         self.a: list[dict[str, torch.Tensor]] = []
@@ -94,6 +95,7 @@ class LoraSlots:
                     a_dst[:r].copy_(a_src, non_blocking=True)
                     b_dst[:, :r].copy_(b_src, non_blocking=True)
         self.ranks[slot] = rank
+        self.host_ranks[slot] = rank
 
 
 @dataclass
@@ -221,9 +223,14 @@ def _add_slot_rows(
 ) -> None:
     """Add one slot's delta to its own rows only: the rows are gathered, multiplied by that slot, scattered.
 
-    semantics: out_m[rows] += B_{m,slot} @ (A_{m,slot} @ x[rows])   (A: [R, in], B: [out_m, R])
+    semantics: out_m[rows] += B_{m,slot} @ (A_{m,slot} @ x[rows])   (A: [r, in], B: [out_m, r], r = the slot's
+    own rank, not max_rank: a rank-8 adapter in rank-64 slots does an eighth of the work)
     """
-    lo, hi = slot * slots.max_rank, (slot + 1) * slots.max_rank
+    rank = slots.host_ranks[slot]  # the slot's own rank: the rows past it are zero padding
+    if rank == 0:
+        return
+    lo = slot * slots.max_rank
+    hi = lo + rank
     x_rows = x.index_select(0, rows.to(x.device))  # [n, in]
     for y, m in zip(outs, slots.groups[group], strict=True):
         shrunk = x_rows @ slots.a[layer][m][lo:hi].t()  # [n, R]

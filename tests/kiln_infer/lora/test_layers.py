@@ -99,7 +99,10 @@ def test_grouped_b_and_ranks_follow_load(tmp_path: Path) -> None:
     """The kernels read b_group and ranks: load fills them through the per-module views."""
     slots = cpu_slots(2)
     slots.load(1, adapter(tmp_path, "a5", 5, 3))
-    assert slots.ranks.tolist() == [0, 5]
+    assert slots.ranks.tolist() == [0, 5] and slots.host_ranks == [0, 5]
+    slots.load(1, adapter(tmp_path, "a2", 2, 4))  # a slot reused by a smaller adapter
+    assert slots.ranks.tolist() == [0, 2] and slots.host_ranks == [0, 2]
+    assert slots.a[1]["k_proj"][8 + 2 : 16].abs().max() == 0  # the old adapter's rows past rank 2 are gone
     qkv = slots.b_group[1]["qkv"]  # [32 + 16 + 16, S*R]: q's rows, then k's, then v's
     assert torch.equal(qkv[32:48], slots.b[1]["k_proj"]) and qkv[32:48, 8:13].abs().max() > 0
     assert qkv.untyped_storage().data_ptr() == slots.b[1]["v_proj"].untyped_storage().data_ptr()
@@ -147,6 +150,7 @@ def test_nan_adapter_never_reaches_other_rows(tmp_path: Path, form: str) -> None
         for module in slots.a[layer]:
             slots.a[layer][module][8:16].fill_(float("nan"))
             slots.b[layer][module][:, 8:16].fill_(float("nan"))
+    slots.ranks[1], slots.host_ranks[1] = 8, 8  # as `load` would record it
     token_slots = torch.tensor([-1, 0, 1, 2, 1, -1, 0])
     gathered = LoraBatch(slots, token_slots=token_slots)  # the CUDA-graph form, here on CPU
     lora = LoraBatch.dense(slots, token_slots) if form == "rows" else gathered
