@@ -13,6 +13,7 @@ import torch
 
 from kiln_common.base_beacon import BaseBeacon, share_base_weights
 from kiln_common.config import InferConfig, resolve_device, resolve_dtype
+from kiln_common.gpu_turn import ServingTurn
 from kiln_common.model_loader import load_state_dict, load_tokenizer, resolve_model
 from kiln_common.redis_server import connect
 from kiln_common.weight_share import remove_stale_shm
@@ -140,6 +141,15 @@ def build_engine(cfg: InferConfig, redis_url: str) -> BuiltEngine:
     if decoder is not None:
         decoder.capture_all(with_lora=False)
         decoder.capture_all(with_lora=True)
+    close_hooks: list[Callable[[], None]] = []
+    if beacon is not None:  # kiln-train shares this GPU: say when serving's work is on it
+        try:
+            turn = ServingTurn(shm_dir, torch.device(device))
+            turn.announce(client, beacon.generation)
+            engine.core.turn = turn
+            close_hooks.append(turn.close)
+        except Exception as exc:  # noqa: BLE001 - serving without the hand-off beats not serving
+            log.warning("could not announce serving's GPU turn (%s); kiln-train will pace by duty only", exc)
     if device.startswith("cuda"):
         try:
             log.info("LoRA prefill kernels warmed in %.2f s", warm_lora(engine, source.config))
@@ -159,4 +169,4 @@ def build_engine(cfg: InferConfig, redis_url: str) -> BuiltEngine:
         dtype=dtype_name,
     )
     log.info("engine core ready: %s", info)
-    return BuiltEngine(engine, info, beacon, [client.close])
+    return BuiltEngine(engine, info, beacon, [*close_hooks, client.close])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from kiln_common.gpu_turn import ServingTurn
 from kiln_infer.engine.block_manager import BlockManager
 from kiln_infer.engine.config import EngineConfig
 from kiln_infer.engine.decode_graphs import StaticDecoder
@@ -102,6 +104,8 @@ class EngineCore:
         self.num_finished = 0
         self.num_deadlines = 0  # live requests with a deadline (expire() is skipped when none)
         self.on_finished = on_finished  # called once per finished request, before its stream ends
+        # serving's turn on a shared GPU (kiln_common/gpu_turn.py), marked around every launch once set
+        self.turn: ServingTurn | None = None
 
     def add(self, seq: Sequence) -> None:
         """Admit a sequence to the waiting queue."""
@@ -157,7 +161,8 @@ class EngineCore:
             batch = [item for item in batch if not item.seq.is_finished]
         t2 = time.perf_counter()
         if batch:
-            self.inflight = self._launch(batch, prev)
+            with self.turn.launching() if self.turn is not None else contextlib.nullcontext():
+                self.inflight = self._launch(batch, prev)
             self.num_steps += 1
         t3 = time.perf_counter()
         if prev is not None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+import torch
 
 from kiln_infer.engine.types import EngineRequest, FinishReason
 from tests.kiln_infer.engine.conftest import EngineFactory, greedy
@@ -30,3 +33,29 @@ def test_without_a_limit_queued_requests_wait_their_turn(make_engine: EngineFact
     second = engine.submit(EngineRequest("b", [5, 6, 7, 8], greedy(8, ignore_eos=True)))
     assert list(first)[-1].finish_reason == FinishReason.LENGTH
     assert list(second)[-1].finish_reason == FinishReason.LENGTH
+
+
+def test_the_engine_raises_its_turn_flag_around_every_launch(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """kiln-train reads the flag to stay off the device while serving launches a step (gpu_turn.py)."""
+    from kiln_common.gpu_turn import ServingTurn, TrainingTurn
+
+    engine = make_engine()
+    core = engine.core
+    core.turn = ServingTurn(tmp_path, torch.device("cpu"))
+    training = TrainingTurn(core.turn.path, None)
+    seen: list[bool] = []
+    execute = core.runner.execute
+
+    def watched(*args: object, **kwargs: object) -> object:
+        seen.append(training.serving_busy())
+        return execute(*args, **kwargs)  # type: ignore[arg-type]
+
+    core.runner.execute = watched  # type: ignore[method-assign]
+    out = list(engine.submit(EngineRequest("r", [1, 2, 3, 4], greedy(5, ignore_eos=True))))
+    assert sum(len(o.token_ids) for o in out) == 5
+    assert len(seen) >= 5 and all(seen)  # every launch ran with the flag up
+    assert not training.serving_busy()  # and it is down between steps
+    training.close()
+    core.turn.close()
