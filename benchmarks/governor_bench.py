@@ -27,7 +27,7 @@ from typing import Any
 
 from benchmarks import w1
 from benchmarks.governor_load import capacity, latency, requests, steps_per_s, workload
-from benchmarks.governor_report import judge, plot, table
+from benchmarks.governor_report import judge, plot, table, tradeoff
 from benchmarks.grpc_load import burst
 from benchmarks.server_bench import CLIENT_PROCESSES, free_port, start_kiln_infer, stop
 
@@ -35,7 +35,7 @@ log = logging.getLogger("benchmarks.governor_bench")
 GPU_MODELS = "dummy:llama-3.2-1b,dummy:llama-3.1-8b"
 
 
-SCENARIOS = ("idle", "alone", "governed", "ungoverned", "duty")
+SCENARIOS = ("idle", "alone", "governed", "ungoverned", "duty", "handoff")
 NO_BUDGET_MS = 1e9  # a fixed-duty run: the budget never binds, so the duty stays at its cap
 DEFAULT_SCENARIOS = ("idle", "alone", "governed")
 
@@ -78,11 +78,13 @@ class Trainer:
         governor: bool,
         budget: tuple[float, float] = (0.0, 0.0),
         env: dict[str, str] | None = None,
+        handoff: bool = False,
     ) -> None:
         cmd = [
             sys.executable, "-m", "benchmarks.governor_trainer", "--model", spec, "--home", str(home),
             "--steps", str(plan.steps), "--batch", str(plan.batch), "--seq-len", str(plan.seq_len),
             "--governor", "on" if governor else "off", "--memory-fraction", str(plan.train_memory_fraction),
+            "--handoff", "on" if handoff else "off",
         ]  # fmt: skip
         tpot_ms, ttft_ms = budget
         env = {
@@ -136,13 +138,15 @@ def serve_beside(
     governor: bool = False,
     budget: tuple[float, float] = (0.0, 0.0),
     env: dict[str, str] | None = None,
+    handoff: bool = False,
 ) -> dict[str, Any]:
     """Serving at `rate` while a round trains; latencies of the requests submitted during the round.
 
     With `governor`, the trainer runs it with `env`'s settings and `budget` (absolute TPOT, TTFT p99 in ms;
-    0 = relative to the baseline it reads); without, it trains flat out.
+    0 = relative to the baseline it reads); with `handoff`, in layer chunks that wait for serving's GPU work
+    to finish; with neither, it trains flat out.
     """
-    trainer = Trainer(spec, home, plan, governor, budget, env)
+    trainer = Trainer(spec, home, plan, governor, budget, env, handoff)
     # the round starts once the clients are sending (they take seconds to start) and the load is steady
     start_round = threading.Timer(plan.warmup_s, trainer.go)
     result = burst(target, reqs, len(reqs), CLIENT_PROCESSES, rate=rate, on_start=start_round.start)
@@ -152,6 +156,7 @@ def serve_beside(
     out = latency(result, report["started"], report["step_ends"][-1])
     out["train_steps_per_s"] = steps_per_s(report, start, end)
     out["governor"] = report["governor"]
+    out["handoff"] = report.get("handoff")
     out["micro_batch_mean"] = sum(report["micro_batch"]) / len(report["micro_batch"])
     out["full_micro_batch"] = report["full_micro_batch"]
     out["trace"] = {k: report[k] for k in ("step_ends", "duty", "seen_tpot_p99_ms", "micro_batch")}
@@ -241,6 +246,11 @@ def _loads(
         if "ungoverned" in plan.scenarios and "ungoverned" not in entry:
             entry["ungoverned"] = serve_beside(target, spec, home, plan, reqs, entry["rate_rps"])
             log.info("%s ungoverned: %s", spec, json.dumps(entry["ungoverned"]))
+            out.write_text(json.dumps([result], indent=1))
+        if "handoff" in plan.scenarios and "handoff" not in entry:
+            entry["handoff"] = serve_beside(target, spec, home, plan, reqs, entry["rate_rps"], handoff=True)
+            shown = {k: v for k, v in entry["handoff"].items() if k != "trace"}
+            log.info("%s hand-off: %s", spec, json.dumps(shown))
             out.write_text(json.dumps([result], indent=1))
         for duty in plan.duties if "duty" in plan.scenarios else ():
             key = f"duty_{duty:g}"
@@ -348,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     if not all(complete(r) for r in results):  # a part of a split run: the next call --reuse-s this JSON
         print(f"partial results written to {args.out.with_suffix('.json')} (not judged)")
+        print("\n".join(tradeoff(results)))
         return 0
     print(table(results))
     plot(results, args.out.with_suffix(".png"))

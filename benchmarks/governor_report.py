@@ -82,8 +82,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def runs_beside(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The runs of one load that trained beside serving: governed, ungoverned, each fixed duty (by share)."""
-    named = [(k, entry[k]) for k in ("governed", "ungoverned") if k in entry]
+    """The runs of one load that trained beside serving: governed, ungoverned, hand-off, each fixed duty."""
+    named = [(k, entry[k]) for k in ("governed", "ungoverned", "handoff") if k in entry]
     duties = sorted((k for k in entry if k.startswith("duty_")), key=lambda k: float(k[5:]))
     return named + [(f"duty {k[5:]}", entry[k]) for k in duties]
 

@@ -22,7 +22,9 @@ from typing import Any, cast
 
 import torch
 
+from benchmarks.layer_chunks import LayerChunks
 from kiln_common.config import RedisConfig
+from kiln_common.gpu_turn import TrainingTurn, read_turn
 from kiln_common.load_report import read_load
 from kiln_common.model_loader import DUMMY_PREFIX, DUMMY_SHAPES, ModelNotFoundError, resolve_model
 from kiln_common.redis_server import connect
@@ -145,8 +147,13 @@ def train_steps(
     governor: Governor | None,
     full: int,
     graphed: GraphedMicroBatch | None = None,
+    handoff: tuple[LayerChunks, TrainingTurn | None] | None = None,
 ) -> dict[str, Any]:
-    """The round: `steps` optimizer steps; per step its end time, micro-batch, the governor's mode and duty."""
+    """The round: `steps` optimizer steps; per step its end time, micro-batch, the governor's mode and duty.
+
+    With `handoff` (layer chunks and serving's turn) each step runs chunk by chunk, each chunk (and the
+    optimizer step) waiting until serving has no work on the GPU; the governor is then not used.
+    """
     params = trainer.trainable()
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     vocab = int(trainer.model.config.vocab_size)
@@ -158,7 +165,12 @@ def train_steps(
         size = governor.before_step() if governor is not None else full
         tensors = synthetic_batch(vocab, args.batch, args.seq_len, step, trainer.device)
         between = governor.between_micro_batches if governor is not None else None
-        if graphed is not None and size == graphed.rows:
+        if handoff is not None:
+            chunks, turn = handoff
+            chunks.step_grads(tensors, turn.wait if turn is not None else None)
+            if turn is not None:
+                turn.wait()
+        elif graphed is not None and size == graphed.rows:
             graphed.step_grads(tensors, between)
         else:
             opt.zero_grad(set_to_none=True)
@@ -186,7 +198,17 @@ def train_steps(
         "full_micro_batch": full,
         "tokens_per_step": args.batch * args.seq_len,
         "governor": governor.state() if governor is not None else None,
+        "handoff": _handoff_state(handoff),
     }
+
+
+def _handoff_state(handoff: tuple[LayerChunks, TrainingTurn | None] | None) -> dict[str, Any] | None:
+    """How the hand-off went: chunks per row, how often and how long training waited for serving."""
+    if handoff is None:
+        return None
+    chunks, turn = handoff
+    waited = {"waits": turn.waits, "waited_s": turn.waited_s} if turn is not None else {}
+    return {"chunks_per_row": len(chunks.chunks), "graphed": bool(chunks.graphs), **waited}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -217,9 +239,18 @@ def run(args: argparse.Namespace) -> int:
             log.info("micro-batches of %d rows replayed as a CUDA graph", graphed.rows)
         except RuntimeError as exc:  # the paced micro-batches then run eagerly
             log.warning("paced micro-batches run eagerly: capture failed (%s)", exc)
+    handoff = None
+    if args.handoff == "on":
+        handle = read_turn(client, shared.generation)
+        if handle is None:
+            raise SystemExit("--handoff on: kiln-infer announced no GPU turn for these base weights")
+        turn = TrainingTurn.open(handle, device)
+        cuda_graphs = device.type == "cuda" and args.graph == "on"
+        handoff = (LayerChunks(trainer.model, trainer.trainable(), args.seq_len, cuda_graphs), turn)
+        governor = None
     print(json.dumps({"ready": True, "device": str(device)}), flush=True)
     sys.stdin.readline()
-    report = train_steps(trainer, args, governor, full, graphed)
+    report = train_steps(trainer, args, governor, full, graphed, handoff)
     report["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     print(json.dumps(report), flush=True)
     trainer.release()
@@ -239,6 +270,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-fraction", type=float, default=0.0)
     p.add_argument(
         "--graph", choices=("on", "off"), default="on", help="graph the paced micro-batch (on a GPU)"
+    )
+    p.add_argument(
+        "--handoff",
+        choices=("on", "off"),
+        default="off",
+        help="train in layer chunks, each only while serving has no work on the GPU (kiln_common/gpu_turn.py)",
     )
     return p
 

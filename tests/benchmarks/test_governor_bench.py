@@ -191,3 +191,30 @@ def test_graphed_micro_batches_give_the_eager_gradient() -> None:
         for p, g in zip(params, eager, strict=True):
             torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
     assert len(calls) == 6  # 3 gaps in each 4-row step
+
+
+def test_trainer_role_hands_off_chunk_by_chunk(tmp_path: Path) -> None:
+    """With the hand-off, each chunk waits for serving's turn, and the steps still train the weights."""
+    from benchmarks.layer_chunks import LayerChunks
+    from kiln_common.gpu_turn import ServingTurn, TrainingTurn
+
+    trainer = LoraTrainer(tiny_base(), cast(Any, _PadOnly()), TrainerConfig(rank=4, alpha=8))
+    serving = ServingTurn(tmp_path, torch.device("cpu"))
+    turn = TrainingTurn(serving.path, None)
+    chunks = LayerChunks(trainer.model, trainer.trainable(), 32, graphs=False)
+    before = [p.detach().clone() for p in trainer.trainable()]
+    args = argparse.Namespace(steps=2, batch=2, seq_len=32)
+    report = train_steps(trainer, args, None, 2, handoff=(chunks, turn))
+    assert len(report["step_ends"]) == 2 and report["governor"] is None
+    assert report["handoff"] == {"chunks_per_row": 6, "graphed": False, "waits": 0, "waited_s": 0.0}
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable(), strict=True))
+    with serving.launching():  # serving mid-launch for longer than the turn's timeout: training goes on
+        turn_waits = TrainingTurn(serving.path, None)
+        train_steps(
+            trainer, argparse.Namespace(steps=1, batch=1, seq_len=32), None, 1, handoff=(chunks, turn_waits)
+        )
+        assert turn_waits.waits == 6 + 1  # every chunk of the row, and the optimizer step
+    turn.close()
+    turn_waits.close()
+    serving.close()
+    assert scenarios("handoff,alone", False) == {"handoff", "alone"}
