@@ -84,5 +84,11 @@ python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --scenarios alo
 step governor_duties python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --reuse "${GOV_REUSE:-}" \
   --scenarios "${GOV_SCENARIOS:-idle}" --duties "${GOV_DUTIES-0.1,0.3}" --paced-micro-batch 1 --cover 1.0 \
   --home "$KILN_HOME" --out "$OUT/governor-duties"
+# the hand-off (training in layer chunks, each only while serving's GPU work is done): its GPU tests, then serving
+# alone and beside it in one call (GOV_REUSE: an earlier call's capacity and standalone, e.g.
+# docs/runs/governor-capacity-1bacecf.json; GOV_COVER shortens the load)
+step governor_handoff bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/benchmarks/test_layer_chunks.py; \
+python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --reuse '${GOV_REUSE:-}' \
+--scenarios ${GOV_SCENARIOS:-alone,handoff} --cover ${GOV_COVER:-1.0} --home $KILN_HOME --out $OUT/governor-handoff"
 step governor_8b python3 -m benchmarks.governor_bench --models dummy:llama-3.1-8b --ungoverned --home "$KILN_HOME" --out "$OUT/governor-8b"
 exit $status
