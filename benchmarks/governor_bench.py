@@ -183,8 +183,11 @@ def run_model(spec: str, home: Path, plan: Plan, cpu: bool, out: Path) -> dict[s
     vocab = int(model_config(spec, home).vocab_size)
     result: dict[str, Any] = {"model": spec, **plan.reuse}
     try:
-        if "capacity" not in result:  # every load's rate is a fraction of it
+        if "capacity" not in result:  # every load's rate is a fraction of it (the probes warm serving up)
             result["capacity"] = capacity(target, w, vocab, plan.probe_s)
+        else:  # reused: warm this server as the probes would have, or its first run pays the cold paths
+            warm = requests(w, vocab, max(8, int(result["capacity"]["rps"] * plan.probe_s / 2)), seed=7)
+            burst(target, warm, len(warm), CLIENT_PROCESSES, rate=result["capacity"]["rps"] / 2)
         result["capacity_rps"] = result["capacity"]["rps"]
         if "standalone" not in result:  # the reference throughput, and how long a load must last
             result["standalone"] = train_alone(spec, home, plan, governor=False)

@@ -37,6 +37,7 @@ from kiln_train.trainer import LoraTrainer, TrainerConfig
 
 log = logging.getLogger("benchmarks.governor_trainer")
 PROMPT_TOKENS = 128  # the loss covers the rest of each sequence, as a completion
+PROGRESS_EVERY = 10  # steps between progress lines on stderr
 
 
 class _PadOnly:
@@ -180,6 +181,15 @@ def train_steps(
         if cuda:
             torch.cuda.synchronize()
         ends.append(time.monotonic())
+        if (step + 1) % PROGRESS_EVERY == 0:  # a run cut short still shows how far training got, and when
+            waits = handoff[1] if handoff is not None else None
+            log.info(
+                "step %d of %d at %.1f s%s",
+                step + 1,
+                args.steps,
+                ends[-1] - t0,
+                f"; waited for serving {waits.waits} times, {waits.waited_s:.1f} s" if waits else "",
+            )
         micro.append(size)
         modes.append(governor.mode.value if governor is not None else "off")
         pace.append(governor.pace_ms if governor is not None else 0.0)
