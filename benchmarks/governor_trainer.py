@@ -166,30 +166,14 @@ def train_steps(
         size = governor.before_step() if governor is not None else full
         tensors = synthetic_batch(vocab, args.batch, args.seq_len, step, trainer.device)
         between = governor.between_micro_batches if governor is not None else None
-        if handoff is not None:
-            chunks, turn = handoff
-            chunks.step_grads(tensors, turn.wait if turn is not None else None)
-            if turn is not None:
-                turn.wait()
-        elif graphed is not None and size == graphed.rows:
-            graphed.step_grads(tensors, between)
-        else:
-            opt.zero_grad(set_to_none=True)
-            accumulate_backward(trainer.model, tensors, size, between)
+        _gradients(trainer, opt, tensors, size, between, graphed, handoff)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if cuda:
             torch.cuda.synchronize()
         ends.append(time.monotonic())
         if (step + 1) % PROGRESS_EVERY == 0:  # a run cut short still shows how far training got, and when
-            waits = handoff[1] if handoff is not None else None
-            log.info(
-                "step %d of %d at %.1f s%s",
-                step + 1,
-                args.steps,
-                ends[-1] - t0,
-                f"; waited for serving {waits.waits} times, {waits.waited_s:.1f} s" if waits else "",
-            )
+            _progress(step + 1, args.steps, ends[-1] - t0, handoff[1] if handoff is not None else None)
         micro.append(size)
         modes.append(governor.mode.value if governor is not None else "off")
         pace.append(governor.pace_ms if governor is not None else 0.0)
@@ -210,6 +194,34 @@ def train_steps(
         "governor": governor.state() if governor is not None else None,
         "handoff": _handoff_state(handoff),
     }
+
+
+def _gradients(
+    trainer: LoraTrainer,
+    opt: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    size: int,
+    between: Callable[[], None] | None,
+    graphed: GraphedMicroBatch | None,
+    handoff: tuple[LayerChunks, TrainingTurn | None] | None,
+) -> None:
+    """One step's gradient into the parameters' .grad: chunk by chunk with the hand-off (then waiting for
+    serving once more before the optimizer step), in graphed micro-batches, or eagerly in `size`-row ones."""
+    if handoff is not None:
+        chunks, turn = handoff
+        chunks.step_grads(tensors, turn.wait if turn is not None else None)
+        if turn is not None:
+            turn.wait()
+    elif graphed is not None and size == graphed.rows:
+        graphed.step_grads(tensors, between)
+    else:
+        opt.zero_grad(set_to_none=True)
+        accumulate_backward(trainer.model, tensors, size, between)
+
+
+def _progress(step: int, steps: int, elapsed_s: float, turn: TrainingTurn | None) -> None:
+    waited = f"; waited for serving {turn.waits} times, {turn.waited_s:.1f} s" if turn is not None else ""
+    log.info("step %d of %d at %.1f s%s", step, steps, elapsed_s, waited)
 
 
 def _handoff_state(handoff: tuple[LayerChunks, TrainingTurn | None] | None) -> dict[str, Any] | None:
