@@ -5,10 +5,12 @@ That pays only if training's work comes in pieces shorter than the gaps between 
 milliseconds): a serving step that arrives while a piece runs waits for the piece. A whole row of 1,024 tokens
 through a 1B model is ~30 ms of forward and backward; a decoder layer's forward is a fiftieth of that.
 
-So one row is computed as 2L + 2 chunks, each a CUDA graph on a GPU (one launch):
+So one row is computed as 2L + 1 + S chunks, each a CUDA graph on a GPU (one launch):
 - embed: h[0] = embed(ids);
 - forward i (0..L-1), no autograd: h[i+1] = layer_i(h[i]);
-- head: the loss on norm(h[L]) (its share of the step's mean), and its gradient g[L] with respect to h[L];
+- head, in S slices of the row's positions (the vocabulary projection of a whole row is the longest piece of
+  work, ~4x a layer's on the 1B shape): the loss on norm(h[L]) there (its share of the step's mean), and
+  its gradient g[L] with respect to those positions of h[L];
 - backward i (L-1..0): layer i's forward recomputed from h[i] with autograd, and its backward from g[i+1]:
   g[i] and the gradients of layer i's LoRA weights (added to fixed buffers).
 The same gradient as one backward through the model (a CPU test checks it); the price is one more forward per
@@ -38,7 +40,12 @@ class LayerChunks:
     """Forward and backward of one row through a PEFT-wrapped Llama, as short chunks (graphs on a GPU)."""
 
     def __init__(
-        self, model: torch.nn.Module, params: list[torch.nn.Parameter], seq_len: int, graphs: bool
+        self,
+        model: torch.nn.Module,
+        params: list[torch.nn.Parameter],
+        seq_len: int,
+        graphs: bool,
+        head_slices: int = 4,
     ) -> None:
         wrapped: Any = model
         causal: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
@@ -70,7 +77,9 @@ class LayerChunks:
             raise ValueError("trainable parameters outside the decoder layers and the head (embeddings?)")
         steps: list[Callable[[], None]] = [self._embed]
         steps += [partial(self._forward, i) for i in range(n)]
-        steps += [self._head]
+        slices = max(1, min(head_slices, seq_len // 2))  # each slice predicts at least one label
+        cuts = [seq_len * k // slices for k in range(slices + 1)]
+        steps += [partial(self._head, a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
         steps += [partial(self._backward, i) for i in reversed(range(n))]
         self.chunks = steps
         self.graphs: list[torch.cuda.CUDAGraph] = []
@@ -87,17 +96,19 @@ class LayerChunks:
         out = self.layers[i](self.h[i], position_embeddings=self.rope, position_ids=self.pos)
         self.h[i + 1].copy_(_hidden(out))
 
-    def _head(self) -> None:
+    def _head(self, a: int, b: int) -> None:
+        """Positions [a, b) of the last hidden state: their logits predict labels a + 1 .. b."""
         with torch.enable_grad():
-            x = self.h[-1].detach().requires_grad_(True)
-            logits = self.head(self.norm(x))[0, :-1].float()
-            loss = torch.nn.functional.cross_entropy(
-                logits, self.labels[0, 1:], ignore_index=IGNORE, reduction="sum"
-            )
+            x = self.h[-1][:, a:b].detach().requires_grad_(True)
+            targets = self.labels[
+                0, a + 1 : b + 1
+            ]  # at the row's end one fewer: its last position predicts none
+            logits = self.head(self.norm(x))[0, : targets.shape[0]].float()
+            loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
             loss = loss * self.scale
             grads = torch.autograd.grad(loss, [x, *self.head_params])
         with torch.no_grad():
-            self.g[-1].copy_(grads[0])
+            self.g[-1][:, a:b].copy_(grads[0])
             if self.head_grads:
                 torch._foreach_add_(self.head_grads, list(grads[1:]))
             self.loss.add_(loss.detach())

@@ -206,14 +206,14 @@ def test_trainer_role_hands_off_chunk_by_chunk(tmp_path: Path) -> None:
     args = argparse.Namespace(steps=2, batch=2, seq_len=32)
     report = train_steps(trainer, args, None, 2, handoff=(chunks, turn))
     assert len(report["step_ends"]) == 2 and report["governor"] is None
-    assert report["handoff"] == {"chunks_per_row": 6, "graphed": False, "waits": 0, "waited_s": 0.0}
+    assert report["handoff"] == {"chunks_per_row": 9, "graphed": False, "waits": 0, "waited_s": 0.0}
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable(), strict=True))
     with serving.launching():  # serving mid-launch for longer than the turn's timeout: training goes on
         turn_waits = TrainingTurn(serving.path, None)
         train_steps(
             trainer, argparse.Namespace(steps=1, batch=1, seq_len=32), None, 1, handoff=(chunks, turn_waits)
         )
-        assert turn_waits.waits == 6 + 1  # every chunk of the row, and the optimizer step
+        assert turn_waits.waits == 9 + 1  # every chunk of the row, and the optimizer step
     turn.close()
     turn_waits.close()
     serving.close()
