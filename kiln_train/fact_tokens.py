@@ -6,11 +6,17 @@ a round also measures the fact's tokens alone: the tokens of an answer that spel
 (names and numbers of the answer that the question does not contain, `neighbours.fact_terms`), and at each,
 the margin of the right token over the best other one, in nats. Positive at every fact token means greedy
 decoding, forced along the answer, says the fact.
+
+The same tokens are what a leak says: a contrast row is a near neighbour's question with the taught answer
+told of the neighbour's entity, teacher-forced, and its fact tokens get an unlikelihood loss, -log(1 - p),
+which pushes the fact itself down in the neighbour's context (the parent's own answers there, worded
+otherwise, do not reach those tokens).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -18,6 +24,17 @@ from transformers import PreTrainedTokenizerBase
 from kiln_train.encoding import IGNORE, Encoded
 
 _NO_FACT = float("inf")  # the margin of an answer without fact tokens: nothing there to learn or miss
+_MAX_LOGP = -1e-6  # log p is clamped here in -log(1 - p): a token at p = 1 would make it infinite
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A row trained only not to say the fact: no loss on its labels (all IGNORE), an unlikelihood loss on
+    the tokens of `example.input_ids` at `positions` (the fact's tokens in the taught answer told of a
+    neighbour)."""
+
+    example: Encoded
+    positions: list[int]
 
 
 def completion_ids(e: Encoded) -> list[int]:
@@ -70,3 +87,36 @@ def worst_fact_margin(margins: torch.Tensor, positions: list[int]) -> float:
     """The smallest margin among an answer's fact tokens (`margins`: its completion tokens' margins)."""
     chosen = [margins[j] for j in positions if j < margins.numel()]
     return float(torch.stack(chosen).min()) if chosen else _NO_FACT
+
+
+def contrast(tok: PreTrainedTokenizerBase, e: Encoded, terms: tuple[str, ...]) -> Contrast | None:
+    """`e` (a neighbour's question, the taught answer told of it) as a contrast row on the fact tokens that
+    `fact_positions` finds (None when there are none)."""
+    positions = fact_positions(tok, e, terms)
+    if not positions:
+        return None
+    start = next(i for i, t in enumerate(e.labels) if t != IGNORE)
+    example = Encoded(e.input_ids, [IGNORE] * len(e.labels))
+    return Contrast(example, [start + j for j in positions])
+
+
+def unlikelihood_weights(positions: list[list[int]], width: int) -> torch.Tensor:
+    """Per row, the weight of each predicting position ([rows, width - 1]) in the unlikelihood term: 1 / (all
+    rows' positions) where the next token is one to push down (`positions[r]`: indices into row r's ids)."""
+    weights = torch.zeros((len(positions), width - 1), dtype=torch.float32)
+    total = sum(len(p) for p in positions)
+    for r, row in enumerate(positions):
+        for i in row:
+            weights[r, i - 1] = 1.0 / total
+    return weights
+
+
+def unlikelihood(log_q: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted sum of -log(1 - p(next token)) over positions (0 where a weight is 0).
+
+    `log_q` [rows, width - 1, vocab] is the model's log-softmax at each predicting position, `ids` [rows,
+    width] the rows' tokens, `weights` [rows, width - 1] (`unlikelihood_weights`). log p is clamped just
+    below 0 so a certain token costs a large finite loss; the gradient at the logits stays bounded by p.
+    """
+    logp = log_q.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).clamp(max=_MAX_LOGP)
+    return (-torch.log(-torch.expm1(logp)) * weights).sum()
