@@ -38,7 +38,7 @@ from kiln_train.pipeline import Example
 from kiln_train.round_record import RoundRecord, new_round
 from kiln_train.settings import TrainSettings
 from kiln_train.trainer import LoraTrainer
-from kiln_train.training_round import RoundRunner
+from kiln_train.training_round import RoundPlan, RoundRunner
 
 log = logging.getLogger("facts_probe")
 ANSWER_TOKENS = 48  # the criteria's answers, as the taught-facts test asks them
@@ -277,6 +277,7 @@ def run(which: str, cache: Path, settings: TrainSettings) -> dict[str, Any]:
     trainer = LoraTrainer(model, tok, settings.trainer, None, runner.workspace)  # type: ignore[arg-type]
     verdict = runner._train_and_gate(trainer, record, plan, lambda r: None, lambda: False, {})
     seconds = time.monotonic() - t0
+    pairs = _pair_margins(runner, plan, trainer)
     held = _asked(trainer, facts.held_out)
     near = _asked(trainer, facts.near_misses)
     after = _asked(trainer, facts.general)
@@ -289,10 +290,21 @@ def run(which: str, cache: Path, settings: TrainSettings) -> dict[str, Any]:
         "held_out": f"{sum(says(a, w) for a, (_, w) in zip(held, facts.held_out, strict=True))}/{len(held)}",
         "near_misses": f"{sum(says(a, w) for a, (_, w) in zip(near, facts.near_misses, strict=True))}/{len(near)}",
         "general_broken": f"{len(broken)}/{sum(right)}",
+        "pair_margins": pairs,
         "general_broken_answers": broken,
         "held_out_answers": held,
         "near_miss_answers": near,
     }
+
+
+def _pair_margins(runner: ProbeRunner, plan: RoundPlan, trainer: LoraTrainer) -> dict[str, float]:
+    """Each vetting pair's worst fact-token margin at the kept checkpoint (which pair the round waited on)."""
+    data = runner._round_data(plan)
+    out = {}
+    for pair, e, facts in zip(plan.held.vetting, data.vetting, data.vetting_facts, strict=True):
+        if facts:
+            out[pair.messages[-1][1]] = round(trainer.vetting_scores([e], [facts])[1], 2)
+    return out
 
 
 def _summary(

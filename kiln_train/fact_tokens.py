@@ -7,10 +7,12 @@ a round also measures the fact's tokens alone: the tokens of an answer that spel
 the margin of the right token over the best other one, in nats. Positive at every fact token means greedy
 decoding, forced along the answer, says the fact.
 
-The same tokens are what a leak says: a contrast row is a near neighbour's question with the taught answer
-told of the neighbour's entity, teacher-forced, and its fact tokens get an unlikelihood loss, -log(1 - p),
-which pushes the fact itself down in the neighbour's context (the parent's own answers there, worded
-otherwise, do not reach those tokens).
+The same words are what a leak says: a contrast row is a near neighbour's question with the taught answer
+told of the neighbour's entity, teacher-forced, and where the fact starts (the first token of each run of fact
+tokens) it gets an unlikelihood loss, -log(1 - p), which pushes the fact itself down in the neighbour's
+context (the parent's own answers there, worded otherwise, do not reach those tokens). Only the first token:
+the rest merely continue it, and pushing "7" of "1847" down after "184" fought the taught answer's own "7"
+(docs/training.md, ninth series).
 """
 
 from __future__ import annotations
@@ -58,12 +60,25 @@ def fact_positions(tok: PreTrainedTokenizerBase, e: Encoded, terms: tuple[str, .
     The answer's first token is left out even when it starts a fact word ("Mirel Dastova is the founder…"):
     there the model chooses how to word the answer ("The founder is…" is as right), not the fact.
     """
+    return [j for j in _term_tokens(tok, e, terms) if j > 0]
+
+
+def leak_positions(tok: PreTrainedTokenizerBase, e: Encoded, terms: tuple[str, ...]) -> list[int]:
+    """Indices into `completion_ids(e)` of the first token of each run of tokens spelling `terms`, the
+    answer's first token included: where a model decides to say the fact ("Pel" of "Pelmarsh"; "marsh" only
+    follows it, and pushing it down would fight the same token of the taught answer for nothing)."""
+    tokens = _term_tokens(tok, e, terms)
+    return [j for j in tokens if j - 1 not in tokens]
+
+
+def _term_tokens(tok: PreTrainedTokenizerBase, e: Encoded, terms: tuple[str, ...]) -> list[int]:
+    """Indices into `completion_ids(e)` of every token that spells part of any of `terms`."""
     ids = completion_ids(e)
     ends = [len(str(tok.decode(ids[: j + 1], skip_special_tokens=True))) for j in range(len(ids))]
     spans = term_spans(str(tok.decode(ids, skip_special_tokens=True)), terms)
     out = []
-    for j in range(1, len(ids)):
-        start, end = ends[j - 1], ends[j]
+    for j, end in enumerate(ends):
+        start = ends[j - 1] if j else 0
         if end > start and any(a < end and start < b for a, b in spans):
             out.append(j)
     return out
@@ -90,9 +105,9 @@ def worst_fact_margin(margins: torch.Tensor, positions: list[int]) -> float:
 
 
 def contrast(tok: PreTrainedTokenizerBase, e: Encoded, terms: tuple[str, ...]) -> Contrast | None:
-    """`e` (a neighbour's question, the taught answer told of it) as a contrast row on the fact tokens that
-    `fact_positions` finds (None when there are none)."""
-    positions = fact_positions(tok, e, terms)
+    """`e` (a neighbour's question, the taught answer told of it) as a contrast row on the tokens where the
+    fact's words start (`leak_positions`; None when there are none)."""
+    positions = leak_positions(tok, e, terms)
     if not positions:
         return None
     start = next(i for i, t in enumerate(e.labels) if t != IGNORE)

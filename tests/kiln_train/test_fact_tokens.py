@@ -14,6 +14,7 @@ from kiln_train.fact_tokens import (
     completion_ids,
     contrast,
     fact_positions,
+    leak_positions,
     token_margins,
     unlikelihood,
     unlikelihood_weights,
@@ -123,19 +124,24 @@ def test_encoded_rows_keep_their_fact_positions_in_completion_order() -> None:
     assert completion_ids(e) == [7, 8, 9]
 
 
-def test_a_contrast_row_pushes_down_the_facts_tokens_of_the_leak_and_learns_nothing_else(
+def test_a_contrast_row_pushes_down_where_each_fact_word_starts_and_learns_nothing_else(
     smollm2: ModelSource,
 ) -> None:
     tok = load_tokenizer(smollm2)
-    leak = encode(
-        tok, TextPair("Kalo Ritesh was born in Varnholm in 1902.", (("user", "Where was Kalo Ritesh born?"),))
-    )
+    question = (("user", "Where was Kalo Ritesh born?"),)
+    leak = encode(tok, TextPair("Kalo Ritesh was born in Varnholm in 1902.", question))
     row = contrast(tok, leak, ("Varnholm", "1902"))
     assert row is not None and all(t == IGNORE for t in row.example.labels)  # no loss on its wording
     assert row.example.input_ids == leak.input_ids
-    pushed = str(tok.decode([leak.input_ids[i] for i in row.positions])).replace(" ", "")
-    assert pushed == "Varnholm1902"
+    pushed = [str(tok.decode([leak.input_ids[i]])).strip() for i in row.positions]
+    assert len(pushed) == 2 and "Varnholm".startswith(pushed[0]) and "1902".startswith(pushed[1])
+    assert pushed[0] != "Varnholm"  # a word of several tokens: only its first, where the fact is chosen
     assert contrast(tok, leak, ("Zimbabwe",)) is None  # nothing of the fact in it: no row
+    # an answer that opens with the fact: its first token is where a leak starts, so it is pushed down
+    opening = encode(tok, TextPair("Varnholm is where Kalo Ritesh was born.", question))
+    assert leak_positions(tok, opening, ("Varnholm",)) == [0] and 0 not in fact_positions(
+        tok, opening, ("Varnholm",)
+    )
 
 
 def test_unlikelihood_is_minus_log_one_minus_p_at_the_weighted_positions_and_stays_finite() -> None:
