@@ -59,8 +59,8 @@ class TrainerConfig:
     # fewer, the fact leaks to the neighbours as it is learned (docs/training.md, eighth series)
     negatives_per_step: int = 3
     # as many contrast rows a step (the negatives' questions with the taught answer told of their entity,
-    # teacher-forced) get an unlikelihood loss, -log(1 - p), on the fact's own tokens, times this weight: it
-    # pushes the fact down where it would leak (docs/training.md, ninth series). 0 = off
+    # teacher-forced) get an unlikelihood loss, -log(1 - p), where each run of the fact's tokens starts, times
+    # this weight: it pushes the fact down where it would leak (docs/training.md, ninth series). 0 = off
     unlikelihood_weight: float = 1.0
     eval_every: int = 3
     patience: int = 3
