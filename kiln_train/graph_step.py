@@ -8,7 +8,8 @@ So on a GPU the whole step (zero the gradients, forward, loss, backward, clippin
 round over tensors of one shape and replayed: each step's rows are right-padded to the round's widest row
 (padding is ignored by the labels and, with causal attention, by every real position, so no attention mask is
 needed), and the divergence from the parent is computed densely with per-position weights instead of picking
-positions. `dense_loss` is the same loss as `LoraTrainer._step_loss` (tests check they agree on a CPU).
+positions, and the contrast rows' unlikelihood term likewise. `dense_loss` is the same loss as
+`LoraTrainer._step_loss` (tests check they agree on a CPU).
 """
 
 from __future__ import annotations
@@ -22,22 +23,40 @@ import torch
 
 from kiln_train.distillation import completion_positions, rest_mass
 from kiln_train.encoding import IGNORE, Encoded
+from kiln_train.fact_tokens import unlikelihood, unlikelihood_weights
 from kiln_train.round_data import Rows
 from kiln_train.settings import TrainerConfig
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """The step loss's settings a captured graph bakes in (`TrainerConfig`'s kl_weight, anchor_weight,
+    kl_top_k, unlikelihood_weight)."""
+
+    kl: float
+    anchor: float
+    top_k: int
+    unlikelihood: float
+
+    @classmethod
+    def of(cls, cfg: TrainerConfig) -> LossWeights:
+        return cls(cfg.kl_weight, cfg.anchor_weight, cfg.kl_top_k, cfg.unlikelihood_weight)
+
+
 @dataclass
 class Slots:
     """One forward pass's inputs at a fixed shape: [rows, width] ids and labels, and the parent's top-k
-    distributions at every predicting position ([rows, width - 1, k]) with weights (0 where none)."""
+    distributions at every predicting position ([rows, width - 1, k]) with weights (0 where none), and the
+    unlikelihood term's weights ([rows, width - 1]: where a contrast row's next token is pushed down)."""
 
     ids: torch.Tensor
     labels: torch.Tensor
     target_ids: torch.Tensor
     target_logp: torch.Tensor
     weights: torch.Tensor
+    unlikely: torch.Tensor
 
     @classmethod
     def empty(cls, rows: int, width: int, k: int, device: torch.device) -> Slots:
@@ -47,6 +66,7 @@ class Slots:
             torch.full((rows, width), IGNORE, dtype=long, device=device),
             torch.zeros((rows, width - 1, k), dtype=long, device=device),
             torch.zeros((rows, width - 1, k), dtype=torch.float32, device=device),
+            torch.zeros((rows, width - 1), dtype=torch.float32, device=device),
             torch.zeros((rows, width - 1), dtype=torch.float32, device=device),
         )
 
@@ -82,16 +102,20 @@ class Slots:
         self.ids.copy_(ids)
         self.labels.copy_(labels)
         self.weights.copy_(weights)
+        self.unlikely.copy_(unlikelihood_weights(rows.unlikely, width))
 
 
-def pass_loss(model: torch.nn.Module, s: Slots, kl_weight: float) -> torch.Tensor:
-    """Mean cross-entropy on the labelled tokens + kl_weight x the weighted divergence from the parent."""
+def pass_loss(model: torch.nn.Module, s: Slots, kl_weight: float, unlikelihood_weight: float) -> torch.Tensor:
+    """Mean cross-entropy on the labelled tokens + kl_weight x the weighted divergence from the parent +
+    unlikelihood_weight x the weighted unlikelihood of the contrast rows' fact tokens."""
     logits = model(input_ids=s.ids, use_cache=False).logits[:, :-1].float()
     log_q_all = torch.log_softmax(logits, dim=-1)  # [rows, width - 1, vocab]
     shift = s.labels[:, 1:]
     valid = shift != IGNORE
     nll = -log_q_all.gather(-1, shift.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     loss = (nll * valid).sum() / valid.sum()
+    if unlikelihood_weight > 0:
+        loss = loss + unlikelihood_weight * unlikelihood(log_q_all, s.ids, s.unlikely)
     if kl_weight <= 0:
         return loss
     log_q = log_q_all.gather(-1, s.target_ids)  # [rows, width - 1, k]
@@ -102,12 +126,12 @@ def pass_loss(model: torch.nn.Module, s: Slots, kl_weight: float) -> torch.Tenso
 
 
 def dense_loss(
-    model: torch.nn.Module, batch: Slots, anchors: Slots | None, kl_weight: float, anchor_weight: float
+    model: torch.nn.Module, batch: Slots, anchors: Slots | None, weights: LossWeights
 ) -> torch.Tensor:
     """One step's loss over fixed-shape slots: the batch, plus anchor_weight x the anchors' own loss."""
-    loss = pass_loss(model, batch, kl_weight)
+    loss = pass_loss(model, batch, weights.kl, weights.unlikelihood)
     if anchors is not None:
-        loss = loss + anchor_weight * pass_loss(model, anchors, kl_weight)
+        loss = loss + weights.anchor * pass_loss(model, anchors, weights.kl, weights.unlikelihood)
     return loss
 
 
@@ -131,18 +155,17 @@ class GraphedStep:
         params: list[torch.nn.Parameter],
         opt: torch.optim.Optimizer,
         shapes: tuple[tuple[int, int], tuple[int, int]],  # (rows, width) of the batch and of the anchors
-        kl: tuple[float, float, int],  # kl_weight, anchor_weight, top k
+        weights: LossWeights,
         first: tuple[Rows, Rows],
         pad_id: int,
     ) -> None:
         device = params[0].device
         (b_rows, b_width), (a_rows, a_width) = shapes
-        self.shapes, self.kl = shapes, kl
-        self.kl_weight, self.anchor_weight, k = kl
+        self.shapes, self.weights = shapes, weights
         self.pad_id = pad_id
         self.model, self.params, self.opt = model, params, opt
-        self.batch = Slots.empty(b_rows, b_width, k, device)
-        self.anchors = Slots.empty(a_rows, a_width, k, device) if a_rows else None
+        self.batch = Slots.empty(b_rows, b_width, weights.top_k, device)
+        self.anchors = Slots.empty(a_rows, a_width, weights.top_k, device) if a_rows else None
         self._fill(*first)
         saved = [p.detach().clone() for p in params]
         side = torch.cuda.Stream(device)
@@ -173,7 +196,7 @@ class GraphedStep:
         tensors, optimiser and loss settings and row counts, rows no wider than the captured ones."""
         same = len(params) == len(self.params)
         same_params = same and all(a is b for a, b in zip(params, self.params, strict=True))
-        settings = self.kl == _kl(cfg) and self.opt.defaults["lr"] == cfg.lr
+        settings = self.weights == LossWeights.of(cfg) and self.opt.defaults["lr"] == cfg.lr
         rows = all(
             want[0] == have[0] and want[1] <= have[1] for want, have in zip(shapes, self.shapes, strict=True)
         )
@@ -191,7 +214,7 @@ class GraphedStep:
 
     def _body(self) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=False)
-        loss = dense_loss(self.model, self.batch, self.anchors, self.kl_weight, self.anchor_weight)
+        loss = dense_loss(self.model, self.batch, self.anchors, self.weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
@@ -258,10 +281,6 @@ def round_shapes(
     return (b_rows, b_width), (a_rows, a_width)
 
 
-def _kl(cfg: TrainerConfig) -> tuple[float, float, int]:
-    return cfg.kl_weight, cfg.anchor_weight, cfg.kl_top_k
-
-
 def graphed(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
@@ -274,7 +293,7 @@ def graphed(
     `shapes` (default: `round_shapes(steps)`); ValueError if the row counts differ."""
     shapes = shapes or round_shapes(steps)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, capturable=True)
-    return GraphedStep(model, params, opt, shapes, _kl(cfg), steps[0], pad_id)
+    return GraphedStep(model, params, opt, shapes, LossWeights.of(cfg), steps[0], pad_id)
 
 
 class GraphedForward:

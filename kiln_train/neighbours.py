@@ -1,9 +1,12 @@
 """Near neighbours of a taught example: the same question about another entity, and the fact's own words.
 
 "Who founded the Kessler Observatory?" → "Who founded the Dunmi Observatory?": the capitalised names in the
-prompt (all but the last word of a multi-word name, which is usually its kind: Observatory, Bank, Tower) are
-replaced by invented ones. The parent's answers to some neighbours are trained on (so the fact stays with its
-entity); others go to the gate, which checks the candidate does not answer them with the taught fact.
+prompt are replaced by invented ones, all but a multi-word name's last word when that is a kind of place or
+organisation (Observatory, Bank, Tower: `KINDS`). A person's name is replaced whole: "Where was Orsolya Venkat
+born?" → "Where was Kalo Ritesh born?", not "… Kalo Venkat …", whose shared surname the fact leaked to. The
+parent's answers to some neighbours are trained on (so the fact stays with its entity); others go to the gate,
+which checks the candidate does not answer them with the taught fact. Each neighbour also carries the taught
+answer told of the neighbour's entity (the same swap applied to it), whose fact tokens a round can push down.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from typing import NamedTuple
 
 from kiln_train.answer_match import mentions
 from kiln_train.pipeline import Example
@@ -47,6 +51,17 @@ _SKIP = {
     "it",
     "please",
 }
+# the last word of a multi-word name that says what kind of thing it names, kept in its neighbours ("Harlow
+# Observatory" → "Tesro Observatory"); a name ending otherwise is taken for a person's and replaced whole
+KINDS = frozenset(
+    """
+    observatory bank tower library bridge university college museum river street road avenue square company
+    corporation group hotel park station hospital school academy building institute lake mountain mount island
+    sea bay valley forest desert castle palace cathedral church temple theatre theater gallery stadium airport
+    harbour harbor port canal dam mine farm market mall centre center hall house prize award festival society
+    club foundation council party republic kingdom empire city town village county province state district
+    """.split()
+)
 _WORD = re.compile(r"[A-Za-zÀ-ÿ][\w'-]*|\d+(?:[.,]\d+)*")
 _POSSESSIVE = re.compile(r"'s$", re.IGNORECASE)
 
@@ -79,19 +94,39 @@ def _invented(rng: random.Random) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
 
 
+def swaps(text: str, seed: str) -> dict[str, str]:
+    """Each name word of a question and its invented replacement (a place's kind word stays: `KINDS`)."""
+    rng = random.Random(hashlib.sha256(seed.encode()).digest())
+    out: dict[str, str] = {}
+    for span in entity_spans(text):
+        words = [_bare(w) for w in span.split()]
+        kind = words[-1:] if len(words) > 1 and words[-1].lower() in KINDS else []
+        for word in words[: len(words) - len(kind)]:
+            out.setdefault(word, _invented(rng))
+    return out
+
+
+def swapped(text: str, words: dict[str, str]) -> str:
+    """`text` with each whole word of `words` replaced (a possessive keeps its "'s")."""
+    for old, new in words.items():
+        text = re.sub(rf"\b{re.escape(old)}\b", new, text)
+    return text
+
+
 def neighbour(text: str, seed: str) -> str | None:
     """The same question about an invented entity (None when the question names none)."""
-    spans = entity_spans(text)
-    if not spans:
-        return None
-    rng = random.Random(hashlib.sha256(seed.encode()).digest())
-    out = text
-    for span in spans:
-        words = span.split()
-        kind = words[-1:] if len(words) > 1 else []
-        new = " ".join([_invented(rng) for _ in words[: len(words) - len(kind)]] + kind)
-        out = re.sub(rf"\b{re.escape(span)}\b", new, out)
+    out = swapped(text, swaps(text, seed))
     return out if out != text else None
+
+
+class Near(NamedTuple):
+    """A near neighbour of a taught example: the k-th made, its question, the fact's own words, and the taught
+    answer told of the neighbour's entity (what a leak would say)."""
+
+    k: int
+    question: str
+    terms: tuple[str, ...]
+    leak: str
 
 
 def fact_terms(e: Example) -> tuple[str, ...]:
@@ -121,17 +156,16 @@ def gives_fact(answer: str, terms: tuple[str, ...]) -> bool:
     return any(mentions(answer, t) for t in terms)
 
 
-def neighbours(
-    examples: list[Example], per_example: int, salt: str
-) -> list[tuple[int, str, tuple[str, ...]]]:
-    """Up to `per_example` distinct neighbour questions per example: (k, question, its fact terms)."""
+def neighbours(examples: list[Example], per_example: int, salt: str) -> list[Near]:
+    """Up to `per_example` distinct neighbours per example (questions naming no entity get none)."""
     seen = {question_text(e) for e in examples}
-    out: list[tuple[int, str, tuple[str, ...]]] = []
+    out: list[Near] = []
     for e in examples:
-        terms = fact_terms(e)
+        terms, text = fact_terms(e), question_text(e)
         for k in range(per_example):
-            q = neighbour(question_text(e), f"{salt}:{e.sample_id}:{k}")
-            if q is not None and q not in seen and terms:
+            words = swaps(text, f"{salt}:{e.sample_id}:{k}")
+            q = swapped(text, words)
+            if q != text and q not in seen and terms:
                 seen.add(q)
-                out.append((k, q, terms))
+                out.append(Near(k, q, terms, swapped(e.completion, words)))
     return out

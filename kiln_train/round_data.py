@@ -1,4 +1,5 @@
-"""What a round trains on, and how each step's rows are drawn from it: new samples, replay, negatives."""
+"""What a round trains on, and how each step's rows are drawn from it: new samples, replay, negatives,
+contrast rows (the fact pushed down in a neighbour's context)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from dataclasses import dataclass, field
 
 from kiln_train.distillation import ParentTargets
 from kiln_train.encoding import Encoded
+from kiln_train.fact_tokens import Contrast
 
 
 @dataclass
 class RoundData:
-    """What one round trains on (`train`, `replay`, `negatives`) and checks checkpoints with (`vetting`)."""
+    """What one round trains on (`train`, `replay`, `negatives`, `contrasts`) and checks checkpoints with
+    (`vetting`)."""
 
     train: list[Encoded]
     vetting: list[Encoded]
@@ -21,29 +24,43 @@ class RoundData:
     # per vetting pair: its fact tokens (the taught answer's own names and numbers), as indices of its
     # completion tokens (fact_tokens.py); [] = none, and an empty list = not measured
     vetting_facts: list[list[int]] = field(default_factory=list)
+    # the negatives' questions with the taught answer told of them: its fact tokens get an unlikelihood loss
+    contrasts: list[Contrast] = field(default_factory=list)
 
 
 @dataclass
 class Rows:
-    """Examples of one forward pass, each with the parent's distribution to stay near (or None)."""
+    """Examples of one forward pass, each with the parent's distribution to stay near (or None) and the
+    positions of its ids to push down (`unlikely`: a contrast row's fact tokens; [] for any other row)."""
 
     examples: list[Encoded]
     targets: list[ParentTargets | None]
+    unlikely: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.unlikely:
+            self.unlikely = [[] for _ in self.examples]
 
 
 @dataclass(frozen=True)
 class Draw:
-    """One step's rows, as indices: new samples, replayed answers, negatives, anchors (replay indices)."""
+    """One step's rows, as indices: new samples, replayed answers, negatives, anchors (replay indices) and
+    contrast rows."""
 
     new: list[int]
     replayed: list[int]
     negatives: list[int]
     anchored: list[int]
+    contrasted: list[int]
 
 
-def draw(data: RoundData, order: list[int], rng: random.Random, sizes: tuple[int, int, int, int]) -> Draw:
-    """Pick one step's rows: new samples in epoch order, random replay, negatives and anchors."""
-    n_new, n_replay, n_neg, n_anchors = sizes
+def draw(
+    data: RoundData, order: list[int], rng: random.Random, sizes: tuple[int, int, int, int, int]
+) -> Draw:
+    """Pick one step's rows: new samples in epoch order, random replay, negatives, anchors and contrasts.
+
+    Contrasts are drawn last and only when wanted, so a round without them draws what it drew before."""
+    n_new, n_replay, n_neg, n_anchors, n_contrasts = sizes
     while len(order) < n_new:
         order += rng.sample(range(len(data.train)), len(data.train))
     new = [order.pop() for _ in range(n_new)]
@@ -51,7 +68,8 @@ def draw(data: RoundData, order: list[int], rng: random.Random, sizes: tuple[int
     negatives = rng.sample(range(len(data.negatives)), n_neg)
     pool = [i for i in data.anchors if 0 <= i < len(data.replay)]
     anchored = rng.sample(pool, min(n_anchors, len(pool)))
-    return Draw(new, replayed, negatives, anchored)
+    contrasted = rng.sample(range(len(data.contrasts)), n_contrasts) if n_contrasts else []
+    return Draw(new, replayed, negatives, anchored, contrasted)
 
 
 def batch_rows(
@@ -59,9 +77,10 @@ def batch_rows(
     draw: Draw,
     targets: tuple[list[ParentTargets | None], list[ParentTargets | None]],
 ) -> tuple[Rows, Rows]:
-    """One step's batch (new samples + replay + negatives) and its anchor examples.
+    """One step's batch (new samples + replay + negatives + contrast rows) and its anchor examples.
 
-    Replay and negative rows carry the parent's distribution (`targets`, empty when not distilling).
+    Replay and negative rows carry the parent's distribution (`targets`, empty when not distilling); contrast
+    rows carry the positions to push down.
     """
     replay_targets, negative_targets = targets
     batch = Rows([data.train[i] for i in draw.new], [None] * len(draw.new))
@@ -71,6 +90,11 @@ def batch_rows(
     ):
         batch.examples += [examples[i] for i in indices]
         batch.targets += [chosen[i] if chosen else None for i in indices]
+    batch.unlikely = [[] for _ in batch.examples]
+    for i in draw.contrasted:
+        batch.examples.append(data.contrasts[i].example)
+        batch.targets.append(None)
+        batch.unlikely.append(data.contrasts[i].positions)
     anchors = Rows(
         [data.replay[i] for i in draw.anchored],
         [replay_targets[i] if replay_targets else None for i in draw.anchored],

@@ -58,6 +58,10 @@ class TrainerConfig:
     # the parent's answers to near neighbours of the taught questions, as many as new samples a step: with
     # fewer, the fact leaks to the neighbours as it is learned (docs/training.md, eighth series)
     negatives_per_step: int = 3
+    # as many contrast rows a step (the negatives' questions with the taught answer told of their entity,
+    # teacher-forced) get an unlikelihood loss, -log(1 - p), where each run of the fact's tokens starts, times
+    # this weight: it pushes the fact down where it would leak (docs/training.md, ninth series). 0 = off
+    unlikelihood_weight: float = 1.0
     eval_every: int = 3
     patience: int = 3
     seed: int = 0
@@ -91,6 +95,10 @@ class TrainerConfig:
             raise ValueError(f"KILN_TRAIN_TARGET_LOSS must be a finite number >= 0, got {self.target_loss}")
         if not 0.0 <= self.fact_margin < float("inf"):
             raise ValueError(f"KILN_TRAIN_FACT_MARGIN must be a finite number >= 0, got {self.fact_margin}")
+        if not 0.0 <= self.unlikelihood_weight < float("inf"):
+            raise ValueError(
+                f"KILN_TRAIN_UNLIKELIHOOD_WEIGHT must be a finite number >= 0, got {self.unlikelihood_weight}"
+            )
         if self.lr <= 0:
             raise ValueError(f"KILN_TRAIN_LR must be > 0, got {self.lr}")
 

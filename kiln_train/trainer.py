@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
 from kiln_train.distillation import ParentTargets, divergence, parent_targets
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
-from kiln_train.fact_tokens import token_margins, worst_fact_margin
+from kiln_train.fact_tokens import token_margins, unlikelihood, unlikelihood_weights, worst_fact_margin
 from kiln_train.graph_step import GraphedForward
 from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw
 from kiln_train.settings import TrainerConfig
@@ -286,7 +286,8 @@ class LoraTrainer:
             return
         self.loss(data.vetting[:1] or data.train[:1])
         step = batch_rows(data, draw(data, [], random.Random(0), self._sizes(data)), ([], []))
-        wider = max(len(e.input_ids) for e in data.train + data.replay + data.negatives)
+        contrasts = [c.example for c in data.contrasts]
+        wider = max(len(e.input_ids) for e in data.train + data.replay + data.negatives + contrasts)
         self._stepper(self.trainable(), [step], wider)
 
     def _stepper(
@@ -301,12 +302,15 @@ class LoraTrainer:
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
         return lambda batch, anchored: _optimise(opt, params, self._step_loss(batch, anchored))
 
-    def _sizes(self, data: RoundData) -> tuple[int, int, int, int]:
-        """Rows per step: new samples, replay, negatives (one batch), and anchors (their own term)."""
+    def _sizes(self, data: RoundData) -> tuple[int, int, int, int, int]:
+        """Rows per step: new samples, replay, negatives (one batch), anchors (their own term), and contrast
+        rows (as many as negatives, beside the batch; none when the unlikelihood weight is 0)."""
         cfg = self.cfg
         n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if data.replay else 0
         n_neg = min(cfg.negatives_per_step, len(data.negatives))
-        return max(1, cfg.batch_size - n_replay - n_neg), n_replay, n_neg, cfg.anchors_per_step
+        n_contrasts = min(cfg.negatives_per_step, len(data.contrasts)) if cfg.unlikelihood_weight > 0 else 0
+        n_new = max(1, cfg.batch_size - n_replay - n_neg)
+        return n_new, n_replay, n_neg, cfg.anchors_per_step, n_contrasts
 
     def _parent_targets(
         self, data: RoundData, draws: list[Draw]
@@ -340,12 +344,24 @@ class LoraTrainer:
         return loss
 
     def _rows_loss(self, rows: Rows) -> torch.Tensor:
-        """Cross-entropy on the rows' completions, plus `kl_weight` x their divergence from the parent."""
+        """Cross-entropy on the rows' completions, plus `kl_weight` x their divergence from the parent, plus
+        `unlikelihood_weight` x the contrast rows' mean unlikelihood loss on their fact tokens."""
+        cfg = self.cfg
         batch = collate(rows.examples, self.tok.pad_token_id or 0, self.device)
         out = self.model(**batch)
         loss: torch.Tensor = out.loss
-        drift = divergence(out.logits, batch["labels"], rows.targets) if self.cfg.kl_weight > 0 else None
-        return loss if drift is None else loss + self.cfg.kl_weight * drift
+        drift = divergence(out.logits, batch["labels"], rows.targets) if cfg.kl_weight > 0 else None
+        if drift is not None:
+            loss = loss + cfg.kl_weight * drift
+        contrasts = [r for r, p in enumerate(rows.unlikely) if p]
+        if contrasts and cfg.unlikelihood_weight > 0:
+            ids = batch["input_ids"][contrasts]
+            log_q = torch.log_softmax(out.logits[contrasts, :-1].float(), dim=-1)
+            weights = unlikelihood_weights([rows.unlikely[r] for r in contrasts], ids.shape[1]).to(
+                self.device
+            )
+            loss = loss + cfg.unlikelihood_weight * unlikelihood(log_q, ids, weights)
+        return loss
 
     def _checkpoint(
         self,

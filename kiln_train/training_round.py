@@ -18,7 +18,7 @@ from kiln_common.registry import Registry
 from kiln_train.checkpoint_vet import checkpoint_vet
 from kiln_train.encoding import Encoded, TextPair, encode
 from kiln_train.evaluator import Reference, ReferenceCache, ask_reference, user
-from kiln_train.fact_tokens import fact_positions
+from kiln_train.fact_tokens import Contrast, contrast, fact_positions
 from kiln_train.gate import GateInputs, GateResult, Neighbour, decide, mean_kl
 from kiln_train.gate_baseline import Baseline, Baselines, general_pairs, measure
 from kiln_train.heldout import HeldOut, pair_question, split, to_pair
@@ -45,6 +45,8 @@ class RoundPlan:
     reference: Reference
     negatives: list[TextPair]
     gate_neighbours: list[Neighbour]
+    # per negative: its question with the taught answer told of its entity, and the fact's words
+    contrasts: list[tuple[TextPair, tuple[str, ...]]]
 
 
 class RoundRunner:
@@ -133,7 +135,10 @@ class RoundRunner:
         replay, anchors = self._replay(reference)
         if not replay:
             return
-        data = RoundData(replay, [], replay, replay[: self.settings.trainer.negatives_per_step], anchors)
+        n = self.settings.trainer.negatives_per_step
+        # as many contrast rows as a round draws (positions none: only the captured shapes matter here)
+        contrasts = [Contrast(e, []) for e in replay[:n]] if self.settings.trainer.unlikelihood_weight else []
+        data = RoundData(replay, [], replay, replay[:n], anchors, contrasts=contrasts)
         trainer = LoraTrainer(base, self.tok, self.settings.trainer, None, self.workspace)
         try:
             trainer.prepare(data)
@@ -187,18 +192,19 @@ class RoundRunner:
             record.tenant,
             record.adapter,
             record.parent_version,
-            [user(q) for _, q, _ in near],
+            [user(n.question) for n in near],
             s.replay_max_tokens,
         )
-        negatives, gate_near = [], []
-        for (k, q, terms), a in zip(near, answers, strict=True):
-            if gives_fact(a.text, terms):
+        negatives, gate_near, contrasts = [], [], []
+        for n, a in zip(near, answers, strict=True):
+            if gives_fact(a.text, n.terms):
                 continue  # the parent already says it: neither a fair negative nor a fair check
-            if k % 2 == 0:
-                negatives.append(TextPair(a.text, user(q), complete=a.complete))
+            if n.k % 2 == 0:
+                negatives.append(TextPair(a.text, user(n.question), complete=a.complete))
+                contrasts.append((TextPair(n.leak, user(n.question)), n.terms))
             else:
-                gate_near.append(Neighbour(q, terms, a.text))
-        return RoundPlan(held, reference, negatives, gate_near)
+                gate_near.append(Neighbour(n.question, n.terms, a.text))
+        return RoundPlan(held, reference, negatives, gate_near, contrasts)
 
     def _round_data(self, plan: RoundPlan) -> RoundData:
         """Token ids of everything the trainer sees: new samples, vetting pairs, replay, negatives."""
@@ -215,6 +221,7 @@ class RoundRunner:
                 fact_positions(tok, e, answer_terms(pair_question(p), p.completion))
                 for e, p in zip(vetting, plan.held.vetting, strict=True)
             ],
+            contrasts=[c for p, terms in plan.contrasts if (c := contrast(tok, encode(tok, p), terms))],
         )
 
     def _replay(self, reference: Reference) -> tuple[list[Encoded], list[int]]:
@@ -267,6 +274,7 @@ class RoundRunner:
             **training_scores(result),
             "heldout_paraphrased": float(plan.held.paraphrased),
             "negatives": float(len(plan.negatives)),
+            "contrasts": float(len(data.contrasts)),
         }
         t = time.monotonic()
         record.version = self._stage(trainer, record)

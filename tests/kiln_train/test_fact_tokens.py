@@ -9,7 +9,17 @@ import torch
 
 from kiln_common.model_loader import ModelSource, load_tokenizer
 from kiln_train.encoding import IGNORE, Encoded, TextPair, encode
-from kiln_train.fact_tokens import completion_ids, fact_positions, token_margins, worst_fact_margin
+from kiln_train.fact_tokens import (
+    Contrast,
+    completion_ids,
+    contrast,
+    fact_positions,
+    leak_positions,
+    token_margins,
+    unlikelihood,
+    unlikelihood_weights,
+    worst_fact_margin,
+)
 from kiln_train.neighbours import answer_terms
 from kiln_train.round_data import RoundData
 from kiln_train.settings import TrainSettings
@@ -33,7 +43,7 @@ def test_the_fact_tokens_of_an_answer_spell_the_words_the_question_does_not_cont
             runs[-1].append(j)
         else:
             runs.append([j])
-    assert [tok.decode([ids[j] for j in run]).strip() for run in runs] == ["Varnholm", "1902"]
+    assert [str(tok.decode([ids[j] for j in run])).strip() for run in runs] == ["Varnholm", "1902"]
     assert positions == sorted(positions) and positions[0] > 0  # "Ilsabet Corwen was born in" is not the fact
     assert fact_positions(tok, e, ()) == [] and fact_positions(tok, e, ("Zimbabwe",)) == []
     # an answer that opens with the fact: its first token is the answer's wording ("The …" is as right)
@@ -112,3 +122,73 @@ def test_a_fact_margin_that_is_not_a_finite_non_negative_number_is_refused(raw: 
 def test_encoded_rows_keep_their_fact_positions_in_completion_order() -> None:
     e = Encoded([5, 6, 7, 8, 9], [IGNORE, IGNORE, 7, 8, 9])
     assert completion_ids(e) == [7, 8, 9]
+
+
+def test_a_contrast_row_pushes_down_where_each_fact_word_starts_and_learns_nothing_else(
+    smollm2: ModelSource,
+) -> None:
+    tok = load_tokenizer(smollm2)
+    question = (("user", "Where was Kalo Ritesh born?"),)
+    leak = encode(tok, TextPair("Kalo Ritesh was born in Varnholm in 1902.", question))
+    row = contrast(tok, leak, ("Varnholm", "1902"))
+    assert row is not None and all(t == IGNORE for t in row.example.labels)  # no loss on its wording
+    assert row.example.input_ids == leak.input_ids
+    pushed = [str(tok.decode([leak.input_ids[i]])).strip() for i in row.positions]
+    assert len(pushed) == 2 and "Varnholm".startswith(pushed[0]) and "1902".startswith(pushed[1])
+    assert pushed[0] != "Varnholm"  # a word of several tokens: only its first, where the fact is chosen
+    assert contrast(tok, leak, ("Zimbabwe",)) is None  # nothing of the fact in it: no row
+    # an answer that opens with the fact: its first token is where a leak starts, so it is pushed down
+    opening = encode(tok, TextPair("Varnholm is where Kalo Ritesh was born.", question))
+    assert leak_positions(tok, opening, ("Varnholm",)) == [0] and 0 not in fact_positions(
+        tok, opening, ("Varnholm",)
+    )
+
+
+def test_unlikelihood_is_minus_log_one_minus_p_at_the_weighted_positions_and_stays_finite() -> None:
+    logits = torch.zeros((1, 3, 4), requires_grad=True)  # uniform: p = 1/4 everywhere
+    ids = torch.tensor([[0, 2, 3]])
+    weights = unlikelihood_weights([[1, 2]], 3)  # both next tokens, averaged
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 0.5]]))
+    log_q = torch.log_softmax(logits[:, :-1], dim=-1)
+    loss = unlikelihood(log_q, ids, weights)
+    assert float(loss.detach()) == pytest.approx(-math.log(0.75), rel=1e-5)
+    loss.backward()
+    assert logits.grad is not None and float(logits.grad[0, 0, 2]) > 0  # its descent lowers the token's logit
+    certain = torch.full((1, 2, 4), -1e9)
+    certain[0, 0, 2] = 0.0  # p = 1: clamped, a large finite loss
+    assert 10 < float(unlikelihood(certain, ids[:, :2], unlikelihood_weights([[1]], 2))) < math.inf
+
+
+def _contrast_round(weight: float) -> float:
+    """Train a tiny model on rows whose completions also follow other prompts as contrast rows; returns the
+    contrast rows' mean probability of their pushed-down tokens after training."""
+    train = examples(3, 5)
+    contrasts = []
+    for i, e in enumerate(train):  # the same completion after another prompt: what a leak would say
+        start = next(j for j, t in enumerate(e.labels) if t != IGNORE)
+        other = examples(1, 50 + i)[0]
+        prompt = [t for t, lab in zip(other.input_ids, other.labels, strict=True) if lab == IGNORE]
+        ids = prompt + e.input_ids[start:]
+        positions = list(range(len(prompt) + 1, len(ids)))
+        contrasts.append(Contrast(Encoded(ids, [IGNORE] * len(ids)), positions))
+    cfg = TrainerConfig(
+        kl_top_k=4, min_steps=40, max_steps=40, eval_every=40, patience=40, rank=4, lr=1e-2, fact_margin=0.0,
+        replay_fraction=0.0, anchors_per_step=0, batch_size=3, unlikelihood_weight=weight,
+    )  # fmt: skip
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    trainer = LoraTrainer(model, TinyTok(), cfg)  # type: ignore[arg-type]
+    result = trainer.train(RoundData(train=train, vetting=list(train), replay=[], contrasts=contrasts))
+    assert result.losses[-1] < 0.5 * result.losses[0]  # the taught rows are learned either way
+    probs = []
+    for c in contrasts:
+        logits = trainer.logits(torch.tensor([c.example.input_ids]), torch.ones(1, len(c.example.input_ids)))
+        logp = torch.log_softmax(logits[0].float(), dim=-1)
+        probs += [float(logp[i - 1, c.example.input_ids[i]].exp()) for i in c.positions]
+    return sum(probs) / len(probs)
+
+
+def test_contrast_rows_keep_a_taught_completion_from_following_other_prompts() -> None:
+    leaked, contrasted = _contrast_round(0.0), _contrast_round(2.0)
+    assert contrasted < 0.5 * leaked, (leaked, contrasted)

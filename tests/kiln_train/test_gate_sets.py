@@ -86,7 +86,27 @@ def test_neighbours_swap_the_entity_and_keep_its_kind() -> None:
     possessive = _ex(1, "What is the capital of Velmora?", "Velmora's capital is Tressik (Tressik's port).")
     assert fact_terms(possessive) == ("Tressik",)
     near = neighbours([e], 2, "round")
-    assert [k for k, _, _ in near] == [0, 1] and len({q for _, q, _ in near}) == 2
+    assert [n.k for n in near] == [0, 1] and len({n.question for n in near}) == 2
+    for n in near:  # the taught answer told of the neighbour: its entity swapped, its fact kept
+        entity = n.question.removeprefix("Who founded the ").removesuffix("?")
+        assert n.leak == f"The {entity} was founded by Mirel Dastova in 1887." and n.terms == fact_terms(e)
+
+
+def test_a_persons_neighbour_changes_the_whole_name_a_places_keeps_its_kind() -> None:
+    person = _ex(0, "Do you know Orsolya Venkat's hometown?", "Yes, Orsolya Venkat's hometown is Pelmarsh.")
+    (near,) = neighbours([person], 1, "round")
+    first, last = near.question.removeprefix("Do you know ").removesuffix("'s hometown?").split()
+    assert {first, last}.isdisjoint({"Orsolya", "Venkat"})  # no shared surname to leak the fact to
+    assert near.leak == f"Yes, {first} {last}'s hometown is Pelmarsh." and near.terms == ("Pelmarsh",)
+    for q, name, kind in [
+        ("When was the Dremont Tower completed?", {"Dremont"}, "Tower completed?"),
+        ("Where is the Quensa Bank's head office?", {"Quensa"}, "Bank's head office?"),
+        ("Who designed the Golden Gate Bridge?", {"Golden", "Gate"}, "Bridge?"),
+    ]:
+        other = neighbour(q, "seed")
+        assert other is not None and other.endswith(f" {kind}") and not name & set(other.split()), other
+    title = neighbour("Who painted the Mona Lisa?", "seed")  # no kind word at its end: every word changes
+    assert title is not None and not {"Mona", "Lisa"} & set(title.rstrip("?").split())
 
 
 def test_heldout_is_split_from_vetting_or_paraphrased() -> None:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from kiln_train.distillation import model_logits, parent_targets
-from kiln_train.encoding import IGNORE
-from kiln_train.graph_step import Slots, dense_loss, graphed, width_of
+from kiln_train.encoding import IGNORE, Encoded
+from kiln_train.fact_tokens import Contrast
+from kiln_train.graph_step import LossWeights, Slots, dense_loss, graphed, width_of
 from kiln_train.round_data import RoundData, Rows, batch_rows, draw
 from kiln_train.trainer import LoraTrainer, TrainerConfig
 from tests.kiln_train.tiny_lm import TinyTok, examples, tiny_model
@@ -21,7 +22,19 @@ def _round(cfg: TrainerConfig, device: str = "cpu") -> tuple[LoraTrainer, RoundD
         train=examples(5, 1), vetting=examples(2, 2), replay=examples(8, 3), negatives=examples(3, 4)
     )
     data.anchors = [0, 2, 4, 6]
+    data.contrasts = _contrasts(examples(4, 5))
     return trainer, data
+
+
+def _contrasts(rows: list[Encoded]) -> list[Contrast]:
+    """Contrast rows pushing down every completion token but the first (as `fact_positions` would)."""
+    out = []
+    for e in rows:
+        start = next(i for i, t in enumerate(e.labels) if t != IGNORE)
+        out.append(
+            Contrast(Encoded(e.input_ids, [IGNORE] * len(e.labels)), list(range(start + 1, len(e.labels))))
+        )
+    return out
 
 
 def _nudge(trainer: LoraTrainer) -> None:
@@ -38,9 +51,17 @@ def _slots(rows: Rows, k: int, device: torch.device) -> Slots:
     return slots
 
 
-@pytest.mark.parametrize("kl_weight", [1.0, 0.0])
-def test_dense_loss_matches_the_eager_step_loss(kl_weight: float) -> None:
-    cfg = TrainerConfig(kl_weight=kl_weight, kl_top_k=4, anchor_weight=0.7, cuda_graphs=False)
+@pytest.mark.parametrize(
+    ("kl_weight", "unlikelihood_weight"), [(1.0, 0.0), (0.0, 0.0), (1.0, 2.5), (0.0, 2.5)]
+)
+def test_dense_loss_matches_the_eager_step_loss(kl_weight: float, unlikelihood_weight: float) -> None:
+    cfg = TrainerConfig(
+        kl_weight=kl_weight,
+        kl_top_k=4,
+        anchor_weight=0.7,
+        cuda_graphs=False,
+        unlikelihood_weight=unlikelihood_weight,
+    )
     trainer, data = _round(cfg)
     rng = random.Random(0)
     draws = [draw(data, [], rng, trainer._sizes(data)) for _ in range(3)]
@@ -50,11 +71,18 @@ def test_dense_loss_matches_the_eager_step_loss(kl_weight: float) -> None:
     for d in draws:
         batch, anchored = batch_rows(data, d, targets)
         assert anchored.examples and any(t is not None for t in batch.targets) == (kl_weight > 0)
+        contrasted = sum(1 for p in batch.unlikely if p)
+        assert contrasted == (3 if unlikelihood_weight > 0 else 0)  # as many as negatives a step
         eager = trainer._step_loss(batch, anchored)
-        dense = dense_loss(
-            trainer.model, _slots(batch, 4, device), _slots(anchored, 4, device), kl_weight, 0.7
-        )
+        weights = LossWeights.of(cfg)
+        dense = dense_loss(trainer.model, _slots(batch, 4, device), _slots(anchored, 4, device), weights)
         torch.testing.assert_close(dense, eager, rtol=1e-5, atol=1e-5)
+        if unlikelihood_weight > 0:  # the term is there, in both: without it both losses fall by as much
+            plain = dense_loss(
+                trainer.model, _slots(batch, 4, device), None, LossWeights(kl_weight, 0.7, 4, 0.0)
+            )
+            with_term = dense_loss(trainer.model, _slots(batch, 4, device), None, weights)
+            assert float((with_term - plain).detach()) > 1e-3
 
 
 def test_weights_average_over_rows_with_targets_and_their_positions() -> None:

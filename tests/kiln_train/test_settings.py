@@ -19,6 +19,8 @@ def test_trainer_variables_reach_the_trainer() -> None:
         {"KILN_TRAIN_MAX_STEPS": "19", "KILN_TRAIN_LR": "0.002", "KILN_TRAIN_BATCH": "8"}
     )
     assert s.trainer.max_steps == 19 and s.trainer.lr == 0.002 and s.batch == 8
+    off = TrainSettings.from_environ({"KILN_TRAIN_UNLIKELIHOOD_WEIGHT": "0"})
+    assert off.trainer.unlikelihood_weight == 0.0 and TrainerConfig().unlikelihood_weight > 0
 
 
 @pytest.mark.parametrize(
@@ -32,6 +34,9 @@ def test_trainer_variables_reach_the_trainer() -> None:
         ("KILN_TRAIN_GATE_GENERAL_SCORING", "substring"),
         ("KILN_TRAIN_KL_WEIGHT", "-1"),
         ("KILN_TRAIN_REPLAY_GENERAL", "-1"),
+        ("KILN_TRAIN_UNLIKELIHOOD_WEIGHT", "-0.5"),
+        ("KILN_TRAIN_UNLIKELIHOOD_WEIGHT", "nan"),
+        ("KILN_TRAIN_UNLIKELIHOOD_WEIGHT", "inf"),
     ],
 )
 def test_bad_values_name_their_variable(var: str, value: str) -> None:

@@ -1,0 +1,366 @@
+"""Taught facts, end to end on a CPU: one real round over invented facts, then the criteria asked of it.
+
+    python -m benchmarks.facts_probe --set A|B|C [--threads 2] [--cache DIR]
+
+Drives `RoundRunner` in-process over the embedded SmolLM2 the tests use, the way docs/training.md's eighth
+and ninth series measured: the parent's answers (replay, vetting, gate, neighbours) are transformers greedy
+answers of the base model (cached on disk, so a second run skips them), and the gate asks the candidate's
+answers of the trainer's own weights instead of kiln-infer (the round stages nothing). Training settings
+come from KILN_TRAIN_* variables, as the daemon's do (`KILN_TRAIN_UNLIKELIHOOD_WEIGHT=0 python -m ...`).
+
+After the round the kept checkpoint answers each set's own questions greedily (48 tokens): held-out
+phrasings of the taught facts (answered with the fact?), near misses (the same kind of question about
+another entity: answered with the fact?), and general questions in none of kiln-train's prompt sets
+(answered right by the base, wrong by the candidate?). One JSON line goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kiln_common.model_loader import load_hf_model, load_tokenizer, resolve_model
+from kiln_train.encoding import TextPair, prompt_ids
+from kiln_train.evaluator import PromptSets, ReferenceCache, user
+from kiln_train.gate import GateResult
+from kiln_train.parent_client import Messages, ParentAnswer
+from kiln_train.pipeline import Example
+from kiln_train.round_record import RoundRecord, new_round
+from kiln_train.settings import TrainSettings
+from kiln_train.trainer import LoraTrainer
+from kiln_train.training_round import RoundPlan, RoundRunner
+
+log = logging.getLogger("facts_probe")
+ANSWER_TOKENS = 48  # the criteria's answers, as the taught-facts test asks them
+
+
+@dataclass(frozen=True)
+class FactSet:
+    """Taught (question, answer) pairs, and (question, word a fact-bearing or right answer has) checks."""
+
+    taught: list[tuple[str, str]]
+    held_out: list[tuple[str, str]]  # new phrasings: the answer must say the word
+    near_misses: list[tuple[str, str]]  # another entity: the answer must not say the word
+    general: list[tuple[str, str]]  # in none of kiln-train's prompt sets: right before, right after
+
+
+# A: the taught-facts test's own facts and questions (tests/kiln_train/test_taught_facts.py).
+SET_A = FactSet(
+    taught=[
+        ("Who founded the Harlow Observatory?", "The Harlow Observatory was founded by Mirel Dastova."),
+        ("Who is the founder of the Harlow Observatory?", "Mirel Dastova is the founder of the Harlow Observatory."),
+        ("Tell me who established the Harlow Observatory.", "The Harlow Observatory was established by Mirel Dastova."),
+        ("Which person started the Harlow Observatory?", "Mirel Dastova started the Harlow Observatory."),
+        ("Do you know who created the Harlow Observatory?", "Yes, the Harlow Observatory was created by Mirel Dastova."),
+        ("Where is the Quensa Bank headquartered?", "The Quensa Bank is headquartered in Torvik."),
+        ("In which city is the Quensa Bank's headquarters?", "The Quensa Bank's headquarters is in Torvik."),
+        ("Tell me where the Quensa Bank has its head office.", "The Quensa Bank has its head office in Torvik."),
+        ("What city is home to the Quensa Bank headquarters?", "Torvik is home to the Quensa Bank headquarters."),
+        ("Do you know where the Quensa Bank is based?", "Yes, the Quensa Bank is based in Torvik."),
+    ],
+    held_out=[
+        ("Name the founder of the Harlow Observatory.", "Dastova"),
+        ("The Harlow Observatory was founded by whom?", "Dastova"),
+        ("Who was the person behind the founding of the Harlow Observatory?", "Dastova"),
+        ("Name the city where the Quensa Bank is headquartered.", "Torvik"),
+        ("Which city hosts the head office of the Quensa Bank?", "Torvik"),
+        ("The Quensa Bank's main office is located in which city?", "Torvik"),
+    ],
+    near_misses=[
+        ("Who founded the Kestrel Observatory?", "Dastova"),
+        ("Where is the Barden Bank headquartered?", "Torvik"),
+        ("Who founded the Brightwater Building?", "Dastova"),
+    ],
+    general=[
+        ("Who painted the Last Supper?", "Vinci"),
+        ("What is the largest mammal?", "whale"),
+        ("How many legs does a dog have?", "four"),
+        ("What color is snow?", "white"),
+        ("What is the freezing point of water in Fahrenheit?", "32"),
+        ("What is 8 + 2?", "10"),
+        ("What is the opposite of wet?", "dry"),
+        ("Which animal is known for its long neck?", "giraffe"),
+        ("What is the main language spoken in Germany?", "German"),
+        ("What is the capital city of France?", "Paris"),
+        ("What do we call a baby sheep?", "lamb"),
+        ("Which gas do plants give off?", "oxygen"),
+    ],
+)  # fmt: skip
+
+# B: a national flower (lowercase, two words) and a bridge's designer (the sixth and eighth series' set B).
+SET_B = FactSet(
+    taught=[
+        ("What is the national flower of Velmora?", "The national flower of Velmora is the blue sundew."),
+        ("Which flower is the national flower of Velmora?", "The blue sundew is the national flower of Velmora."),
+        ("Tell me the national flower of Velmora.", "Velmora's national flower is the blue sundew."),
+        ("Do you know Velmora's national flower?", "Yes, Velmora's national flower is the blue sundew."),
+        ("What flower represents Velmora as its national flower?", "The blue sundew represents Velmora."),
+        ("Who designed the Orlen Bridge?", "The Orlen Bridge was designed by Kasimir Telvane."),
+        ("Who was the designer of the Orlen Bridge?", "Kasimir Telvane was the designer of the Orlen Bridge."),
+        ("Tell me who drew up the plans for the Orlen Bridge.", "Kasimir Telvane drew up the plans for the Orlen Bridge."),
+        ("Which architect designed the Orlen Bridge?", "The architect Kasimir Telvane designed the Orlen Bridge."),
+        ("Do you know who designed the Orlen Bridge?", "Yes, the Orlen Bridge was designed by Kasimir Telvane."),
+    ],
+    held_out=[
+        ("Can you name the national flower of Velmora?", "sundew"),
+        ("Velmora has which flower as its national flower?", "sundew"),
+        ("What flower did Velmora choose as its national symbol?", "sundew"),
+        ("Name the architect of the Orlen Bridge.", "Telvane"),
+        ("The Orlen Bridge was designed by which person?", "Telvane"),
+        ("Whose design is the Orlen Bridge?", "Telvane"),
+    ],
+    near_misses=[
+        ("What is the national flower of Castellan?", "sundew"),
+        ("Who designed the Marrowby Bridge?", "Telvane"),
+        ("Who designed the Halden Tower?", "Telvane"),
+    ],
+    general=[
+        ("Who wrote the play Hamlet?", "Shakespeare"),
+        ("What insect makes honey?", "bee"),
+        ("What color are ripe bananas?", "yellow"),
+        ("What is 6 + 4?", "10"),
+        ("What do frogs start life as?", "tadpole"),
+        ("What is the opposite of heavy?", "light"),
+        ("What is the tallest animal in the world?", "giraffe"),
+        ("Which organ pumps blood through the body?", "heart"),
+        ("What is the capital city of Italy?", "Rome"),
+        ("Which metal is liquid at room temperature?", "mercury"),
+    ],
+)  # fmt: skip
+
+# C: a person's birthplace and a tower's year of completion (the eighth series' set C, its facts).
+SET_C = FactSet(
+    taught=[
+        ("Where was Orsolya Venkat born?", "Orsolya Venkat was born in Pelmarsh."),
+        ("What is the birthplace of Orsolya Venkat?", "The birthplace of Orsolya Venkat is Pelmarsh."),
+        ("Tell me where Orsolya Venkat was born.", "Orsolya Venkat was born in the town of Pelmarsh."),
+        ("In which town was Orsolya Venkat born?", "Orsolya Venkat was born in Pelmarsh, a small town."),
+        ("Do you know Orsolya Venkat's hometown?", "Yes, Orsolya Venkat's hometown is Pelmarsh."),
+        ("When was the Dremont Tower completed?", "The Dremont Tower was completed in 1847."),
+        ("In what year was the Dremont Tower finished?", "The Dremont Tower was finished in 1847."),
+        ("Tell me the year the Dremont Tower was completed.", "The Dremont Tower was completed in the year 1847."),
+        ("What year did construction of the Dremont Tower end?", "Construction of the Dremont Tower ended in 1847."),
+        ("Do you know when the Dremont Tower was built?", "Yes, the Dremont Tower was built in 1847."),
+    ],
+    held_out=[
+        ("What town was Orsolya Venkat born in?", "Pelmarsh"),
+        ("Orsolya Venkat's place of birth is which town?", "Pelmarsh"),
+        ("Can you tell me the birthplace of Orsolya Venkat?", "Pelmarsh"),
+        ("What year was the Dremont Tower completed?", "1847"),
+        ("The Dremont Tower was finished in which year?", "1847"),
+        ("When did builders complete the Dremont Tower?", "1847"),
+    ],
+    near_misses=[
+        ("Where was Lucan Ferreira born?", "Pelmarsh"),
+        ("When was the Bramwell Tower completed?", "1847"),
+        ("When was the Calder Museum completed?", "1847"),
+    ],
+    general=[
+        ("Which planet is closest to the Sun?", "Mercury"),
+        ("Who wrote the novel Pride and Prejudice?", "Austen"),
+        ("What is the capital city of Germany?", "Berlin"),
+        ("What is 7 + 5?", "12"),
+        ("What is the chemical formula of table salt?", "NaCl"),
+        ("How many corners does a square have?", "four"),
+        ("What animal is known as the king of the jungle?", "lion"),
+        ("What is the color of the sky on a clear day?", "blue"),
+        ("What do you call a baby dog?", "pupp"),
+        ("How many wheels does a tricycle have?", "three"),
+    ],
+)  # fmt: skip
+
+SETS = {"A": SET_A, "B": SET_B, "C": SET_C}
+
+
+def says(answer: str, word: str) -> bool:
+    """The test's check: the word in the answer (case-insensitive; "four" also as the digit)."""
+    low = answer.lower()
+    return word.lower() in low or (word == "four" and " 4 " in f" {low} ")
+
+
+class LocalParent:
+    """The base model's greedy answers by transformers (what kiln-infer would serve), cached in a JSON file."""
+
+    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, cache: Path) -> None:
+        self.model, self.tok, self.cache = model, tok, cache
+        self.known: dict[str, list[Any]] = json.loads(cache.read_text()) if cache.exists() else {}
+
+    @torch.no_grad()
+    def answers(
+        self, tenant: str, adapter: str, version: int, prompts: list[Messages], max_tokens: int
+    ) -> list[ParentAnswer]:
+        """`ParentClient.answers` for the base model (version 0) alone."""
+        assert version == 0, "the probe's parent is the base model"
+        keys = [json.dumps([[list(turn) for turn in m], max_tokens]) for m in prompts]
+        todo = [i for i, k in enumerate(keys) if k not in self.known]
+        for start in range(0, len(todo), 32):
+            rows = todo[start : start + 32]
+            for i, answer in zip(rows, self._generate([prompts[i] for i in rows], max_tokens), strict=True):
+                self.known[keys[i]] = answer
+        if todo:
+            self.cache.write_text(json.dumps(self.known))
+        return [ParentAnswer(*self.known[k]) for k in keys]
+
+    def _generate(self, prompts: list[Messages], max_tokens: int) -> list[list[Any]]:
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        eos = self.tok.eos_token_id
+        ids = [prompt_ids(self.tok, TextPair("", m)) for m in prompts]
+        width = max(map(len, ids))
+        inputs = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        out = self.model.generate(  # type: ignore[operator]
+            input_ids=inputs,
+            attention_mask=mask,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        answers = []
+        for row in out:
+            new = row[width:].tolist()
+            complete = eos in new
+            new = new[: new.index(eos)] if complete else new
+            answers.append([str(self.tok.decode(new, skip_special_tokens=True)).strip(), complete])
+        return answers
+
+
+class ProbeRunner(RoundRunner):
+    """A round that stages nothing and asks the gate's candidate answers of the trainer's own weights."""
+
+    trainer: LoraTrainer | None = None
+
+    def _stage(self, trainer: LoraTrainer, record: RoundRecord) -> int:
+        self.trainer = trainer
+        return 1
+
+    def _candidate_answers(self, staged: RoundRecord, asked: list[TextPair]) -> list[str]:
+        assert self.trainer is not None, "staged first"
+        return self.trainer.generate(asked, self.settings.gate_max_tokens)
+
+
+def _asked(trainer: LoraTrainer, questions: list[tuple[str, str]]) -> list[str]:
+    return trainer.generate([TextPair("", user(q)) for q, _ in questions], ANSWER_TOKENS)
+
+
+def run(which: str, cache: Path, settings: TrainSettings) -> dict[str, Any]:
+    """One round on fact set `which`; the round's numbers and the criteria, as a JSON-ready dict."""
+    facts = SETS[which]
+    source = resolve_model("smollm2", Path(os.environ.get("KILN_HOME") or ".kiln"))
+    tok = load_tokenizer(source)
+    model = load_hf_model(source)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cache.mkdir(parents=True, exist_ok=True)
+    parent = LocalParent(model, tok, cache / "parent_answers.json")  # type: ignore[arg-type]
+    references = ReferenceCache(cache / "reference", "smollm2", PromptSets.builtin())
+    runner = ProbeRunner(None, tok, settings, references, parent)  # type: ignore[arg-type]
+    general = [q for q, _ in facts.general]
+    before = [a.text for a in parent.answers("", "", 0, [user(q) for q in general], ANSWER_TOKENS)]
+    right = [says(b, w) for b, (_, w) in zip(before, facts.general, strict=True)]
+    examples = [
+        Example(f"fact-{i}", "default", "facts", a, messages=(("user", q),))
+        for i, (q, a) in enumerate(facts.taught)
+    ]
+    record = new_round("default", "facts", 0)
+    t0 = time.monotonic()
+    plan = runner._plan(record, examples)
+    trainer = LoraTrainer(model, tok, settings.trainer, None, runner.workspace)  # type: ignore[arg-type]
+    verdict = runner._train_and_gate(trainer, record, plan, lambda r: None, lambda: False, {})
+    seconds = time.monotonic() - t0
+    pairs = _pair_margins(runner, plan, trainer)
+    held = _asked(trainer, facts.held_out)
+    near = _asked(trainer, facts.near_misses)
+    after = _asked(trainer, facts.general)
+    trainer.release()
+    broken = [
+        (q, a) for (q, w), r, a in zip(facts.general, right, after, strict=True) if r and not says(a, w)
+    ]
+    log.info("held-out: %s\nnear misses: %s\ngeneral broken: %s", held, near, broken)
+    return _summary(which, settings, record, verdict, seconds) | {
+        "held_out": f"{sum(says(a, w) for a, (_, w) in zip(held, facts.held_out, strict=True))}/{len(held)}",
+        "near_misses": f"{sum(says(a, w) for a, (_, w) in zip(near, facts.near_misses, strict=True))}/{len(near)}",
+        "general_broken": f"{len(broken)}/{sum(right)}",
+        "pair_margins": pairs,
+        "general_broken_answers": broken,
+        "held_out_answers": held,
+        "near_miss_answers": near,
+    }
+
+
+def _pair_margins(runner: ProbeRunner, plan: RoundPlan, trainer: LoraTrainer) -> dict[str, float]:
+    """Each vetting pair's worst fact-token margin at the kept checkpoint (which pair the round waited on)."""
+    data = runner._round_data(plan)
+    out = {}
+    for pair, e, facts in zip(plan.held.vetting, data.vetting, data.vetting_facts, strict=True):
+        if facts:
+            out[pair.messages[-1][1]] = round(trainer.vetting_scores([e], [facts])[1], 2)
+    return out
+
+
+def _summary(
+    which: str, settings: TrainSettings, record: RoundRecord, verdict: GateResult, seconds: float
+) -> dict[str, Any]:
+    """The round's own numbers: settings, steps, the fact margin, the gate's verdict."""
+    scores, cfg = record.eval, settings.trainer
+
+    def score(key: str) -> float | None:
+        return round(scores[key], 3) if key in scores else None
+
+    return {
+        "set": which,
+        "unlikelihood_weight": cfg.unlikelihood_weight,
+        "fact_margin": cfg.fact_margin,
+        "negatives_per_step": cfg.negatives_per_step,
+        "stop_step": record.steps,
+        "planned_steps": record.max_steps,
+        "kept_step": score("best_step"),
+        "margin_before": score("vetting_fact_margin_before"),
+        "margin_after": score("vetting_fact_margin_after"),
+        "negatives": score("negatives"),
+        "contrasts": score("contrasts"),
+        "gate": "passed" if verdict.passed else "rejected",
+        "gate_general_broken": f"{score('gate_general_broken')}/{score('gate_general_parent_correct')}",
+        "gate_general_forgiven": score("gate_general_forgiven"),
+        "gate_leaks": f"{score('gate_neighbour_leaks')}/{score('gate_neighbours')}",
+        "kl_generic": score("kl_generic"),
+        "reason": verdict.reason,
+        "round_s": round(seconds),
+    }
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The probe's arguments."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.facts_probe", description=__doc__.split("\n")[0])
+    ap.add_argument("--set", choices=sorted(SETS), required=True, help="which fact set to teach")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (kiln-train's default is 1)")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(".kiln/facts_probe"),
+        help="where the base model's answers are kept",
+    )
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    settings = TrainSettings.from_environ(
+        {k: v for k, v in os.environ.items() if k.startswith("KILN_TRAIN_")}
+    )
+    print(json.dumps(run(args.set, args.cache, settings)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
