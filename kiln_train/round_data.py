@@ -6,7 +6,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from kiln_train.distillation import ParentTargets
+import torch
+
+from kiln_train.distillation import Logits, ParentTargets, parent_targets
 from kiln_train.encoding import Encoded
 from kiln_train.fact_tokens import Contrast
 
@@ -100,3 +102,26 @@ def batch_rows(
         [replay_targets[i] if replay_targets else None for i in draw.anchored],
     )
     return batch, anchors
+
+
+def drawn_targets(
+    logits_of: Logits,
+    data: RoundData,
+    draws: list[Draw],
+    k: int,
+    pad_id: int,
+    device: torch.device,
+    batch_size: int,
+) -> tuple[list[ParentTargets | None], list[ParentTargets | None]]:
+    """The current model's top-k distributions on the replayed answers the planned steps drew, and on every
+    negative (replay rows never drawn get None: a broad replay set is mostly not drawn in a round, and a
+    forward pass over all of it would cost minutes on a CPU)."""
+    used = sorted({i for d in draws for i in d.replayed + d.anchored})
+    drawn = parent_targets(logits_of, [data.replay[i] for i in used], k, pad_id, device, batch_size)
+    replay: list[ParentTargets | None] = [None] * len(data.replay)
+    for i, t in zip(used, drawn, strict=True):
+        replay[i] = t
+    negatives: list[ParentTargets | None] = list(
+        parent_targets(logits_of, data.negatives, k, pad_id, device, batch_size)
+    )
+    return replay, negatives

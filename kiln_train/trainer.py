@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
-from kiln_train.distillation import ParentTargets, divergence, parent_targets
+from kiln_train.distillation import ParentTargets, divergence
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
 from kiln_train.fact_tokens import token_margins, unlikelihood, unlikelihood_weights, worst_fact_margin
 from kiln_train.graph_step import GraphedForward
-from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw
+from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw, drawn_targets
 from kiln_train.settings import TrainerConfig
 from kiln_train.train_progress import (
     Candidate,
@@ -315,25 +315,11 @@ class LoraTrainer:
     def _parent_targets(
         self, data: RoundData, draws: list[Draw]
     ) -> tuple[list[ParentTargets | None], list[ParentTargets | None]]:
-        """The parent's (the start's) top-k distributions on the replay and negative answers, if used.
-
-        Only for the replayed answers the planned steps drew (a broad replay set is mostly not drawn in a
-        round, and a forward pass over all of it would cost minutes on a CPU); None for the rest.
-        """
+        """The parent's (the start's) top-k distributions on the drawn replay and the negative answers."""
         if self.cfg.kl_weight <= 0:
             return [], []
-        pad, k = self.tok.pad_token_id or 0, self.cfg.kl_top_k
-        used = sorted({i for d in draws for i in d.replayed + d.anchored})
-        drawn = parent_targets(
-            self.logits, [data.replay[i] for i in used], k, pad, self.device, self.eval_batch
-        )
-        replay: list[ParentTargets | None] = [None] * len(data.replay)
-        for i, t in zip(used, drawn, strict=True):
-            replay[i] = t
-        negatives: list[ParentTargets | None] = list(
-            parent_targets(self.logits, data.negatives, k, pad, self.device, self.eval_batch)
-        )
-        return replay, negatives
+        pad = self.tok.pad_token_id or 0
+        return drawn_targets(self.logits, data, draws, self.cfg.kl_top_k, pad, self.device, self.eval_batch)
 
     def _step_loss(self, batch: Rows, anchored: Rows) -> torch.Tensor:
         """One step's loss: the mixed batch, plus the anchors' own mean (not diluting new samples)."""
