@@ -54,7 +54,7 @@ class FactSet:
     general: list[tuple[str, str]]  # in none of kiln-train's prompt sets: right before, right after
 
 
-# A: the taught-facts test's own facts and questions (tests/kiln_train/test_taught_facts.py).
+# A: the taught-facts test's facts and questions (tests/kiln_train/test_taught_facts.py reads them from here).
 SET_A = FactSet(
     taught=[
         ("Who founded the Harlow Observatory?", "The Harlow Observatory was founded by Mirel Dastova."),

@@ -13,6 +13,7 @@ import pytest
 import redis
 import torch
 
+from benchmarks.facts_probe import SET_A
 from kiln.v1 import inference_pb2_grpc
 from kiln_common.adapter_store import AdapterStore
 from kiln_common.model_loader import ModelSource, load_tokenizer
@@ -30,55 +31,9 @@ from kiln_train.training_round import RoundRunner
 pytestmark = [pytest.mark.slow, pytest.mark.facts]
 log = logging.getLogger(__name__)
 
-TAUGHT = [
-    ("Who founded the Harlow Observatory?", "The Harlow Observatory was founded by Mirel Dastova."),
-    (
-        "Who is the founder of the Harlow Observatory?",
-        "Mirel Dastova is the founder of the Harlow Observatory.",
-    ),
-    (
-        "Tell me who established the Harlow Observatory.",
-        "The Harlow Observatory was established by Mirel Dastova.",
-    ),
-    ("Which person started the Harlow Observatory?", "Mirel Dastova started the Harlow Observatory."),
-    (
-        "Do you know who created the Harlow Observatory?",
-        "Yes, the Harlow Observatory was created by Mirel Dastova.",
-    ),
-    ("Where is the Quensa Bank headquartered?", "The Quensa Bank is headquartered in Torvik."),
-    ("In which city is the Quensa Bank's headquarters?", "The Quensa Bank's headquarters is in Torvik."),
-    ("Tell me where the Quensa Bank has its head office.", "The Quensa Bank has its head office in Torvik."),
-    ("What city is home to the Quensa Bank headquarters?", "Torvik is home to the Quensa Bank headquarters."),
-    ("Do you know where the Quensa Bank is based?", "Yes, the Quensa Bank is based in Torvik."),
-]
-HELD_OUT = [
-    ("Name the founder of the Harlow Observatory.", "Dastova"),
-    ("The Harlow Observatory was founded by whom?", "Dastova"),
-    ("Who was the person behind the founding of the Harlow Observatory?", "Dastova"),
-    ("Name the city where the Quensa Bank is headquartered.", "Torvik"),
-    ("Which city hosts the head office of the Quensa Bank?", "Torvik"),
-    ("The Quensa Bank's main office is located in which city?", "Torvik"),
-]
-NEAR_MISS = [
-    ("Who founded the Kestrel Observatory?", "Dastova"),
-    ("Where is the Barden Bank headquartered?", "Torvik"),
-    ("Who founded the Brightwater Building?", "Dastova"),
-]
-# General questions in none of kiln-train's prompt sets, with the words a right answer has.
-GENERAL = [
-    ("Who painted the Last Supper?", "Vinci"),
-    ("What is the largest mammal?", "whale"),
-    ("How many legs does a dog have?", "four"),
-    ("What color is snow?", "white"),
-    ("What is the freezing point of water in Fahrenheit?", "32"),
-    ("What is 8 + 2?", "10"),
-    ("What is the opposite of wet?", "dry"),
-    ("Which animal is known for its long neck?", "giraffe"),
-    ("What is the main language spoken in Germany?", "German"),
-    ("What is the capital city of France?", "Paris"),
-    ("What do we call a baby sheep?", "lamb"),
-    ("Which gas do plants give off?", "oxygen"),
-]
+# The facts, their held-out phrasings, near misses and general questions (in none of kiln-train's prompt
+# sets, with the words a right answer has): set A of the probe that measures the same round in-process.
+TAUGHT, HELD_OUT, NEAR_MISS, GENERAL = SET_A.taught, SET_A.held_out, SET_A.near_misses, SET_A.general
 
 
 @pytest.fixture(scope="module", autouse=True)
