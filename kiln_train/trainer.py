@@ -331,22 +331,28 @@ class LoraTrainer:
 
     def _rows_loss(self, rows: Rows) -> torch.Tensor:
         """Cross-entropy on the rows' completions, plus `kl_weight` x their divergence from the parent, plus
-        `unlikelihood_weight` x the contrast rows' mean unlikelihood loss on their fact tokens."""
+        `unlikelihood_weight` x the contrast rows' mean unlikelihood loss on their fact tokens.
+
+        Contrast rows (short: a question and one answer) go through their own forward pass, so they are not
+        padded to the batch's widest replay answer; they have no labels, so the sum is the loss of one pass
+        over every row."""
         cfg = self.cfg
-        batch = collate(rows.examples, self.tok.pad_token_id or 0, self.device)
+        pad = self.tok.pad_token_id or 0
+        contrasts = [r for r, p in enumerate(rows.unlikely) if p] if cfg.unlikelihood_weight > 0 else []
+        plain = [r for r in range(len(rows.examples)) if r not in contrasts]
+        batch = collate([rows.examples[r] for r in plain], pad, self.device)
         out = self.model(**batch)
         loss: torch.Tensor = out.loss
-        drift = divergence(out.logits, batch["labels"], rows.targets) if cfg.kl_weight > 0 else None
-        if drift is not None:
-            loss = loss + cfg.kl_weight * drift
-        contrasts = [r for r, p in enumerate(rows.unlikely) if p]
-        if contrasts and cfg.unlikelihood_weight > 0:
-            ids = batch["input_ids"][contrasts]
-            log_q = torch.log_softmax(out.logits[contrasts, :-1].float(), dim=-1)
-            weights = unlikelihood_weights([rows.unlikely[r] for r in contrasts], ids.shape[1]).to(
-                self.device
-            )
-            loss = loss + cfg.unlikelihood_weight * unlikelihood(log_q, ids, weights)
+        if cfg.kl_weight > 0:
+            drift = divergence(out.logits, batch["labels"], [rows.targets[r] for r in plain])
+            loss = loss if drift is None else loss + cfg.kl_weight * drift
+        if contrasts:
+            short = collate([rows.examples[r] for r in contrasts], pad, self.device)
+            ids = short["input_ids"]
+            logits = self.model(input_ids=ids, attention_mask=short["attention_mask"]).logits
+            log_q = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            weights = unlikelihood_weights([rows.unlikely[r] for r in contrasts], ids.shape[1])
+            loss = loss + cfg.unlikelihood_weight * unlikelihood(log_q, ids, weights.to(self.device))
         return loss
 
     def _checkpoint(
