@@ -127,13 +127,17 @@ class RedisServer:
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
+            code = self._proc.poll()
+            if code is not None:
                 err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
                 self._proc = None
                 # Another process may have won the race to start it.
                 if ping(self.url):
                     return self.url
-                raise RedisStartError(f"valkey-server exited at start (see {log_path}): {err.strip()}")
+                raise RedisStartError(
+                    f"valkey-server exited at start with status {code}: {err.strip()}; "
+                    f"the end of {log_path}: {_tail(log_path)}"
+                )
             if ping(self.url, timeout_s=0.2):
                 return self.url
             time.sleep(0.05)
@@ -160,3 +164,12 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log file, on one line (valkey-server says there why it would not start)."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+    return " | ".join(line.strip() for line in text) or "(empty)"
