@@ -169,7 +169,7 @@ class RedisServer:
 def _tail(path: Path, lines: int = 5) -> str:
     """The last lines of a log file, on one line (valkey-server says there why it would not start)."""
     try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
+        text = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError as exc:
         return f"(unreadable: {exc})"
-    return " | ".join(line.strip() for line in text) or "(empty)"
+    return " | ".join(text[-lines:]) or "(empty)"
