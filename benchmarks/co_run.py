@@ -12,7 +12,8 @@ measures whether that lever is worth moving training into the serving process, o
   as the engine's scheduling and sampling take; each step's latency from launch to its stream's completion;
 - train: LoRA r=16 steps of 8 rows x 1,024 tokens (forward and backward one CUDA graph, AdamW eager);
 - modes: each alone; both in one process with serving's stream at the highest priority and training's at the
-  lowest; both in one process at equal priority; both in two processes (training in a child: time-slicing).
+  lowest; both in one process at equal priority; both in two processes (training in a child: time-slicing);
+  with --green-sms, training confined to that many SMs by a CUDA green context, beside serving in one process.
 
 It prints one JSON line (and a table on stderr): per mode, decode step p50/p99 ms and training steps/s, with
 ratios to each alone. The decode step is a stand-in (no KV cache, no attention over a context), so the numbers
@@ -22,13 +23,15 @@ say how kernels of the two jobs share the GPU, not what kiln-infer's TPOT would 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 
@@ -178,18 +181,70 @@ def train_role(args: argparse.Namespace) -> int:
 
 
 def summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per co-run mode: decode p50/p99 and training steps/s, each as a ratio to its alone run."""
+    """Per co-run mode: decode p50/p99 and training steps/s, each as a ratio to its alone run (modes that
+    failed, with an `error`, are left out)."""
     alone_p50, alone_p99 = results["serve_alone"]["decode_ms"]
     alone_train = results["train_alone"]["steps_per_s"]
     out = {}
-    for mode in MODES[2:]:
-        if mode in results:
-            p50, p99 = results[mode]["decode_ms"]
-            out[mode] = {
-                "decode_p50_x": p50 / alone_p50 if alone_p50 else 0.0,
-                "decode_p99_x": p99 / alone_p99 if alone_p99 else 0.0,
-                "training_x": results[mode]["steps_per_s"] / alone_train if alone_train else 0.0,
-            }
+    for mode, r in results.items():
+        if mode in MODES[:2] or "decode_ms" not in r:
+            continue
+        p50, p99 = r["decode_ms"]
+        out[mode] = {
+            "decode_p50_x": p50 / alone_p50 if alone_p50 else 0.0,
+            "decode_p99_x": p99 / alone_p99 if alone_p99 else 0.0,
+            "training_x": r["steps_per_s"] / alone_train if alone_train else 0.0,
+        }
+    return out
+
+
+class GreenTraining:
+    """Training confined to `sms` of the GPU's SMs: a CUDA green context (no MPS, no change to the GPU's
+    settings). Its graphs are captured and replayed with the green context current, so training's kernels
+    never take the other SMs and serving's kernels always find some free.
+
+    torch's API for green contexts is in beta: this uses `GreenContext.create(num_sms=..., device_id=...)`
+    with `set_context()` / `pop_context()` (torch 2.10-2.11)."""
+
+    def __init__(self, trainer: LoraTrainer, sms: int, seq_len: int) -> None:
+        from torch.cuda import green_contexts
+
+        device = trainer.device
+        self.ctx: Any = green_contexts.GreenContext.create(num_sms=sms, device_id=device.index or 0)
+        with self._current():
+            self.train = TrainStep(trainer, seq_len)
+            self.stream = torch.cuda.Stream(device)
+            self.train.run(self.stream, 2.0)  # warm
+
+    @contextlib.contextmanager
+    def _current(self) -> Iterator[None]:
+        self.ctx.set_context()
+        try:
+            yield
+        finally:
+            self.ctx.pop_context()
+
+    def run(self, _stream: Any, stop: threading.Event | float) -> tuple[int, float]:
+        """As TrainStep.run, on the green context's stream (in the calling thread)."""
+        with self._current():
+            return self.train.run(self.stream, stop)
+
+
+def green_modes(
+    trainer: LoraTrainer, decode: DecodeStep, high: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Per SM count in --green-sms: training alone on that many SMs, and beside serving in this process."""
+    out: dict[str, Any] = {}
+    for sms in args.green_sms:
+        try:
+            torch.cuda.empty_cache()
+            green = GreenTraining(trainer, sms, args.seq_len)
+            steps, seconds = green.run(None, args.seconds)
+            both = co_run_threads(decode, cast(TrainStep, green), high, None, args)
+            out[f"one_process_green_{sms}"] = {**both, "train_alone_steps_per_s": steps / seconds}
+        except (RuntimeError, AttributeError, TypeError, ImportError) as exc:  # a beta API: say what failed
+            out[f"one_process_green_{sms}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log.info("green context of %d SMs: %s", sms, json.dumps(out[f"one_process_green_{sms}"]))
     return out
 
 
@@ -213,6 +268,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     log.info("so far: %s", json.dumps(results))  # a run cut short still shows the modes done
     torch.cuda.empty_cache()  # the child needs the memory this process cached but no longer uses
     results["two_processes"] = co_run_processes(decode, high, args)
+    results.update(green_modes(trainer, decode, high, args))
     return {
         "shape": args.shape,
         "device": torch.cuda.get_device_name(),
@@ -233,6 +289,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gap-ms", type=float, default=0.5, help="host time between decode steps")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--role", choices=("probe", "train"), default="probe")
+    p.add_argument(
+        "--green-sms",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[],
+        help="also train on a green context of this many SMs (comma-separated counts), beside serving",
+    )
     p.add_argument("--json", default="", help="also write the result here")
     return p
 

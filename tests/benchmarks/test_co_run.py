@@ -24,9 +24,10 @@ def test_summary_gives_each_co_run_mode_as_ratios_to_its_alone_runs() -> None:
         "train_alone": {"steps_per_s": 4.0},
         "one_process_priority": {"decode_ms": (10.0, 40.0), "steps_per_s": 3.0},
         "two_processes": {"decode_ms": (11.0, 12.0), "steps_per_s": 2.0},
+        "one_process_green_64": {"error": "RuntimeError: no green contexts here"},
     }
     ratios = summary(results)
-    assert set(ratios) == {"one_process_priority", "two_processes"}  # a mode not run is not reported
+    assert set(ratios) == {"one_process_priority", "two_processes"}  # nor a mode not run, nor one that failed
     assert ratios["one_process_priority"] == {"decode_p50_x": 2.0, "decode_p99_x": 4.0, "training_x": 0.75}
     assert ratios["two_processes"]["decode_p99_x"] == pytest.approx(1.2)
     assert ratios["two_processes"]["training_x"] == 0.5
