@@ -57,6 +57,7 @@ class Slots:
     target_logp: torch.Tensor
     weights: torch.Tensor
     unlikely: torch.Tensor
+    ce: torch.Tensor  # [rows]: each row's cross-entropy weight
 
     @classmethod
     def empty(cls, rows: int, width: int, k: int, device: torch.device) -> Slots:
@@ -68,6 +69,7 @@ class Slots:
             torch.zeros((rows, width - 1, k), dtype=torch.float32, device=device),
             torch.zeros((rows, width - 1), dtype=torch.float32, device=device),
             torch.zeros((rows, width - 1), dtype=torch.float32, device=device),
+            torch.ones((rows,), dtype=torch.float32, device=device),
         )
 
     def fill(self, rows: Rows, pad_id: int) -> None:
@@ -103,6 +105,24 @@ class Slots:
         self.labels.copy_(labels)
         self.weights.copy_(weights)
         self.unlikely.copy_(unlikelihood_weights(rows.unlikely, width))
+        ce = torch.ones(n_rows, dtype=torch.float32)
+        ce[: len(rows.ce)] = torch.tensor(rows.ce, dtype=torch.float32)
+        self.ce.copy_(ce)
+
+
+def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over a collated batch's labelled tokens, each row's tokens weighed by `ce[row]`
+    (all ones: the model's own loss). The denominator counts every labelled token, so a row weighed 0 drops
+    out without the other rows' tokens counting more."""
+    return _mean_nll(torch.log_softmax(logits[:, :-1].float(), dim=-1), labels, ce)
+
+
+def _mean_nll(log_q: torch.Tensor, labels: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    """`weighted_ce` from the log-softmax at each predicting position ([rows, width - 1, vocab])."""
+    shift = labels[:, 1:]
+    valid = shift != IGNORE
+    nll = -log_q.gather(-1, shift.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (nll * valid * ce.unsqueeze(-1)).sum() / valid.sum()
 
 
 def pass_loss(model: torch.nn.Module, s: Slots, kl_weight: float, unlikelihood_weight: float) -> torch.Tensor:
@@ -110,10 +130,7 @@ def pass_loss(model: torch.nn.Module, s: Slots, kl_weight: float, unlikelihood_w
     unlikelihood_weight x the weighted unlikelihood of the contrast rows' fact tokens."""
     logits = model(input_ids=s.ids, use_cache=False).logits[:, :-1].float()
     log_q_all = torch.log_softmax(logits, dim=-1)  # [rows, width - 1, vocab]
-    shift = s.labels[:, 1:]
-    valid = shift != IGNORE
-    nll = -log_q_all.gather(-1, shift.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    loss = (nll * valid).sum() / valid.sum()
+    loss = _mean_nll(log_q_all, s.labels, s.ce)
     if unlikelihood_weight > 0:
         loss = loss + unlikelihood_weight * unlikelihood(log_q_all, s.ids, s.unlikely)
     if kl_weight <= 0:

@@ -38,10 +38,13 @@ class Rows:
     examples: list[Encoded]
     targets: list[ParentTargets | None]
     unlikely: list[list[int]] = field(default_factory=list)
+    ce: list[float] = field(default_factory=list)  # per row, the weight of its cross-entropy (1 by default)
 
     def __post_init__(self) -> None:
         if not self.unlikely:
             self.unlikely = [[] for _ in self.examples]
+        if not self.ce:
+            self.ce = [1.0] * len(self.examples)
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,12 @@ def batch_rows(
     data: RoundData,
     draw: Draw,
     targets: tuple[list[ParentTargets | None], list[ParentTargets | None]],
+    replay_ce: float = 1.0,
 ) -> tuple[Rows, Rows]:
     """One step's batch (new samples + replay + negatives + contrast rows) and its anchor examples.
 
     Replay and negative rows carry the parent's distribution (`targets`, empty when not distilling); contrast
-    rows carry the positions to push down.
+    rows carry the positions to push down; replay and anchor rows weigh their cross-entropy by `replay_ce`.
     """
     replay_targets, negative_targets = targets
     batch = Rows([data.train[i] for i in draw.new], [None] * len(draw.new))
@@ -93,13 +97,16 @@ def batch_rows(
         batch.examples += [examples[i] for i in indices]
         batch.targets += [chosen[i] if chosen else None for i in indices]
     batch.unlikely = [[] for _ in batch.examples]
+    batch.ce = [1.0] * len(draw.new) + [replay_ce] * len(draw.replayed) + [1.0] * len(draw.negatives)
     for i in draw.contrasted:
         batch.examples.append(data.contrasts[i].example)
         batch.targets.append(None)
         batch.unlikely.append(data.contrasts[i].positions)
+        batch.ce.append(1.0)  # no labels: nothing to weigh
     anchors = Rows(
         [data.replay[i] for i in draw.anchored],
         [replay_targets[i] if replay_targets else None for i in draw.anchored],
+        ce=[replay_ce] * len(draw.anchored),
     )
     return batch, anchors
 

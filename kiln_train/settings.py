@@ -73,6 +73,10 @@ class TrainerConfig:
     # parent's (its top `kl_top_k` tokens), weighted by `kl_weight` (0 = cross-entropy on the answers only).
     kl_weight: float = 1.0
     kl_top_k: int = 16
+    # the weight of cross-entropy on the replay and anchor rows' answers (the parent's greedy answers); the
+    # KL term above still pulls them towards the parent. Below 1, a parent's near tie is sharpened less
+    # (docs/training.md, tenth series); 0 = replay by divergence only
+    replay_ce_weight: float = 1.0
     # on a GPU, each step runs as one CUDA graph (kiln_train/graph_step.py); 0 = eager steps
     cuda_graphs: bool = True
 
@@ -101,6 +105,8 @@ class TrainerConfig:
             raise ValueError(
                 f"KILN_TRAIN_UNLIKELIHOOD_WEIGHT must be a finite number >= 0, got {self.unlikelihood_weight}"
             )
+        if not 0.0 <= self.replay_ce_weight <= 1.0:
+            raise ValueError(f"KILN_TRAIN_REPLAY_CE_WEIGHT must be in [0, 1], got {self.replay_ce_weight}")
         if self.lr <= 0:
             raise ValueError(f"KILN_TRAIN_LR must be > 0, got {self.lr}")
 

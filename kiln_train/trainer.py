@@ -17,7 +17,7 @@ from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
 from kiln_train.distillation import ParentTargets, divergence
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
 from kiln_train.fact_tokens import token_margins, unlikelihood, unlikelihood_weights, worst_fact_margin
-from kiln_train.graph_step import GraphedForward
+from kiln_train.graph_step import GraphedForward, weighted_ce
 from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw, drawn_targets
 from kiln_train.settings import TrainerConfig
 from kiln_train.train_progress import (
@@ -245,7 +245,7 @@ class LoraTrainer:
             before, margin = self.vetting_scores(data.vetting, data.vetting_facts)
             progress = Progress(before, [p.detach().clone() for p in params], before, margin, margin)
             targets = self._parent_targets(data, draws)
-            rows = [batch_rows(data, d, targets) for d in draws]
+            rows = [batch_rows(data, d, targets, self.cfg.replay_ce_weight) for d in draws]
         with clock("capture"):
             optimise = self._stepper(params, rows)
         step, stop_reason = 0, "planned steps done"
@@ -285,7 +285,8 @@ class LoraTrainer:
         if not (self.cfg.cuda_graphs and self.device.type == "cuda"):
             return
         self.loss(data.vetting[:1] or data.train[:1])
-        step = batch_rows(data, draw(data, [], random.Random(0), self._sizes(data)), ([], []))
+        drawn = draw(data, [], random.Random(0), self._sizes(data))
+        step = batch_rows(data, drawn, ([], []), self.cfg.replay_ce_weight)
         contrasts = [c.example for c in data.contrasts]
         wider = max(len(e.input_ids) for e in data.train + data.replay + data.negatives + contrasts)
         self._stepper(self.trainable(), [step], wider)
@@ -333,9 +334,8 @@ class LoraTrainer:
         """Cross-entropy on the rows' completions, plus `kl_weight` x their divergence from the parent, plus
         `unlikelihood_weight` x the contrast rows' mean unlikelihood loss on their fact tokens.
 
-        Contrast rows (short: a question and one answer) go through their own forward pass, so they are not
-        padded to the batch's widest replay answer; they have no labels, so the sum is the loss of one pass
-        over every row."""
+        Contrast rows (short, unlabelled) take their own forward pass, not padded to the widest replay answer:
+        the sum is the loss of one pass over every row. Each row's cross-entropy is weighed by `rows.ce`."""
         cfg = self.cfg
         pad = self.tok.pad_token_id or 0
         contrasts = [r for r, p in enumerate(rows.unlikely) if p] if cfg.unlikelihood_weight > 0 else []
@@ -343,6 +343,9 @@ class LoraTrainer:
         batch = collate([rows.examples[r] for r in plain], pad, self.device)
         out = self.model(**batch)
         loss: torch.Tensor = out.loss
+        ce = [rows.ce[r] for r in plain]
+        if any(w != 1.0 for w in ce):  # the same mean, each row's tokens weighed by its row's weight
+            loss = weighted_ce(out.logits, batch["labels"], torch.tensor(ce, device=self.device))
         if cfg.kl_weight > 0:
             drift = divergence(out.logits, batch["labels"], [rows.targets[r] for r in plain])
             loss = loss if drift is None else loss + cfg.kl_weight * drift

@@ -52,15 +52,19 @@ def _slots(rows: Rows, k: int, device: torch.device) -> Slots:
 
 
 @pytest.mark.parametrize(
-    ("kl_weight", "unlikelihood_weight"), [(1.0, 0.0), (0.0, 0.0), (1.0, 2.5), (0.0, 2.5)]
+    ("kl_weight", "unlikelihood_weight", "replay_ce"),
+    [(1.0, 0.0, 1.0), (0.0, 0.0, 1.0), (1.0, 2.5, 1.0), (0.0, 2.5, 1.0), (1.0, 2.5, 0.0), (1.0, 0.0, 0.4)],
 )
-def test_dense_loss_matches_the_eager_step_loss(kl_weight: float, unlikelihood_weight: float) -> None:
+def test_dense_loss_matches_the_eager_step_loss(
+    kl_weight: float, unlikelihood_weight: float, replay_ce: float
+) -> None:
     cfg = TrainerConfig(
         kl_weight=kl_weight,
         kl_top_k=4,
         anchor_weight=0.7,
         cuda_graphs=False,
         unlikelihood_weight=unlikelihood_weight,
+        replay_ce_weight=replay_ce,
     )
     trainer, data = _round(cfg)
     rng = random.Random(0)
@@ -69,7 +73,8 @@ def test_dense_loss_matches_the_eager_step_loss(kl_weight: float, unlikelihood_w
     _nudge(trainer)
     device = torch.device("cpu")
     for d in draws:
-        batch, anchored = batch_rows(data, d, targets)
+        batch, anchored = batch_rows(data, d, targets, replay_ce)
+        assert batch.ce.count(replay_ce) >= len(d.replayed) and anchored.ce == [replay_ce] * len(d.anchored)
         assert anchored.examples and any(t is not None for t in batch.targets) == (kl_weight > 0)
         contrasted = sum(1 for p in batch.unlikely if p)
         assert contrasted == (3 if unlikelihood_weight > 0 else 0)  # as many as negatives a step
@@ -145,3 +150,26 @@ def test_graphed_evaluations_match_eager_ones_on_a_gpu() -> None:
     for a, b in pairs:
         assert a.numel() > 0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_at_replay_ce_weight_0_the_replayed_answers_add_no_cross_entropy() -> None:
+    """What the replay rows' answers say stops mattering at weight 0 (the KL term off here): other answer
+    tokens there leave the loss as it was, while at weight 1 they change it."""
+    cfg = TrainerConfig(kl_weight=0.0, cuda_graphs=False, unlikelihood_weight=0.0)
+    trainer, data = _round(cfg)
+    d = draw(data, [], random.Random(0), trainer._sizes(data))
+    replayed = range(len(d.new), len(d.new) + len(d.replayed))
+    assert replayed
+
+    def other_answers(rows: Rows) -> Rows:
+        swapped = list(rows.examples)
+        for r in replayed:
+            e = rows.examples[r]
+            swapped[r] = Encoded(e.input_ids, [t if t == IGNORE else (t + 1) % 64 for t in e.labels])
+        return Rows(swapped, rows.targets, rows.unlikely, rows.ce)
+
+    with torch.no_grad():
+        for weight, same in ((0.0, True), (1.0, False)):
+            batch, _ = batch_rows(data, d, ([], []), weight)
+            before, after = trainer._rows_loss(batch), trainer._rows_loss(other_answers(batch))
+            assert torch.isclose(before, after).item() is same, (weight, float(before), float(after))

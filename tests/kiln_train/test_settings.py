@@ -37,6 +37,9 @@ def test_trainer_variables_reach_the_trainer() -> None:
         ("KILN_TRAIN_UNLIKELIHOOD_WEIGHT", "-0.5"),
         ("KILN_TRAIN_UNLIKELIHOOD_WEIGHT", "nan"),
         ("KILN_TRAIN_UNLIKELIHOOD_WEIGHT", "inf"),
+        ("KILN_TRAIN_REPLAY_CE_WEIGHT", "1.5"),
+        ("KILN_TRAIN_REPLAY_CE_WEIGHT", "-0.1"),
+        ("KILN_TRAIN_REPLAY_CE_WEIGHT", "nan"),
     ],
 )
 def test_bad_values_name_their_variable(var: str, value: str) -> None:
