@@ -201,9 +201,12 @@ def test_a_harmful_round_is_rejected_by_the_gate(
     # Without the vetting set's checkpoint refusals or the divergence term, so the gate alone must see the
     # damage. Four steps at 6e-3 break the general answers as surely as eight at 3e-3 did (10 of the 10 the
     # parent got right in a test run; 17-19 of 28 before), and they, the gate's first 12 questions (capitals)
-    # and short replayed answers keep the test's time down.
+    # and short replayed answers keep the test's time down. Replay keeps its cross-entropy here: with neither
+    # it nor the divergence term the replay rows add nothing, and the held-out loss came out unchanged.
     settings = TrainSettings(
-        trainer=TrainerConfig(min_steps=4, max_steps=4, lr=6e-3, patience=10, eval_every=4, kl_weight=0.0),
+        trainer=TrainerConfig(
+            min_steps=4, max_steps=4, lr=6e-3, patience=10, eval_every=4, kl_weight=0.0, replay_ce_weight=1.0
+        ),
         vet_checkpoints=False,
         gate_questions_limit=GATE_QUESTIONS,
         replay_max_tokens=REPLAY_TOKENS,
