@@ -341,11 +341,9 @@ class LoraTrainer:
         contrasts = [r for r, p in enumerate(rows.unlikely) if p] if cfg.unlikelihood_weight > 0 else []
         plain = [r for r in range(len(rows.examples)) if r not in contrasts]
         batch = collate([rows.examples[r] for r in plain], pad, self.device)
-        out = self.model(**batch)
-        loss: torch.Tensor = out.loss
-        ce = [rows.ce[r] for r in plain]
-        if any(w != 1.0 for w in ce):  # the same mean, each row's tokens weighed by its row's weight
-            loss = weighted_ce(out.logits, batch["labels"], torch.tensor(ce, device=self.device))
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ce = torch.tensor([rows.ce[r] for r in plain], device=self.device)
+        loss = weighted_ce(out.logits, batch["labels"], ce)  # all weights 1: the model's own mean loss
         if cfg.kl_weight > 0:
             drift = divergence(out.logits, batch["labels"], [rows.targets[r] for r in plain])
             loss = loss if drift is None else loss + cfg.kl_weight * drift
