@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 MAX_SOCKET_PATH = 100
+CLOSE_TIMEOUT_S = 20.0  # a shutdown that takes longer (a stuck thread, a dead Redis) ends with os._exit
 
 
 def die_with_parent() -> None:
@@ -42,6 +43,31 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
+
+
+def parent_gone() -> bool:
+    """True once the process that spawned this one has exited.
+
+    Watches the parent's sentinel pipe, so it holds when the orphan is re-parented to a subreaper rather than
+    to pid 1 (where a getppid() check misses it) and when PDEATHSIG fired on a thread rather than the process.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        return not parent.is_alive()
+    return os.getppid() == 1
+
+
+def _exit_if_stuck(timeout_s: float) -> None:
+    """From now on the process ends within `timeout_s`, whatever the shutdown waits on."""
+
+    def force() -> None:
+        log.error("engine core shutdown took over %.0fs; exiting now", timeout_s)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(timeout_s, force)
+    timer.daemon = True
+    timer.start()
 
 
 class _Sink:
@@ -193,11 +219,16 @@ def engine_main(spec: EngineProcessSpec, ready: Connection) -> None:
     host = EngineHost(built.engine, built.info)
     listener = Listener(spec.address, family="AF_UNIX", authkey=spec.authkey)
     os.chmod(spec.address, 0o600)
-    ready.send(("ready", built.info))
+    try:
+        ready.send(("ready", built.info))
+    except OSError:  # the parent died while the model loaded: nobody to serve
+        stop.set()
     threading.Thread(target=_accept_loop, args=(listener, host), daemon=True).start()
     while not stop.wait(0.5):
-        if os.getppid() == 1:  # orphaned despite PDEATHSIG (not Linux): stop
+        if parent_gone():  # orphaned despite PDEATHSIG: stop
+            log.warning("the process that started the engine core is gone; stopping")
             break
+    _exit_if_stuck(CLOSE_TIMEOUT_S)
     listener.close()
     built.close()
 

@@ -3,15 +3,20 @@ engine core dies and every stream ends UNAVAILABLE while kiln-infer exits non-ze
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import grpc
 
 from kiln.v1 import inference_pb2, inference_pb2_grpc
+from kiln_common.weight_share import SHM_PREFIX
+from kiln_infer.engine_build import shm_dir_for
+from kiln_infer.engine_process import parent_gone
 from tests.reliability.conftest import Stack, alive, serving, wait_for
 
 
@@ -72,3 +77,42 @@ def test_a_dead_engine_core_ends_streams_unavailable_and_kiln_infer_exits_non_ze
     assert wait_for(lambda: infer.proc.poll() is not None, 40), "kiln-infer did not exit"
     assert infer.proc.returncode != 0
     assert not serving(infer.address)
+
+
+def test_a_sigkilled_kiln_infer_takes_its_engine_core_and_shared_weights_with_it(stack: Stack) -> None:
+    """Promise: kill -9 of kiln-infer's supervisor → its engine core and API process exit within 30 s, and the
+    engine core removes its shared-weight files on the way out (none is left holding the model's memory)."""
+    infer = stack.start("kiln_infer", KILN_MAX_MODEL_LEN="1024")
+    infer.wait_serving()
+    engine_pid = _pid(infer.log(), r"engine core process started \(pid (\d+)\)")
+    api_pid = _pid(infer.log(), r"API process 0 started \(pid (\d+)\)")
+    shm_files = list(shm_dir_for(stack.home).glob(f"{SHM_PREFIX}{engine_pid}-*"))
+    assert shm_files, "the engine core shares no weights"
+    infer.proc.kill()
+    assert wait_for(lambda: not alive(engine_pid) and not alive(api_pid), 30), "an orphan outlived kiln-infer"
+    assert not [p for p in shm_files if p.exists()]
+
+
+def _wait_for_orphaning(marker: str) -> None:  # runs in a grandchild, with no PDEATHSIG set
+    Path(marker + ".up").write_text("waiting")
+    while not parent_gone():
+        time.sleep(0.1)
+    Path(marker).write_text("parent gone")
+
+
+def _start_grandchild(marker: str) -> None:  # runs in the child that is killed
+    ctx = multiprocessing.get_context("spawn")
+    ctx.Process(target=_wait_for_orphaning, args=(marker,), daemon=False).start()
+    time.sleep(600)
+
+
+def test_an_orphaned_process_sees_its_parent_gone_without_any_signal(tmp_path: Path) -> None:
+    """parent_gone() (the engine core's last line of defence) notices a dead parent by its sentinel, wherever
+    the orphan was re-parented, when no PDEATHSIG reached it."""
+    marker = tmp_path / "seen"
+    child = multiprocessing.get_context("spawn").Process(target=_start_grandchild, args=(str(marker),))
+    child.start()
+    assert wait_for(Path(f"{marker}.up").exists, 60), "the grandchild did not start"
+    child.kill()
+    child.join(10)
+    assert wait_for(marker.exists, 30), "the orphan never noticed its parent had died"
