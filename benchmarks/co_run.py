@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import subprocess
@@ -94,9 +95,11 @@ class DecodeStep:
 class TrainStep:
     """A LoRA step of 8 rows x `seq_len` tokens: forward and backward one graph replay, then AdamW."""
 
-    def __init__(self, trainer: LoraTrainer, seq_len: int, rows: int = 8) -> None:
+    def __init__(
+        self, trainer: LoraTrainer, seq_len: int, rows: int = 8, stream: torch.cuda.Stream | None = None
+    ) -> None:
         self.params = trainer.trainable()
-        self.graphed = GraphedMicroBatch(trainer.model, self.params, rows, seq_len)
+        self.graphed = GraphedMicroBatch(trainer.model, self.params, rows, seq_len, stream)
         vocab = int(trainer.model.config.vocab_size)
         self.tensors = synthetic_batch(vocab, rows, seq_len, 0, trainer.device)
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0)
@@ -200,8 +203,10 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 class GreenTraining:
     """Training confined to `sms` of the GPU's SMs: a CUDA green context (no MPS, no change to the GPU's
-    settings). Its graphs are captured and replayed with the green context current, so training's kernels
-    never take the other SMs and serving's kernels always find some free.
+    settings). Kernels run on the SMs of the context their stream belongs to, so training runs on a stream made
+    in the green context: torch's own `GreenContext.Stream()` where it has one (2.12+), else a stream created
+    through the CUDA runtime while the green context is current (torch's pooled streams belong to the primary
+    context and would ignore it). `stream_green` says whether the driver sees the stream as green.
 
     torch's API for green contexts is in beta: this uses `GreenContext.create(num_sms=..., device_id=...)`
     with `set_context()` / `pop_context()` (torch 2.10-2.11)."""
@@ -211,10 +216,26 @@ class GreenTraining:
 
         device = trainer.device
         self.ctx: Any = green_contexts.GreenContext.create(num_sms=sms, device_id=device.index or 0)
+        self.stream = self._green_stream(device)
+        self.stream_green = _stream_is_green(self.stream)
         with self._current():
-            self.train = TrainStep(trainer, seq_len)
-            self.stream = torch.cuda.Stream(device)
+            self.train = TrainStep(trainer, seq_len, stream=self.stream)  # captured on the green stream
             self.train.run(self.stream, 2.0)  # warm
+
+    def _green_stream(self, device: torch.device) -> Any:
+        if hasattr(self.ctx, "Stream"):
+            return self.ctx.Stream()
+        import ctypes
+
+        handle = ctypes.c_void_p()
+        with self._current():
+            err = ctypes.CDLL("libcudart.so", mode=ctypes.RTLD_GLOBAL).cudaStreamCreateWithFlags(
+                ctypes.byref(handle),
+                1,  # cudaStreamNonBlocking
+            )
+        if err != 0:
+            raise RuntimeError(f"cudaStreamCreateWithFlags failed with error {err}")
+        return torch.cuda.ExternalStream(handle.value, device=device)
 
     @contextlib.contextmanager
     def _current(self) -> Iterator[None]:
@@ -230,6 +251,20 @@ class GreenTraining:
             return self.train.run(self.stream, stop)
 
 
+def _stream_is_green(stream: Any) -> bool | None:
+    """Whether the driver ties `stream` to a green context (cuStreamGetGreenCtx); None if it can't say."""
+    import ctypes
+
+    try:
+        green = ctypes.c_void_p()
+        err = ctypes.CDLL("libcuda.so.1").cuStreamGetGreenCtx(
+            ctypes.c_void_p(stream.cuda_stream), ctypes.byref(green)
+        )
+    except (OSError, AttributeError):
+        return None
+    return None if err != 0 else bool(green.value)
+
+
 def green_modes(
     trainer: LoraTrainer, decode: DecodeStep, high: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -241,7 +276,13 @@ def green_modes(
             green = GreenTraining(trainer, sms, args.seq_len)
             steps, seconds = green.run(None, args.seconds)
             both = co_run_threads(decode, cast(TrainStep, green), high, None, args)
-            out[f"one_process_green_{sms}"] = {**both, "train_alone_steps_per_s": steps / seconds}
+            out[f"one_process_green_{sms}"] = {
+                **both,
+                "train_alone_steps_per_s": steps / seconds,
+                "stream_green": green.stream_green,
+            }
+            del green  # its graphs' memory goes before the next count's are captured
+            gc.collect()
         except (RuntimeError, AttributeError, TypeError, ImportError) as exc:  # a beta API: say what failed
             out[f"one_process_green_{sms}"] = {"error": f"{type(exc).__name__}: {exc}"}
         log.info("green context of %d SMs: %s", sms, json.dumps(out[f"one_process_green_{sms}"]))

@@ -91,20 +91,27 @@ class GraphedMicroBatch:
     launch, so short governed micro-batches keep their speed. The optimizer step stays eager.
     """
 
-    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], rows: int, seq_len: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: list[torch.nn.Parameter],
+        rows: int,
+        seq_len: int,
+        stream: torch.cuda.Stream | None = None,  # where to warm and capture (a green context's stream)
+    ):
         device = params[0].device
         self.model, self.params, self.rows = model, params, rows
         self.ids = torch.zeros(rows, seq_len, dtype=torch.long, device=device)
         self.labels = torch.full((rows, seq_len), IGNORE, dtype=torch.long, device=device)
         self.scale = torch.ones((), device=device)  # 1 / the step's completion tokens
         self.grads = [torch.zeros_like(p) for p in params]
-        side = torch.cuda.Stream(device)
+        side = stream if stream is not None else torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # cuBLAS workspaces and the allocator's pools, before capture
             for _ in range(2):
                 self._body()
         torch.cuda.current_stream(device).wait_stream(side)
-        self.graph, self.loss = capture(self._body, device)
+        self.graph, self.loss = capture(self._body, device, stream)
         self.zero()
 
     def _body(self) -> torch.Tensor:

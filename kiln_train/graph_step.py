@@ -245,15 +245,16 @@ class GraphedStep:
 
 
 def capture(
-    body: Callable[[], torch.Tensor], device: torch.device
+    body: Callable[[], torch.Tensor], device: torch.device, stream: torch.cuda.Stream | None = None
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """`body` captured as a CUDA graph on a side stream, and the tensor it returns (refilled by each replay).
+    """`body` captured as a CUDA graph on a side stream (`stream`, else a new one), and the tensor it returns
+    (refilled by each replay). A graph's kernels keep the context of the stream they were captured on.
 
     Not `torch.cuda.graph(...)`: that context first synchronises the device, collects garbage and empties the
     allocator's cache, which beside serving costs seconds (every freed block must be allocated again).
     """
     graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream(device)
+    stream = stream if stream is not None else torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         graph.capture_begin()
