@@ -38,6 +38,7 @@ import torch
 
 from benchmarks.governor_trainer import GraphedMicroBatch, _PadOnly, synthetic_batch
 from kiln_common.model_loader import DUMMY_SHAPES
+from kiln_common.side_stream import side_stream
 from kiln_train.graph_step import capture
 from kiln_train.trainer import LoraTrainer, TrainerConfig
 
@@ -69,12 +70,9 @@ class DecodeStep:
             return out
 
         with torch.no_grad():
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
+            with side_stream(device):
                 for _ in range(2):
                     body()
-            torch.cuda.current_stream(device).wait_stream(side)
             self.graph, _ = capture(body, device)
 
     def run(self, stream: torch.cuda.Stream, seconds: float, gap_ms: float) -> list[float]:

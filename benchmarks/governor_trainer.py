@@ -28,6 +28,7 @@ from kiln_common.gpu_turn import TrainingTurn, read_turn
 from kiln_common.load_report import read_load
 from kiln_common.model_loader import DUMMY_PREFIX, DUMMY_SHAPES, ModelNotFoundError, resolve_model
 from kiln_common.redis_server import connect
+from kiln_common.side_stream import side_stream
 from kiln_train.base_model import SharedBase
 from kiln_train.governor import Governor, GovernorSettings
 from kiln_train.graph_step import capture
@@ -105,12 +106,9 @@ class GraphedMicroBatch:
         self.labels = torch.full((rows, seq_len), IGNORE, dtype=torch.long, device=device)
         self.scale = torch.ones((), device=device)  # 1 / the step's completion tokens
         self.grads = [torch.zeros_like(p) for p in params]
-        side = stream if stream is not None else torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # cuBLAS workspaces and the allocator's pools, before capture
+        with side_stream(device, stream):  # cuBLAS workspaces and the allocator's pools, before capture
             for _ in range(2):
                 self._body()
-        torch.cuda.current_stream(device).wait_stream(side)
         self.graph, self.loss = capture(self._body, device, stream)
         self.zero()
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from kiln_common.side_stream import side_stream
 from kiln_train.micro_batch import IGNORE
 
 log = logging.getLogger(__name__)
@@ -125,18 +126,13 @@ class LayerChunks:
 
     def _capture(self, device: torch.device) -> list[torch.cuda.CUDAGraph]:
         """Each chunk as a graph, all in one memory pool (replayed in the order captured, never at once)."""
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # cuBLAS workspaces and allocator pools before capture
+        with side_stream(device):  # cuBLAS workspaces and allocator pools before capture
             for _ in range(2):
                 for chunk in self.chunks:
                     chunk()
-        torch.cuda.current_stream(device).wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         graphs = []
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        with side_stream(device):
             for chunk in self.chunks:
                 graph = torch.cuda.CUDAGraph()
                 graph.capture_begin(pool=pool)
@@ -145,7 +141,6 @@ class LayerChunks:
                 finally:
                     graph.capture_end()
                 graphs.append(graph)
-        torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
         self.zero()
         return graphs

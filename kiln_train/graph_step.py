@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln_common.side_stream import side_stream
 from kiln_train.distillation import completion_positions, rest_mass
 from kiln_train.encoding import IGNORE, Encoded
 from kiln_train.fact_tokens import unlikelihood, unlikelihood_weights
@@ -185,14 +186,11 @@ class GraphedStep:
         self.anchors = Slots.empty(a_rows, a_width, weights.top_k, device) if a_rows else None
         self._fill(*first)
         saved = [p.detach().clone() for p in params]
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
         t = time.monotonic()
         try:
-            with torch.cuda.stream(side):
+            with side_stream(device):
                 self._body()
         finally:
-            torch.cuda.current_stream(device).wait_stream(side)
             _undo(params, saved, opt)
         torch.cuda.synchronize(device)
         self.timings = {"warm_up_s": time.monotonic() - t}
@@ -254,15 +252,12 @@ def capture(
     allocator's cache, which beside serving costs seconds (every freed block must be allocated again).
     """
     graph = torch.cuda.CUDAGraph()
-    stream = stream if stream is not None else torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
+    with side_stream(device, stream):
         graph.capture_begin()
         try:
             out = body()
         finally:
             graph.capture_end()
-    torch.cuda.current_stream(device).wait_stream(stream)
     return graph, out
 
 
@@ -328,11 +323,8 @@ class GraphedForward:
         device = next(model.parameters()).device
         self.model, self.rows, self.width, self.pad_id = model, rows, width, pad_id
         self.ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.no_grad():
+        with side_stream(device), torch.no_grad():
             self._logits()
-        torch.cuda.current_stream(device).wait_stream(side)
         with torch.no_grad():
             self.graph, self.logits = capture(self._logits, device)
 
