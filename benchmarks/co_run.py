@@ -154,7 +154,8 @@ def co_run_processes(decode: DecodeStep, serve_stream: Any, args: argparse.Names
     """Serving here, training in a child process of its own (the GPU time-sliced between the two)."""
     child = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.co_run", "--role", "train", "--shape", args.shape,
-         "--seq-len", str(args.seq_len), "--seconds", str(args.seconds + 2.0)],
+         "--seq-len", str(args.seq_len), "--train-rows", str(args.train_rows),
+         "--seconds", str(args.seconds + 2.0)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert child.stdin is not None and child.stdout is not None
@@ -172,7 +173,7 @@ def co_run_processes(decode: DecodeStep, serve_stream: Any, args: argparse.Names
 def train_role(args: argparse.Namespace) -> int:
     """The child of `two_processes`: build, report ready, wait for a line, train for --seconds, report."""
     device = torch.device("cuda")
-    train = TrainStep(build(args.shape, device), args.seq_len)
+    train = TrainStep(build(args.shape, device), args.seq_len, args.train_rows)
     train.run(torch.cuda.current_stream(device), 2.0)  # warm
     print(json.dumps({"ready": True}), flush=True)
     sys.stdin.readline()
@@ -209,7 +210,7 @@ class GreenTraining:
     torch's API for green contexts is in beta: this uses `GreenContext.create(num_sms=..., device_id=...)`
     with `set_context()` / `pop_context()` (torch 2.10-2.11)."""
 
-    def __init__(self, trainer: LoraTrainer, sms: int, seq_len: int) -> None:
+    def __init__(self, trainer: LoraTrainer, sms: int, seq_len: int, rows: int = 8) -> None:
         from torch.cuda import green_contexts
 
         device = trainer.device
@@ -217,7 +218,7 @@ class GreenTraining:
         self.stream = self._green_stream(device)
         self.stream_green = _stream_is_green(self.stream)
         with self._current():
-            self.train = TrainStep(trainer, seq_len, stream=self.stream)  # captured on the green stream
+            self.train = TrainStep(trainer, seq_len, rows, self.stream)  # captured on the green stream
             self.train.run(self.stream, 2.0)  # warm
 
     def _green_stream(self, device: torch.device) -> Any:
@@ -271,7 +272,7 @@ def green_modes(
     for sms in args.green_sms:
         try:
             torch.cuda.empty_cache()
-            green = GreenTraining(trainer, sms, args.seq_len)
+            green = GreenTraining(trainer, sms, args.seq_len, args.train_rows)
             steps, seconds = green.run(None, args.seconds)
             both = co_run_threads(decode, cast(TrainStep, green), high, None, args)
             out[f"one_process_green_{sms}"] = {
@@ -292,7 +293,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda")
     trainer = build(args.shape, device)
     decode = DecodeStep(trainer.model, args.decode_rows, int(trainer.model.config.vocab_size), device)
-    train = TrainStep(trainer, args.seq_len)
+    train = TrainStep(trainer, args.seq_len, args.train_rows)
     high, low = torch.cuda.Stream(device, priority=-100), torch.cuda.Stream(device, priority=0)
     normal = torch.cuda.Stream(device, priority=0)
     train.run(low, 2.0)  # warm both
@@ -314,6 +315,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         "decode_rows": args.decode_rows,
         "gap_ms": args.gap_ms,
         "seq_len": args.seq_len,
+        "train_rows": args.train_rows,
         "priority_range": list(torch.cuda.Stream.priority_range()),  # type: ignore[call-arg]
         "results": results,
         "ratios": summary(results),
@@ -325,6 +327,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(DUMMY_SHAPES))
     p.add_argument("--seconds", type=float, default=10.0, help="per mode")
     p.add_argument("--decode-rows", type=int, default=32)
+    p.add_argument(
+        "--train-rows",
+        type=int,
+        default=8,
+        help="rows per training step (the 8B shape needs fewer: OOM at 8)",
+    )
     p.add_argument("--gap-ms", type=float, default=0.5, help="host time between decode steps")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--role", choices=("probe", "train"), default="probe")

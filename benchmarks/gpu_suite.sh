@@ -92,6 +92,6 @@ python3 -m benchmarks.governor_bench --models dummy:llama-3.2-1b --reuse '${GOV_
 --scenarios ${GOV_SCENARIOS:-alone,handoff} --cover ${GOV_COVER:-1.0} --home $KILN_HOME --out $OUT/governor-handoff"
 # training and a decode-shaped step in one process on prioritised streams, against two time-sliced processes
 step co_run python3 -m benchmarks.co_run --shape "${CO_RUN_SHAPE:-llama-3.2-1b}" --seconds "${CO_RUN_SECONDS:-10}" \
-  --green-sms "${CO_RUN_GREEN_SMS-16,32,64}" --json "$OUT/co_run.json"
+  --train-rows "${CO_RUN_TRAIN_ROWS:-8}" --green-sms "${CO_RUN_GREEN_SMS-16,32,64}" --json "$OUT/co_run.json"
 step governor_8b python3 -m benchmarks.governor_bench --models dummy:llama-3.1-8b --ungoverned --home "$KILN_HOME" --out "$OUT/governor-8b"
 exit $status
