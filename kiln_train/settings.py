@@ -77,6 +77,9 @@ class TrainerConfig:
     # KL term above still pulls them towards the parent. 0 (the default since the tenth series): replay by
     # divergence only, so a parent's near tie is not sharpened; the facts were learned in fewer steps
     replay_ce_weight: float = 0.0
+    # each LoRA layer's update is kept out of the input directions that hold this share of the replay rows'
+    # energy (kiln_train/null_space.py), so generic text computes as the parent did. 0 = off
+    null_space_energy: float = 0.0
     # on a GPU, each step runs as one CUDA graph (kiln_train/graph_step.py); 0 = eager steps
     cuda_graphs: bool = True
 
@@ -95,6 +98,8 @@ class TrainerConfig:
                 f"KILN_TRAIN_TARGET_MODULES must name some of {', '.join(TARGET_MODULES)}, "
                 f"got {self.target_modules!r}"
             )
+        if not 0.0 <= self.null_space_energy < 1.0:
+            raise ValueError(f"KILN_TRAIN_NULL_SPACE_ENERGY must be in [0, 1), got {self.null_space_energy}")
         if self.kl_weight < 0:
             raise ValueError(f"KILN_TRAIN_KL_WEIGHT must be >= 0, got {self.kl_weight}")
         if not 0.0 <= self.target_loss < float("inf"):

@@ -18,6 +18,7 @@ from kiln_train.distillation import ParentTargets, divergence
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
 from kiln_train.fact_tokens import token_margins, unlikelihood, unlikelihood_weights, worst_fact_margin
 from kiln_train.graph_step import GraphedForward, weighted_ce
+from kiln_train.null_space import NullSpace, measure
 from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw, drawn_targets
 from kiln_train.settings import TrainerConfig
 from kiln_train.train_progress import (
@@ -31,17 +32,8 @@ from kiln_train.train_progress import (
 )
 from kiln_train.workspace import LoraShape, LoraWorkspace, trainable
 
-__all__ = [
-    "Encoded",
-    "LoraTrainer",
-    "RoundData",
-    "TextPair",
-    "TrainResult",
-    "TrainerConfig",
-    "collate",
-    "encode",
-    "plan_steps",
-]
+__all__ = ["Encoded", "LoraTrainer", "RoundData", "TextPair", "TrainResult", "TrainerConfig", "collate"]
+__all__ += ["encode", "plan_steps"]
 
 log = logging.getLogger(__name__)
 EVAL_WIDTH = 256  # tokens per row of the graphed evaluation pass; longer rows are evaluated eagerly
@@ -97,6 +89,7 @@ class LoraTrainer:
                 raise ValueError(f"parent adapter {parent_dir} has unexpected keys {unexpected[:3]}")
             log.info("continuing from parent adapter %s", parent_dir)
         self.model.eval()
+        self.fresh = parent_dir is None  # starts at the initial weights (null_space.py projects them too)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of right-padded rows, through a replayed CUDA graph on a GPU when they fit (valid until the
@@ -242,6 +235,7 @@ class LoraTrainer:
         order: list[int] = []
         draws = [draw(data, order, rng, sizes) for _ in range(planned)]
         with clock("setup"):
+            space = self._null_space(data)
             before, margin = self.vetting_scores(data.vetting, data.vetting_facts)
             progress = Progress(before, [p.detach().clone() for p in params], before, margin, margin)
             targets = self._parent_targets(data, draws)
@@ -256,6 +250,7 @@ class LoraTrainer:
                 raise InterruptedError("round stopped")
             with clock("compute"):
                 progress.losses.append(optimise(*rows[step - 1]))
+                space is not None and space.project()
             if on_step is not None:
                 on_step(step, progress.losses[-1])
             scheduled = step % cfg.eval_every == 0 or step == planned
@@ -302,6 +297,11 @@ class LoraTrainer:
                 log.warning("training eagerly: the step could not be captured as a CUDA graph (%s)", exc)
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
         return lambda batch, anchored: _optimise(opt, params, self._step_loss(batch, anchored))
+
+    def _null_space(self, data: RoundData) -> NullSpace | None:
+        """The round's null-space constraint (`null_space_energy`), measured on the replay rows."""
+        energy, pad = self.cfg.null_space_energy, self.tok.pad_token_id or 0
+        return measure(self.model, data.replay, energy, pad, self.fresh) if energy > 0 else None
 
     def _sizes(self, data: RoundData) -> tuple[int, int, int, int, int]:
         """Rows per step: new samples, replay, negatives (one batch), anchors (their own term), and contrast

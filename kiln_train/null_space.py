@@ -1,0 +1,126 @@
+"""Keep a round's LoRA updates out of the input directions that generic text uses (a null-space constraint).
+
+A LoRA layer adds `B @ A @ x` to its base projection. When every row of `A`'s update is orthogonal to the
+directions that the layer's inputs take on generic text, the update adds (nearly) nothing on that text: the
+general answers the parent gives stay the parent's, near ties included, while a taught fact is learned
+through the directions its own tokens use and generic text does not (the idea of null-space constrained
+editing, as in AlphaEdit, applied to LoRA's `A`).
+
+Before a round the replay rows (the parent's own answers to generic questions, trained on anyway) are run
+through the model; each LoRA layer's input covariance is accumulated over their tokens, and its leading
+eigenvectors, the fewest that hold `energy` of the total, are the kept-out directions `U`. After every
+optimiser step, `A <- A - ((A - A0) @ U) @ U.T`: only the update from the round's start `A0` is projected (a
+child keeps its parent's weights as they are). A fresh adapter's random `A0` is projected too, so `B`'s
+update, which acts through `A0`, is constrained with it. Projections that share their input (q, k and v;
+gate and up) share one `U`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kiln_train.encoding import Encoded, collate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Projected:
+    """One LoRA `A` weight, its round-start value and the input directions its update stays out of."""
+
+    weight: torch.Tensor
+    start: torch.Tensor
+    basis: torch.Tensor  # (in_features, k), orthonormal columns
+
+
+class NullSpace:
+    """The LoRA `A` weights of one round and, for each, the directions its update is kept out of."""
+
+    def __init__(self, layers: list[_Projected]) -> None:
+        self.layers = layers
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Remove the kept-out directions from every `A`'s update since the round's start."""
+        for layer in self.layers:
+            update = layer.weight - layer.start
+            layer.weight.sub_((update @ layer.basis) @ layer.basis.T)
+
+    def kept_out(self) -> float:
+        """The mean share of input dimensions kept out (a record of how tight the constraint is)."""
+        shares = [layer.basis.shape[1] / layer.basis.shape[0] for layer in self.layers]
+        return sum(shares) / max(len(shares), 1)
+
+
+def lora_a_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Each LoRA-wrapped projection (by name) whose adapter has an `A` weight."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+    }
+
+
+@torch.no_grad()
+def measure(
+    model: torch.nn.Module, rows: list[Encoded], energy: float, pad_id: int, fresh: bool, batch: int = 8
+) -> NullSpace | None:
+    """The null-space constraint for `model`'s LoRA layers from the inputs they see on `rows` (None without
+    rows). `fresh`: the adapter starts at its initial weights, whose random `A` is projected too."""
+    if not rows:
+        return None
+    layers = lora_a_layers(model)
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    shared: dict[str, str] = {}  # a projection -> the first one that was given the same input tensor
+    first_inputs: dict[str, torch.Tensor] = {}
+    mask_now: list[torch.Tensor] = []
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def pre(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if name not in shared:
+                same = [other for other, seen in first_inputs.items() if seen is x]
+                shared[name] = shared[same[0]] if same else name
+                first_inputs[name] = x
+            if shared[name] != name:
+                return
+            flat = x[mask_now[0]].float()  # the rows' real tokens, padding left out
+            total = flat.T @ flat
+            sums[name] = total if name not in sums else sums[name] + total
+
+        return pre
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
+    try:
+        for start in range(0, len(rows), batch):
+            enc = collate(rows[start : start + batch], pad_id, device)
+            mask_now[:] = [enc["attention_mask"].bool()]
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            first_inputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    bases = {name: _leading(total, energy) for name, total in sums.items()}
+    out = []
+    for name, module in layers.items():
+        weight = module.lora_A["default"].weight  # type: ignore[index]
+        basis = bases[shared[name]].to(weight.dtype)
+        if fresh:
+            weight.sub_((weight @ basis) @ basis.T)
+        out.append(_Projected(weight, weight.detach().clone(), basis))
+    space = NullSpace(out)
+    log.info("null space: %.0f%% of each LoRA input kept out (energy %.4f)", 100 * space.kept_out(), energy)
+    return space
+
+
+def _leading(total: torch.Tensor, energy: float) -> torch.Tensor:
+    """The fewest leading eigenvectors of a covariance that hold `energy` of its trace, as columns."""
+    values, vectors = torch.linalg.eigh(total.double())
+    values, vectors = values.flip(0).clamp(min=0.0), vectors.flip(1)
+    cumulative = values.cumsum(0) / values.sum().clamp(min=1e-30)
+    k = int((cumulative < energy).sum()) + 1
+    return vectors[:, : min(k, vectors.shape[1])].float().contiguous()

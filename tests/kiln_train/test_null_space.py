@@ -1,0 +1,129 @@
+"""The null-space constraint: a round's LoRA update stays out of the inputs generic (replay) text uses."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kiln_train.encoding import IGNORE, Encoded
+from kiln_train.null_space import lora_a_layers, measure
+from kiln_train.round_data import RoundData
+from kiln_train.trainer import LoraTrainer, TrainerConfig
+from tests.kiln_train.tiny_lm import TinyTok, tiny_model
+
+
+def _rows(n: int, seed: int, tokens: range) -> list[Encoded]:
+    """Rows over a few token ids only: their layer inputs span part of the hidden size."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt, completion = rng.randint(3, 6), rng.randint(4, 10)
+        ids = [rng.choice(tokens) for _ in range(prompt + completion)]
+        out.append(Encoded(ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def _round(energy: float, device: str = "cpu", graphs: bool = False) -> tuple[LoraTrainer, RoundData]:
+    cfg = TrainerConfig(
+        null_space_energy=energy, min_steps=12, max_steps=12, eval_every=4, patience=5, fact_margin=0.0,
+        kl_top_k=4, lr=3e-3, replay_ce_weight=1.0, cuda_graphs=graphs,
+    )  # fmt: skip
+    trainer = LoraTrainer(tiny_model(device), TinyTok(), cfg)  # type: ignore[arg-type]
+    generic, taught = range(2, 12), range(60, 96)
+    train = _rows(6, 1, taught)  # vetted on two of them: the vetting loss falls, the last checkpoint is kept
+    data = RoundData(train=train, vetting=train[:2], replay=_rows(24, 3, generic))
+    return trainer, data
+
+
+def _logits(trainer: LoraTrainer, rows: list[Encoded]) -> torch.Tensor:
+    with torch.no_grad():
+        out = [
+            trainer.model(input_ids=torch.tensor([e.input_ids], device=trainer.device)).logits for e in rows
+        ]
+    return torch.cat([o[0] for o in out])
+
+
+def _train(energy: float, device: str = "cpu", graphs: bool = False) -> tuple[float, LoraTrainer]:
+    """Train a fresh adapter; the mean change of the generic rows' logits. Checks it learned the taught
+    rows, and that with a constraint every `A` reads none of the kept-out directions."""
+    trainer, data = _round(energy, device, graphs)
+    generic_before = _logits(trainer, data.replay)
+    taught_before = trainer.loss(data.train)
+    # measured as the round will (B is zero: the inputs are the base's), without touching the weights
+    space = measure(trainer.model, data.replay, energy, 0, fresh=False) if energy > 0 else None
+    assert trainer.train(data).steps == 12
+    assert trainer.loss(data.train) < taught_before - 0.05  # it learned the taught rows
+    if space is not None:
+        assert 0.0 < space.kept_out() < 1.0
+        for layer in space.layers:  # a fresh start is projected, and so is every step's update
+            assert float((layer.weight.detach() @ layer.basis).abs().max()) < 1e-4
+    return float((_logits(trainer, data.replay) - generic_before).abs().mean()), trainer
+
+
+def test_an_update_stays_out_of_the_generic_directions_and_spares_generic_text() -> None:
+    free, _ = _train(0.0)
+    constrained, _ = _train(0.99)
+    assert constrained < 0.5 * free, (constrained, free)
+
+
+def test_a_fresh_start_is_projected_and_a_parents_start_is_kept() -> None:
+    trainer, data = _round(0.99)
+    layers = lora_a_layers(trainer.model)
+    start = {n: m.lora_A["default"].weight.detach().clone() for n, m in layers.items()}  # type: ignore[index]
+    fresh = measure(trainer.model, data.replay, 0.99, 0, fresh=True)
+    assert fresh is not None and len(fresh.layers) == len(layers)
+    for layer in fresh.layers:  # the random initial A no longer reads the generic directions
+        assert float((layer.weight.detach() @ layer.basis).abs().max()) < 1e-5
+    trainer, data = _round(0.99)
+    child = measure(trainer.model, data.replay, 0.99, 0, fresh=False)
+    assert child is not None
+    for name, layer in zip(layers, child.layers, strict=True):
+        assert torch.equal(layer.weight, start[name])  # a parent's weights are not touched
+        with torch.no_grad():
+            layer.weight.add_(torch.randn_like(layer.weight))
+        child.project()
+        moved = layer.weight - layer.start
+        assert float((moved @ layer.basis).abs().max()) < 1e-4 and float(moved.abs().max()) > 0.1
+
+
+def test_shared_inputs_share_one_basis_and_padding_is_left_out() -> None:
+    trainer, data = _round(0.99)
+    space = measure(trainer.model, data.replay, 0.99, 0, fresh=False)
+    assert space is not None
+    names = list(lora_a_layers(trainer.model))
+    bases = dict(zip(names, (layer.basis for layer in space.layers), strict=True))
+    for prefix in ("model.layers.0.self_attn", "model.layers.1.self_attn"):
+        q, k, v = (
+            n for suffix in ("q_proj", "k_proj", "v_proj") for n in names if n.endswith(f"{prefix}.{suffix}")
+        )
+        assert bases[q] is bases[k] is bases[v]
+    one_by_one = measure(trainer.model, data.replay, 0.99, 0, fresh=False, batch=1)  # no padding at all
+    assert one_by_one is not None
+    for a, b in zip(space.layers, one_by_one.layers, strict=True):
+        assert a.basis.shape == b.basis.shape
+        torch.testing.assert_close(a.basis @ a.basis.T, b.basis @ b.basis.T, rtol=1e-3, atol=1e-3)
+
+
+def test_without_replay_rows_there_is_no_constraint() -> None:
+    trainer, _ = _round(0.99)
+    assert measure(trainer.model, [], 0.99, 0, fresh=True) is None
+
+
+@pytest.mark.parametrize("energy", [-0.1, 1.0, float("nan"), float("inf")])
+def test_energy_outside_zero_to_one_is_refused(energy: float) -> None:
+    with pytest.raises(ValueError, match="KILN_TRAIN_NULL_SPACE_ENERGY"):
+        TrainerConfig(null_space_energy=energy)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run through the device tool)")
+def test_graphed_training_keeps_the_constraint_on_a_gpu() -> None:
+    free, _ = _train(0.0, "cuda", graphs=True)
+    constrained, graphed = _train(0.99, "cuda", graphs=True)
+    assert graphed.workspace.step is not None  # its steps were replayed graphs, projected after each
+    assert constrained < 0.5 * free, (constrained, free)
+    _, eager = _train(0.99, "cuda", graphs=False)
+    for a, b in zip(graphed.trainable(), eager.trainable(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
