@@ -27,13 +27,32 @@ from kiln_train.encoding import Encoded, collate
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Directions:
+    """Orthonormal columns spanning the kept-out directions of one input (`kept=False`), or, when that is
+    smaller, spanning the directions left free (`kept=True`)."""
+
+    basis: torch.Tensor  # (in_features, k)
+    kept: bool
+
+    def outside(self, t: torch.Tensor) -> torch.Tensor:
+        """The part of `t`'s rows that lies in the kept-out directions."""
+        inside = (t @ self.basis) @ self.basis.T
+        return t - inside if self.kept else inside
+
+    def kept_out(self) -> float:
+        """The share of the input's dimensions kept out."""
+        share = self.basis.shape[1] / self.basis.shape[0]
+        return 1.0 - share if self.kept else share
+
+
 @dataclass
 class _Projected:
     """One LoRA `A` weight, its round-start value and the input directions its update stays out of."""
 
     weight: torch.Tensor
     start: torch.Tensor
-    basis: torch.Tensor  # (in_features, k), orthonormal columns
+    directions: Directions
 
 
 class NullSpace:
@@ -46,12 +65,21 @@ class NullSpace:
     def project(self) -> None:
         """Remove the kept-out directions from every `A`'s update since the round's start."""
         for layer in self.layers:
-            update = layer.weight - layer.start
-            layer.weight.sub_((update @ layer.basis) @ layer.basis.T)
+            layer.weight.sub_(layer.directions.outside(layer.weight - layer.start))
+
+    @torch.no_grad()
+    def project_gradients(self) -> None:
+        """Remove the kept-out directions from every `A`'s gradient, before the optimiser reads it: Adam's
+        moments then follow the free directions alone, whose steps are not scaled down by the projection
+        that follows them (Adam is not rotation-invariant, so `project` still runs after the step)."""
+        for layer in self.layers:
+            grad = layer.weight.grad
+            if grad is not None:
+                grad.sub_(layer.directions.outside(grad))
 
     def kept_out(self) -> float:
         """The mean share of input dimensions kept out (a record of how tight the constraint is)."""
-        shares = [layer.basis.shape[1] / layer.basis.shape[0] for layer in self.layers]
+        shares = [layer.directions.kept_out() for layer in self.layers]
         return sum(shares) / max(len(shares), 1)
 
 
@@ -108,19 +136,22 @@ def measure(
     out = []
     for name, module in layers.items():
         weight = module.lora_A["default"].weight  # type: ignore[index]
-        basis = bases[shared[name]].to(weight.dtype)
+        directions = bases[shared[name]]
         if fresh:
-            weight.sub_((weight @ basis) @ basis.T)
-        out.append(_Projected(weight, weight.detach().clone(), basis))
+            weight.sub_(directions.outside(weight))
+        out.append(_Projected(weight, weight.detach().clone(), directions))
     space = NullSpace(out)
     log.info("null space: %.0f%% of each LoRA input kept out (energy %.4f)", 100 * space.kept_out(), energy)
     return space
 
 
-def _leading(total: torch.Tensor, energy: float) -> torch.Tensor:
-    """The fewest leading eigenvectors of a covariance that hold `energy` of its trace, as columns."""
+def _leading(total: torch.Tensor, energy: float) -> Directions:
+    """The fewest leading eigenvectors of a covariance that hold `energy` of its trace (or the other
+    eigenvectors, when they are fewer: the same constraint in less memory)."""
     values, vectors = torch.linalg.eigh(total.double())
     values, vectors = values.flip(0).clamp(min=0.0), vectors.flip(1)
     cumulative = values.cumsum(0) / values.sum().clamp(min=1e-30)
-    k = int((cumulative < energy).sum()) + 1
-    return vectors[:, : min(k, vectors.shape[1])].float().contiguous()
+    k = min(int((cumulative < energy).sum()) + 1, vectors.shape[1])
+    kept = 2 * k > vectors.shape[1]
+    basis = vectors[:, k:] if kept else vectors[:, :k]
+    return Directions(basis.float().contiguous(), kept)

@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kiln_train.settings import TrainerConfig
+
+
+def plan_steps(n_train: int, new_per_step: int, cfg: TrainerConfig) -> int:
+    """Steps that show every new sample `epochs` times, within [min_steps, max_steps]."""
+    wanted = math.ceil(cfg.epochs * n_train / max(new_per_step, 1))
+    return max(cfg.min_steps, min(cfg.max_steps, wanted))
+
 
 @dataclass
 class TrainResult:

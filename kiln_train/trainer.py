@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from kiln_train.train_progress import (
     TrainResult,
     facts_learned,
     pick,
+    plan_steps,
     train_result,
 )
 from kiln_train.workspace import LoraShape, LoraWorkspace, trainable
@@ -39,18 +39,18 @@ log = logging.getLogger(__name__)
 EVAL_WIDTH = 256  # tokens per row of the graphed evaluation pass; longer rows are evaluated eagerly
 
 
-def plan_steps(n_train: int, new_per_step: int, cfg: TrainerConfig) -> int:
-    """Steps that show every new sample `epochs` times, within [min_steps, max_steps]."""
-    wanted = math.ceil(cfg.epochs * n_train / max(new_per_step, 1))
-    return max(cfg.min_steps, min(cfg.max_steps, wanted))
-
-
-def _optimise(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
-    """One optimiser step on `loss` (gradients clipped to norm 1); returns the loss."""
+def _optimise(
+    opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, space: NullSpace | None
+) -> float:
+    """One optimiser step on `loss` (gradients projected by `space`, then clipped to norm 1); returns it."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if space is not None:
+        space.project_gradients()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+    if space is not None:
+        space.project()
     return float(loss.detach())
 
 
@@ -226,10 +226,7 @@ class LoraTrainer:
         Candidates are vetted lazily, lowest loss first; the first `vet` accepts is kept (else the parent).
         `anchors` (replay indices) get a loss term of their own every step.
         """
-        cfg = self.cfg
-        rng = random.Random(cfg.seed)
-        params = self.trainable()
-        sizes = self._sizes(data)
+        cfg, rng, params, sizes = self.cfg, random.Random(self.cfg.seed), self.trainable(), self._sizes(data)
         planned = plan_steps(len(data.train), sizes[0], cfg)
         clock = Clock()
         order: list[int] = []
@@ -241,7 +238,7 @@ class LoraTrainer:
             targets = self._parent_targets(data, draws)
             rows = [batch_rows(data, d, targets, self.cfg.replay_ce_weight) for d in draws]
         with clock("capture"):
-            optimise = self._stepper(params, rows)
+            optimise = self._stepper(params, rows, space=space)
         step, stop_reason = 0, "planned steps done"
         for step in range(1, planned + 1):
             with clock("wait"):
@@ -250,7 +247,6 @@ class LoraTrainer:
                 raise InterruptedError("round stopped")
             with clock("compute"):
                 progress.losses.append(optimise(*rows[step - 1]))
-                space is not None and space.project()
             if on_step is not None:
                 on_step(step, progress.losses[-1])
             scheduled = step % cfg.eval_every == 0 or step == planned
@@ -287,16 +283,21 @@ class LoraTrainer:
         self._stepper(self.trainable(), [step], wider)
 
     def _stepper(
-        self, params: list[torch.nn.Parameter], rows: list[tuple[Rows, Rows]], wider: int = 0
+        self,
+        params: list[torch.nn.Parameter],
+        rows: list[tuple[Rows, Rows]],
+        wider: int = 0,
+        space: NullSpace | None = None,
     ) -> Callable[[Rows, Rows], float]:
-        """One optimiser step on a step's rows: a replayed CUDA graph on a GPU (`cuda_graphs`), else eager."""
-        if self.cfg.cuda_graphs and self.device.type == "cuda" and rows:
+        """One optimiser step on a step's rows: a replayed CUDA graph on a GPU (`cuda_graphs`; not yet with a
+        null-space constraint, whose gradients are projected eagerly), else eager."""
+        if self.cfg.cuda_graphs and self.device.type == "cuda" and rows and space is None:
             try:
                 return self.workspace.stepper(params, self.cfg, rows, self.tok.pad_token_id or 0, wider)
             except (RuntimeError, ValueError) as exc:
                 log.warning("training eagerly: the step could not be captured as a CUDA graph (%s)", exc)
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
-        return lambda batch, anchored: _optimise(opt, params, self._step_loss(batch, anchored))
+        return lambda batch, anchored: _optimise(opt, params, self._step_loss(batch, anchored), space)
 
     def _null_space(self, data: RoundData) -> NullSpace | None:
         """The round's null-space constraint (`null_space_energy`), measured on the replay rows."""
@@ -371,13 +372,8 @@ class LoraTrainer:
         loss, margin = self.vetting_scores(data.vetting, data.vetting_facts)
         progress.evaluations.append((step, loss, margin))
         progress.margin = margin
-        log.info(
-            "step %d: train loss %.4f, vetting loss %.4f, worst fact-token margin %.2f",
-            step,
-            progress.losses[-1],
-            loss,
-            margin,
-        )
+        line = "step %d: train loss %.4f, vetting loss %.4f, worst fact-token margin %.2f"
+        log.info(line, step, progress.losses[-1], loss, margin)
         improved = scheduled and loss < progress.best * (1.0 - cfg.min_rel_improvement)
         learned = facts_learned(margin, cfg.fact_margin)
         if improved or learned:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kiln_train.encoding import IGNORE, Encoded
-from kiln_train.null_space import lora_a_layers, measure
+from kiln_train.null_space import Directions, _leading, lora_a_layers, measure
 from kiln_train.round_data import RoundData
 from kiln_train.trainer import LoraTrainer, TrainerConfig
 from tests.kiln_train.tiny_lm import TinyTok, tiny_model
@@ -58,7 +58,7 @@ def _train(energy: float, device: str = "cpu", graphs: bool = False) -> tuple[fl
     if space is not None:
         assert 0.0 < space.kept_out() < 1.0
         for layer in space.layers:  # a fresh start is projected, and so is every step's update
-            assert float((layer.weight.detach() @ layer.basis).abs().max()) < 1e-4
+            assert float(layer.directions.outside(layer.weight.detach()).abs().max()) < 1e-4
     return float((_logits(trainer, data.replay) - generic_before).abs().mean()), trainer
 
 
@@ -75,7 +75,7 @@ def test_a_fresh_start_is_projected_and_a_parents_start_is_kept() -> None:
     fresh = measure(trainer.model, data.replay, 0.99, 0, fresh=True)
     assert fresh is not None and len(fresh.layers) == len(layers)
     for layer in fresh.layers:  # the random initial A no longer reads the generic directions
-        assert float((layer.weight.detach() @ layer.basis).abs().max()) < 1e-5
+        assert float(layer.directions.outside(layer.weight.detach()).abs().max()) < 1e-5
     trainer, data = _round(0.99)
     child = measure(trainer.model, data.replay, 0.99, 0, fresh=False)
     assert child is not None
@@ -85,7 +85,7 @@ def test_a_fresh_start_is_projected_and_a_parents_start_is_kept() -> None:
             layer.weight.add_(torch.randn_like(layer.weight))
         child.project()
         moved = layer.weight - layer.start
-        assert float((moved @ layer.basis).abs().max()) < 1e-4 and float(moved.abs().max()) > 0.1
+        assert float(layer.directions.outside(moved).abs().max()) < 1e-4 and float(moved.abs().max()) > 0.1
 
 
 def test_shared_inputs_share_one_basis_and_padding_is_left_out() -> None:
@@ -93,7 +93,7 @@ def test_shared_inputs_share_one_basis_and_padding_is_left_out() -> None:
     space = measure(trainer.model, data.replay, 0.99, 0, fresh=False)
     assert space is not None
     names = list(lora_a_layers(trainer.model))
-    bases = dict(zip(names, (layer.basis for layer in space.layers), strict=True))
+    bases = dict(zip(names, (layer.directions for layer in space.layers), strict=True))
     for prefix in ("model.layers.0.self_attn", "model.layers.1.self_attn"):
         q, k, v = (
             n for suffix in ("q_proj", "k_proj", "v_proj") for n in names if n.endswith(f"{prefix}.{suffix}")
@@ -102,8 +102,26 @@ def test_shared_inputs_share_one_basis_and_padding_is_left_out() -> None:
     one_by_one = measure(trainer.model, data.replay, 0.99, 0, fresh=False, batch=1)  # no padding at all
     assert one_by_one is not None
     for a, b in zip(space.layers, one_by_one.layers, strict=True):
-        assert a.basis.shape == b.basis.shape
-        torch.testing.assert_close(a.basis @ a.basis.T, b.basis @ b.basis.T, rtol=1e-3, atol=1e-3)
+        da, db = a.directions, b.directions
+        assert da.basis.shape == db.basis.shape and da.kept == db.kept
+        torch.testing.assert_close(da.basis @ da.basis.T, db.basis @ db.basis.T, rtol=1e-3, atol=1e-3)
+
+
+def test_the_smaller_side_is_stored_and_projects_the_same() -> None:
+    q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    q = q.float()
+    t = torch.randn(4, 16)
+    for k in (3, 12):  # 3 directions kept out: stored as they are; 12: stored as the 4 left free
+        out, free = Directions(q[:, :k], kept=False), Directions(q[:, k:], kept=True)
+        torch.testing.assert_close(out.outside(t), free.outside(t), rtol=1e-5, atol=1e-5)
+        assert out.kept_out() == free.kept_out() == k / 16
+    values = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.125])
+    basis, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    covariance = basis @ torch.diag(values.double()) @ basis.T
+    few = _leading(covariance, 0.5)  # the first eigenvalue holds exactly half of the trace
+    many = _leading(covariance, 0.97)
+    assert not few.kept and few.basis.shape == (8, 1) and few.kept_out() == 1 / 8
+    assert many.kept and many.kept_out() == 6 / 8  # 6 of 8 kept out: the 2 free ones are stored
 
 
 def test_without_replay_rows_there_is_no_constraint() -> None:
