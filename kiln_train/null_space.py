@@ -18,6 +18,7 @@ gate and up) share one `U`.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,7 @@ def measure(
     rows). `fresh`: the adapter starts at its initial weights, whose random `A` is projected too."""
     if not rows:
         return None
+    t0 = time.monotonic()
     layers = lora_a_layers(model)
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
@@ -141,7 +143,13 @@ def measure(
             weight.sub_(directions.outside(weight))
         out.append(_Projected(weight, weight.detach().clone(), directions))
     space = NullSpace(out)
-    log.info("null space: %.0f%% of each LoRA input kept out (energy %.4f)", 100 * space.kept_out(), energy)
+    share, seconds = 100 * space.kept_out(), time.monotonic() - t0
+    log.info(
+        "null space: %.0f%% of each LoRA input kept out (energy %.4f), measured in %.1f s",
+        share,
+        energy,
+        seconds,
+    )
     return space
 
 
