@@ -252,6 +252,17 @@ def measure(stack: Stack, setup: Setup, timeout_s: float) -> dict[str, object]:
     return result
 
 
+def _train_settings(pairs: list[str]) -> dict[str, str]:
+    """`--train-setting KILN_TRAIN_NAME=VALUE` pairs as environment variables for kiln-train."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("KILN_TRAIN_"):
+            raise SystemExit(f"--train-setting wants KILN_TRAIN_NAME=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the train-while-serving benchmark and print its numbers as JSON."""
     parser = argparse.ArgumentParser(prog="kiln bench --train-while-serving", description=__doc__)
@@ -270,6 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="publish whatever the round makes (timing only; see OPEN_GATE)",
     )
+    parser.add_argument(
+        "--train-setting",
+        action="append",
+        default=[],
+        metavar="KILN_TRAIN_NAME=VALUE",
+        help="a kiln-train setting for the round (repeatable; the benchmark's own environment is not passed)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--logs", type=Path, help="copy kiln-infer's and kiln-train's logs into this folder")
     parser.add_argument("--home", type=Path, help="where the converted models are [KILN_HOME or ./.kiln]")
@@ -282,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup.max_tokens,
         setup.examples,
         args.window or setup.window_s,
-        {**setup.train_env, **(OPEN_GATE if args.open_gate else {})},
+        {**setup.train_env, **(OPEN_GATE if args.open_gate else {}), **_train_settings(args.train_setting)},
     )
     with tempfile.TemporaryDirectory(prefix="kiln-tws-") as tmp:
         home = Path(tmp)

@@ -280,7 +280,8 @@ class LoraTrainer:
         step = batch_rows(data, drawn, ([], []), self.cfg.replay_ce_weight)
         contrasts = [c.example for c in data.contrasts]
         wider = max(len(e.input_ids) for e in data.train + data.replay + data.negatives + contrasts)
-        self._stepper(self.trainable(), [step], wider)
+        if self.cfg.null_space_energy <= 0:  # a constrained round steps eagerly (`_stepper`)
+            self._stepper(self.trainable(), [step], wider)
 
     def _stepper(
         self,

@@ -29,3 +29,11 @@ def test_small_run_reports_latency_phases_and_swap(
     assert {"phase_answers_s", "phase_steps_s", "phase_gate_s", "phase_publish_s"} <= set(result["phases_s"])
     assert 0 < result["publish_to_first_token_s"] < result["teach_to_serving_s"]
     assert result["failed_requests"] == 0
+
+
+def test_train_settings_are_kiln_train_variables() -> None:
+    pairs = ["KILN_TRAIN_NULL_SPACE_ENERGY=0.9", "KILN_TRAIN_LR=2e-3"]
+    assert bench._train_settings(pairs) == {"KILN_TRAIN_NULL_SPACE_ENERGY": "0.9", "KILN_TRAIN_LR": "2e-3"}
+    for bad in ("KILN_TRAIN_LR", "KILN_MODEL=x", "PATH=/tmp"):
+        with pytest.raises(SystemExit, match="KILN_TRAIN_NAME=VALUE"):
+            bench._train_settings([bad])
