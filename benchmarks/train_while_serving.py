@@ -263,8 +263,8 @@ def _train_settings(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the train-while-serving benchmark and print its numbers as JSON."""
+def _parser() -> argparse.ArgumentParser:
+    """The benchmark's arguments."""
     parser = argparse.ArgumentParser(prog="kiln bench --train-while-serving", description=__doc__)
     parser.add_argument("--small", action="store_true", help="the small CPU variant (SmolLM2, a few steps)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
@@ -291,7 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--logs", type=Path, help="copy kiln-infer's and kiln-train's logs into this folder")
     parser.add_argument("--home", type=Path, help="where the converted models are [KILN_HOME or ./.kiln]")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the train-while-serving benchmark and print its numbers as JSON."""
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     setup = SMALL if args.small else GPU
     setup = Setup(

@@ -25,6 +25,7 @@ from kiln_common.side_stream import side_stream
 from kiln_train.distillation import completion_positions, rest_mass
 from kiln_train.encoding import IGNORE, Encoded
 from kiln_train.fact_tokens import unlikelihood, unlikelihood_weights
+from kiln_train.null_space import NullSpace
 from kiln_train.round_data import Rows
 from kiln_train.settings import TrainerConfig
 
@@ -176,11 +177,12 @@ class GraphedStep:
         weights: LossWeights,
         first: tuple[Rows, Rows],
         pad_id: int,
+        space: NullSpace | None = None,
     ) -> None:
         device = params[0].device
         (b_rows, b_width), (a_rows, a_width) = shapes
         self.shapes, self.weights = shapes, weights
-        self.pad_id = pad_id
+        self.pad_id, self.space = pad_id, space  # the space's projections are captured with the step
         self.model, self.params, self.opt = model, params, opt
         self.batch = Slots.empty(b_rows, b_width, weights.top_k, device)
         self.anchors = Slots.empty(a_rows, a_width, weights.top_k, device) if a_rows else None
@@ -205,11 +207,15 @@ class GraphedStep:
         log.info("step captured as a CUDA graph: %s", {k: round(v, 3) for k, v in self.timings.items()})
 
     def fits(
-        self, params: list[torch.nn.Parameter], cfg: TrainerConfig, shapes: tuple[tuple[int, int], ...]
+        self,
+        params: list[torch.nn.Parameter],
+        cfg: TrainerConfig,
+        shapes: tuple[tuple[int, int], ...],
+        space: NullSpace | None = None,
     ) -> bool:
         """Whether a round with these parameters, settings and shapes can replay this graph: the same
-        tensors, optimiser and loss settings and row counts, rows no wider than the captured ones."""
-        same = len(params) == len(self.params)
+        tensors, optimiser and loss settings, null-space constraint and row counts, rows no wider."""
+        same = len(params) == len(self.params) and space is self.space
         same_params = same and all(a is b for a, b in zip(params, self.params, strict=True))
         settings = self.weights == LossWeights.of(cfg) and self.opt.defaults["lr"] == cfg.lr
         rows = all(
@@ -231,8 +237,12 @@ class GraphedStep:
         self.opt.zero_grad(set_to_none=False)
         loss = dense_loss(self.model, self.batch, self.anchors, self.weights)
         loss.backward()
+        if self.space is not None:
+            self.space.project_gradients()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
+        if self.space is not None:
+            self.space.project()
         return loss.detach()
 
     def __call__(self, batch: Rows, anchored: Rows) -> float:
@@ -301,12 +311,13 @@ def graphed(
     steps: list[tuple[Rows, Rows]],
     pad_id: int,
     shapes: tuple[tuple[int, int], tuple[int, int]] | None = None,
+    space: NullSpace | None = None,
 ) -> GraphedStep:
     """A GraphedStep for a round whose steps' rows are `steps` (every step has the same row counts), at
-    `shapes` (default: `round_shapes(steps)`); ValueError if the row counts differ."""
+    `shapes` (default: `round_shapes(steps)`), projected by `space`; ValueError if the row counts differ."""
     shapes = shapes or round_shapes(steps)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, capturable=True)
-    return GraphedStep(model, params, opt, shapes, LossWeights.of(cfg), steps[0], pad_id)
+    return GraphedStep(model, params, opt, shapes, LossWeights.of(cfg), steps[0], pad_id, space)
 
 
 class GraphedForward:

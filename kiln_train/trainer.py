@@ -17,7 +17,7 @@ from kiln_train.distillation import ParentTargets, divergence
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
 from kiln_train.fact_tokens import token_margins, unlikelihood, unlikelihood_weights, worst_fact_margin
 from kiln_train.graph_step import GraphedForward, weighted_ce
-from kiln_train.null_space import NullSpace, measure
+from kiln_train.null_space import NullSpace
 from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw, drawn_targets
 from kiln_train.settings import TrainerConfig
 from kiln_train.train_progress import (
@@ -280,8 +280,7 @@ class LoraTrainer:
         step = batch_rows(data, drawn, ([], []), self.cfg.replay_ce_weight)
         contrasts = [c.example for c in data.contrasts]
         wider = max(len(e.input_ids) for e in data.train + data.replay + data.negatives + contrasts)
-        if self.cfg.null_space_energy <= 0:  # a constrained round steps eagerly (`_stepper`)
-            self._stepper(self.trainable(), [step], wider)
+        self._stepper(self.trainable(), [step], wider, self._null_space(data))
 
     def _stepper(
         self,
@@ -290,11 +289,13 @@ class LoraTrainer:
         wider: int = 0,
         space: NullSpace | None = None,
     ) -> Callable[[Rows, Rows], float]:
-        """One optimiser step on a step's rows: a replayed CUDA graph on a GPU (`cuda_graphs`; not yet with a
-        null-space constraint, whose gradients are projected eagerly), else eager."""
-        if self.cfg.cuda_graphs and self.device.type == "cuda" and rows and space is None:
+        """One optimiser step on a step's rows (projected by `space`): a replayed CUDA graph on a GPU
+        (`cuda_graphs`), else eager."""
+        if self.cfg.cuda_graphs and self.device.type == "cuda" and rows:
             try:
-                return self.workspace.stepper(params, self.cfg, rows, self.tok.pad_token_id or 0, wider)
+                return self.workspace.stepper(
+                    params, self.cfg, rows, self.tok.pad_token_id or 0, wider, space
+                )
             except (RuntimeError, ValueError) as exc:
                 log.warning("training eagerly: the step could not be captured as a CUDA graph (%s)", exc)
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
@@ -303,7 +304,7 @@ class LoraTrainer:
     def _null_space(self, data: RoundData) -> NullSpace | None:
         """The round's null-space constraint (`null_space_energy`), measured on the replay rows."""
         energy, pad = self.cfg.null_space_energy, self.tok.pad_token_id or 0
-        return measure(self.model, data.replay, energy, pad, self.fresh) if energy > 0 else None
+        return self.workspace.null_space(data.replay, energy, pad, self.fresh) if energy > 0 else None
 
     def _sizes(self, data: RoundData) -> tuple[int, int, int, int, int]:
         """Rows per step: new samples, replay, negatives (one batch), anchors (their own term), and contrast

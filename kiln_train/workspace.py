@@ -14,6 +14,8 @@ or a new base model (kiln-infer restarted) wraps afresh.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 
@@ -21,7 +23,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
+from kiln_train.encoding import IGNORE, Encoded
 from kiln_train.graph_step import GraphedForward, GraphedStep, graphed, round_shapes
+from kiln_train.null_space import NullSpace, measure
 from kiln_train.round_data import Rows
 from kiln_train.settings import TrainerConfig
 
@@ -50,6 +54,8 @@ class LoraWorkspace:
         self.forward: GraphedForward | None = None  # evaluation passes (GPU)
         self.forward_failed = False
         self.step: GraphedStep | None = None  # the last captured training step (GPU)
+        self._space: NullSpace | None = None  # the last null-space constraint measured, and for which rows
+        self._space_key = ""
 
     def checkout(self, base: PreTrainedModel, shape: LoraShape, seed: int) -> PeftModel:
         """The wrapped base with fresh initial LoRA weights (wrapping it first if needed)."""
@@ -91,6 +97,7 @@ class LoraWorkspace:
         model = self.model
         self.model, self._base, self._shape, self._fresh = None, None, None, []
         self.forward, self.forward_failed, self.step = None, False, None
+        self._space, self._space_key = None, ""
         if model is not None:
             model.unload()
 
@@ -101,6 +108,7 @@ class LoraWorkspace:
         steps: list[tuple[Rows, Rows]],
         pad_id: int,
         wider: int = 0,
+        space: NullSpace | None = None,
     ) -> GraphedStep:
         """A captured step for these steps' rows: the last one when the rows fit it (its optimiser state
         zeroed), else a new capture (padded to WIDTH_MULTIPLE when shared, and to at least `wider`)."""
@@ -108,12 +116,30 @@ class LoraWorkspace:
         multiple = WIDTH_MULTIPLE if self.shared else 16
         shapes = round_shapes(steps, multiple, wider)
         step = self.step
-        if step is not None and step.fits(params, cfg, shapes):
+        if step is not None and step.fits(params, cfg, shapes, space):
             step.reset()
             return step
         self.step = None  # its memory goes before the next capture takes more
-        self.step = graphed(self.model, params, cfg, steps, pad_id, shapes)
+        self.step = graphed(self.model, params, cfg, steps, pad_id, shapes, space)
         return self.step
+
+    def null_space(self, rows: list[Encoded], energy: float, pad_id: int, fresh: bool) -> NullSpace | None:
+        """The null-space constraint for the replay rows `rows`, restarted at the weights as they are now.
+
+        Measured once per base model, energy and replay prompts (the rows' prompt tokens: a child's round,
+        whose replayed answers are its parent's, reuses what its first round measured), so a captured step
+        keeps replaying it."""
+        assert self.model is not None, "checkout first"
+        prompts = [
+            e.input_ids[: next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels))]
+            for e in rows
+        ]
+        key = hashlib.sha256(json.dumps([energy, prompts]).encode()).hexdigest()
+        if self._space is not None and self._space_key == key:
+            self._space.restart(fresh)
+            return self._space
+        self._space, self._space_key = measure(self.model, rows, energy, pad_id, fresh), key
+        return self._space
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -135,13 +135,38 @@ def test_energy_outside_zero_to_one_is_refused(energy: float) -> None:
         TrainerConfig(null_space_energy=energy)
 
 
+def test_a_workspace_measures_once_per_replay_prompts_and_restarts_in_place() -> None:
+    trainer, data = _round(0.99)
+    ws = trainer.workspace
+    first = ws.null_space(data.replay, 0.99, 0, fresh=True)
+    assert first is not None
+    starts = [layer.start for layer in first.layers]
+    with torch.no_grad():  # as if a round had trained
+        for layer in first.layers:
+            layer.weight.add_(1.0)
+    other_answers = []  # the same prompts answered otherwise: a child's replay rows
+    for e in data.replay:
+        cut = next(i for i, t in enumerate(e.labels) if t != IGNORE)
+        other_answers.append(Encoded(e.input_ids[:cut] + [5, 6, 7], [IGNORE] * cut + [5, 6, 7]))
+    again = ws.null_space(other_answers, 0.99, 0, fresh=False)
+    assert again is first and all(
+        a is b for a, b in zip(starts, (x.start for x in again.layers), strict=True)
+    )
+    for layer in again.layers:  # restarted where the weights are now, in the same tensors
+        assert torch.equal(layer.start, layer.weight)
+    assert ws.null_space(data.replay, 0.95, 0, fresh=True) is not first  # another energy: measured again
+    assert ws.null_space(data.replay[1:], 0.95, 0, fresh=True) is not first  # other prompts: measured again
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run through the device tool)")
-def test_a_constrained_round_on_a_gpu_steps_eagerly_and_keeps_the_constraint() -> None:
-    free, graphed = _train(0.0, "cuda", graphs=True)
-    constrained, eager = _train(0.99, "cuda", graphs=True)
-    assert graphed.workspace.step is not None  # unconstrained: replayed graphs
-    assert (
-        eager.workspace.step is None
-    )  # constrained: gradients are projected eagerly, between backward and step
+def test_a_constrained_round_is_graphed_on_a_gpu_and_keeps_the_constraint() -> None:
+    free, _ = _train(0.0, "cuda", graphs=True)
+    constrained, graphed = _train(0.99, "cuda", graphs=True)
+    step = graphed.workspace.step
+    assert step is not None and step.space is not None  # replayed graphs, projections captured with them
     assert constrained < 0.5 * free, (constrained, free)
+    _, eager = _train(0.99, "cuda", graphs=False)
+    assert eager.workspace.step is None
+    for a, b in zip(graphed.trainable(), eager.trainable(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
