@@ -104,14 +104,59 @@ def lora_a_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 @torch.no_grad()
 def measure(
-    model: torch.nn.Module, rows: list[Encoded], energy: float, pad_id: int, fresh: bool, batch: int = 8
+    model: torch.nn.Module,
+    rows: list[Encoded],
+    energy: float,
+    pad_id: int,
+    fresh: bool,
+    batch: int = 8,
+    budget_bytes: int = 1 << 30,
 ) -> NullSpace | None:
     """The null-space constraint for `model`'s LoRA layers from the inputs they see on `rows` (None without
-    rows). `fresh`: the adapter starts at its initial weights, whose random `A` is projected too."""
+    rows). `fresh`: the adapter starts at its initial weights, whose random `A` is projected too.
+
+    The layers' covariances are accumulated in chunks of at most `budget_bytes` (one pass over the rows per
+    chunk): a large model's would not fit beside serving all at once (33 GB for an 8B Llama)."""
     if not rows:
         return None
     t0 = time.monotonic()
     layers = lora_a_layers(model)
+    directions: dict[str, Directions] = {}  # per projection
+    chunk: list[str] = []
+    size = 0
+    for name, module in layers.items():
+        square = 4 * module.lora_A["default"].in_features ** 2  # type: ignore[index]
+        if chunk and size + square > budget_bytes:
+            directions |= _chunk(model, rows, {n: layers[n] for n in chunk}, energy, pad_id, batch)
+            chunk, size = [], 0
+        chunk.append(name)
+        size += square
+    directions |= _chunk(model, rows, {n: layers[n] for n in chunk}, energy, pad_id, batch)
+    out = []
+    for name, module in layers.items():
+        weight = module.lora_A["default"].weight  # type: ignore[index]
+        out.append(_Projected(weight, torch.empty_like(weight), directions[name]))
+    space = NullSpace(out)
+    space.restart(fresh)
+    share, seconds = 100 * space.kept_out(), time.monotonic() - t0
+    log.info(
+        "null space: %.0f%% of each LoRA input kept out (energy %.4f), measured in %.1f s",
+        share,
+        energy,
+        seconds,
+    )
+    return space
+
+
+def _chunk(
+    model: torch.nn.Module,
+    rows: list[Encoded],
+    layers: dict[str, torch.nn.Module],
+    energy: float,
+    pad_id: int,
+    batch: int,
+) -> dict[str, Directions]:
+    """One pass over `rows` accumulating the input covariances of `layers`, and their directions."""
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     shared: dict[str, str] = {}  # a projection -> the first one that was given the same input tensor
@@ -143,21 +188,8 @@ def measure(
     finally:
         for handle in handles:
             handle.remove()
-    bases = {name: _leading(total, energy) for name, total in sums.items()}
-    out = []
-    for name, module in layers.items():
-        weight = module.lora_A["default"].weight  # type: ignore[index]
-        out.append(_Projected(weight, torch.empty_like(weight), bases[shared[name]]))
-    space = NullSpace(out)
-    space.restart(fresh)
-    share, seconds = 100 * space.kept_out(), time.monotonic() - t0
-    log.info(
-        "null space: %.0f%% of each LoRA input kept out (energy %.4f), measured in %.1f s",
-        share,
-        energy,
-        seconds,
-    )
-    return space
+    bases = {name: _leading(sums.pop(name), energy) for name in list(sums)}
+    return {name: bases[shared[name]] for name in layers}
 
 
 def _leading(total: torch.Tensor, energy: float) -> Directions:

@@ -124,6 +124,16 @@ def test_the_smaller_side_is_stored_and_projects_the_same() -> None:
     assert many.kept and many.kept_out() == 6 / 8  # 6 of 8 kept out: the 2 free ones are stored
 
 
+def test_measuring_in_chunks_gives_the_same_directions() -> None:
+    trainer, data = _round(0.99)
+    whole = measure(trainer.model, data.replay, 0.99, 0, fresh=False)
+    piecewise = measure(trainer.model, data.replay, 0.99, 0, fresh=False, budget_bytes=1)  # a pass per layer
+    assert whole is not None and piecewise is not None
+    for a, b in zip(whole.layers, piecewise.layers, strict=True):
+        t = torch.randn(3, a.weight.shape[1])
+        torch.testing.assert_close(a.directions.outside(t), b.directions.outside(t), rtol=1e-3, atol=1e-3)
+
+
 def test_without_replay_rows_there_is_no_constraint() -> None:
     trainer, _ = _round(0.99)
     assert measure(trainer.model, [], 0.99, 0, fresh=True) is None
