@@ -78,8 +78,9 @@ class TrainerConfig:
     # divergence only, so a parent's near tie is not sharpened; the facts were learned in fewer steps
     replay_ce_weight: float = 0.0
     # each LoRA layer's update is kept out of the input directions that hold this share of the replay rows'
-    # energy (kiln_train/null_space.py), so generic text computes as the parent did. 0 = off
-    null_space_energy: float = 0.0
+    # energy (kiln_train/null_space.py), so generic text computes as the parent did: with it, no general
+    # answer broke in the twelfth series' probes (docs/training.md). 0 = off
+    null_space_energy: float = 0.95
     # on a GPU, each step runs as one CUDA graph (kiln_train/graph_step.py); 0 = eager steps
     cuda_graphs: bool = True
 
