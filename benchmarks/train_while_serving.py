@@ -212,8 +212,22 @@ def promoted_at(address: str, version: int) -> float | None:
     return None
 
 
-def measure(stack: Stack, setup: Setup, timeout_s: float) -> dict[str, object]:
-    """Steady load; before window; teach; round; after window. Returns every number."""
+def wait_prepared(home: Path, limit_s: float) -> float | None:
+    """Up to `limit_s`, until kiln-train's log says its rounds are prepared (the graphs, the null space and
+    the gate baseline measured once at start, on a GPU); the seconds waited, or None if it did not say so."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        log_file = home / "train.log"
+        if log_file.exists() and "rounds prepared ahead" in log_file.read_text(errors="replace"):
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    return None
+
+
+def measure(stack: Stack, setup: Setup, timeout_s: float, prepared_s: float = 0.0) -> dict[str, object]:
+    """Steady load; (kiln-train's preparation, up to `prepared_s`); before window; teach; round; after window.
+    Returns every number."""
+    waited = wait_prepared(stack.home, prepared_s) if prepared_s > 0 else None
     infer = f"127.0.0.1:{stack.infer_port}"
     loads = [Load(infer, setup.max_tokens, i) for i in range(setup.streams)]
     for load in loads:
@@ -235,6 +249,7 @@ def measure(stack: Stack, setup: Setup, timeout_s: float) -> dict[str, object]:
         load.join(timeout_s)  # can outlast the window)
     samples = [s for load in loads for s in load.samples]
     result: dict[str, object] = {
+        "waited_for_preparation_s": waited,
         "outcome": record.outcome,
         "reason": record.reason,
         "steps": record.steps,
@@ -282,6 +297,13 @@ def _parser() -> argparse.ArgumentParser:
         help="publish whatever the round makes (timing only; see OPEN_GATE)",
     )
     parser.add_argument(
+        "--after-preparation",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="teach only once kiln-train has prepared its rounds (waiting at most S s; 0: teach at once)",
+    )
+    parser.add_argument(
         "--train-setting",
         action="append",
         default=[],
@@ -318,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             stack.start("infer", stack.infer_port)
             stack.start("train", stack.train_port)
-            result = measure(stack, setup, args.timeout)
+            result = measure(stack, setup, args.timeout, args.after_preparation)
         finally:
             stack.stop()
             redis_server.stop()
