@@ -11,6 +11,7 @@ from kiln_train.encoding import IGNORE, Encoded
 from kiln_train.null_space import Directions, _leading, lora_a_layers, measure
 from kiln_train.round_data import RoundData
 from kiln_train.trainer import LoraTrainer, TrainerConfig
+from kiln_train.workspace import LoraWorkspace
 from tests.kiln_train.tiny_lm import TinyTok, tiny_model
 
 
@@ -176,6 +177,14 @@ def test_a_constrained_round_is_graphed_on_a_gpu_and_keeps_the_constraint() -> N
     step = graphed.workspace.step
     assert step is not None and step.space is not None  # replayed graphs, projections captured with them
     assert constrained < 0.5 * free, (constrained, free)
+    ws, base, data = LoraWorkspace(shared=True), tiny_model("cuda"), _round(0.99)[1]
+    captures = []
+    for _ in range(2):  # kiln-train's rounds share a workspace; the same replay prompts, the same constraint
+        trainer = LoraTrainer(base, TinyTok(), graphed.cfg, None, ws)  # type: ignore[arg-type]
+        trainer.train(data)
+        captures.append(ws.step)
+        trainer.release()
+    assert captures[0] is not None and captures[1] is captures[0]  # the second round replayed the capture
     _, eager = _train(0.99, "cuda", graphs=False)
     assert eager.workspace.step is None
     for a, b in zip(graphed.trainable(), eager.trainable(), strict=True):
