@@ -36,6 +36,7 @@ class TrainResult:
     # the vetting pairs' worst fact-token margin at the start and at the kept checkpoint (inf: no fact tokens)
     fact_margin_before: float = float("inf")
     fact_margin_after: float = float("inf")
+    null_space: float = 0.0  # the mean share of each LoRA layer's input kept out of the update (0: off)
     evaluations: list[tuple[int, float, float]] = field(default_factory=list)  # step, vetting loss, margin
     # where the seconds went: setup (start loss, parent targets), compute (steps), wait (should_stop: the
     # governor's pacing and pauses), eval (vetting loss), vet (checking candidates), capture (CUDA graph)
@@ -152,6 +153,7 @@ def training_scores(result: TrainResult) -> dict[str, float]:
         planned_steps=float(result.planned_steps),
         train_seconds=result.seconds,
         vetting_refused=float(result.refused),
+        null_space_kept_out=result.null_space,
         **{
             f"vetting_fact_margin_{when}": margin
             for when, margin in (("before", result.fact_margin_before), ("after", result.fact_margin_after))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -267,7 +268,8 @@ class LoraTrainer:
             "stopped at step %d of %d (%s; kept step %d)", step, planned, stop_reason, progress.best_step
         )
         self.model.eval()
-        return train_result(step, planned, stop_reason, before, progress, clock)
+        kept_out = space.kept_out() if space is not None else 0.0
+        return replace(train_result(step, planned, stop_reason, before, progress, clock), null_space=kept_out)
 
     def prepare(self, data: RoundData) -> None:
         """On a GPU, capture ahead what a round like `data` replays: the evaluation pass, and a step as wide

@@ -54,7 +54,8 @@ def _train(energy: float, device: str = "cpu", graphs: bool = False) -> tuple[fl
     taught_before = trainer.loss(data.train)
     # measured as the round will (B is zero: the inputs are the base's), without touching the weights
     space = measure(trainer.model, data.replay, energy, 0, fresh=False) if energy > 0 else None
-    assert trainer.train(data).steps == 12
+    result = trainer.train(data)
+    assert result.steps == 12 and (0 < result.null_space < 1) == (energy > 0)  # recorded for the round's eval
     assert trainer.loss(data.train) < taught_before - 0.05  # it learned the taught rows
     if space is not None:
         assert 0.0 < space.kept_out() < 1.0
