@@ -86,8 +86,8 @@ def eager_steps(trainer: LoraTrainer, rows: tuple[list[Encoded], ...]) -> dict[s
     opt = torch.optim.AdamW(params, lr=1e-4)
     plain = Rows(new + replay, [None] * (len(new) + len(replay)))
     return {
-        "eager": lambda: _optimise(opt, params, trainer._step_loss(batch, anchored)),
-        "eager_ce": lambda: _optimise(opt, params, trainer._step_loss(plain, Rows([], []))),
+        "eager": lambda: _optimise(opt, params, trainer._step_loss(batch, anchored), None),
+        "eager_ce": lambda: _optimise(opt, params, trainer._step_loss(plain, Rows([], [])), None),
     }
 
 

@@ -102,6 +102,13 @@ def lora_a_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
+def _lora_a(module: torch.nn.Module) -> torch.nn.Linear:
+    """A LoRA-wrapped projection's adapter `A` (PEFT's `lora_A["default"]`)."""
+    linear = module.lora_A["default"]  # type: ignore[index]
+    assert isinstance(linear, torch.nn.Linear), type(linear)
+    return linear
+
+
 @torch.no_grad()
 def measure(
     model: torch.nn.Module,
@@ -125,7 +132,7 @@ def measure(
     chunk: list[str] = []
     size = 0
     for name, module in layers.items():
-        square = 4 * module.lora_A["default"].in_features ** 2  # type: ignore[index]
+        square = 4 * _lora_a(module).in_features ** 2
         if chunk and size + square > budget_bytes:
             directions |= _chunk(model, rows, {n: layers[n] for n in chunk}, energy, pad_id, batch)
             chunk, size = [], 0
@@ -134,7 +141,7 @@ def measure(
     directions |= _chunk(model, rows, {n: layers[n] for n in chunk}, energy, pad_id, batch)
     out = []
     for name, module in layers.items():
-        weight = module.lora_A["default"].weight  # type: ignore[index]
+        weight = _lora_a(module).weight
         out.append(_Projected(weight, torch.empty_like(weight), directions[name]))
     space = NullSpace(out)
     space.restart(fresh)
