@@ -8,10 +8,12 @@ editing, as in AlphaEdit, applied to LoRA's `A`).
 
 Before a round the replay rows (the parent's own answers to generic questions, trained on anyway) are run
 through the model; each LoRA layer's input covariance is accumulated over their tokens, and its leading
-eigenvectors, the fewest that hold `energy` of the total, are the kept-out directions `U`. After every
-optimiser step, `A <- A - ((A - A0) @ U) @ U.T`: only the update from the round's start `A0` is projected (a
-child keeps its parent's weights as they are). A fresh adapter's random `A0` is projected too, so `B`'s
-update, which acts through `A0`, is constrained with it. Projections that share their input (q, k and v;
+eigenvectors, the fewest that hold `energy` of the total, are the kept-out directions `U`. Every step,
+`A`'s gradient is projected out of `U` before the optimiser reads it, and after the step
+`A <- A - ((A - A0) @ U) @ U.T`: only the update from the round's start `A0` is projected (a child keeps its
+parent's weights as they are). A fresh adapter's random `A0` is projected too, so `B`'s update, which acts
+through `A0`, is constrained with it; in a child's round `B`'s update also acts through the parent's `A`,
+which is not projected, so there the constraint is partial. Projections that share their input (q, k and v;
 gate and up) share one `U`.
 """
 
