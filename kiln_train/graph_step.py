@@ -160,6 +160,20 @@ def width_of(examples: list[Encoded], multiple: int = 16, wider: int = 0) -> int
     return max(2, -(-widest // multiple) * multiple)
 
 
+def optimiser_step(
+    opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, space: NullSpace | None
+) -> None:
+    """backward → gradients projected by `space` → clipped to norm 1 → optimiser step → `space` projected:
+    the same in an eager step and in a captured one."""
+    loss.backward()
+    if space is not None:
+        space.project_gradients()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if space is not None:
+        space.project()
+
+
 class GraphedStep:
     """zero grads → forward → loss → backward → clip to norm 1 → AdamW, captured once, replayed per step.
 
@@ -236,13 +250,7 @@ class GraphedStep:
     def _body(self) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=False)
         loss = dense_loss(self.model, self.batch, self.anchors, self.weights)
-        loss.backward()
-        if self.space is not None:
-            self.space.project_gradients()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        if self.space is not None:
-            self.space.project()
+        optimiser_step(self.opt, self.params, loss, self.space)
         return loss.detach()
 
     def __call__(self, batch: Rows, anchored: Rows) -> float:

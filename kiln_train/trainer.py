@@ -17,7 +17,7 @@ from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
 from kiln_train.distillation import ParentTargets, divergence
 from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
 from kiln_train.fact_tokens import token_margins, unlikelihood, unlikelihood_weights, worst_fact_margin
-from kiln_train.graph_step import GraphedForward, weighted_ce
+from kiln_train.graph_step import GraphedForward, optimiser_step, weighted_ce
 from kiln_train.null_space import NullSpace
 from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw, drawn_targets
 from kiln_train.settings import TrainerConfig
@@ -45,13 +45,7 @@ def _optimise(
 ) -> float:
     """One optimiser step on `loss` (gradients projected by `space`, then clipped to norm 1); returns it."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if space is not None:
-        space.project_gradients()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    if space is not None:
-        space.project()
+    optimiser_step(opt, params, loss, space)
     return float(loss.detach())
 
 
