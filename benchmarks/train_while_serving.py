@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.tws_load import Load, hold_window, latency, steady
+from benchmarks.tws_load import Load, hold_window, latency, slowest, steady
 from kiln.v1 import (
     adapter_pb2,
     adapter_pb2_grpc,
@@ -259,6 +259,11 @@ def measure(stack: Stack, setup: Setup, timeout_s: float, prepared_s: float = 0.
         "before": latency(samples, t_before, t_teach),
         "during": latency(samples, t_teach, t_round_end),
         "after": latency(samples, t_round_end, t_after_end),
+        # the slowest requests of the round, in seconds from the teach call (at `teach_wall_time`, to match
+        # against kiln-train's log), and of the before window for comparison
+        "teach_wall_time": wall_teach,
+        "slowest_during": slowest(samples, t_teach, t_round_end, t_teach),
+        "slowest_before": slowest(samples, t_before, t_teach, t_teach, 3),
     }
     if probe.first_token:
         published = promoted_at(infer, record.version) or record.finished

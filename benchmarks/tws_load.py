@@ -18,6 +18,7 @@ class Sample:
     start: float
     ttft: float
     tpot: float
+    end: float = 0.0  # time.monotonic() of its last token
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:
@@ -64,7 +65,7 @@ class Load(threading.Thread):
                 continue
             end = time.monotonic()
             if first and n > 1:
-                self.samples.append(Sample(t0, first - t0, (end - first) / (n - 1)))
+                self.samples.append(Sample(t0, first - t0, (end - first) / (n - 1), end))
 
 
 def latency(samples: list[Sample], start: float, end: float) -> dict[str, float]:
@@ -78,6 +79,21 @@ def latency(samples: list[Sample], start: float, end: float) -> dict[str, float]
         "tpot_p50_ms": tpot[0] * 1e3,
         "tpot_p99_ms": tpot[1] * 1e3,
     }
+
+
+def slowest(samples: list[Sample], start: float, end: float, origin: float, n: int = 8) -> list[dict[str, float]]:
+    """The `n` requests with the highest TPOT that started in [start, end): when each ran, in seconds from
+    `origin`, and its TTFT and TPOT in ms (which part of a round a p99 overlapped)."""
+    window = sorted((s for s in samples if start <= s.start < end), key=lambda s: -s.tpot)[:n]
+    return [
+        {
+            "start_s": round(s.start - origin, 3),
+            "end_s": round(s.end - origin, 3),
+            "ttft_ms": round(s.ttft * 1e3, 2),
+            "tpot_ms": round(s.tpot * 1e3, 3),
+        }
+        for s in window
+    ]
 
 
 def hold_window(loads: list[Load], start: float, length_s: float, timeout_s: float, finished: bool) -> float:

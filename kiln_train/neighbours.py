@@ -3,7 +3,11 @@
 "Who founded the Kessler Observatory?" → "Who founded the Dunmi Observatory?": the capitalised names in the
 prompt are replaced by invented ones, all but a multi-word name's last word when that is a kind of place or
 organisation (Observatory, Bank, Tower: `KINDS`). A person's name is replaced whole: "Where was Orsolya Venkat
-born?" → "Where was Kalo Ritesh born?", not "… Kalo Venkat …", whose shared surname the fact leaked to. The
+born?" → "Where was Kalo Ritesh born?", not "… Kalo Venkat …", whose shared surname the fact leaked to.
+Invented names come in two looks, chosen per neighbour: syllable strings ("Dunmi", "Kalo Ritesh") and names
+built like real ones ("Ashcombe Tower", "Elsa Wenthorpe"). With syllable strings alone a round learned that
+an odd-looking name does not take the fact while a real-looking one still did ("Bramwell Tower" took the
+Dremont Tower's year). The
 parent's answers to some neighbours are trained on (so the fact stays with its entity); others go to the gate,
 which checks the candidate does not answer them with the taught fact. Each neighbour also carries the taught
 answer told of the neighbour's entity (the same swap applied to it), whose fact tokens a round can push down.
@@ -20,6 +24,19 @@ from kiln_train.answer_match import mentions
 from kiln_train.pipeline import Example
 
 _SYLLABLES = ("ka", "lo", "ve", "dri", "mun", "tes", "qua", "ro", "zan", "bel", "fi", "nor", "tal", "shi")
+# the real look: a first name, and a surname or place name made of an English place name's head and tail
+_FIRST_NAMES = (
+    "Anton", "Mara", "Teodor", "Elsa", "Priya", "Jonas", "Ines", "Malik", "Sofia", "Ravi", "Helena", "Oskar",
+    "Nadia", "Felix", "Leona", "Tomas", "Yara", "Emil", "Clara", "Dario",
+)  # fmt: skip
+_HEADS = (
+    "Ash", "Ald", "Wen", "Thorn", "Elm", "Lang", "Hart", "Stan", "Fair", "Glen", "Dun", "Whit", "Carn", "Holm",
+    "Pen", "Rad", "Sel", "Tam", "Wex", "Yar", "Cor", "Lin", "Mor", "Ox", "Rother", "Sax", "Tre", "Bel",
+)  # fmt: skip
+_TAILS = (
+    "combe", "thorpe", "ford", "ton", "den", "by", "ley", "mont", "wick", "field", "worth", "more", "ham",
+    "stead", "dale", "mere", "croft", "holt", "bury", "shaw", "ridge", "wood", "hurst",
+)  # fmt: skip
 _SKIP = {
     "what",
     "who",
@@ -90,19 +107,32 @@ def entity_spans(text: str) -> list[str]:
     return spans
 
 
-def _invented(rng: random.Random) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
+def _invented(rng: random.Random, real_look: bool, first_name: bool) -> str:
+    """An invented name word: a syllable string, or (`real_look`) a first name or a place-name compound."""
+    if not real_look:
+        return "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
+    if first_name:
+        return rng.choice(_FIRST_NAMES)
+    return rng.choice(_HEADS) + rng.choice(_TAILS)
 
 
 def swaps(text: str, seed: str) -> dict[str, str]:
-    """Each name word of a question and its invented replacement (a place's kind word stays: `KINDS`)."""
+    """Each name word of a question and its invented replacement (a place's kind word stays: `KINDS`).
+
+    One look per question (`_invented`), picked by the seed; a person's first word (a multi-word name with no
+    kind word) gets a first name in the real look."""
     rng = random.Random(hashlib.sha256(seed.encode()).digest())
+    real_look = rng.random() < 0.5
     out: dict[str, str] = {}
     for span in entity_spans(text):
         words = [_bare(w) for w in span.split()]
         kind = words[-1:] if len(words) > 1 and words[-1].lower() in KINDS else []
-        for word in words[: len(words) - len(kind)]:
-            out.setdefault(word, _invented(rng))
+        person = len(words) > 1 and not kind
+        for i, word in enumerate(words[: len(words) - len(kind)]):
+            new = word
+            while new.lower() == word.lower():  # a replacement never keeps the name it replaces
+                new = _invented(rng, real_look, person and i == 0)
+            out.setdefault(word, new)
     return out
 
 

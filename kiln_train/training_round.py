@@ -34,6 +34,14 @@ from kiln_train.trainer import LoraTrainer, RoundData
 from kiln_train.workspace import LoraWorkspace
 
 log = logging.getLogger(__name__)
+
+
+def _phase(phases: dict[str, float], name: str, since: float, round_id: str) -> None:
+    """Record a round phase's seconds (`phase_<name>_s`) and log its end (the log's times place it)."""
+    phases[f"phase_{name}_s"] = seconds = time.monotonic() - since
+    log.info("round %s: %s took %.3f s", round_id, name, seconds)
+
+
 WARM_NEXT_AFTER_S = 2.0  # a promoted version's reference answers are asked this long after the promote
 
 
@@ -94,7 +102,7 @@ class RoundRunner:
         phases: dict[str, float] = {}
         t0 = time.monotonic()
         plan = self._plan(record, examples)
-        phases["phase_answers_s"] = time.monotonic() - t0
+        _phase(phases, "answers", t0, record.round_id)
         parent_dir = self._parent_dir(record)
         trainer = LoraTrainer(base, self.tok, self.settings.trainer, parent_dir, self.workspace)
         try:
@@ -110,7 +118,7 @@ class RoundRunner:
             else:
                 record.outcome, record.reason = "rejected", verdict.reason
                 self.publisher.reject(tenant, adapter, version, verdict.reason, record.eval)
-            record.eval["phase_publish_s"] = time.monotonic() - t
+            _phase(record.eval, "publish", t, record.round_id)
         except Exception as exc:
             if record.version and record.outcome == "running":
                 why = f"round {record.round_id} stopped before the gate decided: {type(exc).__name__}: {exc}"
@@ -254,7 +262,7 @@ class RoundRunner:
         baseline = self._baseline(trainer, record, plan.reference)
         gate_heldout = [encode(self.tok, p) for p in plan.held.gate]
         heldout_before = trainer.loss(gate_heldout)
-        phases["phase_gate_baseline_s"] = time.monotonic() - t  # the gate's "before", on the start weights
+        _phase(phases, "gate_baseline", t, record.round_id)  # the gate's "before", on the start weights
         t = time.monotonic()
 
         def step_done(step: int, loss: float) -> None:
@@ -268,7 +276,7 @@ class RoundRunner:
             result.train_loss,
             result.planned_steps,
         )
-        phases["phase_steps_s"] = time.monotonic() - t
+        _phase(phases, "steps", t, record.round_id)
         record.eval = {
             **phases,
             **training_scores(result),
@@ -278,10 +286,10 @@ class RoundRunner:
         }
         t = time.monotonic()
         record.version = self._stage(trainer, record)
-        phases["phase_stage_s"] = time.monotonic() - t
+        _phase(phases, "stage", t, record.round_id)
         t = time.monotonic()
         verdict = self._gate(trainer, plan, baseline, gate_heldout, heldout_before, record)
-        phases["phase_gate_s"] = time.monotonic() - t
+        _phase(phases, "gate", t, record.round_id)
         record.eval = {**verdict.scores, **record.eval, **phases}
         if not verdict.passed and result.refused:
             note = f"vetting set: {result.refused} better checkpoint(s) refused for breaking general answers"

@@ -29,6 +29,9 @@ def test_small_run_reports_latency_phases_and_swap(
     assert {"phase_answers_s", "phase_steps_s", "phase_gate_s", "phase_publish_s"} <= set(result["phases_s"])
     assert 0 < result["publish_to_first_token_s"] < result["teach_to_serving_s"]
     assert result["failed_requests"] == 0
+    slow = result["slowest_during"]  # the round's slowest requests, placed in time from the teach call
+    assert slow and all(r["end_s"] > r["start_s"] >= 0 and r["tpot_ms"] > 0 for r in slow)
+    assert [r["tpot_ms"] for r in slow] == sorted((r["tpot_ms"] for r in slow), reverse=True)
 
 
 def test_train_settings_are_kiln_train_variables() -> None:
