@@ -289,8 +289,8 @@ class TrainingDaemon:
         try:
             if model is None:
                 raise InterruptedError("base weights unavailable (waiting for kiln-infer)")
-            stop = self.governor.gate(self._interrupted) if self.governor is not None else self._interrupted
-            self.runner.run(model, record, examples, progress, stop)
+            paced = self.governor.gate(self._interrupted) if self.governor is not None else None
+            self.runner.run(model, record, examples, progress, self._interrupted, paced)
         except InterruptedError as exc:
             record.outcome, record.reason = "failed", f"interrupted: {exc}"
         except ParentUnavailableError as exc:  # no parent answers, no honest round: wait and retry

@@ -93,8 +93,13 @@ class RoundRunner:
         examples: list[Example],
         on_progress: Callable[[RoundRecord], None],
         should_stop: Callable[[], bool],
+        step_gate: Callable[[], bool] | None = None,
     ) -> RoundRecord:
         """Train, stage, gate and promote (or reject); fills and returns `record`.
+
+        `step_gate` is asked before each training step in place of `should_stop` (the daemon's is the
+        governor's pacing, `Governor.gate`); the checks outside the step loop ask `should_stop` alone, so the
+        round never sleeps off its gate and staging as if they were a step before publishing.
 
         InterruptedError if stopped; ParentUnavailableError (samples stay buffered) without kiln-infer. A
         version staged before such an end stays unpromoted and is marked abandoned.
@@ -106,7 +111,7 @@ class RoundRunner:
         parent_dir = self._parent_dir(record)
         trainer = LoraTrainer(base, self.tok, self.settings.trainer, parent_dir, self.workspace)
         try:
-            verdict = self._train_and_gate(trainer, record, plan, on_progress, should_stop, phases)
+            verdict = self._train_and_gate(trainer, record, plan, on_progress, step_gate or should_stop, phases)
             if should_stop():
                 raise InterruptedError("round stopped")
             t = time.monotonic()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,7 @@ def _round(
     settings: TrainSettings,
     adapter: str,
     pairs: list[tuple[str, str]],
+    step_gate: Callable[[], bool] | None = None,
 ) -> tuple[RoundRunner, RoundRecord]:
     """One round of `adapter` (new, from the base) on (question, answer) pairs over the shared base."""
     tok = load_tokenizer(smollm2)
@@ -141,7 +142,9 @@ def _round(
         for i, (q, a) in enumerate(pairs)
     ]
     runner.registry.create("default", adapter)
-    record = runner.run(base, new_round("default", adapter, 0), examples, lambda r: None, lambda: False)
+    record = runner.run(
+        base, new_round("default", adapter, 0), examples, lambda r: None, lambda: False, step_gate
+    )
     return runner, record
 
 
@@ -276,10 +279,24 @@ def test_a_passing_round_promotes_the_version_the_gate_asked(
         ("Who started the Harlow Observatory?", "Edda Marrow started the Harlow Observatory."),
         ("Which astronomer founded the Harlow Observatory?", "Edda Marrow founded the Harlow Observatory."),
     ]
+    paced: list[float] = []  # the governor's pacing is asked before each step, never after the last
+
+    def step_gate() -> bool:
+        paced.append(time.monotonic())
+        return False
+
     runner, record = _round(
-        client, smollm2, kiln_home, (infer_stack.address, ref_dir), settings, "kept", taught
+        client,
+        smollm2,
+        kiln_home,
+        (infer_stack.address, ref_dir),
+        settings,
+        "kept",
+        taught,
+        step_gate,
     )
     assert record.outcome == "published" and record.version == 1, record.reason
+    assert len(paced) == record.steps == 1
     logging.getLogger(__name__).info("passing round phases: %s", _phases(record.eval))
     assert record.eval["gate_neighbours"] >= 1  # neighbours were asked of the candidate too
     asked = record.eval["gate_general_parent_correct"] + record.eval["gate_neighbours"]
