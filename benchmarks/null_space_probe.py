@@ -35,7 +35,9 @@ def _allocated(device: torch.device) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="dummy:llama-3.1-8b")
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
@@ -61,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.synchronize(device)
     seconds = time.monotonic() - t0
     assert space is not None
-    held = sum(layer.directions.basis.numel() * layer.directions.basis.element_size() for layer in space.layers)
+    held = sum(
+        layer.directions.basis.numel() * layer.directions.basis.element_size() for layer in space.layers
+    )
     unique = {id(layer.directions.basis): layer.directions.basis for layer in space.layers}
     held_unique = sum(b.numel() * b.element_size() for b in unique.values())
     result = {

@@ -81,7 +81,9 @@ def latency(samples: list[Sample], start: float, end: float) -> dict[str, float]
     }
 
 
-def slowest(samples: list[Sample], start: float, end: float, origin: float, n: int = 8) -> list[dict[str, float]]:
+def slowest(
+    samples: list[Sample], start: float, end: float, origin: float, n: int = 8
+) -> list[dict[str, float]]:
     """The `n` requests with the highest TPOT that started in [start, end): when each ran, in seconds from
     `origin`, and its TTFT and TPOT in ms (which part of a round a p99 overlapped)."""
     window = sorted((s for s in samples if start <= s.start < end), key=lambda s: -s.tpot)[:n]

@@ -30,8 +30,8 @@ _FIRST_NAMES = (
     "Nadia", "Felix", "Leona", "Tomas", "Yara", "Emil", "Clara", "Dario",
 )  # fmt: skip
 _HEADS = (
-    "Ash", "Ald", "Wen", "Thorn", "Elm", "Lang", "Hart", "Stan", "Fair", "Glen", "Dun", "Whit", "Carn", "Holm",
-    "Pen", "Rad", "Sel", "Tam", "Wex", "Yar", "Cor", "Lin", "Mor", "Ox", "Rother", "Sax", "Tre", "Bel",
+    "Ash", "Ald", "Wen", "Thorn", "Elm", "Lang", "Hart", "Stan", "Fair", "Glen", "Dun", "Whit", "Carn",
+    "Holm", "Pen", "Rad", "Sel", "Tam", "Wex", "Yar", "Cor", "Lin", "Mor", "Ox", "Rother", "Sax", "Tre", "Bel",
 )  # fmt: skip
 _TAILS = (
     "combe", "thorpe", "ford", "ton", "den", "by", "ley", "mont", "wick", "field", "worth", "more", "ham",

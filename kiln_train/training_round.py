@@ -111,7 +111,8 @@ class RoundRunner:
         parent_dir = self._parent_dir(record)
         trainer = LoraTrainer(base, self.tok, self.settings.trainer, parent_dir, self.workspace)
         try:
-            verdict = self._train_and_gate(trainer, record, plan, on_progress, step_gate or should_stop, phases)
+            paced = step_gate or should_stop
+            verdict = self._train_and_gate(trainer, record, plan, on_progress, paced, phases)
             if should_stop():
                 raise InterruptedError("round stopped")
             t = time.monotonic()
