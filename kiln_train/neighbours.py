@@ -31,7 +31,8 @@ _FIRST_NAMES = (
 )  # fmt: skip
 _HEADS = (
     "Ash", "Ald", "Wen", "Thorn", "Elm", "Lang", "Hart", "Stan", "Fair", "Glen", "Dun", "Whit", "Carn",
-    "Holm", "Pen", "Rad", "Sel", "Tam", "Wex", "Yar", "Cor", "Lin", "Mor", "Ox", "Rother", "Sax", "Tre", "Bel",
+    "Holm", "Pen", "Rad", "Sel", "Tam", "Wex", "Yar", "Cor", "Lin", "Mor", "Ox", "Rother", "Sax", "Tre",
+    "Bel",
 )  # fmt: skip
 _TAILS = (
     "combe", "thorpe", "ford", "ton", "den", "by", "ley", "mont", "wick", "field", "worth", "more", "ham",
