@@ -170,8 +170,11 @@ def teach(infer: Any, adapter: str, fact: Fact) -> list[str]:
     return list(resp.sample_ids)
 
 
-def wait_round(train: Any, adapter: str, done: bool, timeout_s: float = 420.0, min_steps: int = 0) -> Any:
-    """The adapter's newest round once it is finished (done=True) or running with >= min_steps steps."""
+def wait_round(train: Any, adapter: str, done: bool, timeout_s: float = 1800.0, min_steps: int = 0) -> Any:
+    """The adapter's newest round once it is finished (done=True) or running with >= min_steps steps.
+
+    A whole round at the defaults takes 10-20 minutes on 2 CPU cores (the parent's answers to the replay,
+    vetting and gate sets, the null-space measurement, then steps of ~20-40 s): 420 s timed out mid-round."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
