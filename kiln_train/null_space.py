@@ -12,13 +12,18 @@ eigenvectors, the fewest that hold `energy` of the total, are the kept-out direc
 `A`'s gradient is projected out of `U` before the optimiser reads it, and after the step
 `A <- A - ((A - A0) @ U) @ U.T`: only the update from the round's start `A0` is projected (a child keeps its
 parent's weights as they are). A fresh adapter's random `A0` is projected too, so `B`'s update, which acts
-through `A0`, is constrained with it; in a child's round `B`'s update also acts through the parent's `A`,
-which is not projected, so there the constraint is partial. Projections that share their input (q, k and v;
+through `A0`, is constrained with it. In a child's round `B`'s update acts through the parent's `A`, which
+is not projected (the parent's behaviour is kept); it already reads none of the kept-out directions when the
+parent's round was constrained by the same ones, and the measurement reads the base's inputs whatever
+adapter is loaded, so they are the same after a restart too (the replay rows, the parent's answers, can
+differ a little). A child of a parent trained otherwise (before the constraint, with another energy or
+replay set, or uploaded) is only partly constrained. Projections that share their input (q, k and v;
 gate and up) share one `U`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -188,12 +193,16 @@ def _chunk(
         return pre
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
+    # the base's own inputs, whatever adapter is loaded: a child's round (its parent's weights in place) then
+    # keeps out the same directions its parent's round did, and its parent's A already reads none of them
+    base_only = getattr(model, "disable_adapter", contextlib.nullcontext)
     try:
-        for start in range(0, len(rows), batch):
-            enc = collate(rows[start : start + batch], pad_id, device)
-            mask_now[:] = [enc["attention_mask"].bool()]
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-            first_inputs.clear()
+        with base_only():
+            for start in range(0, len(rows), batch):
+                enc = collate(rows[start : start + batch], pad_id, device)
+                mask_now[:] = [enc["attention_mask"].bool()]
+                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                first_inputs.clear()
     finally:
         for handle in handles:
             handle.remove()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,28 @@ def test_a_fresh_start_is_projected_and_a_parents_start_is_kept() -> None:
         child.project()
         moved = layer.weight - layer.start
         assert float(layer.directions.outside(moved).abs().max()) < 1e-4 and float(moved.abs().max()) > 0.1
+
+
+def test_a_childs_round_keeps_its_whole_update_out_when_its_parent_was_constrained(tmp_path: Path) -> None:
+    # a child's B update acts through its parent's A, which is not projected; it adds nothing to generic text
+    # when that A reads none of the kept-out directions. The parent's round left it so, and the child (a new
+    # workspace, as after a restart, with the parent's weights loaded) measures the same directions, because
+    # the measurement reads the base's inputs whatever adapter is loaded
+    trainer, data = _round(0.99)
+    trainer.train(data)
+    parent = trainer.save(tmp_path / "v1")
+    base = trainer.release()
+    child = LoraTrainer(base, TinyTok(), trainer.cfg, parent)  # type: ignore[arg-type]
+    at_start = measure(child.model, data.replay, 0.99, 0, fresh=False)
+    assert at_start is not None
+    for layer in at_start.layers:  # the parent's A, as loaded
+        assert float(layer.directions.outside(layer.weight.detach()).norm()) < 1e-4 * float(layer.weight.norm())
+    taught = _rows(6, 7, range(40, 58))
+    child.train(RoundData(train=taught, vetting=taught[:2], replay=data.replay))
+    after = measure(child.model, data.replay, 0.99, 0, fresh=False)
+    assert after is not None
+    for layer in after.layers:  # the child's A (its parent's plus its own projected update): still outside
+        assert float(layer.directions.outside(layer.weight.detach()).norm()) < 1e-4 * float(layer.weight.norm())
 
 
 def test_shared_inputs_share_one_basis_and_padding_is_left_out() -> None:
