@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = load_hf_model(source, dtype, args.device)
     device = next(base.parameters()).device
     trainer = LoraTrainer(base, tok, TrainerConfig())  # type: ignore[arg-type]
-    answer = tok.decode(tok(FILLER, add_special_tokens=False).input_ids[: args.answer_tokens])
+    answer = str(tok.decode(tok(FILLER, add_special_tokens=False).input_ids[: args.answer_tokens]))
     rows = [encode(tok, TextPair(answer, (("user", p),), complete=False)) for p in replay_prompts()]
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -19,6 +19,7 @@ from kiln_common.adapter_store import validate_name
 from kiln_common.auth import Authenticator
 from kiln_common.canary import Canaries
 from kiln_common.load_report import LoadWindow
+from kiln_common.priority import is_background
 from kiln_common.registry import Registry
 from kiln_common.sample_recorder import SampleRecorder
 from kiln_common.samples import Sample, SampleKind
@@ -159,7 +160,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         prompt_ids = self._prompt_ids(inp)
         sampling = replace(inp.sampling, max_tokens=self._max_tokens(inp, len(prompt_ids)))
         self.tenant_limits.admit_request(tenant)
-        resolved, state = self.view.resolve(tenant, inp.adapter, sticky_key(context.invocation_metadata()))
+        metadata = context.invocation_metadata()
+        background = is_background(metadata)
+        resolved, state = self.view.resolve(tenant, inp.adapter, sticky_key(metadata))
         remaining = context.time_remaining()
         engine_request = EngineRequest(
             request_id=uuid.uuid4().hex,
@@ -167,6 +170,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             sampling=sampling,
             adapter=engine_ref(resolved),
             deadline=time.monotonic() + remaining if remaining is not None else None,
+            background=background,
         )
         with self.tenant_limits.stream(tenant):
             stream = self.engine.submit(engine_request)

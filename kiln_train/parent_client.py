@@ -2,10 +2,11 @@
 
 kiln-train never generates a version's answers itself: kiln-infer's engine does it far faster and its greedy
 answers are exactly what users are served. Each question is one `Generate` pinned to the version (`name@vN`,
-or "" for the base model) with temperature 0; the calls run concurrently so the engine batches them. A round
-asks the parent's answers (its reference) and, for the gate, the candidate's: the round registers the
-candidate as a version that is not promoted, so kiln-infer answers it pinned and already holds its weights
-when the gate passes and the alias flips.
+or "" for the base model) with temperature 0; the calls run concurrently so the engine batches them, at
+background priority (`x-kiln-priority`), so users' requests are admitted first. A round asks the parent's
+answers (its reference) and, for the gate, the candidate's: the round registers the candidate as a version
+that is not promoted, so kiln-infer answers it pinned and already holds its weights when the gate passes
+and the alias flips.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import grpc
 
 from kiln.v1 import inference_pb2, inference_pb2_grpc
 from kiln_common.auth import ACT_AS_HEADER
+from kiln_common.priority import PRIORITY_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,12 @@ class ParentClient:
         self._timeout_s = timeout_s
 
     def _metadata(self, tenant: str) -> list[tuple[str, str]]:
-        """As the tenant itself: no key when kiln-infer has none, else the admin key acting for the tenant."""
+        """As the tenant itself (no key when kiln-infer has none, else the admin key acting for the tenant),
+        at background priority: a round's answers are admitted only when no user's request waits."""
+        background = [(PRIORITY_HEADER, "background")]
         if self._key is None:
-            return []
-        return [("authorization", f"Bearer {self._key}"), (ACT_AS_HEADER, tenant)]
+            return background
+        return [("authorization", f"Bearer {self._key}"), (ACT_AS_HEADER, tenant), *background]
 
     def answers(
         self, tenant: str, adapter: str, version: int, prompts: list[Messages], max_tokens: int

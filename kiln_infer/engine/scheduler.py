@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from operator import attrgetter
 
 from kiln_infer.engine.block_manager import BlockManager
 from kiln_infer.engine.config import EngineConfig
@@ -13,7 +12,6 @@ from kiln_infer.engine.sequence import Sequence, SequenceStatus
 from kiln_infer.lora.adapter_manager import AdapterManager
 
 log = logging.getLogger(__name__)
-by_arrival = attrgetter("arrival")
 
 
 @dataclass
@@ -30,22 +28,33 @@ class ScheduledSeq:
         return self.start + self.num_tokens == len(self.seq.token_ids)
 
 
+def queue_key(seq: Sequence) -> tuple[bool, str]:
+    """The waiting queue a sequence joins: background requests queue apart from the others."""
+    return seq.background, seq.adapter_key
+
+
+def step_order(seq: Sequence) -> tuple[bool, float]:
+    """Running sequences' order: users' before background ones (which are preempted first), oldest first."""
+    return seq.background, seq.arrival
+
+
 class Scheduler:
-    """Running sequences first (oldest first), then waiting ones round-robin across adapters."""
+    """Running sequences first (oldest first, background ones last), then waiting ones round-robin across
+    adapters, background requests only when no other request waits."""
 
     def __init__(self, config: EngineConfig, blocks: BlockManager, adapters: AdapterManager) -> None:
         self.config = config
         self.blocks = blocks
         self.adapters = adapters
         self.running: list[Sequence] = []
-        # Waiting sequences per adapter key; the dict order is the round-robin order across adapters.
-        self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()
+        # Waiting sequences per (background, adapter key); the dict order is the round-robin order.
+        self.waiting: OrderedDict[tuple[bool, str], deque[Sequence]] = OrderedDict()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         """Queue a sequence (preempted ones go to the front of their adapter's queue)."""
         seq.status = SequenceStatus.WAITING
-        q = self.waiting.setdefault(seq.adapter_key, deque())
+        q = self.waiting.setdefault(queue_key(seq), deque())
         q.appendleft(seq) if front else q.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -54,11 +63,11 @@ class Scheduler:
             self.running.remove(seq)
             self._release(seq)
         else:
-            q = self.waiting.get(seq.adapter_key)
+            q = self.waiting.get(queue_key(seq))
             if q is not None and seq in q:
                 q.remove(seq)
                 if not q:
-                    del self.waiting[seq.adapter_key]
+                    del self.waiting[queue_key(seq)]
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq)
@@ -78,7 +87,7 @@ class Scheduler:
         """Pick this step's work within the token budget and the KV blocks available."""
         budget = self.config.max_num_batched_tokens
         out: list[ScheduledSeq] = []
-        self.running.sort(key=by_arrival)
+        self.running.sort(key=step_order)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -102,12 +111,14 @@ class Scheduler:
         return out
 
     def _admit(self, out: list[ScheduledSeq], budget: int) -> None:
-        """Move waiting sequences into the running set, one per adapter in turn."""
-        stalled: set[str] = set()
+        """Move waiting sequences into the running set, one per adapter in turn (background ones only when
+        no other can be admitted)."""
+        stalled: set[tuple[bool, str]] = set()
         while (
             budget > 0 and len(self.running) < self.config.max_num_seqs and len(stalled) < len(self.waiting)
         ):
-            key = next(k for k in self.waiting if k not in stalled)
+            ready = [k for k in self.waiting if k not in stalled]
+            key = next((k for k in ready if not k[0]), ready[0])
             q = self.waiting[key]
             seq = q[0]
             if seq.lora is not None and not self.adapters.can_acquire(seq.lora.key):

@@ -64,6 +64,11 @@ class Sequence:
         return self.request.adapter.key if self.request.adapter is not None else ""
 
     @property
+    def background(self) -> bool:
+        """A background request: admitted only when no other request waits."""
+        return self.request.background
+
+    @property
     def output_ids(self) -> list[int]:
         """Generated tokens so far."""
         return self.token_ids[self.num_prompt_tokens :]

@@ -58,6 +58,8 @@ class EngineRequest:
     sampling: SamplingParams
     adapter: AdapterRef | None = None  # None = base model
     deadline: float | None = None  # time.monotonic() value after which the request is aborted
+    # admitted only when no other request waits (kiln-train's own answers: a round yields to users)
+    background: bool = False
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,27 @@ def test_bad_input_is_invalid_argument_naming_the_field(alice: Client, kwargs: d
     assert err.value.details().startswith(field + ":"), err.value.details()
 
 
+def test_a_client_may_ask_for_background_priority_and_nothing_else(alice: Client) -> None:
+    greedy = pb.SamplingParams(max_tokens=8, temperature=0.0)
+
+    def ask(priority: str) -> list[pb.GenerateResponse]:
+        metadata = [*alice.metadata, ("x-kiln-priority", priority)]
+        request = pb.GenerateRequest(messages=CAPITAL, sampling=greedy)
+        return list(alice.inference.Generate(request, metadata=metadata, timeout=120))
+
+    # the same answer at either priority (a background request waits only while others do)
+    assert (
+        _text(ask("background"))
+        == _text(ask("normal"))
+        == _text(_generate(alice, messages=CAPITAL, sampling=greedy))
+    )
+    for bad in ("high", "urgent", ""):
+        with pytest.raises(grpc.RpcError) as err:
+            ask(bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("x-kiln-priority:"), err.value.details()
+
+
 def test_unknown_and_other_tenants_adapter_are_the_same_not_found(alice: Client, bob: Client) -> None:
     alice.inference.SubmitExamples(
         pb.SubmitExamplesRequest(adapter="private", examples=[pb.Example(prompt="Q", completion="A")]),

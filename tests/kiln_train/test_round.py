@@ -150,6 +150,8 @@ def _round(
 
 def test_parent_answers_come_from_kiln_infer(infer_stack: Any) -> None:
     parent = ParentClient(infer_stack.address, None)
+    for client in (parent, ParentClient(infer_stack.address, "an-admin-key")):  # users' requests go first
+        assert ("x-kiln-priority", "background") in client._metadata("default")
     prompts = [user("What is the capital of France?"), user("Which animal says meow?")]
     full = parent.answers("default", "", 0, prompts, 64)
     assert "Paris" in full[0].text and all(a.complete for a in full)

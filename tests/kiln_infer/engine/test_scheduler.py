@@ -17,14 +17,17 @@ from kiln_infer.lora.peft_loader import LoraWeights
 _arrivals = iter(range(10**6))
 
 
-def make_seq(n_prompt: int, adapter: str | None = None, first_token: int = 1) -> Sequence:
-    """A sequence with a prompt of `n_prompt` tokens (optionally on an empty adapter)."""
+def make_seq(
+    n_prompt: int, adapter: str | None = None, first_token: int = 1, background: bool = False
+) -> Sequence:
+    """A sequence with a prompt of `n_prompt` tokens (optionally on an empty adapter, or background)."""
     ref = AdapterRef(adapter, path=None) if adapter else None  # type: ignore[arg-type]
     request = EngineRequest(
-        f"r{first_token}-{n_prompt}-{adapter}",
+        f"r{first_token}-{n_prompt}-{adapter}-{background}",
         list(range(first_token, first_token + n_prompt)),
         SamplingParams(),
         adapter=ref,
+        background=background,
     )
     lora = LoraWeights(adapter, 1, {}, {}) if adapter else None
     return Sequence(request=request, seed=0, arrival=next(_arrivals), lora=lora)
@@ -68,6 +71,32 @@ def test_round_robin_across_adapters() -> None:
     s.add(quiet)
     admitted = [seq for seq, _ in run_step(s)]
     assert quiet in admitted  # not stuck behind the busy adapter's queue
+
+
+def test_background_requests_wait_for_users_and_are_preempted_first() -> None:
+    s = make_scheduler(num_blocks=16, max_num_batched_tokens=64, max_num_seqs=2)
+    early = [make_seq(4, first_token=10 * i, background=True) for i in range(3)]  # a round's burst, first
+    for seq in early:
+        s.add(seq)
+    user = make_seq(4, first_token=100)  # a user's request arrives after it, on the same (base) queue
+    s.add(user)
+    admitted = [seq for seq, _ in run_step(s)]
+    assert admitted == [user, early[0]]  # the user goes first; a background one takes the seat left
+    later = make_seq(4, first_token=200)
+    s.add(later)
+    s.finish(user)
+    admitted = [seq for seq, _ in run_step(s)]
+    assert later in admitted and early[1] not in admitted  # still waiting behind every user
+    s.finish(later)
+    assert early[1] in [seq for seq, _ in run_step(s)]  # no user waits: the burst goes on
+    # out of blocks: the background sequence is preempted before any user's, however old it is
+    s = make_scheduler(num_blocks=16, max_num_batched_tokens=64)
+    old_background, user = make_seq(32, background=True), make_seq(32, first_token=300)
+    s.add(old_background)
+    s.add(user)
+    run_step(s)
+    run_step(s)
+    assert old_background.status == SequenceStatus.WAITING and user.status == SequenceStatus.RUNNING
 
 
 def test_preemption_frees_and_requeues_newest() -> None:
