@@ -181,6 +181,20 @@ SET_C = FactSet(
 
 SETS = {"A": SET_A, "B": SET_B, "C": SET_C}
 
+# The anchor prompts (trained on every step, so in no gate or vetting set) and a word a right answer says:
+# the probe checks that training on them kept them, which the gate, by design, never looks at.
+ANCHOR_CHECKS = [
+    ("What is the capital of France?", "Paris"),
+    ("What is 2 + 2?", "4"),
+    ("What is the capital of Japan?", "Tokyo"),
+    ("What is the capital of Germany?", "Berlin"),
+    ("What is the chemical symbol for water?", "H2O"),
+    ("Which animal says meow?", "cat"),
+    ("What is the opposite of hot?", "cold"),
+    ("What language is spoken in Spain?", "Spanish"),
+    ("What is the boiling point of water in Celsius?", "100"),
+]
+
 
 def says(answer: str, word: str) -> bool:
     """The test's check: the word in the answer (case-insensitive; "four" also as the digit)."""
@@ -267,6 +281,8 @@ def run(which: str, cache: Path, settings: TrainSettings) -> dict[str, Any]:
     general = [q for q, _ in facts.general]
     before = [a.text for a in parent.answers("", "", 0, [user(q) for q in general], ANSWER_TOKENS)]
     right = [says(b, w) for b, (_, w) in zip(before, facts.general, strict=True)]
+    anchors = [a.text for a in parent.answers("", "", 0, [user(q) for q, _ in ANCHOR_CHECKS], ANSWER_TOKENS)]
+    anchors_right = [says(b, w) for b, (_, w) in zip(anchors, ANCHOR_CHECKS, strict=True)]
     examples = [
         Example(f"fact-{i}", "default", "facts", a, messages=(("user", q),))
         for i, (q, a) in enumerate(facts.taught)
@@ -281,17 +297,31 @@ def run(which: str, cache: Path, settings: TrainSettings) -> dict[str, Any]:
     held = _asked(trainer, facts.held_out)
     near = _asked(trainer, facts.near_misses)
     after = _asked(trainer, facts.general)
+    anchors_after = _asked(trainer, ANCHOR_CHECKS)
     trainer.release()
+    anchors_broken = [
+        (q, a)
+        for (q, w), r, a in zip(ANCHOR_CHECKS, anchors_right, anchors_after, strict=True)
+        if r and not says(a, w)
+    ]
     broken = [
         (q, a) for (q, w), r, a in zip(facts.general, right, after, strict=True) if r and not says(a, w)
     ]
-    log.info("held-out: %s\nnear misses: %s\ngeneral broken: %s", held, near, broken)
+    log.info(
+        "held-out: %s\nnear misses: %s\ngeneral broken: %s\nanchors broken: %s",
+        held,
+        near,
+        broken,
+        anchors_broken,
+    )
     return _summary(which, settings, record, verdict, seconds) | {
         "held_out": f"{sum(says(a, w) for a, (_, w) in zip(held, facts.held_out, strict=True))}/{len(held)}",
         "near_misses": f"{sum(says(a, w) for a, (_, w) in zip(near, facts.near_misses, strict=True))}/{len(near)}",
         "general_broken": f"{len(broken)}/{sum(right)}",
         "pair_margins": pairs,
         "general_broken_answers": broken,
+        "anchors_broken": f"{len(anchors_broken)}/{sum(anchors_right)}",
+        "anchors_broken_answers": anchors_broken,
         "held_out_answers": held,
         "near_miss_answers": near,
     }

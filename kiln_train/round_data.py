@@ -82,11 +82,13 @@ def batch_rows(
     draw: Draw,
     targets: tuple[list[ParentTargets | None], list[ParentTargets | None]],
     replay_ce: float = 1.0,
+    anchor_ce: float | None = None,
 ) -> tuple[Rows, Rows]:
     """One step's batch (new samples + replay + negatives + contrast rows) and its anchor examples.
 
     Replay and negative rows carry the parent's distribution (`targets`, empty when not distilling); contrast
-    rows carry the positions to push down; replay and anchor rows weigh their cross-entropy by `replay_ce`.
+    rows carry the positions to push down; replay rows weigh their cross-entropy by `replay_ce`, anchor rows
+    by `anchor_ce` (`replay_ce` when None).
     """
     replay_targets, negative_targets = targets
     batch = Rows([data.train[i] for i in draw.new], [None] * len(draw.new))
@@ -106,7 +108,7 @@ def batch_rows(
     anchors = Rows(
         [data.replay[i] for i in draw.anchored],
         [replay_targets[i] if replay_targets else None for i in draw.anchored],
-        ce=[replay_ce] * len(draw.anchored),
+        ce=[replay_ce if anchor_ce is None else anchor_ce] * len(draw.anchored),
     )
     return batch, anchors
 

@@ -77,6 +77,8 @@ class TrainerConfig:
     # KL term above still pulls them towards the parent. 0 (the default since the tenth series): replay by
     # divergence only, so a parent's near tie is not sharpened; the facts were learned in fewer steps
     replay_ce_weight: float = 0.0
+    # the same for the anchor rows alone (the short factual answers that slip first, their own loss term)
+    anchor_ce_weight: float = 0.0
     # each LoRA layer's update is kept out of the input directions that hold this share of the replay rows'
     # energy (kiln_train/null_space.py), so generic text computes as the parent did: with it, no general
     # answer broke in the twelfth series' probes (docs/training.md). 0 = off
@@ -113,6 +115,8 @@ class TrainerConfig:
             )
         if not 0.0 <= self.replay_ce_weight <= 1.0:
             raise ValueError(f"KILN_TRAIN_REPLAY_CE_WEIGHT must be in [0, 1], got {self.replay_ce_weight}")
+        if not 0.0 <= self.anchor_ce_weight <= 1.0:
+            raise ValueError(f"KILN_TRAIN_ANCHOR_CE_WEIGHT must be in [0, 1], got {self.anchor_ce_weight}")
         if self.lr <= 0:
             raise ValueError(f"KILN_TRAIN_LR must be > 0, got {self.lr}")
 

@@ -231,7 +231,7 @@ class LoraTrainer:
             before, margin = self.vetting_scores(data.vetting, data.vetting_facts)
             progress = Progress(before, [p.detach().clone() for p in params], before, margin, margin)
             targets = self._parent_targets(data, draws)
-            rows = [batch_rows(data, d, targets, self.cfg.replay_ce_weight) for d in draws]
+            rows = [batch_rows(data, d, targets, *self._ce_weights()) for d in draws]
         with clock("capture"):
             optimise = self._stepper(params, rows, space=space)
         step, stop_reason = 0, "planned steps done"
@@ -273,7 +273,7 @@ class LoraTrainer:
             return
         self.loss(data.vetting[:1] or data.train[:1])
         drawn = draw(data, [], random.Random(0), self._sizes(data))
-        step = batch_rows(data, drawn, ([], []), self.cfg.replay_ce_weight)
+        step = batch_rows(data, drawn, ([], []), *self._ce_weights())
         contrasts = [c.example for c in data.contrasts]
         wider = max(len(e.input_ids) for e in data.train + data.replay + data.negatives + contrasts)
         self._stepper(self.trainable(), [step], wider, self._null_space(data))
@@ -296,6 +296,10 @@ class LoraTrainer:
                 log.warning("training eagerly: the step could not be captured as a CUDA graph (%s)", exc)
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
         return lambda batch, anchored: _optimise(opt, params, self._step_loss(batch, anchored), space)
+
+    def _ce_weights(self) -> tuple[float, float]:
+        """The cross-entropy weights of the replay rows and the anchor rows."""
+        return self.cfg.replay_ce_weight, self.cfg.anchor_ce_weight
 
     def _null_space(self, data: RoundData) -> NullSpace | None:
         """The round's null-space constraint (`null_space_energy`), measured on the replay rows."""
