@@ -75,6 +75,7 @@ def test_dense_loss_matches_the_eager_step_loss(
     for d in draws:
         batch, anchored = batch_rows(data, d, targets, replay_ce)
         assert batch.ce.count(replay_ce) >= len(d.replayed) and anchored.ce == [replay_ce] * len(d.anchored)
+        assert batch_rows(data, d, targets, replay_ce, 0.5)[1].ce == [0.5] * len(d.anchored)  # anchors' own
         assert anchored.examples and any(t is not None for t in batch.targets) == (kl_weight > 0)
         contrasted = sum(1 for p in batch.unlikely if p)
         assert contrasted == (3 if unlikelihood_weight > 0 else 0)  # as many as negatives a step

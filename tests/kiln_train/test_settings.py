@@ -40,6 +40,8 @@ def test_trainer_variables_reach_the_trainer() -> None:
         ("KILN_TRAIN_REPLAY_CE_WEIGHT", "1.5"),
         ("KILN_TRAIN_REPLAY_CE_WEIGHT", "-0.1"),
         ("KILN_TRAIN_REPLAY_CE_WEIGHT", "nan"),
+        ("KILN_TRAIN_ANCHOR_CE_WEIGHT", "1.5"),
+        ("KILN_TRAIN_ANCHOR_CE_WEIGHT", "nan"),
     ],
 )
 def test_bad_values_name_their_variable(var: str, value: str) -> None:
