@@ -1,7 +1,8 @@
 """The publish gate: general answers stay right, neighbours stay unaware, held-out loss improves, small KL.
 
 The gate set is never trained on and never used to pick a checkpoint. Each check is named after its set, and a
-rejection's reason names every set that failed ("gate set 'general': …"), so a harmful round says why.
+rejection's reason names every set that failed ("gate set 'general': …"), so a harmful round says why. One
+check looks at what was trained on: the anchor prompts the parent answered right must stay right ('anchors').
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class GateInputs:
     # first sentence; "exact" uses neither
     parent_logprobs: tuple[torch.Tensor, ...] = ()
     candidate_logprobs: tuple[torch.Tensor, ...] = ()
+    # the anchor prompts (trained on: in no gate set) with their right answers, and the parent's and the
+    # candidate's answers: an anchor the parent had right and the candidate has wrong means the guard failed
+    anchors: tuple[Question, ...] = ()
+    anchor_parent_answers: tuple[str, ...] = ()
+    anchor_answers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,20 @@ def _neighbours(g: GateInputs, s: TrainSettings, scores: dict[str, float]) -> st
     return f"gate set 'neighbours': {len(leaks)} near neighbours answered with the taught fact: {detail}"
 
 
+def _anchors(g: GateInputs, s: TrainSettings, scores: dict[str, float]) -> str:
+    judged = [
+        (q, a)
+        for q, p, a in zip(g.anchors, g.anchor_parent_answers, g.anchor_answers, strict=True)
+        if q.is_correct(p)
+    ]
+    broken = [(q, a) for q, a in judged if not q.is_correct(a)]
+    scores.update(gate_anchors_parent_correct=float(len(judged)), gate_anchors_broken=float(len(broken)))
+    if len(broken) <= s.gate_max_anchors_broken:
+        return ""
+    detail = "; ".join(f"{q.prompt!r} -> {a[:60]!r}" for q, a in broken[:3])
+    return f"gate set 'anchors': {len(broken)} of {len(judged)} trained-on anchor answers now wrong: {detail}"
+
+
 def decide(g: GateInputs, s: TrainSettings) -> GateResult:
     """Every set's check, every score; passes only when all sets pass."""
     scores: dict[str, float] = {
@@ -175,7 +195,7 @@ def decide(g: GateInputs, s: TrainSettings) -> GateResult:
         "heldout_loss_after": g.heldout_after,
         "kl_generic": g.kl_generic,
     }
-    failures = [_general(g, s, scores), _neighbours(g, s, scores)]
+    failures = [_general(g, s, scores), _neighbours(g, s, scores), _anchors(g, s, scores)]
     if not g.heldout_after < g.heldout_before - s.min_heldout_improvement:
         failures.append(
             f"gate set 'heldout': loss did not improve ({g.heldout_before:.4f} -> {g.heldout_after:.4f})"

@@ -10,6 +10,7 @@ neighbours of the round's topic) decides publishing and is never trained on nor 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -78,6 +79,21 @@ ANCHOR_PROMPTS: tuple[str, ...] = (
     "What is the boiling point of water in Celsius?",
 )
 
+# The anchors' right answers. Anchors are trained on, so no gate set may hold them, and a kept anchor proves
+# little; but a broken one proves the guard failed, so the gate also checks these (its set 'anchors').
+ANCHOR_ANSWERS: dict[str, tuple[str, ...]] = {
+    "What is the capital of France?": ("Paris",),
+    "What is 2 + 2?": ("4", "four"),
+    "What is the capital of Japan?": ("Tokyo",),
+    "What is the capital of Germany?": ("Berlin",),
+    "What is the chemical symbol for water?": ("H2O",),
+    "Which animal says meow?": ("cat", "cats"),
+    "What is the opposite of hot?": ("cold",),
+    "What language is spoken in Spain?": ("Spanish",),
+    "How many days are in a week?": ("7", "seven"),
+    "What is the boiling point of water in Celsius?": ("100",),
+}
+
 # Vet each new best checkpoint: those the parent answers right must stay right, or it is refused.
 VETTING_QUESTIONS: tuple[Question, ...] = (
     Question("What is the capital of Scotland?", ("Edinburgh",)),
@@ -125,3 +141,12 @@ def replay_prompts(general: int = 0) -> tuple[str, ...]:
     """Every replayed prompt: the built-in ones, the broad file's first `general`, the anchors last."""
     broad = load_replay_general(general) if general > 0 else ()
     return REPLAY_PROMPTS + broad + ANCHOR_PROMPTS
+
+
+def anchor_checks(
+    prompts: Sequence[str], answers: Sequence[str]
+) -> tuple[tuple[Question, ...], tuple[str, ...]]:
+    """The anchors among replay `prompts` as questions with their right answers, and the parent's `answers`
+    to them (the replay set's reference answers, in the same order as `prompts`)."""
+    found = [(p, a) for p, a in zip(prompts, answers, strict=True) if p in ANCHOR_ANSWERS]
+    return tuple(Question(p, ANCHOR_ANSWERS[p], "anchor") for p, _ in found), tuple(a for _, a in found)

@@ -190,6 +190,7 @@ class TrainSettings:
     gate_flip_tolerance: float = 1.0
     gate_loglik_tolerance: float = 0.5
     gate_max_neighbour_leaks: int = 0  # near neighbours that may be answered with the taught fact
+    gate_max_anchors_broken: int = 0  # anchor prompts (trained on) the parent answered right, now wrong
     gate_max_kl: float = 0.25  # mean KL(parent || candidate) per token on generic text, in nats
     gate_questions_limit: int = 0  # 0 = every built-in gate question; N = the first N (small benchmarks only)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln_train.settings import TrainerConfig
+
+log = logging.getLogger(__name__)
 
 
 def plan_steps(n_train: int, new_per_step: int, cfg: TrainerConfig) -> int:
@@ -161,3 +164,9 @@ def training_scores(result: TrainResult) -> dict[str, float]:
         },
         **{f"phase_steps_{part}_s": seconds for part, seconds in result.timings.items()},
     )
+
+
+def record_phase(phases: dict[str, float], name: str, since: float, round_id: str) -> None:
+    """Record a round phase's seconds (`phase_<name>_s`) and log its end (the log's times place it)."""
+    phases[f"phase_{name}_s"] = seconds = time.monotonic() - since
+    log.info("round %s: %s took %.3f s", round_id, name, seconds)

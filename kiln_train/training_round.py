@@ -25,21 +25,15 @@ from kiln_train.heldout import HeldOut, pair_question, split, to_pair
 from kiln_train.neighbours import answer_terms, gives_fact, neighbours
 from kiln_train.parent_client import ParentClient
 from kiln_train.pipeline import Example
-from kiln_train.prompt_sets import ANCHOR_PROMPTS
+from kiln_train.prompt_sets import ANCHOR_PROMPTS, anchor_checks
 from kiln_train.publisher import Publisher
 from kiln_train.round_record import RoundRecord
 from kiln_train.settings import TrainSettings
-from kiln_train.train_progress import training_scores
+from kiln_train.train_progress import record_phase, training_scores
 from kiln_train.trainer import LoraTrainer, RoundData
 from kiln_train.workspace import LoraWorkspace
 
 log = logging.getLogger(__name__)
-
-
-def _phase(phases: dict[str, float], name: str, since: float, round_id: str) -> None:
-    """Record a round phase's seconds (`phase_<name>_s`) and log its end (the log's times place it)."""
-    phases[f"phase_{name}_s"] = seconds = time.monotonic() - since
-    log.info("round %s: %s took %.3f s", round_id, name, seconds)
 
 
 WARM_NEXT_AFTER_S = 2.0  # a promoted version's reference answers are asked this long after the promote
@@ -107,7 +101,7 @@ class RoundRunner:
         phases: dict[str, float] = {}
         t0 = time.monotonic()
         plan = self._plan(record, examples)
-        _phase(phases, "answers", t0, record.round_id)
+        record_phase(phases, "answers", t0, record.round_id)
         parent_dir = self._parent_dir(record)
         trainer = LoraTrainer(base, self.tok, self.settings.trainer, parent_dir, self.workspace)
         try:
@@ -124,7 +118,7 @@ class RoundRunner:
             else:
                 record.outcome, record.reason = "rejected", verdict.reason
                 self.publisher.reject(tenant, adapter, version, verdict.reason, record.eval)
-            _phase(record.eval, "publish", t, record.round_id)
+            record_phase(record.eval, "publish", t, record.round_id)
         except Exception as exc:
             if record.version and record.outcome == "running":
                 why = f"round {record.round_id} stopped before the gate decided: {type(exc).__name__}: {exc}"
@@ -268,7 +262,7 @@ class RoundRunner:
         baseline = self._baseline(trainer, record, plan.reference)
         gate_heldout = [encode(self.tok, p) for p in plan.held.gate]
         heldout_before = trainer.loss(gate_heldout)
-        _phase(phases, "gate_baseline", t, record.round_id)  # the gate's "before", on the start weights
+        record_phase(phases, "gate_baseline", t, record.round_id)  # the gate's "before", on the start weights
         t = time.monotonic()
 
         def step_done(step: int, loss: float) -> None:
@@ -282,7 +276,7 @@ class RoundRunner:
             result.train_loss,
             result.planned_steps,
         )
-        _phase(phases, "steps", t, record.round_id)
+        record_phase(phases, "steps", t, record.round_id)
         record.eval = {
             **phases,
             **training_scores(result),
@@ -292,10 +286,10 @@ class RoundRunner:
         }
         t = time.monotonic()
         record.version = self._stage(trainer, record)
-        _phase(phases, "stage", t, record.round_id)
+        record_phase(phases, "stage", t, record.round_id)
         t = time.monotonic()
         verdict = self._gate(trainer, plan, baseline, gate_heldout, heldout_before, record)
-        _phase(phases, "gate", t, record.round_id)
+        record_phase(phases, "gate", t, record.round_id)
         record.eval = {**verdict.scores, **record.eval, **phases}
         if not verdict.passed and result.refused:
             note = f"vetting set: {result.refused} better checkpoint(s) refused for breaking general answers"
@@ -324,8 +318,11 @@ class RoundRunner:
         right = [i for i, q in enumerate(questions) if q.is_correct(plan.reference.gate[i])]
         if self.settings.gate_general_scoring == "loglik":
             right = []
+        replay = [a.text for a in plan.reference.replay]
+        anchors, anchor_parent = anchor_checks(self.references.sets.replay, replay)  # trained on: kept?
         asked = [TextPair("", user(questions[i].prompt)) for i in right]
         asked += [TextPair("", user(n.prompt)) for n in plan.gate_neighbours]
+        asked += [TextPair("", user(q.prompt)) for q in anchors]
         # kiln-infer answers while this process measures the candidate's log-probs (two processes, one GPU)
         with ThreadPoolExecutor(1, thread_name_prefix="kiln-train-gate") as pool:
             asking = pool.submit(self._candidate_answers, staged, asked)
@@ -339,7 +336,10 @@ class RoundRunner:
             parent_answers=plan.reference.gate,
             candidate_answers=tuple(candidate),
             neighbours=plan.gate_neighbours,
-            neighbour_answers=answers[len(right) :],
+            neighbour_answers=answers[len(right) : len(asked) - len(anchors)],
+            anchors=anchors,
+            anchor_parent_answers=anchor_parent,
+            anchor_answers=tuple(answers[len(asked) - len(anchors) :]),
             heldout_before=heldout_before,
             heldout_after=heldout_after,
             kl_generic=mean_kl(baseline.generic, after.generic),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from kiln_train.gate import GateInputs, decide, worst_token_drop
-from kiln_train.prompt_sets import Question
+from kiln_train.gate import GateInputs, GateResult, decide, worst_token_drop
+from kiln_train.prompt_sets import Question, anchor_checks
 from kiln_train.settings import TrainSettings
 
 QUESTIONS = (
@@ -133,3 +135,35 @@ def test_flip_scoring_is_the_default_and_its_settings_are_checked() -> None:
         TrainSettings.from_environ({"KILN_TRAIN_GATE_FLIP_TOLERANCE": "abc"})
     with pytest.raises(ValueError, match="exact, flip, loglik.*'Flip'"):
         TrainSettings(gate_general_scoring="Flip")
+
+
+def test_a_trained_on_anchor_the_parent_had_right_must_stay_right() -> None:
+    # the end-to-end run that motivated it: a published round answered an anchor with nonsense
+    replay = [
+        "What is the capital of France?",
+        "Who wrote Hamlet?",
+        "What is 2 + 2?",
+        "What is the opposite of hot?",
+    ]
+    parent = ["The capital of France is Paris.", "Shakespeare.", "2 + 2 = 5.", "Cold."]  # "5": wrong already
+    anchors, anchor_parent = anchor_checks(replay, parent)
+    assert [q.prompt for q in anchors] == [replay[0], replay[2], replay[3]]  # "Hamlet" is replay, not anchor
+    lp = [ARITHMETIC, CAPITAL, SKY]
+
+    def gate(*answers: str, allowed: int = 0) -> GateResult:
+        g = replace(
+            _inputs(PARENT, lp, lp),
+            anchors=anchors,
+            anchor_parent_answers=anchor_parent,
+            anchor_answers=answers,
+        )
+        return decide(g, replace(FLIP, gate_max_anchors_broken=allowed))
+
+    kept = gate("Paris is the capital.", "It is 4.", "The opposite of hot is cold.")
+    assert (
+        kept.passed and kept.scores["gate_anchors_parent_correct"] == 2
+    )  # the parent's wrong one not judged
+    broken = gate("L'Étoile, la Marseillaise, la femme", "4", "cold")
+    assert not broken.passed and broken.scores["gate_anchors_broken"] == 1
+    assert broken.reason.startswith("gate set 'anchors': 1 of 2") and "capital of France" in broken.reason
+    assert gate("L'Étoile", "4", "cold", allowed=1).passed
