@@ -35,6 +35,7 @@ from kiln_train.evaluator import PromptSets, ReferenceCache, user
 from kiln_train.gate import GateResult
 from kiln_train.parent_client import Messages, ParentAnswer
 from kiln_train.pipeline import Example
+from kiln_train.prompt_sets import ANCHOR_ANSWERS, Question
 from kiln_train.round_record import RoundRecord, new_round
 from kiln_train.settings import TrainSettings
 from kiln_train.trainer import LoraTrainer
@@ -181,19 +182,9 @@ SET_C = FactSet(
 
 SETS = {"A": SET_A, "B": SET_B, "C": SET_C}
 
-# The anchor prompts (trained on every step, so in no gate or vetting set) and a word a right answer says:
-# the probe checks that training on them kept them, which the gate, by design, never looks at.
-ANCHOR_CHECKS = [
-    ("What is the capital of France?", "Paris"),
-    ("What is 2 + 2?", "4"),
-    ("What is the capital of Japan?", "Tokyo"),
-    ("What is the capital of Germany?", "Berlin"),
-    ("What is the chemical symbol for water?", "H2O"),
-    ("Which animal says meow?", "cat"),
-    ("What is the opposite of hot?", "cold"),
-    ("What language is spoken in Spain?", "Spanish"),
-    ("What is the boiling point of water in Celsius?", "100"),
-]
+# The anchor prompts (trained on every step, so in no gate or vetting set) with their right answers, as the
+# gate's set 'anchors' checks them (kiln_train.prompt_sets.ANCHOR_ANSWERS).
+ANCHORS = [Question(p, answers, "anchor") for p, answers in ANCHOR_ANSWERS.items()]
 
 
 def says(answer: str, word: str) -> bool:
@@ -281,8 +272,8 @@ def run(which: str, cache: Path, settings: TrainSettings) -> dict[str, Any]:
     general = [q for q, _ in facts.general]
     before = [a.text for a in parent.answers("", "", 0, [user(q) for q in general], ANSWER_TOKENS)]
     right = [says(b, w) for b, (_, w) in zip(before, facts.general, strict=True)]
-    anchors = [a.text for a in parent.answers("", "", 0, [user(q) for q, _ in ANCHOR_CHECKS], ANSWER_TOKENS)]
-    anchors_right = [says(b, w) for b, (_, w) in zip(anchors, ANCHOR_CHECKS, strict=True)]
+    anchors = [a.text for a in parent.answers("", "", 0, [user(q.prompt) for q in ANCHORS], ANSWER_TOKENS)]
+    anchors_right = [q.is_correct(b) for q, b in zip(ANCHORS, anchors, strict=True)]
     examples = [
         Example(f"fact-{i}", "default", "facts", a, messages=(("user", q),))
         for i, (q, a) in enumerate(facts.taught)
@@ -297,12 +288,12 @@ def run(which: str, cache: Path, settings: TrainSettings) -> dict[str, Any]:
     held = _asked(trainer, facts.held_out)
     near = _asked(trainer, facts.near_misses)
     after = _asked(trainer, facts.general)
-    anchors_after = _asked(trainer, ANCHOR_CHECKS)
+    anchors_after = _asked(trainer, [(q.prompt, "") for q in ANCHORS])
     trainer.release()
     anchors_broken = [
-        (q, a)
-        for (q, w), r, a in zip(ANCHOR_CHECKS, anchors_right, anchors_after, strict=True)
-        if r and not says(a, w)
+        (q.prompt, a)
+        for q, r, a in zip(ANCHORS, anchors_right, anchors_after, strict=True)
+        if r and not q.is_correct(a)
     ]
     broken = [
         (q, a) for (q, w), r, a in zip(facts.general, right, after, strict=True) if r and not says(a, w)

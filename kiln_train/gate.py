@@ -71,11 +71,18 @@ def mean_kl(parent: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
     return total / max(count, 1)
 
 
-def _broken_exact(g: GateInputs) -> tuple[list[int], int]:
+def _broken(
+    questions: tuple[Question, ...], parent: tuple[str, ...], candidate: tuple[str, ...]
+) -> tuple[list[int], int]:
     """Questions the parent answered right and the candidate does not; and how many the parent had right."""
-    was = [q.is_correct(a) for q, a in zip(g.questions, g.parent_answers, strict=True)]
-    now = [q.is_correct(a) for q, a in zip(g.questions, g.candidate_answers, strict=True)]
+    was = [q.is_correct(a) for q, a in zip(questions, parent, strict=True)]
+    now = [q.is_correct(a) for q, a in zip(questions, candidate, strict=True)]
     return [i for i, (w, n) in enumerate(zip(was, now, strict=True)) if w and not n], sum(was)
+
+
+def _broken_exact(g: GateInputs) -> tuple[list[int], int]:
+    """`_broken` on the general questions."""
+    return _broken(g.questions, g.parent_answers, g.candidate_answers)
 
 
 def worst_token_drop(parent: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -175,17 +182,12 @@ def _neighbours(g: GateInputs, s: TrainSettings, scores: dict[str, float]) -> st
 
 
 def _anchors(g: GateInputs, s: TrainSettings, scores: dict[str, float]) -> str:
-    judged = [
-        (q, a)
-        for q, p, a in zip(g.anchors, g.anchor_parent_answers, g.anchor_answers, strict=True)
-        if q.is_correct(p)
-    ]
-    broken = [(q, a) for q, a in judged if not q.is_correct(a)]
-    scores.update(gate_anchors_parent_correct=float(len(judged)), gate_anchors_broken=float(len(broken)))
+    broken, judged = _broken(g.anchors, g.anchor_parent_answers, g.anchor_answers)
+    scores.update(gate_anchors_parent_correct=float(judged), gate_anchors_broken=float(len(broken)))
     if len(broken) <= s.gate_max_anchors_broken:
         return ""
-    detail = "; ".join(f"{q.prompt!r} -> {a[:60]!r}" for q, a in broken[:3])
-    return f"gate set 'anchors': {len(broken)} of {len(judged)} trained-on anchor answers now wrong: {detail}"
+    detail = "; ".join(f"{g.anchors[i].prompt!r} -> {g.anchor_answers[i][:60]!r}" for i in broken[:3])
+    return f"gate set 'anchors': {len(broken)} of {judged} trained-on anchor answers now wrong: {detail}"
 
 
 def decide(g: GateInputs, s: TrainSettings) -> GateResult:
