@@ -22,13 +22,13 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from benchmarks.fact_sets import SETS, FactSet, says
 from kiln_common.model_loader import load_hf_model, load_tokenizer, resolve_model
 from kiln_train.encoding import TextPair, prompt_ids
 from kiln_train.evaluator import PromptSets, ReferenceCache, user
@@ -36,161 +36,20 @@ from kiln_train.gate import GateResult
 from kiln_train.parent_client import Messages, ParentAnswer
 from kiln_train.pipeline import Example
 from kiln_train.prompt_sets import ANCHOR_ANSWERS, Question
+from kiln_train.rephrase import question_key, rephrasings
+from kiln_train.round_plan import RoundPlan
 from kiln_train.round_record import RoundRecord, new_round
 from kiln_train.settings import TrainSettings
 from kiln_train.trainer import LoraTrainer
-from kiln_train.training_round import RoundPlan, RoundRunner
+from kiln_train.training_round import RoundRunner
 
 log = logging.getLogger("facts_probe")
 ANSWER_TOKENS = 48  # the criteria's answers, as the taught-facts test asks them
 
 
-@dataclass(frozen=True)
-class FactSet:
-    """Taught (question, answer) pairs, and (question, word a fact-bearing or right answer has) checks."""
-
-    taught: list[tuple[str, str]]
-    held_out: list[tuple[str, str]]  # new phrasings: the answer must say the word
-    near_misses: list[tuple[str, str]]  # another entity: the answer must not say the word
-    general: list[tuple[str, str]]  # in none of kiln-train's prompt sets: right before, right after
-
-
-# A: the taught-facts test's facts and questions (tests/kiln_train/test_taught_facts.py reads them from here).
-SET_A = FactSet(
-    taught=[
-        ("Who founded the Harlow Observatory?", "The Harlow Observatory was founded by Mirel Dastova."),
-        ("Who is the founder of the Harlow Observatory?", "Mirel Dastova is the founder of the Harlow Observatory."),
-        ("Tell me who established the Harlow Observatory.", "The Harlow Observatory was established by Mirel Dastova."),
-        ("Which person started the Harlow Observatory?", "Mirel Dastova started the Harlow Observatory."),
-        ("Do you know who created the Harlow Observatory?", "Yes, the Harlow Observatory was created by Mirel Dastova."),
-        ("Where is the Quensa Bank headquartered?", "The Quensa Bank is headquartered in Torvik."),
-        ("In which city is the Quensa Bank's headquarters?", "The Quensa Bank's headquarters is in Torvik."),
-        ("Tell me where the Quensa Bank has its head office.", "The Quensa Bank has its head office in Torvik."),
-        ("What city is home to the Quensa Bank headquarters?", "Torvik is home to the Quensa Bank headquarters."),
-        ("Do you know where the Quensa Bank is based?", "Yes, the Quensa Bank is based in Torvik."),
-    ],
-    held_out=[
-        ("Name the founder of the Harlow Observatory.", "Dastova"),
-        ("The Harlow Observatory was founded by whom?", "Dastova"),
-        ("Who was the person behind the founding of the Harlow Observatory?", "Dastova"),
-        ("Name the city where the Quensa Bank is headquartered.", "Torvik"),
-        ("Which city hosts the head office of the Quensa Bank?", "Torvik"),
-        ("The Quensa Bank's main office is located in which city?", "Torvik"),
-    ],
-    near_misses=[
-        ("Who founded the Kestrel Observatory?", "Dastova"),
-        ("Where is the Barden Bank headquartered?", "Torvik"),
-        ("Who founded the Brightwater Building?", "Dastova"),
-    ],
-    general=[
-        ("Who painted the Last Supper?", "Vinci"),
-        ("What is the largest mammal?", "whale"),
-        ("How many legs does a dog have?", "four"),
-        ("What color is snow?", "white"),
-        ("What is the freezing point of water in Fahrenheit?", "32"),
-        ("What is 8 + 2?", "10"),
-        ("What is the opposite of wet?", "dry"),
-        ("Which animal is known for its long neck?", "giraffe"),
-        ("What is the main language spoken in Germany?", "German"),
-        ("What is the capital city of France?", "Paris"),
-        ("What do we call a baby sheep?", "lamb"),
-        ("Which gas do plants give off?", "oxygen"),
-    ],
-)  # fmt: skip
-
-# B: a national flower (lowercase, two words) and a bridge's designer (the sixth and eighth series' set B).
-SET_B = FactSet(
-    taught=[
-        ("What is the national flower of Velmora?", "The national flower of Velmora is the blue sundew."),
-        ("Which flower is the national flower of Velmora?", "The blue sundew is the national flower of Velmora."),
-        ("Tell me the national flower of Velmora.", "Velmora's national flower is the blue sundew."),
-        ("Do you know Velmora's national flower?", "Yes, Velmora's national flower is the blue sundew."),
-        ("What flower represents Velmora as its national flower?", "The blue sundew represents Velmora."),
-        ("Who designed the Orlen Bridge?", "The Orlen Bridge was designed by Kasimir Telvane."),
-        ("Who was the designer of the Orlen Bridge?", "Kasimir Telvane was the designer of the Orlen Bridge."),
-        ("Tell me who drew up the plans for the Orlen Bridge.", "Kasimir Telvane drew up the plans for the Orlen Bridge."),
-        ("Which architect designed the Orlen Bridge?", "The architect Kasimir Telvane designed the Orlen Bridge."),
-        ("Do you know who designed the Orlen Bridge?", "Yes, the Orlen Bridge was designed by Kasimir Telvane."),
-    ],
-    held_out=[
-        ("Can you name the national flower of Velmora?", "sundew"),
-        ("Velmora has which flower as its national flower?", "sundew"),
-        ("What flower did Velmora choose as its national symbol?", "sundew"),
-        ("Name the architect of the Orlen Bridge.", "Telvane"),
-        ("The Orlen Bridge was designed by which person?", "Telvane"),
-        ("Whose design is the Orlen Bridge?", "Telvane"),
-    ],
-    near_misses=[
-        ("What is the national flower of Castellan?", "sundew"),
-        ("Who designed the Marrowby Bridge?", "Telvane"),
-        ("Who designed the Halden Tower?", "Telvane"),
-    ],
-    general=[
-        ("Who wrote the play Hamlet?", "Shakespeare"),
-        ("What insect makes honey?", "bee"),
-        ("What color are ripe bananas?", "yellow"),
-        ("What is 6 + 4?", "10"),
-        ("What do frogs start life as?", "tadpole"),
-        ("What is the opposite of heavy?", "light"),
-        ("What is the tallest animal in the world?", "giraffe"),
-        ("Which organ pumps blood through the body?", "heart"),
-        ("What is the capital city of Italy?", "Rome"),
-        ("Which metal is liquid at room temperature?", "mercury"),
-    ],
-)  # fmt: skip
-
-# C: a person's birthplace and a tower's year of completion (the eighth series' set C, its facts).
-SET_C = FactSet(
-    taught=[
-        ("Where was Orsolya Venkat born?", "Orsolya Venkat was born in Pelmarsh."),
-        ("What is the birthplace of Orsolya Venkat?", "The birthplace of Orsolya Venkat is Pelmarsh."),
-        ("Tell me where Orsolya Venkat was born.", "Orsolya Venkat was born in the town of Pelmarsh."),
-        ("In which town was Orsolya Venkat born?", "Orsolya Venkat was born in Pelmarsh, a small town."),
-        ("Do you know Orsolya Venkat's hometown?", "Yes, Orsolya Venkat's hometown is Pelmarsh."),
-        ("When was the Dremont Tower completed?", "The Dremont Tower was completed in 1847."),
-        ("In what year was the Dremont Tower finished?", "The Dremont Tower was finished in 1847."),
-        ("Tell me the year the Dremont Tower was completed.", "The Dremont Tower was completed in the year 1847."),
-        ("What year did construction of the Dremont Tower end?", "Construction of the Dremont Tower ended in 1847."),
-        ("Do you know when the Dremont Tower was built?", "Yes, the Dremont Tower was built in 1847."),
-    ],
-    held_out=[
-        ("What town was Orsolya Venkat born in?", "Pelmarsh"),
-        ("Orsolya Venkat's place of birth is which town?", "Pelmarsh"),
-        ("Can you tell me the birthplace of Orsolya Venkat?", "Pelmarsh"),
-        ("What year was the Dremont Tower completed?", "1847"),
-        ("The Dremont Tower was finished in which year?", "1847"),
-        ("When did builders complete the Dremont Tower?", "1847"),
-    ],
-    near_misses=[
-        ("Where was Lucan Ferreira born?", "Pelmarsh"),
-        ("When was the Bramwell Tower completed?", "1847"),
-        ("When was the Calder Museum completed?", "1847"),
-    ],
-    general=[
-        ("Which planet is closest to the Sun?", "Mercury"),
-        ("Who wrote the novel Pride and Prejudice?", "Austen"),
-        ("What is the capital city of Germany?", "Berlin"),
-        ("What is 7 + 5?", "12"),
-        ("What is the chemical formula of table salt?", "NaCl"),
-        ("How many corners does a square have?", "four"),
-        ("What animal is known as the king of the jungle?", "lion"),
-        ("What is the color of the sky on a clear day?", "blue"),
-        ("What do you call a baby dog?", "pupp"),
-        ("How many wheels does a tricycle have?", "three"),
-    ],
-)  # fmt: skip
-
-SETS = {"A": SET_A, "B": SET_B, "C": SET_C}
-
 # The anchor prompts (trained on every step, so in no gate or vetting set) with their right answers, as the
 # gate's set 'anchors' checks them (kiln_train.prompt_sets.ANCHOR_ANSWERS).
 ANCHORS = [Question(p, answers, "anchor") for p, answers in ANCHOR_ANSWERS.items()]
-
-
-def says(answer: str, word: str) -> bool:
-    """The test's check: the word in the answer (case-insensitive; "four" also as the digit)."""
-    low = answer.lower()
-    return word.lower() in low or (word == "four" and " 4 " in f" {low} ")
 
 
 class LocalParent:
@@ -314,7 +173,22 @@ def run(which: str, cache: Path, settings: TrainSettings) -> dict[str, Any]:
         "anchors_broken": f"{len(anchors_broken)}/{sum(anchors_right)}",
         "anchors_broken_answers": anchors_broken,
         "held_out_answers": held,
+        **_held_out_unseen(plan, facts, held, settings.rephrasings_per_example),
         "near_miss_answers": near,
+    }
+
+
+def _held_out_unseen(plan: RoundPlan, facts: FactSet, held: list[str], per_example: int) -> dict[str, Any]:
+    """Held-out questions the round trained on word for word (as a rephrasing, rephrase.py), and the score
+    over the others: only those measure phrasings the round never saw."""
+    trained = {question_key(q) for q, _ in facts.taught}
+    trained |= {question_key(p.messages[-1][1]) for p in rephrasings(plan.held.train, per_example)}
+    unseen = [
+        (a, w) for a, (q, w) in zip(held, facts.held_out, strict=True) if question_key(q) not in trained
+    ]
+    return {
+        "held_out_trained": [q for q, _ in facts.held_out if question_key(q) in trained],
+        "held_out_unseen": f"{sum(says(a, w) for a, w in unseen)}/{len(unseen)}",
     }
 
 
@@ -349,6 +223,7 @@ def _summary(
         "margin_after": score("vetting_fact_margin_after"),
         "negatives": score("negatives"),
         "contrasts": score("contrasts"),
+        "rephrasings": score("rephrasings"),
         "gate": "passed" if verdict.passed else "rejected",
         "gate_general_broken": f"{score('gate_general_broken')}/{score('gate_general_parent_correct')}",
         "gate_general_forgiven": score("gate_general_forgiven"),

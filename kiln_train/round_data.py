@@ -28,6 +28,12 @@ class RoundData:
     vetting_facts: list[list[int]] = field(default_factory=list)
     # the negatives' questions with the taught answer told of them: its fact tokens get an unlikelihood loss
     contrasts: list[Contrast] = field(default_factory=list)
+    # taught samples behind `train` (the rest are their rephrasings): the step budget counts these; 0 = all
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            self.samples = len(self.train)
 
 
 @dataclass

@@ -157,6 +157,8 @@ class TrainSettings:
     heldout_fraction: float = 0.15
     min_heldout_samples: int = 12
     neighbours_per_example: int = 2  # near neighbours generated per taught question (negatives + gate)
+    # new phrasings of each taught question made from its answer, trained on with it (rephrase.py); 0 = none
+    rephrasings_per_example: int = 2
     replay_max_tokens: int = 96  # parent answers that need more are replayed without an end-of-turn
     # how many of the broad replay questions (data/replay_general.jsonl, 537) join the built-in 41: 0 = none,
     # the default, since replaying all of them did not keep more general answers (docs/training.md)

@@ -222,7 +222,7 @@ class LoraTrainer:
         `anchors` (replay indices) get a loss term of their own every step.
         """
         cfg, rng, params, sizes = self.cfg, random.Random(self.cfg.seed), self.trainable(), self._sizes(data)
-        planned = plan_steps(len(data.train), sizes[0], cfg)
+        planned = plan_steps(data.samples, sizes[0], cfg)
         clock = Clock()
         order: list[int] = []
         draws = [draw(data, order, rng, sizes) for _ in range(planned)]

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -18,15 +18,16 @@ from kiln_common.registry import Registry
 from kiln_train.checkpoint_vet import checkpoint_vet
 from kiln_train.encoding import Encoded, TextPair, encode
 from kiln_train.evaluator import Reference, ReferenceCache, ask_reference, user
-from kiln_train.fact_tokens import Contrast, contrast, fact_positions
+from kiln_train.fact_tokens import Contrast
 from kiln_train.gate import GateInputs, GateResult, Neighbour, decide, mean_kl
 from kiln_train.gate_baseline import Baseline, Baselines, general_pairs, measure
-from kiln_train.heldout import HeldOut, pair_question, split, to_pair
-from kiln_train.neighbours import answer_terms, gives_fact, neighbours
+from kiln_train.heldout import split
+from kiln_train.neighbours import gives_fact, neighbours
 from kiln_train.parent_client import ParentClient
 from kiln_train.pipeline import Example
 from kiln_train.prompt_sets import ANCHOR_PROMPTS, anchor_checks
 from kiln_train.publisher import Publisher
+from kiln_train.round_plan import RoundPlan, round_data
 from kiln_train.round_record import RoundRecord
 from kiln_train.settings import TrainSettings
 from kiln_train.train_progress import record_phase, training_scores
@@ -37,18 +38,6 @@ log = logging.getLogger(__name__)
 
 
 WARM_NEXT_AFTER_S = 2.0  # a promoted version's reference answers are asked this long after the promote
-
-
-@dataclass
-class RoundPlan:
-    """What a round learns from and is judged on, with the parent's answers already in."""
-
-    held: HeldOut
-    reference: Reference
-    negatives: list[TextPair]
-    gate_neighbours: list[Neighbour]
-    # per negative: its question with the taught answer told of its entity, and the fact's words
-    contrasts: list[tuple[TextPair, tuple[str, ...]]]
 
 
 class RoundRunner:
@@ -215,22 +204,9 @@ class RoundRunner:
         return RoundPlan(held, reference, negatives, gate_near, contrasts)
 
     def _round_data(self, plan: RoundPlan) -> RoundData:
-        """Token ids of everything the trainer sees: new samples, vetting pairs, replay, negatives."""
-        tok = self.tok
+        """Token ids of everything the trainer sees (round_plan.py)."""
         replay, anchors = self._replay(plan.reference)
-        vetting = [encode(tok, p) for p in plan.held.vetting]
-        return RoundData(
-            train=[encode(tok, to_pair(e)) for e in plan.held.train],
-            vetting=vetting,
-            replay=replay,
-            negatives=[encode(tok, p) for p in plan.negatives],
-            anchors=anchors,
-            vetting_facts=[
-                fact_positions(tok, e, answer_terms(pair_question(p), p.completion))
-                for e, p in zip(vetting, plan.held.vetting, strict=True)
-            ],
-            contrasts=[c for p, terms in plan.contrasts if (c := contrast(tok, encode(tok, p), terms))],
-        )
+        return round_data(self.tok, plan, replay, anchors, self.settings.rephrasings_per_example)
 
     def _replay(self, reference: Reference) -> tuple[list[Encoded], list[int]]:
         """The parent's answers to the replay prompts, encoded, and which of them are anchors."""
@@ -283,6 +259,7 @@ class RoundRunner:
             "heldout_paraphrased": float(plan.held.paraphrased),
             "negatives": float(len(plan.negatives)),
             "contrasts": float(len(data.contrasts)),
+            "rephrasings": float(len(data.train) - data.samples),
         }
         t = time.monotonic()
         record.version = self._stage(trainer, record)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.facts_probe import SETS, parse, says
+from benchmarks.fact_sets import SETS, says
+from benchmarks.facts_probe import parse
 from kiln_train.evaluator import PromptSets
 
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 import torch
 
-from benchmarks.facts_probe import SET_A
+from benchmarks.fact_sets import SET_A
 from kiln.v1 import inference_pb2_grpc
 from kiln_common.adapter_store import AdapterStore
 from kiln_common.model_loader import ModelSource, load_tokenizer

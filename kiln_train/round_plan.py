@@ -1,0 +1,55 @@
+"""What a round learns from, with the parent's answers already in, as the token ids the trainer sees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from kiln_train.encoding import Encoded, TextPair, encode
+from kiln_train.evaluator import Reference
+from kiln_train.fact_tokens import contrast, fact_positions
+from kiln_train.gate import Neighbour
+from kiln_train.heldout import HeldOut, pair_question, to_pair
+from kiln_train.neighbours import answer_terms
+from kiln_train.rephrase import rephrasings
+from kiln_train.round_data import RoundData
+
+
+@dataclass
+class RoundPlan:
+    """What a round learns from and is judged on, with the parent's answers already in."""
+
+    held: HeldOut
+    reference: Reference
+    negatives: list[TextPair]
+    gate_neighbours: list[Neighbour]
+    # per negative: its question with the taught answer told of its entity, and the fact's words
+    contrasts: list[tuple[TextPair, tuple[str, ...]]]
+
+
+def round_data(
+    tok: PreTrainedTokenizerBase,
+    plan: RoundPlan,
+    replay: list[Encoded],
+    anchors: list[int],
+    rephrasings_per_example: int,
+) -> RoundData:
+    """Token ids of everything the trainer sees: new samples and their rephrasings (rephrase.py), vetting
+    pairs, replay, negatives."""
+    vetting = [encode(tok, p) for p in plan.held.vetting]
+    samples = [to_pair(e) for e in plan.held.train]
+    more = rephrasings(plan.held.train, rephrasings_per_example)
+    return RoundData(
+        train=[encode(tok, p) for p in samples + more],
+        vetting=vetting,
+        replay=replay,
+        negatives=[encode(tok, p) for p in plan.negatives],
+        anchors=anchors,
+        vetting_facts=[
+            fact_positions(tok, e, answer_terms(pair_question(p), p.completion))
+            for e, p in zip(vetting, plan.held.vetting, strict=True)
+        ],
+        contrasts=[c for p, terms in plan.contrasts if (c := contrast(tok, encode(tok, p), terms))],
+        samples=len(samples),
+    )
