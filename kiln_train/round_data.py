@@ -28,6 +28,9 @@ class RoundData:
     vetting_facts: list[list[int]] = field(default_factory=list)
     # the negatives' questions with the taught answer told of them: its fact tokens get an unlikelihood loss
     contrasts: list[Contrast] = field(default_factory=list)
+    # per anchor (same order as `anchors`): its prompt with the parent's first sentence, watched each
+    # evaluation (anchor_watch.py)
+    anchor_watch: list[Encoded] = field(default_factory=list)
     # taught samples behind `train` (the rest are their rephrasings): the step budget counts these; 0 = all
     samples: int = 0
 
@@ -131,7 +134,7 @@ def drawn_targets(
     """The current model's top-k distributions on the replayed answers the planned steps drew, and on every
     negative (replay rows never drawn get None: a broad replay set is mostly not drawn in a round, and a
     forward pass over all of it would cost minutes on a CPU)."""
-    used = sorted({i for d in draws for i in d.replayed + d.anchored})
+    used = sorted({i for d in draws for i in d.replayed + d.anchored} | set(data.anchors))  # anchors: pinning
     drawn = parent_targets(logits_of, [data.replay[i] for i in used], k, pad_id, device, batch_size)
     replay: list[ParentTargets | None] = [None] * len(data.replay)
     for i, t in zip(used, drawn, strict=True):

@@ -34,6 +34,7 @@ def round_data(
     replay: list[Encoded],
     anchors: list[int],
     rephrasings_per_example: int,
+    anchor_watch: list[Encoded] | None = None,
 ) -> RoundData:
     """Token ids of everything the trainer sees: new samples and their rephrasings (rephrase.py), vetting
     pairs, replay, negatives."""
@@ -52,4 +53,5 @@ def round_data(
         ],
         contrasts=[c for p, terms in plan.contrasts if (c := contrast(tok, encode(tok, p), terms))],
         samples=len(samples),
+        anchor_watch=anchor_watch or [],
     )

@@ -68,6 +68,8 @@ class TrainerConfig:
     patience: int = 3
     seed: int = 0
     anchors_per_step: int = 4  # anchor answers replayed as their own loss term every step
+    # an anchor whose parent answer stops leading mid-round is pinned (anchor_watch.py); False = not watched
+    pin_anchors: bool = True
     anchor_weight: float = 1.0
     # Replayed and negative answers also pull the candidate's whole next-token distribution towards the
     # parent's (its top `kl_top_k` tokens), weighted by `kl_weight` (0 = cross-entropy on the answers only).

@@ -60,6 +60,7 @@ class Candidate:
     margin: float
     step: int
     state: list[torch.Tensor]
+    slipped: int = 0  # anchors whose parent answer no longer leads (anchor_watch.py)
 
 
 @dataclass
@@ -112,9 +113,11 @@ def pick(
     vet: Callable[[], bool] | None,
     fact_margin: float,
 ) -> None:
-    """Restore the best candidate the vet accepts (vetted lazily: one whose facts are learned first, then
-    by vetting loss); else the start."""
-    ranked = sorted(progress.candidates, key=lambda c: (not facts_learned(c.margin, fact_margin), c.loss))
+    """Restore the best candidate the vet accepts (vetted lazily: one with no slipped anchor first, then
+    one whose facts are learned, then by vetting loss); else the start."""
+    ranked = sorted(
+        progress.candidates, key=lambda c: (c.slipped > 0, not facts_learned(c.margin, fact_margin), c.loss)
+    )
     for c in ranked:
         restore(params, c.state)
         if vet is None or vet():

@@ -14,10 +14,12 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.peft_format import WEIGHTS_FILE, read_peft_config
+from kiln_train.anchor_watch import AnchorWatch
 from kiln_train.distillation import ParentTargets, divergence
-from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode, prompt_ids
+from kiln_train.encoding import IGNORE, Encoded, TextPair, collate, encode
 from kiln_train.fact_tokens import token_margins, unlikelihood, unlikelihood_weights, worst_fact_margin
 from kiln_train.graph_step import GraphedForward, optimiser_step, weighted_ce
+from kiln_train.greedy import greedy_answers
 from kiln_train.null_space import NullSpace
 from kiln_train.round_data import Draw, RoundData, Rows, batch_rows, draw, drawn_targets
 from kiln_train.settings import TrainerConfig
@@ -150,12 +152,18 @@ class LoraTrainer:
                     worst = min(worst, worst_fact_margin(row[mask], positions))
         return total / max(count, 1), worst
 
-    @torch.no_grad()
     def token_logprobs(self, data: list[Encoded]) -> list[torch.Tensor]:
-        """Per example, teacher-forced: each completion token's log-probability, [n_completion_tokens].
+        """Per example, teacher-forced: each completion token's log-probability, [n_completion_tokens]."""
+        return self._per_token(data, margins=False)
 
-        An example without completion tokens gets an empty tensor and no forward pass.
-        """
+    def completion_margins(self, data: list[Encoded]) -> list[torch.Tensor]:
+        """Per example, teacher-forced: each completion token's margin over the best other token."""
+        return self._per_token(data, margins=True)
+
+    @torch.no_grad()
+    def _per_token(self, data: list[Encoded], margins: bool) -> list[torch.Tensor]:
+        """Per example, each completion token's log-probability or margin (`token_margins`); an example
+        without completion tokens gets an empty tensor and no forward pass."""
         self.model.eval()
         out = [torch.empty(0) for _ in data]
         todo = [i for i, e in enumerate(data) if any(t != IGNORE for t in e.labels)]
@@ -164,33 +172,18 @@ class LoraTrainer:
             batch = collate([data[i] for i in rows], self.tok.pad_token_id or 0, self.device)
             logits = self.logits(batch["input_ids"], batch["attention_mask"])
             labels = batch["labels"][:, 1:]
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [batch, seq]
+            if margins:
+                picked = token_margins(logits, batch["labels"])
+            else:
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [batch, seq]
             for i, row, mask in zip(rows, picked, labels != IGNORE, strict=True):
                 out[i] = row[mask].cpu()
         return out
 
-    @torch.no_grad()
     def generate(self, prompts: list[TextPair], max_new_tokens: int) -> list[str]:
-        """Greedy completions of `prompts` by the current weights (left-padded batches)."""
-        self.model.eval()
-        out: list[str] = []
-        batch_size = 128 if self.device.type == "cuda" else 64  # rows per batch
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        for i in range(0, len(prompts), batch_size):
-            ids = [prompt_ids(self.tok, p) for p in prompts[i : i + batch_size]]
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-            gen = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-            out.extend(str(self.tok.decode(g[width:], skip_special_tokens=True)).strip() for g in gen)
-        return out
+        """Greedy completions of `prompts` by the current weights (greedy.py)."""
+        return greedy_answers(self.model, self.tok, self.device, prompts, max_new_tokens)
 
     @torch.no_grad()
     def next_token_logprobs(self, texts: list[str]) -> list[torch.Tensor]:
@@ -232,8 +225,10 @@ class LoraTrainer:
             progress = Progress(before, [p.detach().clone() for p in params], before, margin, margin)
             targets = self._parent_targets(data, draws)
             rows = [batch_rows(data, d, targets, *self._ce_weights()) for d in draws]
+            watch = AnchorWatch(self.completion_margins, data, rows, targets[0]) if cfg.pin_anchors else None
         with clock("capture"):
-            optimise = self._stepper(params, rows, space=space)
+            pinnable = max((len(data.replay[i].input_ids) for i in data.anchors), default=0)
+            optimise = self._stepper(params, rows, pinnable, space)
         step, stop_reason = 0, "planned steps done"
         for step in range(1, planned + 1):
             with clock("wait"):
@@ -248,13 +243,15 @@ class LoraTrainer:
             # the facts are checked every step (one cheap pass): their margin rises fast, leaks follow it
             if scheduled or (cfg.fact_margin > 0 and any(data.vetting_facts)):
                 with clock("eval"):
-                    stop_reason = self._checkpoint(step, data, params, progress, scheduled) or stop_reason
+                    stop_reason = (
+                        self._checkpoint(step, data, params, progress, scheduled, watch) or stop_reason
+                    )
                 if stop_reason != "planned steps done":
                     break
             if clock.elapsed() > cfg.time_budget_s:
                 stop_reason = "time budget spent"
                 with clock("eval"):
-                    self._checkpoint(step, data, params, progress)
+                    self._checkpoint(step, data, params, progress, True, watch)
                 break
         with clock("vet"):
             pick(params, progress, vet, cfg.fact_margin)
@@ -366,20 +363,24 @@ class LoraTrainer:
         params: list[torch.nn.Parameter],
         progress: Progress,
         scheduled: bool = True,
+        watch: AnchorWatch | None = None,
     ) -> str:
         """Evaluate; keep a better checkpoint (lower vetting loss, or its facts learned) as a candidate;
         return why training should stop now, or "". Unscheduled (between `eval_every` steps), only the
-        facts are judged: the vetting loss's patience counts scheduled evaluations."""
+        facts are judged: the vetting loss's patience counts scheduled evaluations. With a slipped anchor
+        (`watch`) the facts are not learned yet, and the checkpoint ranks last (anchor_watch.py)."""
         cfg = self.cfg
         loss, margin = self.vetting_scores(data.vetting, data.vetting_facts)
         progress.evaluations.append((step, loss, margin))
         progress.margin = margin
-        line = "step %d: train loss %.4f, vetting loss %.4f, worst fact-token margin %.2f"
-        log.info(line, step, progress.losses[-1], loss, margin)
+        slipped = watch.check(step) if watch is not None else 0
+        line = "step %d: train loss %.4f, vetting loss %.4f, worst fact-token margin %.2f, anchors slipped %d"
+        log.info(line, step, progress.losses[-1], loss, margin, slipped)
         improved = scheduled and loss < progress.best * (1.0 - cfg.min_rel_improvement)
-        learned = facts_learned(margin, cfg.fact_margin)
+        learned = facts_learned(margin, cfg.fact_margin) and not slipped
         if improved or learned:
-            progress.candidates.append(Candidate(loss, margin, step, [p.detach().clone() for p in params]))
+            state = [p.detach().clone() for p in params]
+            progress.candidates.append(Candidate(loss, margin, step, state, slipped))
         if improved:
             progress.best, progress.bad_evals = loss, 0
         elif scheduled:

@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.registry import Registry
+from kiln_train.answer_match import first_sentence
 from kiln_train.checkpoint_vet import checkpoint_vet
 from kiln_train.encoding import Encoded, TextPair, encode
 from kiln_train.evaluator import Reference, ReferenceCache, ask_reference, user
@@ -129,7 +130,7 @@ class RoundRunner:
             return
         self._prepared = base
         t = time.monotonic()
-        replay, anchors = self._replay(reference)
+        replay, anchors, _ = self._replay(reference)
         if not replay:
             return
         n = self.settings.trainer.negatives_per_step
@@ -205,18 +206,22 @@ class RoundRunner:
 
     def _round_data(self, plan: RoundPlan) -> RoundData:
         """Token ids of everything the trainer sees (round_plan.py)."""
-        replay, anchors = self._replay(plan.reference)
-        return round_data(self.tok, plan, replay, anchors, self.settings.rephrasings_per_example)
+        replay, anchors, watch = self._replay(plan.reference)
+        return round_data(self.tok, plan, replay, anchors, self.settings.rephrasings_per_example, watch)
 
-    def _replay(self, reference: Reference) -> tuple[list[Encoded], list[int]]:
-        """The parent's answers to the replay prompts, encoded, and which of them are anchors."""
+    def _replay(self, reference: Reference) -> tuple[list[Encoded], list[int], list[Encoded]]:
+        """The parent's answers to the replay prompts, encoded; which of them are anchors; and each anchor's
+        prompt with the first sentence of its answer (anchor_watch.py)."""
         pairs = [
             TextPair(a.text, user(p), complete=a.complete)
             for p, a in zip(self.references.sets.replay, reference.replay, strict=True)
             if a.text.strip()
         ]
         anchors = [i for i, p in enumerate(pairs) if p.messages[0][1] in ANCHOR_PROMPTS]
-        return [encode(self.tok, p) for p in pairs], anchors
+        heads = [
+            TextPair(first_sentence(pairs[i].completion), pairs[i].messages, complete=False) for i in anchors
+        ]
+        return [encode(self.tok, p) for p in pairs], anchors, [encode(self.tok, p) for p in heads]
 
     def _vet(self, trainer: LoraTrainer, reference: Reference) -> Callable[[], bool] | None:
         """A checkpoint vet (checkpoint_vet.py); made at the start weights."""
