@@ -224,6 +224,7 @@ def _summary(
         "negatives": score("negatives"),
         "contrasts": score("contrasts"),
         "rephrasings": score("rephrasings"),
+        "anchors_pinned": score("anchors_pinned"),
         "gate": "passed" if verdict.passed else "rejected",
         "gate_general_broken": f"{score('gate_general_broken')}/{score('gate_general_parent_correct')}",
         "gate_general_forgiven": score("gate_general_forgiven"),

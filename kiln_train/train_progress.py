@@ -36,6 +36,7 @@ class TrainResult:
     planned_steps: int = 0
     stop_reason: str = ""
     refused: int = 0
+    anchors_pinned: int = 0  # anchors the watch pinned after they slipped (anchor_watch.py)
     # the vetting pairs' worst fact-token margin at the start and at the kept checkpoint (inf: no fact tokens)
     fact_margin_before: float = float("inf")
     fact_margin_after: float = float("inf")
@@ -75,6 +76,7 @@ class Progress:
     best_step: int = 0
     bad_evals: int = 0
     refused: int = 0  # better checkpoints the vet refused
+    anchors_pinned: int = 0
     candidates: list[Candidate] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     # every evaluation: step, vetting loss, worst fact-token margin
@@ -143,6 +145,7 @@ def train_result(
         planned_steps=planned,
         stop_reason=stop_reason,
         refused=progress.refused,
+        anchors_pinned=progress.anchors_pinned,
         fact_margin_before=progress.margin_at_start,
         fact_margin_after=progress.margin,
         evaluations=progress.evaluations,
@@ -159,6 +162,7 @@ def training_scores(result: TrainResult) -> dict[str, float]:
         planned_steps=float(result.planned_steps),
         train_seconds=result.seconds,
         vetting_refused=float(result.refused),
+        anchors_pinned=float(result.anchors_pinned),
         null_space_kept_out=result.null_space,
         **{
             f"vetting_fact_margin_{when}": margin

@@ -374,6 +374,7 @@ class LoraTrainer:
         progress.evaluations.append((step, loss, margin))
         progress.margin = margin
         slipped = watch.check(step) if watch is not None else 0
+        progress.anchors_pinned = len(watch.pinned) if watch is not None else 0
         line = "step %d: train loss %.4f, vetting loss %.4f, worst fact-token margin %.2f, anchors slipped %d"
         log.info(line, step, progress.losses[-1], loss, margin, slipped)
         improved = scheduled and loss < progress.best * (1.0 - cfg.min_rel_improvement)
