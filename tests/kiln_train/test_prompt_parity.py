@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kiln_common.model_loader import ModelSource, load_tokenizer
 from kiln_infer.prompt_renderer import PromptRenderer
-from kiln_train.trainer import IGNORE, TextPair, encode, prompt_ids
+from kiln_train.encoding import IGNORE, TextPair, encode, prompt_ids
 
 CASES = [
     TextPair("Paris.", prompt="The capital of France is"),
