@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from kiln_train.anchor_watch import AnchorWatch
-from kiln_train.encoding import Encoded
+from kiln_train.encoding import IGNORE, Encoded
 from kiln_train.round_data import RoundData, Rows
 from kiln_train.train_progress import Candidate, Progress, pick
+from kiln_train.trainer import LoraTrainer, TrainerConfig
+from tests.kiln_train.tiny_lm import VOCAB, TinyTok, examples, tiny_model
 
 
 def _row(n: int) -> Encoded:
@@ -59,3 +61,33 @@ def test_a_checkpoint_with_a_slipped_anchor_is_kept_only_when_nothing_else_is() 
     ]
     pick([p], progress, None, 0.5)
     assert progress.best_step == 3 and float(p.detach()) == 2.0
+
+
+def _greedy_row(model: torch.nn.Module, prompt: list[int], n: int) -> Encoded:
+    """The prompt and the model's own greedy continuation: a row whose every token leads at the start."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return Encoded(ids, [IGNORE] * len(prompt) + ids[len(prompt) :])
+
+
+def test_a_round_that_pushes_an_anchor_off_pins_it_and_keeps_a_checkpoint_that_holds_it() -> None:
+    prompt = [5, 17, 33, 2, 60]
+    anchor = _greedy_row(tiny_model(), prompt, 6)
+    wrong = [(t + 7) % (VOCAB - 2) + 2 for t in anchor.input_ids[len(prompt) :]]  # its prompt, another answer
+    train = [Encoded(prompt + wrong, [IGNORE] * len(prompt) + wrong) for _ in range(3)]
+    # vetting on the taught rows: without the watch the lowest vetting loss is the checkpoint that lost the anchor
+    data = RoundData(train, train[:1], [anchor, *examples(7, 2)], anchors=[0], anchor_watch=[anchor])
+    seen = {}
+    for pin in (False, True):
+        cfg = TrainerConfig(
+            kl_top_k=4, min_steps=12, max_steps=12, eval_every=1, patience=50, rank=4, lr=5e-3,
+            null_space_energy=0.0, pin_anchors=pin, anchors_per_step=1,
+        )  # fmt: skip
+        trainer = LoraTrainer(tiny_model(), TinyTok(), cfg)  # type: ignore[arg-type]
+        result = trainer.train(data)
+        seen[pin] = result.anchors_pinned, float(trainer.completion_margins([anchor])[0].min())
+    assert seen[False][0] == 0 and seen[False][1] < 0  # unwatched: the kept checkpoint lost the anchor
+    assert seen[True][0] == 1  # the taught rows pushed the anchor off, and the watch pinned it
+    assert seen[True][1] > 0  # the kept checkpoint still answers the anchor the parent's way
