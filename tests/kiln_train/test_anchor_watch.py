@@ -77,7 +77,7 @@ def test_a_round_that_pushes_an_anchor_off_pins_it_and_keeps_a_checkpoint_that_h
     anchor = _greedy_row(tiny_model(), prompt, 6)
     wrong = [(t + 7) % (VOCAB - 2) + 2 for t in anchor.input_ids[len(prompt) :]]  # its prompt, another answer
     train = [Encoded(prompt + wrong, [IGNORE] * len(prompt) + wrong) for _ in range(3)]
-    # vetting on the taught rows: without the watch the lowest vetting loss is the checkpoint that lost the anchor
+    # vetting on the taught rows: unwatched, the lowest vetting loss is the checkpoint that lost the anchor
     data = RoundData(train, train[:1], [anchor, *examples(7, 2)], anchors=[0], anchor_watch=[anchor])
     seen = {}
     for pin in (False, True):
