@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 EVAL_WIDTH = 256  # tokens per row of the graphed evaluation pass; longer rows are evaluated eagerly
 
 
+def _anchor_width(data: RoundData) -> int:
+    """The widest anchor row: a step's anchor slots must fit any anchor the watch may pin into them."""
+    return max((len(data.replay[i].input_ids) for i in data.anchors), default=0)
+
+
 def _optimise(
     opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, space: NullSpace | None
 ) -> float:
@@ -212,8 +217,7 @@ class LoraTrainer:
         at the first whose worst margin reaches it (vetted first); else training stops when the vetting loss
         has not improved for `patience` evaluations, at the planned steps, or when `time_budget_s` is spent.
         Candidates are vetted lazily, lowest loss first; the first `vet` accepts is kept (else the parent).
-        `anchors` (replay indices) get a loss term of their own every step.
-        """
+        `anchors` (replay indices): a loss term of their own every step, and watched (anchor_watch.py)."""
         cfg, rng, params, sizes = self.cfg, random.Random(self.cfg.seed), self.trainable(), self._sizes(data)
         planned = plan_steps(data.samples, sizes[0], cfg)
         clock = Clock()
@@ -227,8 +231,7 @@ class LoraTrainer:
             rows = [batch_rows(data, d, targets, *self._ce_weights()) for d in draws]
             watch = AnchorWatch(self.completion_margins, data, rows, targets[0]) if cfg.pin_anchors else None
         with clock("capture"):
-            pinnable = max((len(data.replay[i].input_ids) for i in data.anchors), default=0)
-            optimise = self._stepper(params, rows, pinnable, space)
+            optimise = self._stepper(params, rows, _anchor_width(data), space)
         step, stop_reason = 0, "planned steps done"
         for step in range(1, planned + 1):
             with clock("wait"):
@@ -243,9 +246,8 @@ class LoraTrainer:
             # the facts are checked every step (one cheap pass): their margin rises fast, leaks follow it
             if scheduled or (cfg.fact_margin > 0 and any(data.vetting_facts)):
                 with clock("eval"):
-                    stop_reason = (
-                        self._checkpoint(step, data, params, progress, scheduled, watch) or stop_reason
-                    )
+                    why = self._checkpoint(step, data, params, progress, scheduled, watch)
+                    stop_reason = why or stop_reason
                 if stop_reason != "planned steps done":
                     break
             if clock.elapsed() > cfg.time_budget_s:
