@@ -23,6 +23,7 @@ from kiln.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb
 from kiln_common.base_beacon import heartbeat_generation
 from kiln_common.config import RedisConfig
 from kiln_common.redis_server import RedisServer, connect
+from kiln_train.buffer import SEEN_KEY
 from kiln_train.demo import ask
 from kiln_train.facts import Fact, invent_fact
 
@@ -252,7 +253,7 @@ def test_teach_serve_and_survive_kills(stack: Stack) -> None:
     assert sorted(trained + waiting) == sorted(ids_a + ids_b)  # ids in = ids consumed, none twice
     # Every stream entry (the 12 examples and the streamer's recorded generations) consumed exactly once.
     assert status.consumed == client.xlen("kiln:samples") and status.dead_lettered == 0
-    assert all(client.sismember("kiln:train:seen", i) for i in ids_a + ids_b)
+    assert all(client.zscore(SEEN_KEY, i) is not None for i in ids_a + ids_b)  # remembered as consumed
     assert int(client.xpending("kiln:samples", "kiln-train")["pending"]) == 0
 
     # kill -9 kiln-infer: kiln-train keeps running, waits, and re-attaches to the new weights.
