@@ -12,11 +12,12 @@ one for the other. A training loss is never reported as a held-out loss.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kiln_train.encoding import TextPair
 from kiln_train.neighbours import question_text
 from kiln_train.pipeline import Example
+from kiln_train.rephrase import reworded
 
 VETTING_TEMPLATES = ("{q} Answer briefly.", "Quick question: {q}")
 GATE_TEMPLATES = ("I was wondering: {q}", "{q} Please tell me.")
@@ -47,13 +48,7 @@ def pair_question(p: TextPair) -> str:
 
 def paraphrase(e: Example, template: str) -> TextPair:
     """The example with its (last) question reworded by a template; same completion."""
-    q = question_text(e)
-    new_q = template.format(q=q)
-    if e.messages:
-        idx = max(i for i, (r, _) in enumerate(e.messages) if r == "user")
-        messages = tuple((r, new_q if i == idx else c) for i, (r, c) in enumerate(e.messages))
-        return replace(to_pair(e), messages=messages)
-    return replace(to_pair(e), prompt=new_q)
+    return reworded(e, template.format(q=question_text(e)))
 
 
 def _rank(e: Example) -> str:
