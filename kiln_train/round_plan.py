@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -26,6 +26,8 @@ class RoundPlan:
     gate_neighbours: list[Neighbour]
     # per negative: its question with the taught answer told of its entity, and the fact's words
     contrasts: list[tuple[TextPair, tuple[str, ...]]]
+    # near neighbours the checkpoint vet asks (never trained on, never in the gate; checkpoint_vet.py)
+    vetting_neighbours: list[Neighbour] = field(default_factory=list)
 
 
 def round_data(

@@ -159,6 +159,9 @@ class TrainSettings:
     heldout_fraction: float = 0.15
     min_heldout_samples: int = 12
     neighbours_per_example: int = 2  # near neighbours generated per taught question (negatives + gate)
+    # more near neighbours per taught question, for the checkpoint vet only: a candidate that answers one
+    # with the taught fact is refused (never trained on, never seen by the gate; checkpoint_vet.py)
+    vetting_neighbours_per_example: int = 1
     # new phrasings of each taught question made from its answer, trained on with it (rephrase.py); 0 = none,
     # the default: with 2, three of six probe rounds broke a general answer (docs/training.md, 14th series)
     rephrasings_per_example: int = 0
@@ -184,6 +187,7 @@ class TrainSettings:
     # gate: every threshold is a setting, every score goes into meta.json and GetTrainingStatus
     vet_checkpoints: bool = True  # a kept checkpoint must keep the vetting questions, or it is refused
     vet_max_slipped: int = 1  # vetting questions the parent answered right that a kept checkpoint may miss
+    vet_max_leaks: int = 0  # vetting neighbours a kept checkpoint may answer with the taught fact
     min_heldout_improvement: float = 0.0  # gate held-out loss must drop by more than this (absolute)
     gate_max_general_broken: int = 0  # general questions the parent answered right that may turn wrong
     # "exact": a general question is kept when the parent's right answer stays right (normalised exact match);
@@ -228,7 +232,8 @@ class TrainSettings:
         for name in ("gate_flip_tolerance", "gate_loglik_tolerance"):
             if not getattr(self, name) >= 0:  # NaN fails too
                 raise ValueError(f"KILN_TRAIN_{name.upper()} must be >= 0 nats, got {getattr(self, name)}")
-        for name in ("replay_general", "rephrasings_per_example", "neighbours_per_example"):
+        counts = ("replay_general", "rephrasings_per_example", "neighbours_per_example", "vet_max_leaks")
+        for name in (*counts, "vetting_neighbours_per_example"):
             if getattr(self, name) < 0:
                 raise ValueError(f"KILN_TRAIN_{name.upper()} must be >= 0, got {getattr(self, name)}")
         if not self.consumer or not self.group:

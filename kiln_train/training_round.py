@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.registry import Registry
 from kiln_train.answer_match import first_sentence
-from kiln_train.checkpoint_vet import checkpoint_vet
+from kiln_train.checkpoint_vet import CheckpointVet, checkpoint_vet
 from kiln_train.encoding import Encoded, TextPair, encode
 from kiln_train.evaluator import Reference, ReferenceCache, ask_reference, user
 from kiln_train.fact_tokens import Contrast
@@ -185,7 +185,9 @@ class RoundRunner:
         record.sample_ids = [e.sample_id for e in held.train]
         record.heldout_ids = held.gate_ids + held.vetting_ids
         record.num_samples = len(examples)
-        near = neighbours(held.train, s.neighbours_per_example, record.round_id)
+        near = neighbours(
+            held.train, s.neighbours_per_example + s.vetting_neighbours_per_example, record.round_id
+        )
         answers = self.parent.answers(
             record.tenant,
             record.adapter,
@@ -193,16 +195,18 @@ class RoundRunner:
             [user(n.question) for n in near],
             s.replay_max_tokens,
         )
-        negatives, gate_near, contrasts = [], [], []
+        negatives, gate_near, contrasts, vetting_near = [], [], [], []
         for n, a in zip(near, answers, strict=True):
             if gives_fact(a.text, n.terms):
                 continue  # the parent already says it: neither a fair negative nor a fair check
-            if n.k % 2 == 0:
+            if n.k >= s.neighbours_per_example:  # made after the others, so theirs are drawn as before
+                vetting_near.append(Neighbour(n.question, n.terms, a.text))
+            elif n.k % 2 == 0:
                 negatives.append(TextPair(a.text, user(n.question), complete=a.complete))
                 contrasts.append((TextPair(n.leak, user(n.question)), n.terms))
             else:
                 gate_near.append(Neighbour(n.question, n.terms, a.text))
-        return RoundPlan(held, reference, negatives, gate_near, contrasts)
+        return RoundPlan(held, reference, negatives, gate_near, contrasts, vetting_near)
 
     def _round_data(self, plan: RoundPlan) -> RoundData:
         """Token ids of everything the trainer sees (round_plan.py)."""
@@ -223,11 +227,12 @@ class RoundRunner:
         ]
         return [encode(self.tok, p) for p in pairs], anchors, [encode(self.tok, p) for p in heads]
 
-    def _vet(self, trainer: LoraTrainer, reference: Reference) -> Callable[[], bool] | None:
+    def _vet(self, trainer: LoraTrainer, plan: RoundPlan) -> CheckpointVet | None:
         """A checkpoint vet (checkpoint_vet.py); made at the start weights."""
         if not self.settings.vet_checkpoints:
             return None
-        return checkpoint_vet(trainer, self.references.sets.vetting, reference.vetting, self.settings)
+        sets, answers = self.references.sets, plan.reference.vetting
+        return checkpoint_vet(trainer, sets.vetting, answers, self.settings, plan.vetting_neighbours)
 
     def _train_and_gate(
         self,
@@ -251,7 +256,8 @@ class RoundRunner:
             on_progress(record)
 
         data = self._round_data(plan)
-        result = trainer.train(data, step_done, should_stop, self._vet(trainer, plan.reference))
+        vet = self._vet(trainer, plan)
+        result = trainer.train(data, step_done, should_stop, vet)
         record.steps, record.train_loss, record.max_steps = (
             result.steps,
             result.train_loss,
@@ -265,6 +271,8 @@ class RoundRunner:
             "negatives": float(len(plan.negatives)),
             "contrasts": float(len(data.contrasts)),
             "rephrasings": float(len(data.train) - data.samples),
+            "vetting_neighbours": float(len(vet.near) if vet else 0),
+            "vetting_leak_refusals": float(vet.leak_refusals if vet else 0),
         }
         t = time.monotonic()
         record.version = self._stage(trainer, record)
@@ -274,7 +282,8 @@ class RoundRunner:
         record_phase(phases, "gate", t, record.round_id)
         record.eval = {**verdict.scores, **record.eval, **phases}
         if not verdict.passed and result.refused:
-            note = f"vetting set: {result.refused} better checkpoint(s) refused for breaking general answers"
+            leaks = f", {vet.leak_refusals} for a neighbour leak" if vet else ""
+            note = f"vetting set: {result.refused} better checkpoint(s) refused{leaks}"
             verdict = replace(verdict, reason=f"{verdict.reason} | {note}")
         return verdict
 
