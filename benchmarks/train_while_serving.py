@@ -138,6 +138,12 @@ class Probe(threading.Thread):
                 time.sleep(0.05)
 
 
+# what Stack sets for both processes itself
+STACK_VARIABLES = frozenset(
+    {"KILN_HOME", "KILN_REDIS_URL", "KILN_MODEL", "KILN_DEVICE", "KILN_INFER_ADDRESS"}
+)
+
+
 class Stack:
     """kiln-infer and kiln-train as processes over one Redis and one KILN_HOME."""
 
@@ -274,12 +280,15 @@ def measure(stack: Stack, setup: Setup, timeout_s: float, prepared_s: float = 0.
 
 
 def _train_settings(pairs: list[str]) -> dict[str, str]:
-    """`--train-setting KILN_TRAIN_NAME=VALUE` pairs as environment variables for kiln-train."""
+    """`--setting KILN_NAME=VALUE` pairs as environment variables for kiln-infer and kiln-train (each reads
+    its own: KILN_TRAIN_* are kiln-train's)."""
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not name.startswith("KILN_TRAIN_"):
-            raise SystemExit(f"--train-setting wants KILN_TRAIN_NAME=VALUE, got {pair!r}")
+        if not sep or not name.startswith("KILN_"):
+            raise SystemExit(f"--setting wants KILN_NAME=VALUE, got {pair!r}")
+        if name in STACK_VARIABLES:
+            raise SystemExit(f"--setting {name}: the benchmark sets it itself")
         out[name] = value
     return out
 
@@ -310,11 +319,13 @@ def _parser() -> argparse.ArgumentParser:
         help="teach only once kiln-train has prepared its rounds (waiting at most S s; 0: teach at once)",
     )
     parser.add_argument(
+        "--setting",
         "--train-setting",
+        dest="train_setting",
         action="append",
         default=[],
-        metavar="KILN_TRAIN_NAME=VALUE",
-        help="a kiln-train setting for the round (repeatable; the benchmark's own environment is not passed)",
+        metavar="KILN_NAME=VALUE",
+        help="a setting of kiln-infer or kiln-train (repeatable; the benchmark's own environment is not passed)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--logs", type=Path, help="copy kiln-infer's and kiln-train's logs into this folder")

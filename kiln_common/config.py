@@ -121,6 +121,8 @@ class InferConfig(ServiceConfig):
     max_waiting: int = 256
     # Engine sizes; 0 = chosen for the device when the engine is built.
     max_num_seqs: int = 0  # sequences decoded together (GPU 256, CPU 64)
+    # background requests (kiln-train's answers) running at once; 0 = per device (GPU 16, CPU max_num_seqs)
+    max_background_seqs: int = 0
     max_model_len: int = (
         0  # prompt + generated tokens per sequence (the model's context, as the KV cache allows)
     )
@@ -205,6 +207,7 @@ class InferConfig(ServiceConfig):
 # Upper bounds of the engine sizes (0 = per device): far above any real deployment, low enough to catch typos.
 ENGINE_SIZE_LIMITS = {
     "max_num_seqs": 4096,
+    "max_background_seqs": 4096,
     "max_model_len": 1 << 20,
     "max_num_batched_tokens": 1 << 20,
     "max_lora_slots": 1024,
@@ -292,6 +295,7 @@ def _engine_sizes(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[
         name: _number(args, environ, name, int, "0")
         for name in (
             "max_num_seqs",
+            "max_background_seqs",
             "max_model_len",
             "max_num_batched_tokens",
             "max_lora_slots",

@@ -44,6 +44,11 @@ def _add_size_flags(parser: argparse.ArgumentParser) -> None:
         "--max-num-seqs", type=int, help="sequences per step [KILN_MAX_NUM_SEQS; GPU 256, CPU 64]"
     )
     sizes.add_argument(
+        "--max-background-seqs",
+        type=int,
+        help="background requests (kiln-train's) running at once [KILN_MAX_BACKGROUND_SEQS; GPU 16, CPU all]",
+    )
+    sizes.add_argument(
         "--max-model-len", type=int, help="tokens per sequence [KILN_MAX_MODEL_LEN; the model's context]"
     )
     sizes.add_argument(

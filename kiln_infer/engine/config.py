@@ -10,6 +10,9 @@ class EngineConfig:
     """Sizes and switches of the inference engine."""
 
     max_num_seqs: int = 64  # sequences decoded together in one step
+    # background requests (kiln-train's answers) running at once: a burst of them can't swell users' steps;
+    # None = no cap beyond max_num_seqs
+    max_background_seqs: int | None = None
     max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None = derive from kv_memory_fraction (CUDA) or max_model_len (CPU)
@@ -58,6 +61,8 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction}"
             )
+        if self.max_background_seqs is not None and self.max_background_seqs <= 0:
+            raise ValueError(f"EngineConfig.max_background_seqs must be > 0, got {self.max_background_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 "EngineConfig.max_num_batched_tokens must be >= max_num_seqs (one token per decode)"

@@ -112,13 +112,18 @@ class Scheduler:
 
     def _admit(self, out: list[ScheduledSeq], budget: int) -> None:
         """Move waiting sequences into the running set, one per adapter in turn (background ones only when
-        no other can be admitted)."""
+        no other can be admitted, and no more running at once than `max_background_seqs`)."""
         stalled: set[tuple[bool, str]] = set()
+        cap = self.config.max_background_seqs
+        background = sum(s.background for s in self.running)
         while (
             budget > 0 and len(self.running) < self.config.max_num_seqs and len(stalled) < len(self.waiting)
         ):
             ready = [k for k in self.waiting if k not in stalled]
             key = next((k for k in ready if not k[0]), ready[0])
+            if key[0] and cap is not None and background >= cap:
+                stalled.update(k for k in ready if k[0])  # as many background requests run as may
+                continue
             q = self.waiting[key]
             seq = q[0]
             if seq.lora is not None and not self.adapters.can_acquire(seq.lora.key):
@@ -144,6 +149,7 @@ class Scheduler:
             self.running.append(seq)
             out.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             budget -= n
+            background += seq.background
 
     def finish(self, seq: Sequence) -> None:
         """Retire a finished running sequence."""

@@ -34,9 +34,14 @@ def test_small_run_reports_latency_phases_and_swap(
     assert [r["tpot_ms"] for r in slow] == sorted((r["tpot_ms"] for r in slow), reverse=True)
 
 
-def test_train_settings_are_kiln_train_variables() -> None:
-    pairs = ["KILN_TRAIN_NULL_SPACE_ENERGY=0.9", "KILN_TRAIN_LR=2e-3"]
-    assert bench._train_settings(pairs) == {"KILN_TRAIN_NULL_SPACE_ENERGY": "0.9", "KILN_TRAIN_LR": "2e-3"}
-    for bad in ("KILN_TRAIN_LR", "KILN_MODEL=x", "PATH=/tmp"):
-        with pytest.raises(SystemExit, match="KILN_TRAIN_NAME=VALUE"):
+def test_settings_are_kiln_variables_the_stack_does_not_set_itself() -> None:
+    pairs = ["KILN_TRAIN_NULL_SPACE_ENERGY=0.9", "KILN_MAX_BACKGROUND_SEQS=256"]
+    assert bench._train_settings(pairs) == {
+        "KILN_TRAIN_NULL_SPACE_ENERGY": "0.9",
+        "KILN_MAX_BACKGROUND_SEQS": "256",
+    }
+    for bad in ("KILN_TRAIN_LR", "PATH=/tmp"):
+        with pytest.raises(SystemExit, match="KILN_NAME=VALUE"):
             bench._train_settings([bad])
+    with pytest.raises(SystemExit, match="KILN_MODEL: the benchmark sets it"):
+        bench._train_settings(["KILN_MODEL=x"])

@@ -99,6 +99,23 @@ def test_background_requests_wait_for_users_and_are_preempted_first() -> None:
     assert old_background.status == SequenceStatus.WAITING and user.status == SequenceStatus.RUNNING
 
 
+def test_background_requests_run_no_more_than_their_cap_while_users_are_admitted() -> None:
+    s = make_scheduler(num_blocks=64, max_num_batched_tokens=256, max_num_seqs=8, max_background_seqs=2)
+    burst = [make_seq(4, first_token=10 * i, background=True) for i in range(5)]  # a gate's questions
+    for seq in burst:
+        s.add(seq)
+    assert [seq for seq, _ in run_step(s)] == burst[:2]  # room for 8, but 2 background at most
+    users = [make_seq(4, first_token=100 + 10 * i) for i in range(4)]
+    for seq in users:
+        s.add(seq)
+    admitted = [seq for seq, _ in run_step(s)]
+    assert all(u in admitted for u in users) and not any(b in admitted for b in burst[2:])
+    s.finish(burst[0])
+    admitted = [seq for seq, _ in run_step(s)]
+    assert burst[2] in admitted and burst[3] not in admitted  # one ended: one more starts
+    assert sum(seq.background for seq in s.running) == 2
+
+
 def test_preemption_frees_and_requeues_newest() -> None:
     s = make_scheduler(num_blocks=16, max_num_batched_tokens=64)
     old, new = make_seq(32), make_seq(32, first_token=200)
