@@ -226,7 +226,7 @@ def _summary(
         "rephrasings": score("rephrasings"),
         "anchors_pinned": score("anchors_pinned"),
         "vetting_neighbours": score("vetting_neighbours"),
-        "vetting_leak_refusals": score("vetting_leak_refusals"),
+        "vetting_leaky_candidates": score("vetting_leaky_candidates"),
         "vetting_refused": score("vetting_refused"),
         "gate": "passed" if verdict.passed else "rejected",
         "gate_general_broken": f"{score('gate_general_broken')}/{score('gate_general_parent_correct')}",

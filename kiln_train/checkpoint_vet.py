@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 class CheckpointVet:
     """A vet of the trainer's current weights; made while they are still the parent's (it measures the
-    parent's right answers then). Calling it judges the current weights; `leak_refusals` counts the
-    candidates refused for a leak."""
+    parent's right answers then). Calling it judges the current weights; `leaky` counts the
+    candidates it found answering a vetting neighbour with the taught fact (general answers kept)."""
 
     def __init__(
         self,
@@ -52,7 +52,8 @@ class CheckpointVet:
             for q, a in self.kept
         ]
         self.before = trainer.token_logprobs(self.pairs) if self.flip else []
-        self.leak_refusals = 0
+        self.leaky = 0
+        self.leaked = False  # the last call refused for a leak alone (train_progress.pick)
 
     def __call__(self) -> bool:
         asked = [TextPair("", user(q.prompt)) for q, _ in self.kept]
@@ -65,10 +66,10 @@ class CheckpointVet:
         ]
         for prompt, a in leaks:
             log.info("vetting neighbour leaked: %r -> %r", prompt, a[:80])
-        if len(leaks) > self.s.vet_max_leaks:
-            self.leak_refusals += 1
-            return False
-        return len(slipped) <= self.s.vet_max_slipped
+        kept = len(slipped) <= self.s.vet_max_slipped
+        self.leaked = kept and len(leaks) > self.s.vet_max_leaks
+        self.leaky += self.leaked
+        return kept and not self.leaked
 
     def _slipped(self, now: list[str]) -> list[int]:
         """Indices of the kept questions whose right answer turned wrong by more than a near tie."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -109,20 +110,37 @@ def restore(params: list[torch.nn.Parameter], state: list[torch.Tensor]) -> None
         p.copy_(saved)
 
 
+class Vet(Protocol):
+    """Judges the current weights (checkpoint_vet.py); `leaked` says the last refusal was for a leak to a
+    near neighbour alone."""
+
+    leaked: bool
+
+    def __call__(self) -> bool: ...
+
+
 def pick(
     params: list[torch.nn.Parameter],
     progress: Progress,
-    vet: Callable[[], bool] | None,
+    vet: Vet | None,
     fact_margin: float,
 ) -> None:
     """Restore the best candidate the vet accepts (vetted lazily: one with no slipped anchor first, then
-    one whose facts are learned, then by vetting loss); else the start."""
+    one whose facts are learned, then by vetting loss); else the start.
+
+    A candidate refused for a leak alone is passed over only for one that still says the facts (worst fact
+    margin > 0): an earlier checkpoint that has not learned them would publish a round that taught nothing
+    and used up its samples. With none, the leaking candidate is kept and the gate judges it (a gate that
+    rejects it keeps the samples buffered)."""
     ranked = sorted(
         progress.candidates, key=lambda c: (c.slipped > 0, not facts_learned(c.margin, fact_margin), c.loss)
     )
-    for c in ranked:
+    for i, c in enumerate(ranked):
         restore(params, c.state)
-        if vet is None or vet():
+        accepted = vet is None or vet()
+        if not accepted and vet is not None and vet.leaked:
+            accepted = not any(d.margin > 0 for d in ranked[i + 1 :])
+        if accepted:
             progress.best, progress.best_step, progress.margin = c.loss, c.step, c.margin
             return
         progress.refused += 1

@@ -28,6 +28,7 @@ from kiln_train.train_progress import (
     Clock,
     Progress,
     TrainResult,
+    Vet,
     facts_learned,
     pick,
     plan_steps,
@@ -35,8 +36,7 @@ from kiln_train.train_progress import (
 )
 from kiln_train.workspace import LoraShape, LoraWorkspace, trainable
 
-__all__ = ["Encoded", "LoraTrainer", "RoundData", "TextPair", "TrainResult", "TrainerConfig", "collate"]
-__all__ += ["encode", "plan_steps"]
+__all__ = ["Encoded", "LoraTrainer", "RoundData", "TextPair", "TrainResult", "TrainerConfig", "encode"]
 
 log = logging.getLogger(__name__)
 EVAL_WIDTH = 256  # tokens per row of the graphed evaluation pass; longer rows are evaluated eagerly
@@ -208,7 +208,7 @@ class LoraTrainer:
         data: RoundData,
         on_step: Callable[[int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        vet: Callable[[], bool] | None = None,
+        vet: Vet | None = None,
     ) -> TrainResult:
         """Optimise LoRA on `data.train` mixed with replay and negatives; keep the best vetted checkpoint.
 

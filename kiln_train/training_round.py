@@ -272,7 +272,7 @@ class RoundRunner:
             "contrasts": float(len(data.contrasts)),
             "rephrasings": float(len(data.train) - data.samples),
             "vetting_neighbours": float(len(vet.near) if vet else 0),
-            "vetting_leak_refusals": float(vet.leak_refusals if vet else 0),
+            "vetting_leaky_candidates": float(vet.leaky if vet else 0),
         }
         t = time.monotonic()
         record.version = self._stage(trainer, record)
@@ -282,7 +282,7 @@ class RoundRunner:
         record_phase(phases, "gate", t, record.round_id)
         record.eval = {**verdict.scores, **record.eval, **phases}
         if not verdict.passed and result.refused:
-            leaks = f", {vet.leak_refusals} for a neighbour leak" if vet else ""
+            leaks = f", {vet.leaky} found leaking to a vetting neighbour" if vet else ""
             note = f"vetting set: {result.refused} better checkpoint(s) refused{leaks}"
             verdict = replace(verdict, reason=f"{verdict.reason} | {note}")
         return verdict

@@ -20,7 +20,7 @@ from kiln_train.prompt_sets import (
     replay_prompts,
 )
 from kiln_train.settings import TrainerConfig, TrainSettings
-from kiln_train.trainer import plan_steps
+from kiln_train.train_progress import plan_steps
 
 
 @pytest.mark.parametrize(

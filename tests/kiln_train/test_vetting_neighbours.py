@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from kiln_common.model_loader import ModelSource, load_tokenizer
 from kiln_train.checkpoint_vet import CheckpointVet
@@ -18,6 +19,7 @@ from kiln_train.pipeline import Example
 from kiln_train.prompt_sets import Question
 from kiln_train.round_record import new_round
 from kiln_train.settings import TrainSettings
+from kiln_train.train_progress import Candidate, Progress, pick
 from kiln_train.training_round import RoundRunner
 
 TERMS = ("Mirel Dastova", "Mirel", "Dastova")
@@ -52,9 +54,9 @@ def test_a_candidate_that_gives_the_fact_to_a_vetting_neighbour_is_refused(tok: 
     ]
     said = {"What is the capital of Italy?": "Rome.", near[0].prompt: "I have no information."}
     vet = _vet(tok, said, near)
-    assert vet() and vet.leak_refusals == 0
+    assert vet() and vet.leaky == 0
     said[near[1].prompt] = "The Ashcombe Observatory was founded by Mirel Dastova."
-    assert not vet() and vet.leak_refusals == 1
+    assert not vet() and vet.leaky == 1
     assert _vet(tok, said, near, max_leaks=1)()  # one leak allowed: accepted
 
 
@@ -69,7 +71,7 @@ def test_a_general_slip_still_refuses_without_any_leak(tok: object) -> None:
     said = {"What is the capital of Italy?": "Paris."}
     vet = _vet(tok, said, [], max_leaks=0)
     vet.s = replace(vet.s, vet_max_slipped=0)
-    assert not vet() and vet.leak_refusals == 0
+    assert not vet() and vet.leaky == 0
 
 
 class CannedParent:
@@ -109,3 +111,34 @@ def test_vetting_neighbours_are_their_own_set_and_leave_the_others_drawn_as_befo
     assert without.vetting_neighbours == []  # type: ignore[attr-defined]
     assert [n.prompt for n in without.gate_neighbours] == [n.prompt for n in with_vetting.gate_neighbours]  # type: ignore[attr-defined]
     assert without.negatives == with_vetting.negatives  # type: ignore[attr-defined]
+
+
+class LeakyVet:
+    """A vet that refuses the checkpoints whose single parameter is in `leaking`, for a leak alone."""
+
+    def __init__(self, p: torch.nn.Parameter, leaking: set[float]) -> None:
+        self.p, self.leaking, self.leaked = p, leaking, False
+
+    def __call__(self) -> bool:
+        self.leaked = float(self.p.detach()) in self.leaking
+        return not self.leaked
+
+
+def _kept(candidates: list[Candidate], leaking: set[float]) -> tuple[int, int]:
+    """Which step `pick` keeps, and how many it refused."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    progress = Progress(1.0, [torch.zeros(1)], 1.0)
+    progress.candidates = candidates
+    pick([p], progress, LeakyVet(p, leaking), 0.5)
+    return progress.best_step, progress.refused
+
+
+def test_a_leaking_checkpoint_gives_way_only_to_one_that_still_says_the_facts() -> None:
+    def at(step: int, margin: float, loss: float) -> Candidate:
+        return Candidate(loss, margin, step, [torch.full((1,), float(step))])
+
+    learned, saying, unlearned = at(20, 0.8, 0.2), at(18, 0.1, 0.25), at(15, -11.0, 0.3)
+    assert _kept([unlearned, saying, learned], leaking={20.0}) == (18, 1)
+    # the only earlier checkpoints have not learned the facts: keep the leaking one, the gate judges it
+    assert _kept([unlearned, learned], leaking={20.0}) == (20, 0)
+    assert _kept([unlearned, saying, learned], leaking={20.0, 18.0}) == (18, 1)
