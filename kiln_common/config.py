@@ -121,7 +121,7 @@ class InferConfig(ServiceConfig):
     max_waiting: int = 256
     # Engine sizes; 0 = chosen for the device when the engine is built.
     max_num_seqs: int = 0  # sequences decoded together (GPU 256, CPU 64)
-    # background requests (kiln-train's answers) running at once; 0 = per device (GPU 16, CPU max_num_seqs)
+    # background requests (kiln-train's answers) running at once; 0 = no cap beyond max_num_seqs
     max_background_seqs: int = 0
     max_model_len: int = (
         0  # prompt + generated tokens per sequence (the model's context, as the KV cache allows)

@@ -46,7 +46,7 @@ def _add_size_flags(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument(
         "--max-background-seqs",
         type=int,
-        help="background requests (kiln-train's) running at once [KILN_MAX_BACKGROUND_SEQS; GPU 16, CPU all]",
+        help="background requests (kiln-train's) running at once [KILN_MAX_BACKGROUND_SEQS; 0 = no cap]",
     )
     sizes.add_argument(
         "--max-model-len", type=int, help="tokens per sequence [KILN_MAX_MODEL_LEN; the model's context]"

@@ -33,9 +33,6 @@ GPU_DEFAULT_MAX_MODEL_LEN = 8192
 # decode batch sizes captured as CUDA graphs; a step pads to the next one, so 32 users and a few background
 # requests take a 48-row graph, not a 64-row one
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-# background requests running at once on a GPU: kiln-train's answers join users' steps 16 at most (a burst
-# of a gate's ~110 questions at once swelled every user's step; docs/benchmarks.md, session 16)
-GPU_BACKGROUND_SEQS = 16
 
 
 class EngineSizeError(ValueError):
@@ -58,7 +55,7 @@ def engine_config_for(
     """Engine sizes from the server's settings; 0 means "chosen for this device"."""
     on_gpu = device.startswith("cuda")
     max_num_seqs = cfg.max_num_seqs or (256 if on_gpu else 64)
-    background = cfg.max_background_seqs or (GPU_BACKGROUND_SEQS if on_gpu else max_num_seqs)
+    background = cfg.max_background_seqs or max_num_seqs
     batched = cfg.max_num_batched_tokens or (16384 if on_gpu else 2048)
     slots = cfg.max_lora_slots or (32 if on_gpu else 8)
     if on_gpu:

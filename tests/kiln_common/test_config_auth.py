@@ -52,16 +52,17 @@ def test_invalid_config_is_a_clear_value_error(tmp_path: Path) -> None:
         RedisConfig(home=tmp_path, url="http://nope")
 
 
-def test_the_background_cap_is_per_device_and_a_bad_one_names_its_flag(tmp_path: Path) -> None:
+def test_the_background_cap_is_a_setting_and_a_bad_one_names_its_flag(tmp_path: Path) -> None:
     env = {"KILN_HOME": str(tmp_path), "KILN_MAX_BACKGROUND_SEQS": "4"}
     cfg = infer_config_from(_parse([]), env)
     assert cfg.max_background_seqs == 4
     on_gpu = engine_config_for(cfg, "cuda:0", 4096, 1024, 1 << 34)
     assert on_gpu.max_background_seqs == 4 and 48 in on_gpu.cuda_graph_batch_sizes
     default = infer_config_from(_parse([]), {"KILN_HOME": str(tmp_path)})
-    assert engine_config_for(default, "cuda:0", 4096, 1024, 1 << 34).max_background_seqs == 16
+    gpu = engine_config_for(default, "cuda:0", 4096, 1024, 1 << 34)
+    assert gpu.max_background_seqs == gpu.max_num_seqs  # by default no cap beyond the batch
     cpu = engine_config_for(default, "cpu", 4096, 1024, 0)
-    assert cpu.max_background_seqs == cpu.max_num_seqs  # on a CPU, no cap beyond the batch
+    assert cpu.max_background_seqs == cpu.max_num_seqs
     with pytest.raises(ValueError, match="--max-background-seqs / KILN_MAX_BACKGROUND_SEQS"):
         infer_config_from(_parse(["--max-background-seqs", "-1"]), {"KILN_HOME": str(tmp_path)})
     with pytest.raises(ValueError, match="KILN_MAX_BACKGROUND_SEQS"):
