@@ -10,7 +10,8 @@ Spot" → Neptune on SmolLM2), which would otherwise refuse every checkpoint of 
 Vetting neighbours are near neighbours of the taught questions made for the vet alone (another entity's
 name in the same question; neighbours.py), never trained on and never asked by the gate. A candidate that
 answers more than `vet_max_leaks` of them with the taught fact's words is refused, the way the gate would
-refuse it for its own neighbours: the round keeps an earlier checkpoint instead of being rejected whole.
+refuse it for its own neighbours; `train_progress.pick` then keeps an earlier checkpoint only if that one
+still says the facts.
 """
 
 from __future__ import annotations
@@ -85,14 +86,3 @@ class CheckpointVet:
             verdict = "slipped" if i in slipped else "forgiven as a near tie"
             log.info("vetting %s (-%.2f): %r -> %r", verdict, drops[i], kept[i][0].prompt, now[i][:80])
         return slipped
-
-
-def checkpoint_vet(
-    trainer: LoraTrainer,
-    questions: tuple[Question, ...],
-    answers: tuple[str, ...],
-    s: TrainSettings,
-    near: list[Neighbour] | None = None,
-) -> CheckpointVet:
-    """A vet of the trainer's current weights (`CheckpointVet`)."""
-    return CheckpointVet(trainer, questions, answers, s, near)

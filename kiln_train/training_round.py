@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln_common.registry import Registry
 from kiln_train.answer_match import first_sentence
-from kiln_train.checkpoint_vet import CheckpointVet, checkpoint_vet
+from kiln_train.checkpoint_vet import CheckpointVet
 from kiln_train.encoding import Encoded, TextPair, encode
 from kiln_train.evaluator import Reference, ReferenceCache, ask_reference, user
 from kiln_train.fact_tokens import Contrast
@@ -232,7 +232,7 @@ class RoundRunner:
         if not self.settings.vet_checkpoints:
             return None
         sets, answers = self.references.sets, plan.reference.vetting
-        return checkpoint_vet(trainer, sets.vetting, answers, self.settings, plan.vetting_neighbours)
+        return CheckpointVet(trainer, sets.vetting, answers, self.settings, plan.vetting_neighbours)
 
     def _train_and_gate(
         self,

@@ -115,7 +115,7 @@ class Scheduler:
         no other can be admitted, and no more running at once than `max_background_seqs`)."""
         stalled: set[tuple[bool, str]] = set()
         cap = self.config.max_background_seqs
-        background = sum(s.background for s in self.running)
+        background = sum(s.background for s in self.running) if cap is not None else 0
         while (
             budget > 0 and len(self.running) < self.config.max_num_seqs and len(stalled) < len(self.waiting)
         ):
