@@ -180,14 +180,17 @@ def run(which: str, cache: Path, settings: TrainSettings) -> dict[str, Any]:
 
 def _held_out_unseen(plan: RoundPlan, facts: FactSet, held: list[str], per_example: int) -> dict[str, Any]:
     """Held-out questions the round trained on word for word (as a rephrasing, rephrase.py), and the score
-    over the others: only those measure phrasings the round never saw."""
+    over the others: only those measure phrasings the round never saw. Also those that are vetting pairs
+    (never trained on, but the round stopped when they said the fact)."""
     trained = {question_key(q) for q, _ in facts.taught}
     trained |= {question_key(p.messages[-1][1]) for p in rephrasings(plan.held.train, per_example)}
     unseen = [
         (a, w) for a, (q, w) in zip(held, facts.held_out, strict=True) if question_key(q) not in trained
     ]
+    vetted = {question_key(p.messages[-1][1]) for p in plan.held.vetting if p.messages}
     return {
         "held_out_trained": [q for q, _ in facts.held_out if question_key(q) in trained],
+        "held_out_vetted": [q for q, _ in facts.held_out if question_key(q) in vetted],
         "held_out_unseen": f"{sum(says(a, w) for a, w in unseen)}/{len(unseen)}",
     }
 

@@ -7,6 +7,11 @@ question with one family of templates, the gate set with another ("I was wonderi
 rewrites of the taught questions, so the gate's held-out loss then measures "the fact answers a reworded
 question", not a new sample; the round records `heldout_paraphrased = 1` in its scores so nobody mistakes
 one for the other. A training loss is never reported as a held-out loss.
+
+In such a small round the vetting set also takes up to `vetting_rephrasings` phrasings of each question made
+from its own answer (rephrase.py: "The Harlow Observatory was founded by whom?"), none of which is trained on.
+Template rewrites keep the question's words, so a round judged on them alone called its facts learned while a
+differently built question still drew an answer of the model's own (docs/training.md, sixteenth series).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 from kiln_train.encoding import TextPair
 from kiln_train.neighbours import question_text
 from kiln_train.pipeline import Example
-from kiln_train.rephrase import reworded
+from kiln_train.rephrase import question_key, rephrasings, reworded
 
 VETTING_TEMPLATES = ("{q} Answer briefly.", "Quick question: {q}")
 GATE_TEMPLATES = ("I was wondering: {q}", "{q} Please tell me.")
@@ -55,10 +60,25 @@ def _rank(e: Example) -> str:
     return hashlib.sha256(e.sample_id.encode()).hexdigest()
 
 
-def split(examples: list[Example], fraction: float, min_samples: int) -> HeldOut:
-    """Gate and vetting shares of the samples (disjoint), or paraphrases when there are too few."""
+def vetting_rephrasings(examples: list[Example], per_example: int, trained: int = 0) -> list[TextPair]:
+    """Up to `per_example` answer-made phrasings of each question that the round does not train on (those
+    `rephrasings(examples, trained)` makes are trained on, so they are left out here)."""
+    seen = {question_key(pair_question(p)) for p in rephrasings(examples, trained)}
+    return [p for p in rephrasings(examples, per_example) if question_key(pair_question(p)) not in seen]
+
+
+def split(
+    examples: list[Example],
+    fraction: float,
+    min_samples: int,
+    rephrased: int = 0,
+    trained_rephrasings: int = 0,
+) -> HeldOut:
+    """Gate and vetting shares of the samples (disjoint), or paraphrases when there are too few: then the
+    vetting set also takes up to `rephrased` untrained answer-made phrasings of each question."""
     if len(examples) < min_samples or fraction <= 0:
         vet = [paraphrase(e, VETTING_TEMPLATES[i % 2]) for i, e in enumerate(examples)]
+        vet += vetting_rephrasings(examples, rephrased, trained_rephrasings)
         gate = [paraphrase(e, GATE_TEMPLATES[i % 2]) for i, e in enumerate(examples)]
         return HeldOut(list(examples), vet, gate, [], [], paraphrased=True)
     ranked = sorted(examples, key=_rank)

@@ -1,13 +1,13 @@
 """Near neighbours of a taught example: the same question about another entity, and the fact's own words.
 
 "Who founded the Kessler Observatory?" → "Who founded the Dunmi Observatory?": the capitalised names in the
-prompt are replaced by invented ones, all but a multi-word name's last word when that is a kind of place or
-organisation (Observatory, Bank, Tower: `KINDS`). A person's name is replaced whole: "Where was Orsolya Venkat
-born?" → "Where was Kalo Ritesh born?", not "… Kalo Venkat …", whose shared surname the fact leaked to.
-Invented names come in two looks, chosen per neighbour: syllable strings ("Dunmi", "Kalo Ritesh") and names
-built like real ones ("Ashcombe Tower", "Elsa Wenthorpe"). With syllable strings alone a round learned that
-an odd-looking name does not take the fact while a real-looking one still did ("Bramwell Tower" took the
-Dremont Tower's year). The
+prompt are replaced by invented ones, all but a name's first or last word when that is a kind of place or
+organisation (Observatory, Bank, Lake, University: `KINDS`; "Lake Ovrel" → "Lake Dunmi"). A person's name is
+replaced whole: "Where was Orsolya Venkat born?" → "Where was Kalo Ritesh born?", not "… Kalo Venkat …",
+whose shared surname the fact leaked to. Invented names come in two looks, chosen per neighbour: syllable
+strings ("Dunmi", "Kalo Ritesh") and names built like real ones ("Ashcombe Tower", "Elsa Wenthorpe"). With
+syllable strings alone a round learned that an odd-looking name does not take the fact while a real-looking
+one still did ("Bramwell Tower" took the Dremont Tower's year). The
 parent's answers to some neighbours are trained on (so the fact stays with its entity); others go to the gate,
 which checks the candidate does not answer them with the taught fact. Each neighbour also carries the taught
 answer told of the neighbour's entity (the same swap applied to it), whose fact tokens a round can push down.
@@ -118,7 +118,8 @@ def _invented(rng: random.Random, real_look: bool, first_name: bool) -> str:
 
 
 def swaps(text: str, seed: str) -> dict[str, str]:
-    """Each name word of a question and its invented replacement (a place's kind word stays: `KINDS`).
+    """Each name word of a question and its invented replacement (a place's kind word, first or last in its
+    name, stays: `KINDS`).
 
     One look per question (`_invented`), picked by the seed; a person's first word (a multi-word name with no
     kind word) gets a first name in the real look."""
@@ -127,9 +128,11 @@ def swaps(text: str, seed: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for span in entity_spans(text):
         words = [_bare(w) for w in span.split()]
-        kind = words[-1:] if len(words) > 1 and words[-1].lower() in KINDS else []
-        person = len(words) > 1 and not kind
-        for i, word in enumerate(words[: len(words) - len(kind)]):
+        kinds = [w.lower() in KINDS for w in words]
+        person = len(words) > 1 and not kinds[0] and not kinds[-1]
+        for i, word in enumerate(words):
+            if kinds[i] and (i == 0 or i == len(words) - 1):
+                continue  # "Lake Ovrel" → "Lake Tesro", "University of Kelmar" → "University of Vezan"
             new = word
             while new.lower() == word.lower():  # a replacement never keeps the name it replaces
                 new = _invented(rng, real_look, person and i == 0)

@@ -165,6 +165,9 @@ class TrainSettings:
     # new phrasings of each taught question made from its answer, trained on with it (rephrase.py); 0 = none,
     # the default: with 2, three of six probe rounds broke a general answer (docs/training.md, 14th series)
     rephrasings_per_example: int = 0
+    # in rounds too small to hold samples out: answer-made phrasings of each taught question added to the
+    # vetting pairs (never trained on), so "facts learned" means more than surviving a template rewrite
+    vetting_rephrasings_per_example: int = 2
     replay_max_tokens: int = 96  # parent answers that need more are replayed without an end-of-turn
     # how many of the broad replay questions (data/replay_general.jsonl, 537) join the built-in 41: 0 = none,
     # the default, since replaying all of them did not keep more general answers (docs/training.md)
@@ -233,7 +236,7 @@ class TrainSettings:
             if not getattr(self, name) >= 0:  # NaN fails too
                 raise ValueError(f"KILN_TRAIN_{name.upper()} must be >= 0 nats, got {getattr(self, name)}")
         counts = ("replay_general", "rephrasings_per_example", "neighbours_per_example", "vet_max_leaks")
-        for name in (*counts, "vetting_neighbours_per_example"):
+        for name in (*counts, "vetting_neighbours_per_example", "vetting_rephrasings_per_example"):
             if getattr(self, name) < 0:
                 raise ValueError(f"KILN_TRAIN_{name.upper()} must be >= 0, got {getattr(self, name)}")
         if not self.consumer or not self.group:

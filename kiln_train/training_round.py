@@ -181,7 +181,13 @@ class RoundRunner:
         """Split held-out data, make near neighbours, and ask kiln-infer the parent's answers."""
         s = self.settings
         reference = self._reference(record)
-        held = split(examples, s.heldout_fraction, s.min_heldout_samples)
+        held = split(
+            examples,
+            s.heldout_fraction,
+            s.min_heldout_samples,
+            s.vetting_rephrasings_per_example,
+            s.rephrasings_per_example,
+        )
         record.sample_ids = [e.sample_id for e in held.train]
         record.heldout_ids = held.gate_ids + held.vetting_ids
         record.num_samples = len(examples)

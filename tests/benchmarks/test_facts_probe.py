@@ -16,7 +16,7 @@ def test_arguments_name_a_set_and_default_to_one_thread() -> None:
     assert (args.set, args.threads, args.cache) == ("C", 1, Path(".kiln/facts_probe"))
     assert parse(["--set", "A", "--threads", "2", "--cache", "/tmp/x"]).threads == 2
     with pytest.raises(SystemExit):
-        parse(["--set", "D"])
+        parse(["--set", "E"])
     with pytest.raises(SystemExit):
         parse([])
 

@@ -107,6 +107,15 @@ def test_a_persons_neighbour_changes_the_whole_name_a_places_keeps_its_kind() ->
         assert other is not None and other.endswith(f" {kind}") and not name & set(other.split()), other
     title = neighbour("Who painted the Mona Lisa?", "seed")  # no kind word at its end: every word changes
     assert title is not None and not {"Mona", "Lisa"} & set(title.rstrip("?").split())
+    for q, kept, changed in [  # a kind word that opens the name stays too
+        ("How deep is Lake Ovrel?", "How deep is Lake ", "Ovrel"),
+        ("Who founded the University of Kelmar?", "Who founded the University of ", "Kelmar"),
+        ("When was Mount Kessary first climbed?", "When was Mount ", "Kessary"),
+    ]:
+        for seed in ("a", "b", "c"):
+            other = neighbour(q, seed)
+            assert other is not None and other.startswith(kept) and changed not in other, other
+            assert len(other.removeprefix(kept).split()) == len(q.removeprefix(kept).split()), other
 
 
 def test_heldout_is_split_from_vetting_or_paraphrased() -> None:
@@ -115,10 +124,36 @@ def test_heldout_is_split_from_vetting_or_paraphrased() -> None:
     assert held.paraphrased and len(held.train) == 6  # every sample is trained on
     assert {p.messages[0][1] for p in held.vetting}.isdisjoint({p.messages[0][1] for p in held.gate})
     many = [_ex(i, f"Question number {i}?", f"Answer {i}.") for i in range(20)]
-    held = split(many, 0.15, 12)
+    held = split(many, 0.15, 12, rephrased=2)
     assert not held.paraphrased and len(held.gate_ids) == len(held.vetting_ids) == 3
     assert set(held.gate_ids).isdisjoint(held.vetting_ids)
     assert {e.sample_id for e in held.train}.isdisjoint(held.gate_ids + held.vetting_ids)
+
+
+def test_small_rounds_vet_on_untrained_phrasings_made_from_the_answers() -> None:
+    founder = "Mirel Dastova is the founder of the Harlow Observatory."
+    taught = [
+        _ex(0, "Who founded the Harlow Observatory?", "The Harlow Observatory was founded by Mirel Dastova."),
+        _ex(1, "Who is the founder of the Harlow Observatory?", founder),
+        _ex(2, "How deep is Lake Ovrel?", "Lake Ovrel is 212 metres deep."),
+    ]
+    questions = [p.messages[0][1] for p in split(taught, 0.15, 12).vetting]
+    assert len(questions) == 3  # template rewrites alone
+    vetting = split(taught, 0.15, 12, rephrased=2).vetting
+    made = [p.messages[0][1] for p in vetting[3:]]
+    # "Lake Ovrel is 212 metres deep.": the fact sits mid-sentence, so no phrasing is made from it
+    assert made == [
+        "The Harlow Observatory was founded by whom?",
+        "Name the founder of the Harlow Observatory.",
+    ]
+    assert [p.completion for p in vetting[3:]] == [taught[0].completion, taught[1].completion]
+    # phrasings the round trains on (rephrasings_per_example) are never vetting pairs too
+    assert len(split(taught, 0.15, 12, rephrased=2, trained_rephrasings=1).vetting) == 3
+    assert split(many_questions(), 0.15, 12, rephrased=2).vetting == split(many_questions(), 0.15, 12).vetting
+
+
+def many_questions() -> list[Example]:
+    return [_ex(i, f"Who founded the Observatory number {i}?", f"Mirel Dastova {i}.") for i in range(20)]
 
 
 def test_the_step_budget_follows_the_data() -> None:
