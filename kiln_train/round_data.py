@@ -33,6 +33,8 @@ class RoundData:
     anchor_watch: list[Encoded] = field(default_factory=list)
     # taught samples behind `train` (the rest are their rephrasings): the step budget counts these; 0 = all
     samples: int = 0
+    # more rows (general questions' prompts) the null-space constraint is measured on beside `replay`
+    null_space_rows: list[Encoded] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.samples:

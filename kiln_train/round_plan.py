@@ -12,6 +12,7 @@ from kiln_train.fact_tokens import contrast, fact_positions
 from kiln_train.gate import Neighbour
 from kiln_train.heldout import HeldOut, pair_question, to_pair
 from kiln_train.neighbours import answer_terms
+from kiln_train.prompt_sets import load_replay_general
 from kiln_train.rephrase import rephrasings
 from kiln_train.round_data import RoundData
 
@@ -37,9 +38,11 @@ def round_data(
     anchors: list[int],
     rephrasings_per_example: int,
     anchor_watch: list[Encoded] | None = None,
+    null_space_questions: int = 0,
 ) -> RoundData:
     """Token ids of everything the trainer sees: new samples and their rephrasings (rephrase.py), vetting
-    pairs, replay, negatives."""
+    pairs, replay, negatives; and the first `null_space_questions` broad general questions' prompts (with an
+    open assistant turn, no answer), which only the null-space measurement reads."""
     vetting = [encode(tok, p) for p in plan.held.vetting]
     samples = [to_pair(e) for e in plan.held.train]
     more = rephrasings(plan.held.train, rephrasings_per_example)
@@ -56,4 +59,8 @@ def round_data(
         contrasts=[c for p, terms in plan.contrasts if (c := contrast(tok, encode(tok, p), terms))],
         samples=len(samples),
         anchor_watch=anchor_watch or [],
+        null_space_rows=[
+            encode(tok, TextPair("", (("user", q),), complete=False))
+            for q in (load_replay_general(null_space_questions) if null_space_questions > 0 else ())
+        ],
     )

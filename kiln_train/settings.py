@@ -172,6 +172,10 @@ class TrainSettings:
     # how many of the broad replay questions (data/replay_general.jsonl, 537) join the built-in 41: 0 = none,
     # the default, since replaying all of them did not keep more general answers (docs/training.md)
     replay_general: int = 0
+    # how many of the broad replay questions' prompts (not trained on, no answers) join the replay rows in
+    # measuring the null-space constraint (null_space.py), so the update also stays out of the directions a
+    # general question's own tokens take; 0 = the replay rows alone (the default)
+    null_space_questions: int = 0
     gate_max_tokens: int = 32
     reference_dir: str = (
         ""  # cache of each version's replay/vetting/gate answers; "" = $KILN_HOME/train/reference
@@ -235,8 +239,18 @@ class TrainSettings:
         for name in ("gate_flip_tolerance", "gate_loglik_tolerance"):
             if not getattr(self, name) >= 0:  # NaN fails too
                 raise ValueError(f"KILN_TRAIN_{name.upper()} must be >= 0 nats, got {getattr(self, name)}")
-        counts = ("replay_general", "rephrasings_per_example", "neighbours_per_example", "vet_max_leaks")
-        for name in (*counts, "vetting_neighbours_per_example", "vetting_rephrasings_per_example"):
+        counts = (
+            "replay_general",
+            "null_space_questions",
+            "rephrasings_per_example",
+            "neighbours_per_example",
+        )
+        for name in (
+            *counts,
+            "vet_max_leaks",
+            "vetting_neighbours_per_example",
+            "vetting_rephrasings_per_example",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"KILN_TRAIN_{name.upper()} must be >= 0, got {getattr(self, name)}")
         if not self.consumer or not self.group:

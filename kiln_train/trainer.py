@@ -284,8 +284,7 @@ class LoraTrainer:
         wider: int = 0,
         space: NullSpace | None = None,
     ) -> Callable[[Rows, Rows], float]:
-        """One optimiser step on a step's rows (projected by `space`): a replayed CUDA graph on a GPU
-        (`cuda_graphs`), else eager."""
+        """One optimiser step on a step's rows (projected by `space`): a CUDA graph on a GPU, else eager."""
         if self.cfg.cuda_graphs and self.device.type == "cuda" and rows:
             try:
                 return self.workspace.stepper(
@@ -301,9 +300,10 @@ class LoraTrainer:
         return self.cfg.replay_ce_weight, self.cfg.anchor_ce_weight
 
     def _null_space(self, data: RoundData) -> NullSpace | None:
-        """The round's null-space constraint (`null_space_energy`), measured on the replay rows."""
+        """The round's null-space constraint (`null_space_energy`), measured on the replay rows (and more)."""
         energy, pad = self.cfg.null_space_energy, self.tok.pad_token_id or 0
-        return self.workspace.null_space(data.replay, energy, pad, self.fresh) if energy > 0 else None
+        rows = data.replay + data.null_space_rows
+        return self.workspace.null_space(rows, energy, pad, self.fresh) if energy > 0 else None
 
     def _sizes(self, data: RoundData) -> tuple[int, int, int, int, int]:
         """Rows per step: new samples, replay, negatives (one batch), anchors (their own term), and contrast

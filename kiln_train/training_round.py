@@ -217,7 +217,10 @@ class RoundRunner:
     def _round_data(self, plan: RoundPlan) -> RoundData:
         """Token ids of everything the trainer sees (round_plan.py)."""
         replay, anchors, watch = self._replay(plan.reference)
-        return round_data(self.tok, plan, replay, anchors, self.settings.rephrasings_per_example, watch)
+        s = self.settings
+        return round_data(
+            self.tok, plan, replay, anchors, s.rephrasings_per_example, watch, s.null_space_questions
+        )
 
     def _replay(self, reference: Reference) -> tuple[list[Encoded], list[int], list[Encoded]]:
         """The parent's answers to the replay prompts, encoded; which of them are anchors; and each anchor's

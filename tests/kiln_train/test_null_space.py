@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln_train.encoding import IGNORE, Encoded
+from kiln_common.model_loader import ModelSource, load_tokenizer
+from kiln_train.encoding import IGNORE, Encoded, TextPair, prompt_ids
+from kiln_train.evaluator import Reference
+from kiln_train.heldout import HeldOut
 from kiln_train.null_space import Directions, _leading, lora_a_layers, measure
+from kiln_train.prompt_sets import load_replay_general
 from kiln_train.round_data import RoundData
+from kiln_train.round_plan import RoundPlan, round_data
 from kiln_train.trainer import LoraTrainer, TrainerConfig
 from kiln_train.workspace import LoraWorkspace
 from tests.kiln_train.tiny_lm import TinyTok, tiny_model
@@ -219,3 +224,34 @@ def test_a_constrained_round_is_graphed_on_a_gpu_and_keeps_the_constraint() -> N
     assert eager.workspace.step is None
     for a, b in zip(graphed.trainable(), eager.trainable(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_extra_rows_widen_what_is_kept_out_and_are_never_trained_on() -> None:
+    other = _rows(24, 5, range(30, 40))  # inputs the replay rows never take
+
+    def change_on_other(extra: list[Encoded]) -> tuple[float, float]:
+        trainer, data = _round(0.99)
+        data.null_space_rows = extra
+        space = trainer._null_space(data)
+        assert space is not None
+        before, taught_before = _logits(trainer, other), trainer.loss(data.train)
+        trainer.train(data)
+        assert trainer.loss(data.train) < taught_before - 0.05  # it still learned the taught rows
+        return float((_logits(trainer, other) - before).abs().mean()), space.kept_out()
+
+    alone, kept_alone = change_on_other([])
+    widened, kept_widened = change_on_other(other)
+    assert kept_widened > kept_alone  # measured anew, on more inputs
+    assert widened < 0.5 * alone, (widened, alone)  # and the update spares the extra rows' text too
+
+
+def test_the_broad_questions_prompts_join_the_measurement_only(smollm2: ModelSource) -> None:
+    held = HeldOut([], [], [], [], [], paraphrased=True)
+    plan = RoundPlan(held, Reference((), (), ()), [], [], [])
+    tok = load_tokenizer(smollm2)
+    assert round_data(tok, plan, [], [], 0).null_space_rows == []
+    data = round_data(tok, plan, [], [], 0, None, 5)
+    assert len(data.null_space_rows) == 5 and data.train == [] and data.replay == []
+    for e, q in zip(data.null_space_rows, load_replay_general(5), strict=True):
+        assert set(e.labels) == {IGNORE}  # prompts only: nothing to learn
+        assert e.input_ids == prompt_ids(tok, TextPair("", (("user", q),)))  # as the server renders it

@@ -37,6 +37,8 @@ def test_trainer_variables_reach_the_trainer() -> None:
         ("KILN_TRAIN_REPHRASINGS_PER_EXAMPLE", "-2"),
         ("KILN_TRAIN_NEIGHBOURS_PER_EXAMPLE", "-1"),
         ("KILN_TRAIN_VETTING_NEIGHBOURS_PER_EXAMPLE", "-1"),
+        ("KILN_TRAIN_VETTING_REPHRASINGS_PER_EXAMPLE", "-1"),
+        ("KILN_TRAIN_NULL_SPACE_QUESTIONS", "-2"),
         ("KILN_TRAIN_VET_MAX_LEAKS", "-1"),
         ("KILN_TRAIN_REPHRASINGS_PER_EXAMPLE", "two"),
         ("KILN_TRAIN_UNLIKELIHOOD_WEIGHT", "-0.5"),
