@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln_train.encoding import Encoded, collate
+from kiln_train.encoding import IGNORE, Encoded, collate
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +125,21 @@ def measure(
     fresh: bool,
     batch: int = 8,
     budget_bytes: int = 1 << 30,
+    extra: list[Encoded] | None = None,
 ) -> NullSpace | None:
     """The null-space constraint for `model`'s LoRA layers from the inputs they see on `rows` (None without
     rows). `fresh`: the adapter starts at its initial weights, whose random `A` is projected too.
+
+    `extra` rows are measured apart, only at their labelled positions (the rest is context), and their own
+    leading directions (the same `energy`) are kept out as well: the union of both subspaces. Apart, because
+    in one sum a prefix every row shares (a chat template's system turn) takes most of the energy, and 95% of
+    it would then keep fewer directions out, not more.
 
     The layers' covariances are accumulated in chunks of at most `budget_bytes` (one pass over the rows per
     chunk): a large model's would not fit beside serving all at once (33 GB for an 8B Llama)."""
     if not rows:
         return None
+    groups = [(rows, False)] + ([(extra, True)] if extra else [])
     t0 = time.monotonic()
     layers = lora_a_layers(model)
     directions: dict[str, Directions] = {}  # per projection
@@ -141,11 +148,11 @@ def measure(
     for name, module in layers.items():
         square = 4 * _lora_a(module).in_features ** 2
         if chunk and size + square > budget_bytes:
-            directions |= _chunk(model, rows, {n: layers[n] for n in chunk}, energy, pad_id, batch)
+            directions |= _chunk(model, groups, {n: layers[n] for n in chunk}, energy, pad_id, batch)
             chunk, size = [], 0
         chunk.append(name)
         size += square
-    directions |= _chunk(model, rows, {n: layers[n] for n in chunk}, energy, pad_id, batch)
+    directions |= _chunk(model, groups, {n: layers[n] for n in chunk}, energy, pad_id, batch)
     out = []
     for name, module in layers.items():
         weight = _lora_a(module).weight
@@ -164,13 +171,14 @@ def measure(
 
 def _chunk(
     model: torch.nn.Module,
-    rows: list[Encoded],
+    groups: list[tuple[list[Encoded], bool]],
     layers: dict[str, torch.nn.Module],
     energy: float,
     pad_id: int,
     batch: int,
 ) -> dict[str, Directions]:
-    """One pass over `rows` accumulating the input covariances of `layers`, and their directions."""
+    """A pass over each group of rows accumulating the input covariances of `layers` (over every real
+    token, or only the labelled ones when the group says so), and the union of the groups' directions."""
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     shared: dict[str, str] = {}  # a projection -> the first one that was given the same input tensor
@@ -186,7 +194,7 @@ def _chunk(
                 first_inputs[name] = x
             if shared[name] != name:
                 return
-            flat = x[mask_now[0]].float()  # the rows' real tokens, padding left out
+            flat = x[mask_now[0]].float()  # the rows' measured tokens, padding left out
             total = flat.T @ flat
             sums[name] = total if name not in sums else sums[name] + total
 
@@ -196,18 +204,36 @@ def _chunk(
     # the base's own inputs, whatever adapter is loaded: a child's round (its parent's weights in place) then
     # keeps out the same directions its parent's round did, and its parent's A already reads none of them
     base_only = getattr(model, "disable_adapter", contextlib.nullcontext)
+    found: list[dict[str, Directions]] = []
     try:
         with base_only():
-            for start in range(0, len(rows), batch):
-                enc = collate(rows[start : start + batch], pad_id, device)
-                mask_now[:] = [enc["attention_mask"].bool()]
-                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-                first_inputs.clear()
+            for rows, labelled in groups:
+                for start in range(0, len(rows), batch):
+                    enc = collate(rows[start : start + batch], pad_id, device)
+                    mask = enc["labels"] != IGNORE if labelled else enc["attention_mask"].bool()
+                    mask_now[:] = [mask]
+                    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                    first_inputs.clear()
+                found.append({name: _leading(sums.pop(name), energy) for name in list(sums)})
     finally:
         for handle in handles:
             handle.remove()
-    bases = {name: _leading(sums.pop(name), energy) for name in list(sums)}
+    bases = {name: _union([f[name] for f in found]) for name in found[0]}
     return {name: bases[shared[name]] for name in layers}
+
+
+def _union(parts: list[Directions]) -> Directions:
+    """The directions kept out by any of `parts`, stored the smaller way (as `_leading` does)."""
+    if len(parts) == 1:
+        return parts[0]
+    d = parts[0].basis.shape[0]
+    eye = torch.eye(d, device=parts[0].basis.device)
+    total = sum(eye - p.basis @ p.basis.T if p.kept else p.basis @ p.basis.T for p in parts)
+    values, vectors = torch.linalg.eigh(total)  # a sum of projectors: 0 exactly off the union's span
+    k = int((values > 1e-3).sum())
+    kept = 2 * k > d
+    basis = vectors[:, : d - k] if kept else vectors[:, d - k :]
+    return Directions(basis.contiguous(), kept)
 
 
 def _leading(total: torch.Tensor, energy: float) -> Directions:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from kiln_train.encoding import Encoded, TextPair, encode
+from kiln_train.encoding import IGNORE, Encoded, TextPair, encode, prompt_ids
 from kiln_train.evaluator import Reference
 from kiln_train.fact_tokens import contrast, fact_positions
 from kiln_train.gate import Neighbour
@@ -59,8 +59,17 @@ def round_data(
         contrasts=[c for p, terms in plan.contrasts if (c := contrast(tok, encode(tok, p), terms))],
         samples=len(samples),
         anchor_watch=anchor_watch or [],
-        null_space_rows=[
-            encode(tok, TextPair("", (("user", q),), complete=False))
-            for q in (load_replay_general(null_space_questions) if null_space_questions > 0 else ())
-        ],
+        null_space_rows=question_rows(
+            tok, load_replay_general(null_space_questions) if null_space_questions else ()
+        ),
     )
+
+
+def question_rows(tok: PreTrainedTokenizerBase, questions: tuple[str, ...]) -> list[Encoded]:
+    """Each question as served (an open assistant turn, no answer), its labels marking what the null-space
+    measurement reads: every token after the prefix all of them share (the template's system turn)."""
+    ids = [prompt_ids(tok, TextPair("", (("user", q),))) for q in questions]
+    shared = 0
+    while ids and all(len(i) > shared + 1 and i[shared] == ids[0][shared] for i in ids):
+        shared += 1
+    return [Encoded(i, [IGNORE] * shared + i[shared:]) for i in ids]

@@ -301,9 +301,8 @@ class LoraTrainer:
 
     def _null_space(self, data: RoundData) -> NullSpace | None:
         """The round's null-space constraint (`null_space_energy`), measured on the replay rows (and more)."""
-        energy, pad = self.cfg.null_space_energy, self.tok.pad_token_id or 0
-        rows = data.replay + data.null_space_rows
-        return self.workspace.null_space(rows, energy, pad, self.fresh) if energy > 0 else None
+        energy, pad, more = self.cfg.null_space_energy, self.tok.pad_token_id or 0, data.null_space_rows
+        return self.workspace.null_space(data.replay, energy, pad, self.fresh, more) if energy > 0 else None
 
     def _sizes(self, data: RoundData) -> tuple[int, int, int, int, int]:
         """Rows per step: new samples, replay, negatives (one batch), anchors (their own term), and contrast

@@ -123,22 +123,25 @@ class LoraWorkspace:
         self.step = graphed(self.model, params, cfg, steps, pad_id, shapes, space)
         return self.step
 
-    def null_space(self, rows: list[Encoded], energy: float, pad_id: int, fresh: bool) -> NullSpace | None:
+    def null_space(
+        self, rows: list[Encoded], energy: float, pad_id: int, fresh: bool, extra: list[Encoded] | None = None
+    ) -> NullSpace | None:
         """The null-space constraint for the replay rows `rows`, restarted at the weights as they are now.
 
         Measured once per base model, energy and replay prompts (the rows' prompt tokens: a child's round,
-        whose replayed answers are its parent's, reuses what its first round measured), so a captured step
-        keeps replaying it."""
+        whose replayed answers are its parent's, reuses what its first round measured) and `extra` rows
+        (null_space.measure), so a captured step keeps replaying it."""
         assert self.model is not None, "checkout first"
         prompts = [
             e.input_ids[: next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels))]
             for e in rows
         ]
-        key = hashlib.sha256(json.dumps([energy, prompts]).encode()).hexdigest()
+        more = [[e.input_ids, e.labels] for e in extra or []]
+        key = hashlib.sha256(json.dumps([energy, prompts, more]).encode()).hexdigest()
         if self._space is not None and self._space_key == key:
             self._space.restart(fresh)
             return self._space
-        self._space, self._space_key = measure(self.model, rows, energy, pad_id, fresh), key
+        self._space, self._space_key = measure(self.model, rows, energy, pad_id, fresh, extra=extra), key
         return self._space
 
 

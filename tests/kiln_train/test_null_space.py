@@ -12,10 +12,10 @@ from kiln_common.model_loader import ModelSource, load_tokenizer
 from kiln_train.encoding import IGNORE, Encoded, TextPair, prompt_ids
 from kiln_train.evaluator import Reference
 from kiln_train.heldout import HeldOut
-from kiln_train.null_space import Directions, _leading, lora_a_layers, measure
+from kiln_train.null_space import Directions, _leading, _union, lora_a_layers, measure
 from kiln_train.prompt_sets import load_replay_general
 from kiln_train.round_data import RoundData
-from kiln_train.round_plan import RoundPlan, round_data
+from kiln_train.round_plan import RoundPlan, question_rows, round_data
 from kiln_train.trainer import LoraTrainer, TrainerConfig
 from kiln_train.workspace import LoraWorkspace
 from tests.kiln_train.tiny_lm import TinyTok, tiny_model
@@ -252,6 +252,24 @@ def test_the_broad_questions_prompts_join_the_measurement_only(smollm2: ModelSou
     assert round_data(tok, plan, [], [], 0).null_space_rows == []
     data = round_data(tok, plan, [], [], 0, None, 5)
     assert len(data.null_space_rows) == 5 and data.train == [] and data.replay == []
+    shared = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
     for e, q in zip(data.null_space_rows, load_replay_general(5), strict=True):
-        assert set(e.labels) == {IGNORE}  # prompts only: nothing to learn
         assert e.input_ids == prompt_ids(tok, TextPair("", (("user", q),)))  # as the server renders it
+    questions = ("What is 2 + 2?", "Name a red fruit.", "Who wrote Hamlet?")
+    for e, q in zip(question_rows(tok, questions), questions, strict=True):
+        measured = tok.decode([t for t, label in zip(e.input_ids, e.labels, strict=True) if label != IGNORE])
+        assert q in measured and shared[:24] not in measured  # the question is read, the system turn is not
+
+
+def test_a_union_of_kept_out_directions_holds_each_part() -> None:
+    gen = torch.Generator().manual_seed(0)
+    d = 12
+    first = torch.linalg.qr(torch.randn(d, 3, generator=gen))[0]
+    free = torch.linalg.qr(torch.randn(d, 4, generator=gen))[0]  # stored as free directions: 8 kept out
+    parts = [Directions(first, kept=False), Directions(free, kept=True)]
+    union = _union(parts)
+    for part in parts:  # whatever either keeps out, the union keeps out
+        probe = part.outside(torch.randn(5, d, generator=gen))
+        assert torch.allclose(union.outside(probe), probe, atol=1e-4)
+    assert 8 <= round(union.kept_out() * d) <= 11
+    assert _union(parts[:1]) is parts[0]
