@@ -59,10 +59,13 @@ def round_data(
         contrasts=[c for p, terms in plan.contrasts if (c := contrast(tok, encode(tok, p), terms))],
         samples=len(samples),
         anchor_watch=anchor_watch or [],
-        null_space_rows=question_rows(
-            tok, load_replay_general(null_space_questions) if null_space_questions else ()
-        ),
+        null_space_rows=null_space_rows(tok, null_space_questions),
     )
+
+
+def null_space_rows(tok: PreTrainedTokenizerBase, questions: int) -> list[Encoded]:
+    """The first `questions` broad general questions as rows the null-space measurement reads."""
+    return question_rows(tok, load_replay_general(questions)) if questions > 0 else []
 
 
 def question_rows(tok: PreTrainedTokenizerBase, questions: tuple[str, ...]) -> list[Encoded]:

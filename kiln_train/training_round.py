@@ -28,7 +28,7 @@ from kiln_train.parent_client import ParentClient
 from kiln_train.pipeline import Example
 from kiln_train.prompt_sets import ANCHOR_PROMPTS, anchor_checks
 from kiln_train.publisher import Publisher
-from kiln_train.round_plan import RoundPlan, round_data
+from kiln_train.round_plan import RoundPlan, null_space_rows, round_data
 from kiln_train.round_record import RoundRecord
 from kiln_train.settings import TrainSettings
 from kiln_train.train_progress import record_phase, training_scores
@@ -133,11 +133,12 @@ class RoundRunner:
         replay, anchors, _ = self._replay(reference)
         if not replay:
             return
-        n = self.settings.trainer.negatives_per_step
-        # as many contrast rows as a round draws (positions none: only the captured shapes matter here)
-        contrasts = [Contrast(e, []) for e in replay[:n]] if self.settings.trainer.unlikelihood_weight else []
-        data = RoundData(replay, [], replay, replay[:n], anchors, contrasts=contrasts)
-        trainer = LoraTrainer(base, self.tok, self.settings.trainer, None, self.workspace)
+        s, n = self.settings, self.settings.trainer.negatives_per_step
+        # as many contrast rows as a round draws (only their shapes matter here), the null-space rows it reads
+        contrasts = [Contrast(e, []) for e in replay[:n]] if s.trainer.unlikelihood_weight else []
+        more = null_space_rows(self.tok, s.null_space_questions)
+        data = RoundData(replay, [], replay, replay[:n], anchors, contrasts=contrasts, null_space_rows=more)
+        trainer = LoraTrainer(base, self.tok, s.trainer, None, self.workspace)
         try:
             trainer.prepare(data)
             self._baseline(trainer, RoundRecord("prepare", "", "", 0), reference)
@@ -216,8 +217,7 @@ class RoundRunner:
 
     def _round_data(self, plan: RoundPlan) -> RoundData:
         """Token ids of everything the trainer sees (round_plan.py)."""
-        replay, anchors, watch = self._replay(plan.reference)
-        s = self.settings
+        (replay, anchors, watch), s = self._replay(plan.reference), self.settings
         return round_data(
             self.tok, plan, replay, anchors, s.rephrasings_per_example, watch, s.null_space_questions
         )
