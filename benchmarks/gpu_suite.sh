@@ -47,6 +47,10 @@ step train_while_serving python3 -m benchmarks.train_while_serving --device cuda
 # publish -> first token of the new version are measured this way (timing and plumbing only)
 step tws_open python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate \
   ${TWS_TRAIN_SETTING:+--train-setting "$TWS_TRAIN_SETTING"} --after-preparation "${TWS_AFTER_PREPARATION:-0}" --json "$OUT/tws_open.json" --logs "$OUT/tws_open_logs"
+# the same with the streams read by threads of the benchmark's own process (the way before session 18): how
+# much of the TTFT it reports is the client's
+step tws_threads python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate \
+  --load-processes 0 --after-preparation "${TWS_AFTER_PREPARATION:-0}" --json "$OUT/tws_threads.json"
 # promote -> first token of a staged version, and of one published and promoted at once (kiln-infer alone)
 step swap_latency python3 -m benchmarks.swap_latency --model dummy:llama-3.2-1b --device cuda --models-home "$KILN_HOME" \
   --json "$OUT/swap_latency.json"

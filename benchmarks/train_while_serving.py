@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.tws_load import Load, hold_window, latency, slowest, steady
+from benchmarks.tws_load import hold_window, latency, slowest, start_load, steady
 from kiln.v1 import (
     adapter_pb2,
     adapter_pb2_grpc,
@@ -55,6 +55,7 @@ class Setup:
     max_tokens: int
     examples: int
     window_s: float  # measured before and after the round
+    load_processes: int = 4  # client processes the streams are spread over (0: threads of the benchmark's)
     train_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -77,6 +78,7 @@ SMALL = Setup(
     16,
     6,
     4.0,
+    1,
     {
         "KILN_TRAIN_MIN_STEPS": "2",
         "KILN_TRAIN_MAX_STEPS": "3",
@@ -236,9 +238,7 @@ def measure(stack: Stack, setup: Setup, timeout_s: float, prepared_s: float = 0.
     Returns every number."""
     waited = wait_prepared(stack.home, prepared_s) if prepared_s > 0 else None
     infer = f"127.0.0.1:{stack.infer_port}"
-    loads = [Load(infer, setup.max_tokens, i) for i in range(setup.streams)]
-    for load in loads:
-        load.start()
+    runners, loads = start_load(infer, setup.max_tokens, setup.streams, setup.load_processes)
     t_before = steady(loads, setup.window_s / 2, timeout_s)
     hold_window(loads, t_before, setup.window_s, timeout_s, finished=True)
     probe = Probe(infer, f"{ADAPTER}@v1")
@@ -250,10 +250,10 @@ def measure(stack: Stack, setup: Setup, timeout_s: float, prepared_s: float = 0.
     probe.join(timeout_s if record.outcome == "published" else 0.0)
     probe.stop.set()
     t_after_end = hold_window(loads, t_round_end, setup.window_s, timeout_s, finished=False)
-    for load in loads:
-        load.stop.set()
-    for load in loads:  # a request started in the after window counts once it finishes (on a busy CPU one
-        load.join(timeout_s)  # can outlast the window)
+    for runner in runners:
+        runner.halt()
+    for runner in runners:  # a request started in the after window counts once it finishes (on a busy CPU one
+        runner.join(timeout_s)  # can outlast the window)
     samples = [s for load in loads for s in load.samples]
     result: dict[str, object] = {
         "waited_for_preparation_s": waited,
@@ -262,6 +262,7 @@ def measure(stack: Stack, setup: Setup, timeout_s: float, prepared_s: float = 0.
         "steps": record.steps,
         "round_s": record.finished - record.started,
         "phases_s": {k: v for k, v in record.eval.items() if k.startswith("phase_")},
+        "load_processes": setup.load_processes,
         "failed_requests": sum(load.failures for load in loads),
         "before": latency(samples, t_before, t_teach),
         "during": latency(samples, t_teach, t_round_end),
@@ -301,6 +302,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="override the model spec")
     parser.add_argument(
         "--streams", type=int, help="concurrent serving clients (0: the round on an idle device)"
+    )
+    parser.add_argument(
+        "--load-processes",
+        type=int,
+        help="client processes the streams are spread over (4; 0: threads of the benchmark's own process)",
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the round")
     parser.add_argument(
@@ -344,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup.max_tokens,
         setup.examples,
         args.window or setup.window_s,
+        setup.load_processes if args.load_processes is None else args.load_processes,
         {**setup.train_env, **(OPEN_GATE if args.open_gate else {}), **_train_settings(args.train_setting)},
     )
     with tempfile.TemporaryDirectory(prefix="kiln-tws-") as tmp:
