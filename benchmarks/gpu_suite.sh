@@ -45,8 +45,10 @@ step train_while_serving python3 -m benchmarks.train_while_serving --device cuda
   --json "$OUT/train_while_serving.json"
 # the same with the gate opened wide: on random weights no honest gate publishes, so teach -> serving and
 # publish -> first token of the new version are measured this way (timing and plumbing only)
+# TWS_TRAIN_SETTING="KILN_A=1 KILN_B=2": settings of the round (space-separated)
+tws_settings=(); for pair in ${TWS_TRAIN_SETTING:-}; do tws_settings+=(--train-setting "$pair"); done
 step tws_open python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate \
-  ${TWS_TRAIN_SETTING:+--train-setting "$TWS_TRAIN_SETTING"} --after-preparation "${TWS_AFTER_PREPARATION:-0}" --json "$OUT/tws_open.json" --logs "$OUT/tws_open_logs"
+  "${tws_settings[@]}" --after-preparation "${TWS_AFTER_PREPARATION:-0}" --json "$OUT/tws_open.json" --logs "$OUT/tws_open_logs"
 # the same with the streams read by threads of the benchmark's own process (the way before session 18): how
 # much of the TTFT it reports is the client's
 step tws_threads python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate \
