@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks import w1
+from kiln_infer.engine import engine_core
 from kiln_infer.engine.async_engine import AsyncEngine
 from kiln_infer.engine.types import EngineRequest, SamplingParams
 
@@ -95,6 +96,7 @@ def scenario(
     prefix = [random.Random(7).randrange(1000, 30000) for _ in range(PREFIX_TOKENS)]
     steps: list[tuple[float, float, int, int]] = []
     results: list[tuple[float, float, float]] = []
+    original = engine.core.step
     _timed_steps(engine, steps)
     start = time.monotonic()
     until = start + seconds
@@ -109,7 +111,7 @@ def scenario(
         t.start()
     for t in threads:
         t.join()
-    engine.core.step = type(engine.core).step.__get__(engine.core)  # type: ignore[method-assign]
+    engine.core.step = original  # type: ignore[method-assign]
     settled = start + 1.0
     mine = [r for r in results if r[0] >= settled]
     window = [s for s in steps if s[0] >= settled]
@@ -128,6 +130,47 @@ def scenario(
     }
 
 
+def _profile(engine: AsyncEngine, args: argparse.Namespace) -> None:
+    """One more waves run with its engine steps under torch.profiler (entered and left on the engine
+    thread, which the profiler follows): the ops by host time and by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities)
+    core = engine.core
+    step: Callable[[], int] = core.step
+    state = {"steps": 0, "on": False}
+    begin = time.monotonic() + 1.0  # past the first wave
+
+    def profiled() -> int:
+        if not state["on"] and time.monotonic() >= begin and state["steps"] == 0:
+            prof.__enter__()
+            state["on"] = True
+        tokens = step()
+        if state["on"]:
+            state["steps"] += 1
+            if time.monotonic() >= begin + 1.5:  # 1.5 s of steps (the run goes on to 4 s)
+                prof.__exit__(None, None, None)
+                state["on"] = False
+        return tokens
+
+    core.step = profiled  # type: ignore[method-assign]
+    try:
+        scenario(engine, args.streams, args.new_tokens, 4.0, 0.0)
+    finally:
+        core.step = type(core).step.__get__(core)  # type: ignore[method-assign]
+    if state["on"]:
+        return
+    table = prof.key_averages()
+    device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    args.profile.write_text(
+        f"{state['steps']} engine steps\n"
+        + table.table(sort_by="self_cpu_time_total", row_limit=40)
+        + "\n\n"
+        + table.table(sort_by=device_key, row_limit=30)
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ttft_probe", description=__doc__)
     parser.add_argument("--model", default="dummy:llama-3.2-1b")
@@ -136,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=Path, help="also profile a waves run (torch.profiler), tables here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cuda = torch.cuda.is_available()
@@ -145,12 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         w = w1.Workload(args.model, torch.float32, "cpu", 8, 64, 16, 8, 8, (1,))
     source, tokenizer, state = w1.load_model(w, args.home)
     engine = w1.build_engine(source, state, tokenizer, w1.engine_config(w, 1, w.num_requests), w, [None])
+    engine_core.SLOW_STEP_S = 0.010  # every step over 10 ms logs where its time went
     out = {"model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu", "scenarios": []}
     try:
         for spread in (0.0, 0.5, 0.0):  # waves, spread, waves again (the first pays new shapes' costs)
             result = scenario(engine, args.streams, args.new_tokens, args.seconds, spread)
             log.info("%s", result)
             out["scenarios"].append(result)
+        if args.profile:
+            _profile(engine, args)
     finally:
         w1.free(engine)
     text = json.dumps(out, indent=2)
