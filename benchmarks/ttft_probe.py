@@ -130,6 +130,37 @@ def scenario(
     }
 
 
+def _cprofile(engine: AsyncEngine, args: argparse.Namespace) -> None:
+    """One more waves run with 1.5 s of its engine steps under cProfile (on the engine thread): where the
+    host time of a step goes, blocking calls included."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    core = engine.core
+    step: Callable[[], int] = core.step
+    begin = time.monotonic() + 1.0
+
+    def profiled() -> int:
+        if not begin <= time.monotonic() < begin + 1.5:
+            return step()
+        prof.enable()
+        try:
+            return step()
+        finally:
+            prof.disable()
+
+    core.step = profiled  # type: ignore[method-assign]
+    try:
+        scenario(engine, args.streams, args.new_tokens, 4.0, 0.0)
+    finally:
+        core.step = step  # type: ignore[method-assign]
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(60)
+    args.cprofile.write_text(text.getvalue())
+
+
 def _profile(engine: AsyncEngine, args: argparse.Namespace) -> None:
     """One more waves run with its engine steps under torch.profiler (entered and left on the engine
     thread, which the profiler follows): the ops by host time and by device time."""
@@ -179,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cprofile", type=Path, help="also cProfile a waves run's engine steps, stats here")
     parser.add_argument("--profile", type=Path, help="also profile a waves run (torch.profiler), tables here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -196,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = scenario(engine, args.streams, args.new_tokens, args.seconds, spread)
             log.info("%s", result)
             out["scenarios"].append(result)
+        if args.cprofile:
+            _cprofile(engine, args)
         if args.profile:
             _profile(engine, args)
     finally:
