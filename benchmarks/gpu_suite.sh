@@ -60,7 +60,7 @@ step swap_latency python3 -m benchmarks.swap_latency --model dummy:llama-3.2-1b 
 step tws_idle python3 -m benchmarks.train_while_serving --device cuda --window 5 --timeout 170 --open-gate --streams 0 \
   --json "$OUT/tws_idle.json"
 # a short request's TTFT under 32 streams of steady load with the engine in-process: steps that prefill vs decode
-step ttft_probe python3 -m benchmarks.ttft_probe --home "$KILN_HOME" --json "$OUT/ttft_probe.json"
+step ttft_probe python3 -m benchmarks.ttft_probe --home "$KILN_HOME" --json "$OUT/ttft_probe.json" --cprofile "$OUT/ttft_cprofile.txt"
 # one round-shaped training step, eager and as a CUDA graph, idle and beside serving
 step step_probe python3 -m benchmarks.step_probe --home "$KILN_HOME" --json "$OUT/step_probe.json"
 step train_gpu_check python3 -m benchmarks.train_gpu_check --models dummy:llama-3.2-1b,dummy:llama-3.1-8b --home "$KILN_HOME"

@@ -25,13 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.attention import sdpa_kernel
 
 from benchmarks import w1
 from kiln_infer.engine import engine_core
 from kiln_infer.engine.async_engine import AsyncEngine
 from kiln_infer.engine.types import EngineRequest, SamplingParams
-from kiln_infer.model import attention
 
 log = logging.getLogger("benchmarks.ttft_probe")
 PREFIX_TOKENS, OWN_TOKENS = 30, 8
@@ -132,24 +130,6 @@ def scenario(
     }
 
 
-def _backends_agree() -> float:
-    """Largest difference between SDPA on the engine's prefill kernels and on torch's own order, for a
-    masked GQA-shaped chunk (bf16 on a GPU); 0.0 on a CPU, where the engine keeps torch's choice."""
-    if not torch.cuda.is_available():
-        return 0.0
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (
-        torch.randn(3, 32, n, 64, device="cuda", dtype=torch.bfloat16, generator=g) for n in (40, 96, 96)
-    )
-    mask = torch.rand(3, 1, 40, 96, device="cuda", generator=g) > 0.3
-    mask[..., 0] = True
-    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert attention.PREFILL_BACKENDS is not None
-    with sdpa_kernel(attention.PREFILL_BACKENDS):
-        ours = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return float((ours.float() - theirs.float()).abs().max())
-
-
 def _cprofile(engine: AsyncEngine, args: argparse.Namespace) -> None:
     """One more waves run with 1.5 s of its engine steps under cProfile (on the engine thread): where the
     host time of a step goes, blocking calls included."""
@@ -244,27 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine_core.SLOW_STEP_S = 0.010  # every step over 10 ms logs where its time went
     out = {"model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu", "scenarios": []}
     try:
-        out["prefill_backends_max_abs_diff"] = _backends_agree()
-        chosen = attention.PREFILL_BACKENDS
-        # waves and spread arrivals with prefill attention on the engine's kernels, then on torch's own
-        # order (cuDNN first on Hopper: the code before session 18), then the engine's again; the first run
-        # of each pays its new shapes' one-time costs
-        for label, backends, spread in (
-            ("engine", chosen, 0.0),
-            ("engine", chosen, 0.5),
-            ("torch order", None, 0.0),
-            ("torch order", None, 0.5),
-            ("engine", chosen, 0.0),
-            ("engine", chosen, 0.5),
-        ):
-            attention.PREFILL_BACKENDS = backends
-            result = {
-                "prefill_attention": label,
-                **scenario(engine, args.streams, args.new_tokens, args.seconds, spread),
-            }
+        for spread in (0.0, 0.5, 0.0):  # waves, spread, waves again (the first pays new shapes' costs)
+            result = scenario(engine, args.streams, args.new_tokens, args.seconds, spread)
             log.info("%s", result)
             out["scenarios"].append(result)
-        attention.PREFILL_BACKENDS = chosen
         if args.cprofile:
             _cprofile(engine, args)
         if args.profile:

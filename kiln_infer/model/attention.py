@@ -9,18 +9,6 @@ from itertools import chain
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-# The SDPA kernels a prefill chunk may use on a GPU. cuDNN's (torch's first choice on Hopper) builds a plan
-# for every new shape, and a chunk's shape changes from step to step with the rows' lengths and contexts: on
-# the H200 its calls cost 0.8 ms of host time each, 13 ms of a 16-layer step that carries a few new tokens,
-# and a new shape up to 250 ms (docs/benchmarks.md, session 18). The memory-efficient kernel takes the same
-# boolean mask and builds nothing. None: torch's own order.
-PREFILL_BACKENDS: list[SDPBackend] | None = [
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.MATH,
-]
 
 
 @dataclass
@@ -125,11 +113,7 @@ def prefill_attention(
     if keys.shape[1] != heads:
         rep = heads // keys.shape[1]
         keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-    if q.is_cuda and PREFILL_BACKENDS is not None:
-        with sdpa_kernel(PREFILL_BACKENDS):
-            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask, scale=scale)
-    else:
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask, scale=scale)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask, scale=scale)
     return out.transpose(1, 2).reshape(-1, heads * dim)[meta.flat_index]
 
 
