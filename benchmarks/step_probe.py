@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.train_while_serving import GPU, Load, Stack
+from benchmarks.train_while_serving import GPU, Stack
+from benchmarks.tws_load import Load
 from kiln_common.config import RedisConfig
 from kiln_common.model_loader import load_hf_model, load_tokenizer, resolve_model
 from kiln_common.redis_server import RedisServer
