@@ -14,19 +14,21 @@ engine's own output times beside the steps that carried a prefill and those that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks import w1
+from benchmarks.tws_load import percentiles
 from kiln_infer.engine import engine_core
 from kiln_infer.engine.async_engine import AsyncEngine
 from kiln_infer.engine.types import EngineRequest, SamplingParams
@@ -35,19 +37,35 @@ log = logging.getLogger("benchmarks.ttft_probe")
 PREFIX_TOKENS, OWN_TOKENS = 30, 8
 
 
-def _timed_steps(engine: AsyncEngine, steps: list[tuple[float, float, int, int]]) -> None:
-    """Record each engine step as (start, seconds, rows, tokens) from the engine thread."""
+Step = Callable[[], int]
+
+
+@contextlib.contextmanager
+def _around_steps(engine: AsyncEngine, wrap: Callable[[Step], Step]) -> Iterator[None]:
+    """The engine thread runs `wrap(step)` for each of its steps while inside; its own step afterwards."""
     core = engine.core
-    step: Callable[[], int] = core.step
+    step: Step = core.step
+    core.step = wrap(step)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        core.step = step  # type: ignore[method-assign]
 
-    def timed() -> int:
-        t0 = time.monotonic()
-        tokens = step()
-        rows = len(core.inflight.batch) if core.inflight is not None else 0
-        steps.append((t0, time.monotonic() - t0, rows, tokens))
-        return tokens
 
-    core.step = timed  # type: ignore[method-assign]
+def _timed(engine: AsyncEngine, steps: list[tuple[float, float, int, int]]) -> Callable[[Step], Step]:
+    """A wrapper recording each engine step as (start, seconds, rows, tokens)."""
+
+    def wrap(step: Step) -> Step:
+        def timed() -> int:
+            t0 = time.monotonic()
+            tokens = step()
+            inflight = engine.core.inflight
+            steps.append((t0, time.monotonic() - t0, len(inflight.batch) if inflight else 0, tokens))
+            return tokens
+
+        return timed
+
+    return wrap
 
 
 def _client(
@@ -77,15 +95,15 @@ def _client(
 
 
 def _pct(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    if not ordered:
+    """Count, p50, p99 and mean in ms of durations in seconds."""
+    if not values:
         return {"n": 0}
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+    p50, p99 = percentiles(values)
     return {
-        "n": len(ordered),
-        "p50_ms": 1e3 * pick(0.5),
-        "p99_ms": 1e3 * pick(0.99),
-        "mean_ms": 1e3 * sum(ordered) / len(ordered),
+        "n": len(values),
+        "p50_ms": 1e3 * p50,
+        "p99_ms": 1e3 * p99,
+        "mean_ms": 1e3 * sum(values) / len(values),
     }
 
 
@@ -96,8 +114,6 @@ def scenario(
     prefix = [random.Random(7).randrange(1000, 30000) for _ in range(PREFIX_TOKENS)]
     steps: list[tuple[float, float, int, int]] = []
     results: list[tuple[float, float, float]] = []
-    original = engine.core.step
-    _timed_steps(engine, steps)
     start = time.monotonic()
     until = start + seconds
     threads = [
@@ -107,11 +123,11 @@ def scenario(
         )
         for i in range(streams)
     ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    engine.core.step = original  # type: ignore[method-assign]
+    with _around_steps(engine, _timed(engine, steps)):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     settled = start + 1.0
     mine = [r for r in results if r[0] >= settled]
     window = [s for s in steps if s[0] >= settled]
@@ -138,24 +154,22 @@ def _cprofile(engine: AsyncEngine, args: argparse.Namespace) -> None:
     import pstats
 
     prof = cProfile.Profile()
-    core = engine.core
-    step: Callable[[], int] = core.step
     begin = time.monotonic() + 1.0
 
-    def profiled() -> int:
-        if not begin <= time.monotonic() < begin + 1.5:
-            return step()
-        prof.enable()
-        try:
-            return step()
-        finally:
-            prof.disable()
+    def wrap(step: Step) -> Step:
+        def profiled() -> int:
+            if not begin <= time.monotonic() < begin + 1.5:
+                return step()
+            prof.enable()
+            try:
+                return step()
+            finally:
+                prof.disable()
 
-    core.step = profiled  # type: ignore[method-assign]
-    try:
+        return profiled
+
+    with _around_steps(engine, wrap):
         scenario(engine, args.streams, args.new_tokens, 4.0, 0.0)
-    finally:
-        core.step = step  # type: ignore[method-assign]
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(60)
     args.cprofile.write_text(text.getvalue())
@@ -168,28 +182,26 @@ def _profile(engine: AsyncEngine, args: argparse.Namespace) -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities)
-    core = engine.core
-    step: Callable[[], int] = core.step
     state = {"steps": 0, "on": False}
     begin = time.monotonic() + 1.0  # past the first wave
 
-    def profiled() -> int:
-        if not state["on"] and time.monotonic() >= begin and state["steps"] == 0:
-            prof.__enter__()
-            state["on"] = True
-        tokens = step()
-        if state["on"]:
-            state["steps"] += 1
-            if time.monotonic() >= begin + 1.5:  # 1.5 s of steps (the run goes on to 4 s)
-                prof.__exit__(None, None, None)
-                state["on"] = False
-        return tokens
+    def wrap(step: Step) -> Step:
+        def profiled() -> int:
+            if not state["on"] and time.monotonic() >= begin and state["steps"] == 0:
+                prof.__enter__()
+                state["on"] = True
+            tokens = step()
+            if state["on"]:
+                state["steps"] += 1
+                if time.monotonic() >= begin + 1.5:  # 1.5 s of steps (the run goes on to 4 s)
+                    prof.__exit__(None, None, None)
+                    state["on"] = False
+            return tokens
 
-    core.step = profiled  # type: ignore[method-assign]
-    try:
+        return profiled
+
+    with _around_steps(engine, wrap):
         scenario(engine, args.streams, args.new_tokens, 4.0, 0.0)
-    finally:
-        core.step = type(core).step.__get__(core)  # type: ignore[method-assign]
     if state["on"]:
         return
     table = prof.key_averages()
