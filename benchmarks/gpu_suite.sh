@@ -61,6 +61,8 @@ step tws_idle python3 -m benchmarks.train_while_serving --device cuda --window 5
   --json "$OUT/tws_idle.json"
 # a short request's TTFT under 32 streams of steady load with the engine in-process: steps that prefill vs decode
 step ttft_probe python3 -m benchmarks.ttft_probe --home "$KILN_HOME" --json "$OUT/ttft_probe.json" --cprofile "$OUT/ttft_cprofile.txt"
+# the same probe with steps that carry prefill chunks run eagerly (before session 19), for a same-call comparison
+step ttft_eager python3 -m benchmarks.ttft_probe --home "$KILN_HOME" --eager-prefill --json "$OUT/ttft_eager.json"
 # one round-shaped training step, eager and as a CUDA graph, idle and beside serving
 step step_probe python3 -m benchmarks.step_probe --home "$KILN_HOME" --json "$OUT/step_probe.json"
 step train_gpu_check python3 -m benchmarks.train_gpu_check --models dummy:llama-3.2-1b,dummy:llama-3.1-8b --home "$KILN_HOME"

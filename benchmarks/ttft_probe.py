@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -224,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--cprofile", type=Path, help="also cProfile a waves run's engine steps, stats here")
     parser.add_argument("--profile", type=Path, help="also profile a waves run (torch.profiler), tables here")
+    parser.add_argument(
+        "--eager-prefill", action="store_true", help="steps with prefill chunks run eagerly (the old way)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cuda = torch.cuda.is_available()
@@ -232,9 +236,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:  # a smoke run
         w = w1.Workload(args.model, torch.float32, "cpu", 8, 64, 16, 8, 8, (1,))
     source, tokenizer, state = w1.load_model(w, args.home)
-    engine = w1.build_engine(source, state, tokenizer, w1.engine_config(w, 1, w.num_requests), w, [None])
+    config = w1.engine_config(w, 1, w.num_requests)
+    if args.eager_prefill:
+        config = dataclasses.replace(config, cuda_graph_token_sizes=())
+    engine = w1.build_engine(source, state, tokenizer, config, w, [None])
     engine_core.SLOW_STEP_S = 0.010  # every step over 10 ms logs where its time went
-    out = {"model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu", "scenarios": []}
+    out = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "prefill_steps": "eager" if args.eager_prefill else "graphs",
+        "scenarios": [],
+    }
     try:
         for spread in (0.0, 0.5, 0.0):  # waves, spread, waves again (the first pays new shapes' costs)
             result = scenario(engine, args.streams, args.new_tokens, args.seconds, spread)

@@ -150,7 +150,7 @@ def build_engine(
     w: Workload,
     warm_adapters: list[AdapterRef | None],
 ) -> AsyncEngine:
-    """An engine over the shared weights, warmed up (kernels compiled, decode graphs captured)."""
+    """An engine over the shared weights, warmed up (kernels compiled, step graphs captured)."""
     engine = AsyncEngine.from_weights(
         source.config,
         state,
@@ -164,11 +164,12 @@ def build_engine(
     # measured run.
     warm = prompts(w, 1000, min(config.max_num_seqs, w.num_requests), seed=99)
     run_engine(engine, w, warm, warm_adapters, "warm")
-    decoder = engine.core.runner.decoder
-    if decoder is not None:
-        decoder.capture_all(with_lora=False)
-        if any(warm_adapters):
-            decoder.capture_all(with_lora=True)
+    runner = engine.core.runner
+    for graphs in (runner.decoder, runner.mixed):  # decode steps, and steps with prefill chunks
+        if graphs is not None:
+            graphs.capture_all(with_lora=False)
+            if any(warm_adapters):
+                graphs.capture_all(with_lora=True)
     return engine
 
 

@@ -141,10 +141,11 @@ def build_engine(cfg: InferConfig, redis_url: str) -> BuiltEngine:
     engine = AsyncEngine.from_weights(
         source.config, state, tokenizer, config=engine_config, source_path=source.path
     )
-    decoder = engine.core.runner.decoder
-    if decoder is not None:
-        decoder.capture_all(with_lora=False)
-        decoder.capture_all(with_lora=True)
+    runner = engine.core.runner
+    for graphs in (runner.decoder, runner.mixed):
+        if graphs is not None:
+            graphs.capture_all(with_lora=False)
+            graphs.capture_all(with_lora=True)
     close_hooks: list[Callable[[], None]] = []
     if beacon is not None:  # kiln-train shares this GPU: say when serving's work is on it
         try:

@@ -30,6 +30,9 @@ class EngineConfig:
     overlap_steps: bool = True  # with static decode: launch the next decode before streaming the last one
     static_decode: bool | None = None  # padded fixed-shape decode steps; None = on CUDA only (graphs need it)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    # with static decode: steps that carry prefill chunks, up to this many tokens in all, run on static
+    # buffers too (CUDA graphs per token bucket); () = such steps always run eagerly
+    cuda_graph_token_sizes: tuple[int, ...] = (64, 128, 256, 512)
     seed: int = 0  # generator for requests without their own seed
     max_queue_time_s: float | None = (
         None  # a request still waiting to start after this long ends QUEUE_TIMEOUT
@@ -75,6 +78,8 @@ class EngineConfig:
             raise ValueError("EngineConfig.max_cpu_loras must be >= max_lora_slots")
         if any(b <= 0 for b in self.cuda_graph_batch_sizes):
             raise ValueError("EngineConfig.cuda_graph_batch_sizes must be positive")
+        if any(t <= 0 for t in self.cuda_graph_token_sizes):
+            raise ValueError("EngineConfig.cuda_graph_token_sizes must be positive")
 
     @property
     def blocks_per_seq(self) -> int:

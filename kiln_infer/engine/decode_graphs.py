@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -79,18 +80,23 @@ class StaticDecoder:
         hidden = self.model.forward(ids, positions, self.kv_caches, meta, lora)
         return self.model.logits(hidden)
 
-    def _capture(self, bucket: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def capture(self, forward: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """A CUDA graph of `forward` (warmed twice on a side stream) in the memory pool every graph shares."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(bucket, with_lora)
+                forward()
         torch.cuda.current_stream().wait_stream(stream)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()  # type: ignore[assignment]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):  # type: ignore[arg-type]
-            out = self._forward(bucket, with_lora)
+            out = forward()
+        return graph, out
+
+    def _capture(self, bucket: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        graph, out = self.capture(lambda: self._forward(bucket, with_lora))
         log.info("captured decode graph: batch %d, lora %s", bucket, with_lora)
         return graph, out
 

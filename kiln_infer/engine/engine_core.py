@@ -16,6 +16,7 @@ from kiln_infer.engine.block_manager import BlockManager
 from kiln_infer.engine.config import EngineConfig
 from kiln_infer.engine.decode_graphs import StaticDecoder
 from kiln_infer.engine.kv_cache import allocate_kv_cache, num_kv_blocks
+from kiln_infer.engine.mixed_graphs import StaticMixed
 from kiln_infer.engine.model_runner import ModelRunner
 from kiln_infer.engine.output_processor import OutputProcessor
 from kiln_infer.engine.sampler import PendingSample, SamplingBatch, sample_async
@@ -94,7 +95,10 @@ class EngineCore:
                 blocks,
                 use_graphs=on_cuda and config.use_cuda_graphs,
             )
-        self.runner = ModelRunner(m, kv, config.block_size, slots, decoder)
+        mixed = None
+        if decoder is not None and config.cuda_graph_token_sizes:
+            mixed = StaticMixed(decoder, slots, config.cuda_graph_token_sizes, config.max_num_seqs)
+        self.runner = ModelRunner(m, kv, config.block_size, slots, decoder, mixed)
         self.outputs = OutputProcessor(tokenizer, eos_token_ids, config.max_model_len)
         self.overlap = decoder is not None and config.overlap_steps
         self.inflight: InflightStep | None = None

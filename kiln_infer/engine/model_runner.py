@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from kiln_infer.engine.decode_graphs import StaticDecoder
+from kiln_infer.engine.mixed_graphs import StaticMixed
 from kiln_infer.engine.scheduler import ScheduledSeq
 from kiln_infer.lora.layers import LoraBatch, LoraSlots
 from kiln_infer.model.attention import build_step_metadata
@@ -22,12 +23,14 @@ class ModelRunner:
         block_size: int,
         lora_slots: LoraSlots,
         decoder: StaticDecoder | None,
+        mixed: StaticMixed | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.lora_slots = lora_slots
         self.decoder = decoder  # static-shape decode path (CUDA graphs), None = always eager
+        self.mixed = mixed  # static-shape steps with prefill chunks, None = those run eagerly
         self.device = model.device
 
     @torch.inference_mode()
@@ -68,24 +71,36 @@ class ModelRunner:
             + np.arange(lengths.sum())
             - np.repeat(np.cumsum(lengths) - lengths, lengths)
         )
+        lora_slots = [item.seq.lora_slot for item in batch]
+        tables = [item.seq.block_table for item in batch]
+        if self.mixed is not None and self.mixed.fits(positions, len(batch), max(lora_slots) >= 0):
+            hidden = self.mixed.run(ids, positions, lengths, tables, lora_slots)
+        else:
+            hidden = self._eager(batch, ids, positions, starts, lengths, tables)
+        last = torch.from_numpy(np.cumsum(lengths) - 1)[sampling].to(self.device)
+        return self.model.logits(hidden[last])
+
+    def _eager(
+        self,
+        batch: list[ScheduledSeq],
+        ids: np.ndarray,
+        positions: np.ndarray,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Final hidden states of a step run op by op (prefill chunks through SDPA)."""
         num_decode = next((i for i, item in enumerate(batch) if item.num_tokens > 1), len(batch))
         meta = build_step_metadata(
-            starts.tolist(),
-            lengths.tolist(),
-            [item.seq.block_table for item in batch],
-            num_decode,
-            self.block_size,
-            self.device,
+            starts.tolist(), lengths.tolist(), tables, num_decode, self.block_size, self.device
         )
-        hidden = self.model.forward(
+        return self.model.forward(
             torch.from_numpy(ids).to(self.device),
             torch.from_numpy(positions).to(self.device),
             self.kv_caches,
             meta,
             self._lora_batch(batch),
         )
-        last = torch.from_numpy(np.cumsum(lengths) - 1)[sampling].to(self.device)
-        return self.model.logits(hidden[last])
 
     def _lora_batch(self, batch: list[ScheduledSeq]) -> LoraBatch | None:
         if all(item.seq.lora_slot < 0 for item in batch):

@@ -96,6 +96,8 @@ def test_cuda_engine_logprobs_match_transformers_and_peft(tmp_path: Path, kiln_h
         ]
         outs = [list(s) for s in streams]
         assert engine.core.runner.decoder.graphs  # decode steps went through captured graphs
+        mixed = engine.core.runner.mixed
+        assert mixed is not None and mixed.graphs and mixed.num_runs > 0  # and steps with prefill chunks
     finally:
         engine.shutdown()
     hf = load_hf_model(source, torch.float32, "cuda")

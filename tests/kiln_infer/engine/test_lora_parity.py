@@ -29,17 +29,26 @@ def peft_reference(
     return ids, logits[len(prompt) - 1 : -1].log_softmax(-1)
 
 
-@pytest.mark.parametrize("static_decode", [False, True], ids=["eager", "static-decode"])
+@pytest.mark.parametrize(
+    ("static_decode", "token_sizes"),
+    [(False, ()), (True, ()), (True, (16, 64))],
+    ids=["eager", "static-decode", "static-mixed-steps"],
+)
 def test_mixed_batch_matches_peft(
     static_decode: bool,
+    token_sizes: tuple[int, ...],
     make_engine: EngineFactory,
     peft_model: torch.nn.Module,
     adapters: dict[str, AdapterRef],
     tokenizer: PreTrainedTokenizerBase,
 ) -> None:
-    # long prompts are chunked while others decode; static-decode pads decode batches (the CUDA-graph path)
+    # long prompts are chunked while others decode; static-decode pads decode batches (the CUDA-graph path),
+    # static-mixed-steps also the steps that carry prefill chunks (each token a row of decode attention)
     engine = make_engine(
-        max_num_batched_tokens=48, static_decode=static_decode, cuda_graph_batch_sizes=(2, 4)
+        max_num_batched_tokens=48,
+        static_decode=static_decode,
+        cuda_graph_batch_sizes=(2, 4),
+        cuda_graph_token_sizes=token_sizes,
     )
     names: list[str | None] = [None, "all8", "qv4", "mlp16", "all8", None, "mlp16"]
     prompts = [tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(len(names))]
@@ -55,6 +64,8 @@ def test_mixed_batch_matches_peft(
         ref_ids, ref_lp = peft_reference(peft_model, name, prompt, 10)
         assert ids == ref_ids, f"adapter {name}"
         check_logprobs(out, ref_lp, 2)
+    mixed = engine.core.runner.mixed
+    assert (mixed.num_runs > 0) if token_sizes else mixed is None  # the path under test ran
     assert engine.core.adapters.refcounts() == [0, 0, 0, 0]
     assert set(engine.core.adapters.resident()) == {adapters[n].key for n in ("all8", "qv4", "mlp16")}
 

@@ -1,0 +1,50 @@
+"""Steps with prefill chunks on static buffers (the mixed-step CUDA-graph path, eager on CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from kiln_infer.engine.types import EngineRequest, SamplingParams
+from kiln_infer.kernels.lora_segments import MAX_TOKENS
+from tests.kiln_infer.engine.conftest import PROMPTS, EngineFactory, collect, run_all
+
+
+def test_which_steps_take_the_static_path(make_engine: EngineFactory) -> None:
+    engine = make_engine(static_decode=True, cuda_graph_token_sizes=(64, 512))
+    mixed = engine.core.runner.mixed
+    assert mixed is not None
+    short = np.arange(40)
+    assert mixed.fits(short, 2, with_lora=False) and mixed.fits(short, 2, with_lora=True)
+    assert not mixed.fits(np.arange(513), 1, with_lora=False)  # more tokens than the largest bucket
+    # the LoRA kernels group at most MAX_TOKENS tokens on the device: larger adapter steps stay eager
+    assert MAX_TOKENS < 512
+    assert mixed.fits(np.arange(300), 1, with_lora=False)
+    assert not mixed.fits(np.arange(300), 1, with_lora=True)
+    assert not mixed.fits(short, 17, with_lora=False)  # more sequences than max_num_seqs (16)
+    # 64 tokens late in a long context read too many positions through the decode kernel
+    mixed.context_budget = 10_000
+    assert not mixed.fits(np.arange(200, 264), 1, with_lora=False)
+    assert mixed.fits(np.arange(64), 1, with_lora=False)
+
+
+def test_static_mixed_steps_match_eager_tokens(
+    make_engine: EngineFactory, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Greedy outputs are the same whichever path ran each step, over chunked prompts and prefix hits."""
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS] * 2  # the repeats hit the prefix cache
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, ignore_eos=True)
+    outs = {}
+    for sizes in ((), (16, 32, 64)):
+        engine = make_engine(
+            static_decode=True, max_num_batched_tokens=32, cuda_graph_token_sizes=sizes, max_num_seqs=4
+        )
+        requests = [EngineRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
+        streams = run_all(engine, requests)
+        outs[sizes] = [(collect(o)[0], [lp[0].logprob for out in o for lp in out.logprobs]) for o in streams]
+        if sizes:
+            mixed = engine.core.runner.mixed
+            assert mixed is not None and mixed.num_runs > 0
+    for (ids_a, lps_a), (ids_b, lps_b) in zip(outs[()], outs[(16, 32, 64)], strict=True):
+        assert ids_a == ids_b
+        assert np.allclose(lps_a, lps_b, atol=1e-3)
