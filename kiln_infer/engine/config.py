@@ -32,7 +32,7 @@ class EngineConfig:
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     # with static decode: steps that carry prefill chunks, up to this many tokens in all, run on static
     # buffers too (CUDA graphs per token bucket); () = such steps always run eagerly
-    cuda_graph_token_sizes: tuple[int, ...] = (64, 128, 256, 512)
+    cuda_graph_token_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)
     seed: int = 0  # generator for requests without their own seed
     max_queue_time_s: float | None = (
         None  # a request still waiting to start after this long ends QUEUE_TIMEOUT

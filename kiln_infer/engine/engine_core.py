@@ -189,17 +189,14 @@ class EngineCore:
 
     def _can_overlap(self, batch: list[ScheduledSeq]) -> bool:
         """Whether `batch` can run before the previous step's tokens are on the host."""
-        decoder = self.runner.decoder
         return (
             self.overlap
-            and decoder is not None
-            and len(batch) <= decoder.max_batch
             and all(
-                item.num_tokens == 1
-                and item.seq.request.sampling.repetition_penalty == 1.0
+                item.seq.request.sampling.repetition_penalty == 1.0
                 and not item.seq.request.sampling.uses_output_penalties
                 for item in batch
             )
+            and self.runner.static_path(batch) is not None
         )
 
     def _launch(self, batch: list[ScheduledSeq], prev: InflightStep | None) -> InflightStep:

@@ -27,6 +27,7 @@ from kiln_infer.model.attention import StepMetadata, block_table_array
 from kiln_infer.model.llama import LoraBatch
 
 log = logging.getLogger(__name__)
+ROWS = 6  # int64 rows per token in the staging buffers
 CONTEXT_BUDGET = 128 * 1024  # most context positions (summed over a step's tokens) a graphed step reads
 
 
@@ -47,9 +48,9 @@ class StaticMixed:
         self.max_rows, self.context_budget = max_rows, context_budget
         self.max_blocks = decoder.max_blocks
         dev = self.model.device
-        # one byte buffer per staging set, viewed as rows int64 [5, n] (token ids, positions, cache slots,
-        # LoRA slot, sequence row of the token), context lengths int32 [n], block tables int32 [rows, width],
-        # where n is the largest bucket
+        # one byte buffer per staging set, viewed as rows int64 [6, n] (token ids, positions, cache slots,
+        # LoRA slot, sequence row of the token, source row of a token still on the device or -1), context
+        # lengths int32 [n], block tables int32 [rows, width], where n is the largest bucket
         pin = dev.type == "cuda"
         blobs = [torch.zeros(self._blob_bytes(), dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.staging = [(blob, *self._views(blob)) for blob in blobs]
@@ -59,16 +60,17 @@ class StaticMixed:
         self.lens.fill_(1)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_runs = 0
+        self.num_overlapped = 0  # runs that read some input token from the previous step on the device
 
     def _blob_bytes(self) -> int:
         n = self.token_sizes[-1]
-        return 5 * n * 8 + n * 4 + self.max_rows * self.max_blocks * 4
+        return ROWS * n * 8 + n * 4 + self.max_rows * self.max_blocks * 4
 
     def _views(self, blob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.token_sizes[-1]
-        a, b = 5 * n * 8, 5 * n * 8 + n * 4
+        a, b = ROWS * n * 8, ROWS * n * 8 + n * 4
         return (
-            blob[:a].view(torch.int64).view(5, n),
+            blob[:a].view(torch.int64).view(ROWS, n),
             blob[a:b].view(torch.int32),
             blob[b:].view(torch.int32).view(self.max_rows, self.max_blocks),
         )
@@ -78,17 +80,21 @@ class StaticMixed:
         sizes = [t for t in self.token_sizes if t <= MAX_TOKENS] if with_lora else self.token_sizes
         return sizes[-1] if sizes else 0
 
-    def fits(self, positions: np.ndarray, num_rows: int, with_lora: bool) -> bool:
-        """Whether a step of tokens at `positions` from `num_rows` sequences can take this path."""
+    def fits(self, starts: list[int], lengths: list[int], with_lora: bool) -> bool:
+        """Whether a step of chunks [start, start + length) of len(starts) sequences can take this path."""
+        # context positions the step reads: sum over its tokens of (position + 1)
+        context = sum(n * s + n * (n + 1) // 2 for s, n in zip(starts, lengths, strict=True))
         return (
-            len(positions) <= self._largest(with_lora)
-            and num_rows <= self.max_rows
-            and int(positions.sum()) + len(positions) <= self.context_budget
+            sum(lengths) <= self._largest(with_lora)
+            and len(starts) <= self.max_rows
+            and context <= self.context_budget
         )
 
     def _forward(self, bucket: int, with_lora: bool) -> torch.Tensor:
         """The captured computation: final hidden states [bucket, hidden] from the static buffers."""
-        ids, positions, slots, lora_slots, seq_rows = self.rows[:, :bucket]
+        host_ids, positions, slots, lora_slots, seq_rows, sources = self.rows[:, :bucket]
+        feedback = self.decoder.feedback  # the previous step's sampled tokens, shared with the decoder
+        ids = torch.where(sources >= 0, feedback[sources.clamp(min=0)], host_ids)
         tables = self.tables[seq_rows]  # [bucket, width]: each token reads its own sequence's blocks
         meta = StepMetadata(slots, bucket, tables, self.lens[:bucket], None)
         lora = LoraBatch.for_tokens(self.lora_slots, lora_slots) if with_lora else None
@@ -114,10 +120,13 @@ class StaticMixed:
         lengths: np.ndarray,
         tables: list[list[int]],
         lora_slots: list[int],
+        prev_tokens: torch.Tensor | None = None,
+        sources: list[int] | None = None,
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] for the T tokens `ids` at `positions`, `lengths[r]` of sequence r.
 
         The caller checked `fits`; sequence r owns block table `tables[r]` and LoRA slot `lora_slots[r]`.
+        Where sources[r] >= 0, sequence r's first token is prev_tokens[sources[r]], read on the device.
         """
         t, r = len(ids), len(lengths)
         with_lora = any(s >= 0 for s in lora_slots)
@@ -133,13 +142,22 @@ class StaticMixed:
             positions % block_size
         )
         rows[3, :t] = np.repeat(lora_slots, lengths)
+        rows[5, :t] = -1
+        if sources is not None:
+            rows[5, np.cumsum(lengths) - lengths] = sources
+            self.num_overlapped += max(sources) >= 0
         rows[:, t:bucket] = 0  # padding tokens: base weights, row 0's first block, K/V to the scratch block
         rows[2, t:bucket] = self.decoder.scratch_slot
         rows[3, t:bucket] = -1
+        rows[5, t:bucket] = -1
+        unresolved = (rows[0, :t] < 0) & (rows[5, :t] < 0)
+        assert not unresolved.any(), "a token still on the device without the row it comes from"
         host_lens.numpy()[:t] = positions + 1
         host_lens.numpy()[t:bucket] = 1
         host_tables.numpy()[:r] = table_a
         self.blob.copy_(host_blob, non_blocking=True)
+        if prev_tokens is not None and sources is not None:
+            self.decoder.feedback[: len(prev_tokens)].copy_(prev_tokens, non_blocking=True)
         if not self.decoder.use_graphs:
             return self._forward(bucket, with_lora)[:t]
         key = (bucket, with_lora)

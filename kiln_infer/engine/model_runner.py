@@ -33,6 +33,21 @@ class ModelRunner:
         self.mixed = mixed  # static-shape steps with prefill chunks, None = those run eagerly
         self.device = model.device
 
+    def static_path(self, batch: list[ScheduledSeq]) -> str | None:
+        """ "decode" or "mixed" where a static-shape path (CUDA graphs) takes the batch, None = eager.
+
+        Both static paths can read input tokens still on the device (`execute`'s `sources`).
+        """
+        if self.decoder is None:
+            return None
+        if len(batch) <= self.decoder.max_batch and all(item.num_tokens == 1 for item in batch):
+            return "decode"
+        starts, lengths = [item.start for item in batch], [item.num_tokens for item in batch]
+        with_lora = any(item.seq.lora_slot >= 0 for item in batch)
+        if self.mixed is not None and self.mixed.fits(starts, lengths, with_lora):
+            return "mixed"
+        return None
+
     @torch.inference_mode()
     def execute(
         self,
@@ -45,11 +60,9 @@ class ModelRunner:
         With `sources`, row b's input token is prev_tokens[sources[b]] (still on the device) where >= 0.
         """
         sampling = [i for i, item in enumerate(batch) if item.samples]
-        if (
-            self.decoder is not None
-            and len(batch) <= self.decoder.max_batch
-            and all(item.num_tokens == 1 for item in batch)
-        ):
+        path = self.static_path(batch)
+        if path == "decode":
+            assert self.decoder is not None
             logits = self.decoder.run(
                 [item.seq.token_ids[item.start] for item in batch],
                 [item.start for item in batch],
@@ -59,7 +72,7 @@ class ModelRunner:
                 sources,
             )
             return logits if len(sampling) == len(batch) else logits[sampling]
-        assert sources is None, "tokens still on the device need the static decode path"
+        assert sources is None or path == "mixed", "tokens still on the device need a static path"
         ids = np.fromiter(
             (t for item in batch for t in item.seq.token_ids[item.start : item.start + item.num_tokens]),
             dtype=np.int64,
@@ -73,8 +86,9 @@ class ModelRunner:
         )
         lora_slots = [item.seq.lora_slot for item in batch]
         tables = [item.seq.block_table for item in batch]
-        if self.mixed is not None and self.mixed.fits(positions, len(batch), max(lora_slots) >= 0):
-            hidden = self.mixed.run(ids, positions, lengths, tables, lora_slots)
+        if path == "mixed":
+            assert self.mixed is not None
+            hidden = self.mixed.run(ids, positions, lengths, tables, lora_slots, prev_tokens, sources)
         else:
             hidden = self._eager(batch, ids, positions, starts, lengths, tables)
         last = torch.from_numpy(np.cumsum(lengths) - 1)[sampling].to(self.device)

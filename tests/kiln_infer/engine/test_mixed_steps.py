@@ -14,18 +14,17 @@ def test_which_steps_take_the_static_path(make_engine: EngineFactory) -> None:
     engine = make_engine(static_decode=True, cuda_graph_token_sizes=(64, 512))
     mixed = engine.core.runner.mixed
     assert mixed is not None
-    short = np.arange(40)
-    assert mixed.fits(short, 2, with_lora=False) and mixed.fits(short, 2, with_lora=True)
-    assert not mixed.fits(np.arange(513), 1, with_lora=False)  # more tokens than the largest bucket
+    # (starts, lengths): a decode at position 30 beside a 39-token chunk from position 0
+    assert mixed.fits([30, 0], [1, 39], with_lora=False) and mixed.fits([30, 0], [1, 39], with_lora=True)
+    assert not mixed.fits([0], [513], with_lora=False)  # more tokens than the largest bucket
     # the LoRA kernels group at most MAX_TOKENS tokens on the device: larger adapter steps stay eager
-    assert MAX_TOKENS < 512
-    assert mixed.fits(np.arange(300), 1, with_lora=False)
-    assert not mixed.fits(np.arange(300), 1, with_lora=True)
-    assert not mixed.fits(short, 17, with_lora=False)  # more sequences than max_num_seqs (16)
-    # 64 tokens late in a long context read too many positions through the decode kernel
-    mixed.context_budget = 10_000
-    assert not mixed.fits(np.arange(200, 264), 1, with_lora=False)
-    assert mixed.fits(np.arange(64), 1, with_lora=False)
+    assert MAX_TOKENS < 300
+    assert mixed.fits([0], [300], with_lora=False) and not mixed.fits([0], [300], with_lora=True)
+    assert not mixed.fits([5] * 17, [1] * 17, with_lora=False)  # more sequences than max_num_seqs (16)
+    # 64 tokens late in a long context read too many positions through the decode kernel:
+    # positions 200..263 read 201 + ... + 264 = 14,880 positions
+    mixed.context_budget = 14_880
+    assert mixed.fits([200], [64], with_lora=False) and not mixed.fits([201], [64], with_lora=False)
 
 
 def test_static_mixed_steps_match_eager_tokens(
@@ -45,6 +44,8 @@ def test_static_mixed_steps_match_eager_tokens(
         if sizes:
             mixed = engine.core.runner.mixed
             assert mixed is not None and mixed.num_runs > 0
+            # some ran before the previous step's tokens reached the host (read on the device)
+            assert mixed.num_overlapped > 0
     for (ids_a, lps_a), (ids_b, lps_b) in zip(outs[()], outs[(16, 32, 64)], strict=True):
         assert ids_a == ids_b
         assert np.allclose(lps_a, lps_b, atol=1e-3)
