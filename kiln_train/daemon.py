@@ -79,6 +79,8 @@ class TrainingDaemon:
         governor: Governor | None = None,
     ) -> None:
         self.governor = governor
+        if governor is not None:  # evaluation passes (the gate's measures, vetting) are paced like steps
+            runner.workspace.before_pass = governor.before_pass
         self.consumer = consumer
         self.buffer = buffer
         self.base = base

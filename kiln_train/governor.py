@@ -57,6 +57,10 @@ class GovernorMode(enum.Enum):
     MEASURING = "measuring"  # serving busy and its own latency unknown: no steps until a window shows it
 
 
+# evaluation passes that start closer together than this (seconds) are a run, each one's time its GPU work
+PASS_GAP_S = 0.25
+
+
 @dataclass(frozen=True)
 class GovernorSettings:
     """The governor's knobs; each is KILN_TRAIN_<NAME upper-cased>."""
@@ -165,6 +169,7 @@ class Governor:
         self._waiting_since: float | None = None
         self._last_adjust = -float("inf")
         self._step_ended: float | None = None  # when the previous step handed control back
+        self._pass_at: float | None = None  # when the last evaluation pass started (or its pause ended)
         self._step_ms = 0.0  # duration of the last step (its own work, not the pacing)
         self._last_trained = -float("inf")
         self._measuring_since: float | None = None
@@ -221,6 +226,25 @@ class Governor:
             return
         self._pause((self._clock() - self._step_ended) * 1000)
 
+    def before_pass(self) -> None:
+        """Before an evaluation pass over the base (vetting, the gate's measures): pace the pass before it.
+
+        Passes come in runs, each one's results read before the next starts, so the time since the last call
+        is that pass's GPU work: sleep its share, as after a step. The first pass of a run (more than
+        `PASS_GAP_S` after the last) has nothing to pace: the gap was host work (answers, staging). The pass
+        and its sleep are taken out of the span the next step's pause counts, so no work is paced twice.
+        """
+        now = self._clock()
+        last, self._pass_at = self._pass_at, now
+        if last is None or now - last > PASS_GAP_S or self.duty >= 1.0:
+            return
+        self.pace_ms = min(self.settings.max_pace_ms, (now - last) * 1000 * (1 - self.duty) / self.duty)
+        if self.pace_ms > 0:
+            self._sleep(self.pace_ms / 1000)
+        self._pass_at = self._clock()
+        if self._step_ended is not None and self._step_ended <= last:
+            self._step_ended += self._pass_at - last
+
     def _pause(self, worked_ms: float) -> None:
         """Sleep so that `worked_ms` of training is `duty` of the time; the next span starts after it."""
         self.pace_ms = min(self.settings.max_pace_ms, worked_ms * (1 - self.duty) / self.duty)
@@ -247,7 +271,7 @@ class Governor:
         """The round is over: the next step is not timed from the last one; idle time counts from now."""
         if self._step_ended is not None:
             self._last_trained = self._clock()
-        self._step_ended = None
+        self._step_ended = self._pass_at = None
 
     def _decide(self, now: float, force: bool = False) -> None:
         """Read the load (at most every adjust_every_s unless forced) and set mode, pace and micro-batch."""

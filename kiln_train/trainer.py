@@ -70,9 +70,8 @@ class LoraTrainer:
         self.tok = tok
         self.cfg = cfg
         self.device = next(base.parameters()).device
-        # rows per evaluation forward pass: beside serving on a GPU, eager passes do best with few large
-        # kernels (32 rows); a graphed pass (cuda_graphs) is cheap per call, so it is small (8 rows: no
-        # padding a 2-row vetting set to 32); on a CPU the logits of 8 rows are plenty
+        # rows per evaluation pass: beside serving, eager GPU passes do best with few large kernels (32 rows);
+        # a graphed pass is cheap per call (8 rows: no padding a 2-row vetting set to 32); 8 on a CPU too
         eager_gpu = self.device.type == "cuda" and not cfg.cuda_graphs
         self.eval_batch = 32 if eager_gpu else 8
         rank, alpha, targets = float(cfg.rank), float(cfg.alpha), cfg.targets()
@@ -94,9 +93,10 @@ class LoraTrainer:
         self.fresh = parent_dir is None  # starts at the initial weights (null_space.py projects them too)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits of right-padded rows, through a replayed CUDA graph on a GPU when they fit (valid until the
-        next call), else the eager forward pass."""
+        """Logits of right-padded rows: a replayed CUDA graph's on a GPU when they fit (valid until the next
+        call), else the eager pass's. The workspace's `before_pass` runs first (the governor's pacing)."""
         ws = self.workspace
+        ws.before_pass()
         if (
             ws.forward is None
             and not ws.forward_failed

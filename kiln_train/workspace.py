@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,9 @@ class LoraWorkspace:
         self.step: GraphedStep | None = None  # the last captured training step (GPU)
         self._space: NullSpace | None = None  # the last null-space constraint measured, and for which rows
         self._space_key = ""
+        # called before each evaluation pass over the base (the gate's measures, vetting): the daemon sets
+        # the governor's pacing here, so those passes yield to serving as training steps do
+        self.before_pass: Callable[[], object] = bool
 
     def checkout(self, base: PreTrainedModel, shape: LoraShape, seed: int) -> PeftModel:
         """The wrapped base with fresh initial LoRA weights (wrapping it first if needed)."""

@@ -379,3 +379,39 @@ def test_by_default_training_takes_at_most_three_tenths_while_serving_is_busy() 
     """The shipped defaults hold the share measured to keep serving's p99 inside its limits on the H200."""
     cfg = GovernorSettings()
     assert cfg.start_duty <= cfg.max_duty == pytest.approx(0.3)
+
+
+def test_evaluation_passes_are_paced_once_and_host_gaps_are_not(rds: redis.Redis) -> None:
+    """The gate's measures and vetting passes yield to busy serving like steps; no work is paced twice."""
+    t = FakeTime()
+    serving = Serving(rds)
+    gov = governor(rds, t, tpot_p99_budget_ms=20.0, start_duty=0.25)
+    gov.before_pass()  # before any step (the gate's baseline): nothing to pace
+    assert t.slept == 0.0
+    serving.report(running=32, tpot_ms=19.0)
+    t.now += 1.0
+    gov.before_step()
+    t.now += 0.1  # a 0.1 s step, then a run of three 0.05 s vetting passes
+    before = t.slept
+    for _ in range(3):
+        gov.before_pass()
+        t.now += 0.05
+    # the first pass of the run paces nothing (the step before it is the next before_step's); the second
+    # and third each pace the pass before them: 0.05 x 0.75 / 0.25
+    assert t.slept - before == pytest.approx(2 * 0.15)
+    before = t.slept
+    gov.before_step()  # the step (0.1 s) and the last pass (0.05 s), not the two passes paced already
+    assert t.slept - before == pytest.approx(0.15 * 3)
+    t.now += 0.1
+    t.now += 2.0  # staging: host work after the last step
+    before = t.slept
+    gov.before_pass()
+    assert t.slept == before  # a gap of host work is not paced as if it were a pass
+    t.now += 0.04
+    gov.before_pass()
+    assert t.slept - before == pytest.approx(0.04 * 3)
+    gov.finished()
+    t.now += 0.01
+    before = t.slept
+    gov.before_pass()  # after the round: no pacing until the next one starts
+    assert t.slept == before

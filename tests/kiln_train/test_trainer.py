@@ -72,12 +72,15 @@ def test_lora_training_on_shared_weights(
     assert 0 < result.timings["compute"] and sum(result.timings.values()) <= result.seconds
     assert result.heldout_after < result.heldout_before - 0.5
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, trainer.trainable(), strict=True))
+    passes: list[int] = []  # the governor's pacing hook runs before every evaluation pass
+    trainer.workspace.before_pass = lambda: passes.append(1)
     no_answer = encode(tok, TextPair("", (("user", "Hi"),), complete=False))
     logprobs = trainer.token_logprobs([no_answer, *pairs[5:]])  # teacher-forced, one per completion token
     assert logprobs.pop(0).numel() == 0
     assert [len(lp) for lp in logprobs] == [sum(t != IGNORE for t in p.labels) for p in pairs[5:]]
     mean_nll = -float(torch.cat(logprobs).sum()) / sum(len(lp) for lp in logprobs)
     assert mean_nll == pytest.approx(trainer.loss(pairs[5:]), rel=1e-4)
+    assert len(passes) == 2 * -(-len(pairs[5:]) // trainer.eval_batch)  # token_logprobs', then loss's
     released = trainer.release()
     for n, v in before.items():
         assert torch.equal(attached.views[n], v)  # the frozen base is untouched
