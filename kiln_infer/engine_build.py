@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from kiln_common.base_beacon import BaseBeacon, share_base_weights
 from kiln_common.config import InferConfig, resolve_device, resolve_dtype
@@ -115,6 +116,28 @@ class BuiltEngine:
             hook()
 
 
+def _prepare_steps(engine: AsyncEngine, config: PretrainedConfig, device: str) -> None:
+    """Capture the step graphs and warm the LoRA kernels, before kiln-infer reports SERVING.
+
+    The warm-up runs its steps eagerly, as steps too large for the mixed-step graphs will run: it is there
+    to compile the eager LoRA kernels' variants (engine_warm.py). The mixed-step graphs are captured after.
+    """
+    runner = engine.core.runner
+    mixed, runner.mixed = runner.mixed, None
+    if runner.decoder is not None:
+        runner.decoder.capture_all(with_lora=False)
+        runner.decoder.capture_all(with_lora=True)
+    if device.startswith("cuda"):
+        try:
+            log.info("LoRA prefill kernels warmed in %.2f s", warm_lora(engine, config))
+        except Exception as exc:  # noqa: BLE001 - serving without the warm-up beats not serving
+            log.warning("could not warm the LoRA prefill kernels (%s); the first adapter request will", exc)
+    runner.mixed = mixed
+    if mixed is not None:
+        mixed.capture_all(with_lora=False)
+        mixed.capture_all(with_lora=True)
+
+
 def build_engine(cfg: InferConfig, redis_url: str) -> BuiltEngine:
     """Load the model once, share its weights with kiln-train, and build the engine over them."""
     source = resolve_model(cfg.model, cfg.home)
@@ -141,11 +164,6 @@ def build_engine(cfg: InferConfig, redis_url: str) -> BuiltEngine:
     engine = AsyncEngine.from_weights(
         source.config, state, tokenizer, config=engine_config, source_path=source.path
     )
-    runner = engine.core.runner
-    for graphs in (runner.decoder, runner.mixed):
-        if graphs is not None:
-            graphs.capture_all(with_lora=False)
-            graphs.capture_all(with_lora=True)
     close_hooks: list[Callable[[], None]] = []
     if beacon is not None:  # kiln-train shares this GPU: say when serving's work is on it
         try:
@@ -155,11 +173,7 @@ def build_engine(cfg: InferConfig, redis_url: str) -> BuiltEngine:
             close_hooks.append(turn.close)
         except Exception as exc:  # noqa: BLE001 - serving without the hand-off beats not serving
             log.warning("could not announce serving's GPU turn (%s); kiln-train will pace by duty only", exc)
-    if device.startswith("cuda"):
-        try:
-            log.info("LoRA prefill kernels warmed in %.2f s", warm_lora(engine, source.config))
-        except Exception as exc:  # noqa: BLE001 - serving without the warm-up beats not serving
-            log.warning("could not warm the LoRA prefill kernels (%s); the first adapter request will", exc)
+    _prepare_steps(engine, source.config, device)
     ec = engine.config
     info = EngineInfo(
         max_model_len=ec.max_model_len,

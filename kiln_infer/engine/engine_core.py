@@ -44,6 +44,36 @@ class InflightStep:
     row_of: dict[int, int]  # id(sequence) -> row in pending.tokens
 
 
+def _static_paths(
+    config: EngineConfig,
+    model: LlamaModel,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    slots: LoraSlots,
+    scratch_block: int,
+) -> tuple[StaticDecoder | None, StaticMixed | None]:
+    """The static-shape step paths the config asks for (CUDA graphs on a GPU): decode steps, mixed steps."""
+    on_cuda = model.device.type == "cuda"
+    if not (config.static_decode if config.static_decode is not None else on_cuda):
+        return None, None
+    sizes = tuple(b for b in config.cuda_graph_batch_sizes if b < config.max_num_seqs) + (
+        config.max_num_seqs,
+    )
+    decoder = StaticDecoder(
+        model,
+        kv,
+        slots,
+        sizes,
+        config.blocks_per_seq,
+        config.block_size,
+        scratch_block,
+        use_graphs=on_cuda and config.use_cuda_graphs,
+    )
+    mixed = None
+    if config.cuda_graph_token_sizes:
+        mixed = StaticMixed(decoder, slots, config.cuda_graph_token_sizes, config.max_num_seqs)
+    return decoder, mixed
+
+
 class EngineCore:
     """Owns model, KV cache, scheduler and adapters; every method runs on the engine thread."""
 
@@ -79,25 +109,7 @@ class EngineCore:
         self.adapters = AdapterManager(slots, config.max_cpu_loras)
         self.blocks = BlockManager(blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks, self.adapters)
-        on_cuda = m.device.type == "cuda"
-        decoder = None
-        if config.static_decode if config.static_decode is not None else on_cuda:
-            sizes = tuple(b for b in config.cuda_graph_batch_sizes if b < config.max_num_seqs) + (
-                config.max_num_seqs,
-            )
-            decoder = StaticDecoder(
-                m,
-                kv,
-                slots,
-                sizes,
-                config.blocks_per_seq,
-                config.block_size,
-                blocks,
-                use_graphs=on_cuda and config.use_cuda_graphs,
-            )
-        mixed = None
-        if decoder is not None and config.cuda_graph_token_sizes:
-            mixed = StaticMixed(decoder, slots, config.cuda_graph_token_sizes, config.max_num_seqs)
+        decoder, mixed = _static_paths(config, m, kv, slots, blocks)
         self.runner = ModelRunner(m, kv, config.block_size, slots, decoder, mixed)
         self.outputs = OutputProcessor(tokenizer, eos_token_ids, config.max_model_len)
         self.overlap = decoder is not None and config.overlap_steps
