@@ -34,7 +34,7 @@ class ModelRunner:
         self.device = model.device
 
     def static_path(self, batch: list[ScheduledSeq]) -> str | None:
-        """ "decode" or "mixed" where a static-shape path (CUDA graphs) takes the batch, None = eager.
+        """The static-shape path (CUDA graphs) that takes the batch: "decode", "mixed", or None (eager).
 
         Both static paths can read input tokens still on the device (`execute`'s `sources`).
         """
