@@ -127,6 +127,8 @@ class InferConfig(ServiceConfig):
         0  # prompt + generated tokens per sequence (the model's context, as the KV cache allows)
     )
     max_num_batched_tokens: int = 0  # tokens per engine step (GPU 16384, CPU 2048)
+    # every engine step eager, op by op: no CUDA graphs, no static padded batches (a fallback for debugging)
+    enforce_eager: bool = False
     kv_memory_fraction: float = 0.5  # share of free GPU memory given to the KV cache
     max_queue_time_s: float = (
         30.0  # a request not started after this long gets RESOURCE_EXHAUSTED; 0 = no limit
@@ -314,7 +316,18 @@ def _engine_sizes(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[
         raw = _pick(getattr(args, name, None), environ, _flag_and_var(name)[1], "")
         sizes[name] = _number(args, environ, name, int, raw) if raw else None
     sizes["log_format"] = _pick(getattr(args, "log_format", None), environ, "KILN_LOG_FORMAT", "text")
+    sizes["enforce_eager"] = getattr(args, "enforce_eager", False) or _switch(environ, "KILN_ENFORCE_EAGER")
     return sizes
+
+
+def _switch(environ: Mapping[str, str], var: str) -> bool:
+    """An on/off KILN_* variable: 1/true/yes/on or 0/false/no/off (unset = off); anything else is an error."""
+    raw = environ.get(var, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{var} must be 1/true/yes/on or 0/false/no/off, got {environ[var]!r}")
 
 
 def train_config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> TrainConfig:

@@ -77,6 +77,11 @@ def _add_size_flags(parser: argparse.ArgumentParser) -> None:
         help="seconds a request may wait to start (0 = no limit) [KILN_MAX_QUEUE_TIME, 30]",
     )
     sizes.add_argument("--max-lora-rank", type=int, help="largest adapter rank [KILN_MAX_LORA_RANK, 64]")
+    sizes.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run every engine step op by op: no CUDA graphs (slower; for debugging) [KILN_ENFORCE_EAGER]",
+    )
 
 
 def _add_serving_flags(parser: argparse.ArgumentParser) -> None:

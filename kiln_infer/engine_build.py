@@ -93,7 +93,8 @@ def engine_config_for(
         max_cpu_loras=max(32, slots),
         max_waiting=cfg.max_waiting,
         max_queue_time_s=cfg.max_queue_time_s or None,
-        use_cuda_graphs=on_gpu,
+        use_cuda_graphs=on_gpu and not cfg.enforce_eager,
+        static_decode=False if cfg.enforce_eager else None,
         cuda_graph_batch_sizes=tuple(b for b in GRAPH_BATCH_SIZES if b < max_num_seqs) + (max_num_seqs,),
     )
 

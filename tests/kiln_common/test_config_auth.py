@@ -69,6 +69,20 @@ def test_the_background_cap_is_a_setting_and_a_bad_one_names_its_flag(tmp_path: 
         infer_config_from(_parse([]), {**env, "KILN_MAX_BACKGROUND_SEQS": "many"})
 
 
+def test_enforce_eager_turns_the_step_graphs_off(tmp_path: Path) -> None:
+    home = {"KILN_HOME": str(tmp_path)}
+    default = engine_config_for(infer_config_from(_parse([]), home), "cuda:0", 4096, 1024, 1 << 34)
+    assert default.use_cuda_graphs and default.static_decode is None  # graphs on a GPU by default
+    for args, env in ((["--enforce-eager"], home), ([], {**home, "KILN_ENFORCE_EAGER": "true"})):
+        cfg = infer_config_from(_parse(args), env)
+        assert cfg.enforce_eager
+        eager = engine_config_for(cfg, "cuda:0", 4096, 1024, 1 << 34)
+        assert not eager.use_cuda_graphs and eager.static_decode is False
+    assert not infer_config_from(_parse([]), {**home, "KILN_ENFORCE_EAGER": "0"}).enforce_eager
+    with pytest.raises(ValueError, match="KILN_ENFORCE_EAGER"):
+        infer_config_from(_parse([]), {**home, "KILN_ENFORCE_EAGER": "sometimes"})
+
+
 def test_default_home_and_long_socket_paths(tmp_path: Path) -> None:
     assert default_home({}, cwd=tmp_path) == (Path.home() / ".kiln").resolve()
     (tmp_path / ".kiln").mkdir()
