@@ -143,14 +143,30 @@ class StaticDecoder:
         host_tables.numpy()[:b] = table_a
         host_tables.numpy()[b:bucket] = 0
         self.blob.copy_(host_blob, non_blocking=True)
+        self.feed(prev_tokens, sources)
+        with_lora = any(s >= 0 for s in lora_slots)
+        return self.replay(self.graphs, (bucket, with_lora), self._capture, self._forward)[:b]
+
+    def feed(self, prev_tokens: torch.Tensor | None, sources: list[int] | None) -> None:
+        """Queue the previous step's sampled tokens into `feedback`, where this step's inputs read them."""
         if prev_tokens is not None and sources is not None:
             self.feedback[: len(prev_tokens)].copy_(prev_tokens, non_blocking=True)
-        with_lora = any(s >= 0 for s in lora_slots)
-        if self.use_graphs:
-            key = (bucket, with_lora)
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(bucket, with_lora)
-            graph, out = self.graphs[key]
-            graph.replay()
-            return out[:b]
-        return self._forward(bucket, with_lora)[:b]
+
+    def replay(
+        self,
+        graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]],
+        key: tuple[int, bool],
+        capture: Callable[[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]],
+        forward: Callable[[int, bool], torch.Tensor],
+    ) -> torch.Tensor:
+        """`forward(*key)`'s output: its graph in `graphs` replayed (captured at first use), else run eagerly.
+
+        Shared by the decode and the mixed-step paths (`mixed_graphs.py`), whose graphs share one pool.
+        """
+        if not self.use_graphs:
+            return forward(*key)
+        if key not in graphs:
+            graphs[key] = capture(*key)
+        graph, out = graphs[key]
+        graph.replay()
+        return out

@@ -156,13 +156,5 @@ class StaticMixed:
         host_lens.numpy()[t:bucket] = 1
         host_tables.numpy()[:r] = table_a
         self.blob.copy_(host_blob, non_blocking=True)
-        if prev_tokens is not None and sources is not None:
-            self.decoder.feedback[: len(prev_tokens)].copy_(prev_tokens, non_blocking=True)
-        if not self.decoder.use_graphs:
-            return self._forward(bucket, with_lora)[:t]
-        key = (bucket, with_lora)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, with_lora)
-        graph, out = self.graphs[key]
-        graph.replay()
-        return out[:t]
+        self.decoder.feed(prev_tokens, sources)
+        return self.decoder.replay(self.graphs, (bucket, with_lora), self._capture, self._forward)[:t]
